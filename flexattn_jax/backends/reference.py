@@ -1,0 +1,97 @@
+"""The dense reference: the specification every kernel is tested against, and the fallback off-GPU.
+
+Written for one (batch, head) and lifted with ``jax.vmap``; score_mod and mask_mod receive scalar int32 indices,
+exactly as users write them. Scores, softmax and the weighted sum are float32 at the highest matmul precision.
+Memory is O(L x S) per (batch, head): this is a definition, not a fast path.
+
+For query q of batch b and head h, with keys 0 <= s < S:
+
+    score[s]   = score_mod(scale * <q, k[s]>, b, h, q, s)
+    allowed[s] = full_block(q, s) or (partial_block(q, s) and mask_mod(b, h, q, s))
+    lse        = log(sum over allowed s of exp(score[s]))          (-inf when nothing is allowed)
+    out        = sum over allowed s of exp(score[s] - lse) v[s]    (0 when nothing is allowed)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["attention"]
+
+
+def _one_head(q, k, v, b, h, partial_blocks, full_blocks, *, score_mod, mask_mod, block_size, scale):
+    """q [L, E], k [S, E], v [S, Ev]; partial/full_blocks [QB, KVB] bool. Returns out [L, Ev] f32, lse [L] f32."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    q_idx = jnp.arange(q_len, dtype=jnp.int32)
+    kv_idx = jnp.arange(kv_len, dtype=jnp.int32)
+
+    scores = jnp.einsum("le,se->ls", q, k, precision=jax.lax.Precision.HIGHEST) * scale
+    over_kv = jax.vmap(score_mod, in_axes=(0, None, None, None, 0))
+    scores = jax.vmap(over_kv, in_axes=(0, None, None, 0, None))(scores, b, h, q_idx, kv_idx)
+
+    allowed_by_mod = jax.vmap(jax.vmap(mask_mod, (None, None, None, 0)), (None, None, 0, None))(b, h, q_idx, kv_idx)
+    q_block, kv_block = block_size
+    in_partial = partial_blocks[q_idx // q_block][:, kv_idx // kv_block]
+    in_full = full_blocks[q_idx // q_block][:, kv_idx // kv_block]
+    allowed = in_full | (in_partial & allowed_by_mod)
+
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # A row with nothing allowed has max -inf; subtracting 0 instead keeps exp(-inf) = 0 and gradients finite.
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+    denominator = jnp.sum(weights, axis=-1)
+    has_any = denominator > 0
+    safe_denominator = jnp.where(has_any, denominator, 1.0)
+    out = jnp.einsum("ls,sd->ld", weights, v, precision=jax.lax.Precision.HIGHEST) / safe_denominator[:, None]
+    lse = jnp.where(has_any, jnp.log(safe_denominator) + jax.lax.stop_gradient(row_max[:, 0]), -jnp.inf)
+    return out, lse
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    score_mod: Callable,
+    mask_mod: Callable,
+    partial_blocks: jax.Array,
+    full_blocks: jax.Array,
+    block_size: tuple[int, int],
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Dense flex attention.
+
+    Args:
+      query: [B, Hq, L, E]; key: [B, Hkv, S, E]; value: [B, Hkv, S, Ev], with Hq a multiple of Hkv (query head h
+        reads key/value head h // (Hq // Hkv)).
+      score_mod, mask_mod: the user's mods (scalar indices).
+      partial_blocks, full_blocks: bool block maps [B or 1, Hq or 1, QB, KVB].
+      block_size: (Q_BLOCK, KV_BLOCK) of the maps.
+      scale: multiplies q.k before score_mod.
+
+    Returns:
+      out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32.
+    """
+    batch, q_heads = query.shape[:2]
+    group = q_heads // key.shape[1]
+    f32 = jnp.float32
+    key = jnp.repeat(key.astype(f32), group, axis=1)
+    value = jnp.repeat(value.astype(f32), group, axis=1)
+    partial_blocks = jnp.broadcast_to(partial_blocks, (batch, q_heads, *partial_blocks.shape[2:]))
+    full_blocks = jnp.broadcast_to(full_blocks, (batch, q_heads, *full_blocks.shape[2:]))
+
+    def per_head(q, k, v, b, h, partial, full):
+        return _one_head(
+            q, k, v, b, h, partial, full, score_mod=score_mod, mask_mod=mask_mod, block_size=block_size, scale=scale
+        )
+
+    heads = jnp.arange(q_heads, dtype=jnp.int32)
+    batches = jnp.arange(batch, dtype=jnp.int32)
+    over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0, 0))
+    over_batch = jax.vmap(over_heads, in_axes=(0, 0, 0, 0, None, 0, 0))
+    out, lse = over_batch(query.astype(f32), key, value, batches, heads, partial_blocks, full_blocks)
+    return out.astype(query.dtype), lse

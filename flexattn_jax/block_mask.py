@@ -1,0 +1,507 @@
+"""BlockMask: which (query block, key block) tiles attention visits, and how.
+
+The attention matrix of one (batch, head) is cut into tiles of Q_BLOCK x KV_BLOCK positions. Each tile is one of
+
+* **full**: every position in it is allowed. Kernels visit it without calling ``mask_mod``.
+* **partial**: some positions are allowed. Kernels visit it and apply ``mask_mod`` element by element.
+* **empty**: no position is allowed. Kernels skip it.
+
+The full class exists because evaluating ``mask_mod`` costs arithmetic on every element of a tile; for the
+tiles strictly under the diagonal of a causal mask it is known to be true everywhere, so it is skipped.
+
+A position (q, kv) is allowed exactly when its tile is full, or its tile is partial and
+``mask_mod(b, h, q, kv)`` is true. Positions past ``seq_lengths`` are never allowed, so the last tile row or
+column of a length that is not a multiple of the block size is never full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexattn_jax import viz
+
+__all__ = [
+    "BlockMask",
+    "create_block_mask",
+    "create_mask",
+    "create_block_mask_from_dense",
+    "convert_mask_to_block_mask",
+    "convert_block_mask_to_mask",
+    "noop_mask",
+    "DEFAULT_BLOCK_SIZE",
+]
+
+DEFAULT_BLOCK_SIZE = 128
+# create_block_mask evaluates mask_mod on at most this many positions at a time, so the memory it needs stays
+# bounded (a few hundred MB of booleans and indices) whatever the sequence lengths.
+_MAX_POSITIONS_PER_CHUNK = 1 << 24
+
+MaskMod = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """Allows every position: ``True``."""
+    del b, h, kv_idx
+    return jnp.ones_like(q_idx, dtype=jnp.bool_)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _normalize_block_size(block_size) -> tuple[int, int]:
+    if isinstance(block_size, (int, np.integer)):
+        block_size = (int(block_size), int(block_size))
+    if (
+        not isinstance(block_size, (tuple, list))
+        or len(block_size) != 2
+        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in block_size)
+    ):
+        raise ValueError(
+            f"BLOCK_SIZE must be a positive int or a (Q_BLOCK, KV_BLOCK) pair of positive ints, got {block_size!r}"
+        )
+    return int(block_size[0]), int(block_size[1])
+
+
+def _map_to_indices(block_map: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Block map [..., R, C] (bool) -> (num_blocks [..., R] int32, indices [..., R, C] int32).
+
+    The first num_blocks entries of each indices row are the set columns in increasing order; the rest are the
+    unset columns, also increasing, so every entry is a valid column and kernels may read past num_blocks safely.
+    """
+    num_blocks = block_map.sum(axis=-1, dtype=jnp.int32)
+    indices = jnp.argsort(~block_map, axis=-1, stable=True).astype(jnp.int32)
+    return num_blocks, indices
+
+
+def _indices_to_map(num_blocks: jax.Array, indices: jax.Array, num_cols: int) -> jax.Array:
+    """Inverse of _map_to_indices for the set part: (num_blocks [..., R], indices [..., R, K]) -> [..., R, C]."""
+    valid = jnp.arange(indices.shape[-1], dtype=jnp.int32) < num_blocks[..., None]
+    lead = indices.shape[:-1]
+    flat_idx = indices.reshape(-1, indices.shape[-1])
+    flat_valid = valid.reshape(-1, indices.shape[-1])
+    rows = jnp.arange(flat_idx.shape[0])[:, None]
+    dense = jnp.zeros((flat_idx.shape[0], num_cols), jnp.bool_)
+    # Padding entries point at real columns; writing False with `max` leaves those columns as they are.
+    dense = dense.at[rows, jnp.clip(flat_idx, 0, num_cols - 1)].max(flat_valid)
+    return dense.reshape(*lead, num_cols)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "kv_num_blocks",
+        "kv_indices",
+        "full_kv_num_blocks",
+        "full_kv_indices",
+        "q_num_blocks",
+        "q_indices",
+        "full_q_num_blocks",
+        "full_q_indices",
+    ],
+    meta_fields=["seq_lengths", "BLOCK_SIZE", "mask_mod"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockMask:
+    """The block-sparse structure of an attention mask, as index arrays kernels walk.
+
+    A pytree: the eight arrays are its leaves, ``seq_lengths``, ``BLOCK_SIZE`` and ``mask_mod`` its static data, so
+    it can be passed into and returned from ``jax.jit``; new contents of the same shapes do not recompile.
+
+    Shapes use B and H (each the inputs' batch and query-head count, or 1 to broadcast), QB = ceil(Q_LEN / Q_BLOCK)
+    and KVB = ceil(KV_LEN / KV_BLOCK).
+
+    Attributes:
+      kv_num_blocks: int32 [B, H, QB]. How many *partial* key blocks query block i visits.
+      kv_indices: int32 [B, H, QB, KVB]. Row i lists those partial key blocks first, in increasing order; the
+        entries past ``kv_num_blocks`` are padding (other valid block numbers) and must be ignored.
+      full_kv_num_blocks: int32 [B, H, QB] or None. How many *full* key blocks query block i visits.
+      full_kv_indices: int32 [B, H, QB, KVB] or None. The full key blocks, laid out like ``kv_indices``. When the
+        full pair is None, every visited block is partial and ``mask_mod`` is applied everywhere.
+      q_num_blocks, q_indices, full_q_num_blocks, full_q_indices: the same structure transposed: for each key
+        block, the query blocks that visit it ([B, H, KVB] and [B, H, KVB, QB]). The backward pass walks these.
+      seq_lengths: (Q_LEN, KV_LEN), the sequence lengths the mask was built for.
+      BLOCK_SIZE: (Q_BLOCK, KV_BLOCK).
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` applied inside partial blocks.
+
+    Example: a causal mask with Q_LEN = KV_LEN = 6 and BLOCK_SIZE = 2 has 3 x 3 blocks; the diagonal blocks are
+    partial and the blocks under it full::
+
+        kv_num_blocks      = [[[1, 1, 1]]]                  # the diagonal block of each row
+        kv_indices         = [[[[0, 1, 2], [1, 0, 2], [2, 0, 1]]]]
+        full_kv_num_blocks = [[[0, 1, 2]]]
+        full_kv_indices    = [[[[0, 1, 2], [0, 1, 2], [0, 1, 2]]]]
+        q_num_blocks       = [[[1, 1, 1]]]                  # key block j is partial only for query block j
+        full_q_num_blocks  = [[[2, 1, 0]]]                  # ... and full for the query blocks after it
+    """
+
+    kv_num_blocks: jax.Array
+    kv_indices: jax.Array
+    full_kv_num_blocks: jax.Array | None
+    full_kv_indices: jax.Array | None
+    q_num_blocks: jax.Array
+    q_indices: jax.Array
+    full_q_num_blocks: jax.Array | None
+    full_q_indices: jax.Array | None
+    seq_lengths: tuple[int, int]
+    BLOCK_SIZE: tuple[int, int]
+    mask_mod: MaskMod = noop_mask
+
+    # ----------------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_block_maps(
+        cls,
+        partial_blocks: jax.Array,
+        full_blocks: jax.Array | None = None,
+        BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+        mask_mod: MaskMod | None = None,
+        seq_lengths: tuple[int, int] | None = None,
+    ) -> "BlockMask":
+        """Builds a BlockMask from block-level boolean maps [B, H, QB, KVB] of partial and full blocks.
+
+        A block set in both maps counts as full.
+        """
+        q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
+        partial_blocks = jnp.asarray(partial_blocks, jnp.bool_)
+        if partial_blocks.ndim != 4:
+            raise ValueError(f"partial_blocks must be [B, H, QB, KVB], got shape {partial_blocks.shape}")
+        num_q_blocks, num_kv_blocks = partial_blocks.shape[-2:]
+        if seq_lengths is None:
+            seq_lengths = (num_q_blocks * q_block, num_kv_blocks * kv_block)
+        seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        if (_cdiv(seq_lengths[0], q_block), _cdiv(seq_lengths[1], kv_block)) != (num_q_blocks, num_kv_blocks):
+            raise ValueError(
+                f"seq_lengths {seq_lengths} with BLOCK_SIZE {(q_block, kv_block)} needs "
+                f"{(_cdiv(seq_lengths[0], q_block), _cdiv(seq_lengths[1], kv_block))} blocks, "
+                f"but the block maps have {(num_q_blocks, num_kv_blocks)}"
+            )
+        if full_blocks is not None:
+            full_blocks = jnp.asarray(full_blocks, jnp.bool_)
+            if full_blocks.shape != partial_blocks.shape:
+                raise ValueError(
+                    f"full_blocks must have the shape of partial_blocks {partial_blocks.shape}, "
+                    f"got {full_blocks.shape}"
+                )
+            partial_blocks = partial_blocks & ~full_blocks
+        kv_num, kv_idx = _map_to_indices(partial_blocks)
+        q_num, q_idx = _map_to_indices(jnp.swapaxes(partial_blocks, -1, -2))
+        full_kv_num = full_kv_idx = full_q_num = full_q_idx = None
+        if full_blocks is not None:
+            full_kv_num, full_kv_idx = _map_to_indices(full_blocks)
+            full_q_num, full_q_idx = _map_to_indices(jnp.swapaxes(full_blocks, -1, -2))
+        return cls(
+            kv_num_blocks=kv_num,
+            kv_indices=kv_idx,
+            full_kv_num_blocks=full_kv_num,
+            full_kv_indices=full_kv_idx,
+            q_num_blocks=q_num,
+            q_indices=q_idx,
+            full_q_num_blocks=full_q_num,
+            full_q_indices=full_q_idx,
+            seq_lengths=seq_lengths,
+            BLOCK_SIZE=(q_block, kv_block),
+            mask_mod=noop_mask if mask_mod is None else mask_mod,
+        )
+
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks: jax.Array,
+        kv_indices: jax.Array,
+        full_kv_num_blocks: jax.Array | None = None,
+        full_kv_indices: jax.Array | None = None,
+        BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+        mask_mod: MaskMod | None = None,
+        seq_lengths: tuple[int, int] | None = None,
+    ) -> "BlockMask":
+        """Builds a BlockMask from the kv-side arrays alone, deriving the transposed q-side ones (as PyTorch's).
+
+        ``kv_num_blocks`` is [B, H, QB] and ``kv_indices`` [B, H, QB, KVB]; the full pair, if given, likewise.
+        Works under ``jax.jit``.
+        """
+        kv_num_blocks = jnp.asarray(kv_num_blocks, jnp.int32)
+        kv_indices = jnp.asarray(kv_indices, jnp.int32)
+        if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4 or kv_indices.shape[:3] != kv_num_blocks.shape:
+            raise ValueError(
+                "kv_num_blocks must be [B, H, QB] and kv_indices [B, H, QB, KVB] with the same B, H, QB; got "
+                f"{kv_num_blocks.shape} and {kv_indices.shape}"
+            )
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        num_kv_blocks = kv_indices.shape[-1]
+        partial = _indices_to_map(kv_num_blocks, kv_indices, num_kv_blocks)
+        full = None
+        if full_kv_num_blocks is not None:
+            full_kv_num_blocks = jnp.asarray(full_kv_num_blocks, jnp.int32)
+            full_kv_indices = jnp.asarray(full_kv_indices, jnp.int32)
+            if full_kv_indices.shape != kv_indices.shape or full_kv_num_blocks.shape != kv_num_blocks.shape:
+                raise ValueError(
+                    "full_kv_num_blocks / full_kv_indices must have the shapes of kv_num_blocks / kv_indices "
+                    f"{kv_num_blocks.shape} / {kv_indices.shape}, got {full_kv_num_blocks.shape} / "
+                    f"{full_kv_indices.shape}"
+                )
+            full = _indices_to_map(full_kv_num_blocks, full_kv_indices, num_kv_blocks)
+        return cls.from_block_maps(partial, full, BLOCK_SIZE, mask_mod, seq_lengths)
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Q_LEN, KV_LEN); B and H are 1 where the mask broadcasts."""
+        b, h = self.kv_num_blocks.shape[:2]
+        return (b, h, *self.seq_lengths)
+
+    @property
+    def num_blocks(self) -> tuple[int, int]:
+        """(QB, KVB): query and key block counts."""
+        return self.kv_indices.shape[-2], self.kv_indices.shape[-1]
+
+    def block_maps(self) -> tuple[jax.Array, jax.Array]:
+        """(partial, full) block-level boolean maps [B, H, QB, KVB]."""
+        num_kv_blocks = self.kv_indices.shape[-1]
+        partial = _indices_to_map(self.kv_num_blocks, self.kv_indices, num_kv_blocks)
+        if self.full_kv_num_blocks is None:
+            full = jnp.zeros_like(partial)
+        else:
+            full = _indices_to_map(self.full_kv_num_blocks, self.full_kv_indices, num_kv_blocks)
+        return partial, full
+
+    def to_dense(self) -> jax.Array:
+        """Block-level map [B, H, QB, KVB], int32: 1 where a block is visited (partial or full), 0 where skipped."""
+        partial, full = self.block_maps()
+        return (partial | full).astype(jnp.int32)
+
+    def sparsity(self) -> float:
+        """Percentage of blocks skipped, as PyTorch computes it: 100 * (1 - visited blocks / all blocks)."""
+        dense = np.asarray(self.to_dense())
+        return float(100.0 * (1.0 - dense.sum() / dense.size))
+
+    # ------------------------------------------------------------------------------------------------- slicing
+
+    def __getitem__(self, index) -> "BlockMask":
+        """Selects batches and heads: ``bm[b]``, ``bm[b, h]``, ``bm[:, 2:4]``. Integers keep their axis (size 1)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > 2:
+            raise IndexError(f"a BlockMask is indexed by (batch, head) at most, got {len(index)} indices")
+        sizes = self.kv_num_blocks.shape[:2]
+        keep_dims = []
+        for i, n in zip(index, sizes):
+            if isinstance(i, (int, np.integer)):
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} out of range for an axis of size {n}")
+                i = int(i) % n
+                i = slice(i, i + 1)
+            elif not isinstance(i, slice):
+                raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__}")
+            keep_dims.append(i)
+        index = tuple(keep_dims)
+
+        def take(x):
+            return None if x is None else x[index]
+
+        return dataclasses.replace(
+            self,
+            kv_num_blocks=take(self.kv_num_blocks),
+            kv_indices=take(self.kv_indices),
+            full_kv_num_blocks=take(self.full_kv_num_blocks),
+            full_kv_indices=take(self.full_kv_indices),
+            q_num_blocks=take(self.q_num_blocks),
+            q_indices=take(self.q_indices),
+            full_q_num_blocks=take(self.full_q_num_blocks),
+            full_q_indices=take(self.full_q_indices),
+        )
+
+    # --------------------------------------------------------------------------------------------------- text
+
+    def to_string(self, grid_size: int = 24, limit: int = 4) -> str:
+        """Draws the block map of up to ``limit`` (batch, head) pairs: '█' full, '▒' partial, '·' skipped."""
+        partial, full = (np.asarray(m) for m in self.block_maps())
+        b, h = partial.shape[:2]
+        lines = [
+            f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
+            f"mask_mod={getattr(self.mask_mod, '__name__', repr(self.mask_mod))})"
+        ]
+        shown = 0
+        for bi in range(b):
+            for hi in range(h):
+                if shown == limit:
+                    lines.append("...")
+                    return "\n".join(lines)
+                lines.append(f"b={bi}, h={hi}")
+                lines.append(viz.block_map_to_text(partial[bi, hi], full[bi, hi], grid_size))
+                shown += 1
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        try:
+            return self.to_string()
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            return f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, traced)"
+
+
+# ---------------------------------------------------------------------------------------------- construction
+
+
+def _check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
+    if not callable(mask_mod):
+        raise TypeError(f"{name} must be a callable mask_mod(b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}")
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    out = jax.eval_shape(mask_mod, i32, i32, i32, i32)
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or out.dtype != jnp.bool_:
+        got = out if not isinstance(out, jax.ShapeDtypeStruct) else f"{out.dtype}{list(out.shape)}"
+        raise TypeError(
+            f"{name} must return a boolean scalar for scalar int32 indices (b, h, q_idx, kv_idx), got {got}"
+        )
+
+
+def _block_maps_from_mask_mod(mask_mod, B, H, q_len, kv_len, q_block, kv_block):
+    """Evaluates mask_mod block row by block row; returns (any, all) maps [B, H, QB, KVB]."""
+    num_q_blocks, num_kv_blocks = _cdiv(q_len, q_block), _cdiv(kv_len, kv_block)
+    padded_kv = num_kv_blocks * kv_block
+    kv_idx = jnp.arange(padded_kv, dtype=jnp.int32)
+    kv_in_bounds = kv_idx < kv_len
+    kv_idx_clamped = jnp.minimum(kv_idx, kv_len - 1)
+    offsets = jnp.arange(q_block, dtype=jnp.int32)
+
+    over_kv = jax.vmap(mask_mod, in_axes=(None, None, None, 0))
+    over_q_kv = jax.vmap(over_kv, in_axes=(None, None, 0, None))
+
+    def one_block_row(bhq):
+        b, h, qb = bhq[0], bhq[1], bhq[2]
+        q_idx = qb * q_block + offsets
+        allowed = over_q_kv(b, h, jnp.minimum(q_idx, q_len - 1), kv_idx_clamped)
+        allowed = allowed & (q_idx < q_len)[:, None] & kv_in_bounds[None, :]
+        allowed = allowed.reshape(q_block, num_kv_blocks, kv_block)
+        return allowed.any(axis=(0, 2)), allowed.all(axis=(0, 2))
+
+    grid = np.stack(
+        np.meshgrid(np.arange(B), np.arange(H), np.arange(num_q_blocks), indexing="ij"), axis=-1
+    ).reshape(-1, 3)
+    rows_per_chunk = max(1, _MAX_POSITIONS_PER_CHUNK // (q_block * padded_kv))
+    any_map, all_map = jax.lax.map(
+        one_block_row, jnp.asarray(grid, jnp.int32), batch_size=min(rows_per_chunk, grid.shape[0])
+    )
+    shape = (B, H, num_q_blocks, num_kv_blocks)
+    return any_map.reshape(shape), all_map.reshape(shape)
+
+
+def create_block_mask(
+    mask_mod: MaskMod,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+) -> BlockMask:
+    """Builds the BlockMask of ``mask_mod`` for sequences of Q_LEN queries and KV_LEN keys.
+
+    Args:
+      mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool`` on int32 scalars; it may close over arrays.
+      B, H: batch and head counts the mask varies over; None means 1 (the mask broadcasts over that axis).
+      Q_LEN, KV_LEN: sequence lengths; they need not be multiples of the block size (positions past them are
+        masked).
+      BLOCK_SIZE: an int, or a (Q_BLOCK, KV_BLOCK) pair.
+
+    Returns:
+      A BlockMask whose fully allowed blocks are full and whose other visited blocks are partial.
+
+    mask_mod is evaluated a few block rows at a time, so a 131072 x 131072 mask needs memory for its block map, not
+    for its 17 billion positions. Usable under ``jax.jit`` (the lengths are static).
+
+    >>> import flexattn_jax as fa
+    >>> bm = fa.create_block_mask(fa.causal_mask, None, None, 256, 256, BLOCK_SIZE=128)
+    >>> bm.to_dense()[0, 0].tolist()
+    [[1, 0], [1, 1]]
+    """
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    for name, value in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
+    q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
+    _check_mask_mod(mask_mod)
+    any_map, all_map = _block_maps_from_mask_mod(mask_mod, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block)
+    return BlockMask.from_block_maps(
+        any_map & ~all_map, all_map, (q_block, kv_block), mask_mod, (int(Q_LEN), int(KV_LEN))
+    )
+
+
+def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int) -> jax.Array:
+    """The dense boolean mask [B, H, Q_LEN, KV_LEN] of ``mask_mod`` (B, H None mean 1). Memory O(Q_LEN x KV_LEN)."""
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    _check_mask_mod(mask_mod)
+    idx = [jnp.arange(n, dtype=jnp.int32) for n in (B, H, Q_LEN, KV_LEN)]
+    fn = mask_mod
+    for axis in reversed(range(4)):
+        fn = jax.vmap(fn, in_axes=tuple(0 if i == axis else None for i in range(4)))
+    return fn(*idx)
+
+
+# ----------------------------------------------------------------------------------- dense <-> block (the seed's)
+
+
+def _broadcast_to_4d(mask: jax.Array) -> jax.Array:
+    if mask.ndim > 4 or mask.ndim < 2:
+        raise ValueError(f"a dense mask must be [Q_LEN, KV_LEN] up to [B, H, Q_LEN, KV_LEN], got shape {mask.shape}")
+    return mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def convert_mask_to_block_mask(
+    mask: jax.Array, KV_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE, Q_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE
+) -> jax.Array:
+    """Dense boolean mask [.., Q_LEN, KV_LEN] -> block map [B, H, QB, KVB], True where a block has any True.
+
+    Lengths that are not multiples of the block sizes are padded with False.
+    """
+    mask = _broadcast_to_4d(jnp.asarray(mask))
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be boolean, got {mask.dtype}")
+    b, h, q_len, kv_len = mask.shape
+    qb, kvb = _cdiv(q_len, Q_BLOCK_SIZE), _cdiv(kv_len, KV_BLOCK_SIZE)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, qb * Q_BLOCK_SIZE - q_len), (0, kvb * KV_BLOCK_SIZE - kv_len)))
+    return mask.reshape(b, h, qb, Q_BLOCK_SIZE, kvb, KV_BLOCK_SIZE).any(axis=(3, 5))
+
+
+def convert_block_mask_to_mask(
+    block_mask: jax.Array, KV_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE, Q_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE
+) -> jax.Array:
+    """Block map [B, H, QB, KVB] -> dense mask [B, H, QB * Q_BLOCK_SIZE, KVB * KV_BLOCK_SIZE], each block repeated."""
+    block_mask = jnp.asarray(block_mask)
+    if block_mask.ndim != 4:
+        raise ValueError(f"block_mask must be [B, H, QB, KVB], got shape {block_mask.shape}")
+    return jnp.repeat(jnp.repeat(block_mask, Q_BLOCK_SIZE, axis=2), KV_BLOCK_SIZE, axis=3)
+
+
+def create_block_mask_from_dense(mask: jax.Array, BLOCK_SIZE=DEFAULT_BLOCK_SIZE) -> BlockMask:
+    """BlockMask of a dense boolean mask [.., Q_LEN, KV_LEN]; its mask_mod reads the mask (as a captured array).
+
+    Call it outside ``jit``: the mask becomes part of the BlockMask's static mask_mod.
+    """
+    q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
+    mask = _broadcast_to_4d(jnp.asarray(mask))
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be boolean, got {mask.dtype}")
+    b_size, h_size, q_len, kv_len = mask.shape
+    any_map = convert_mask_to_block_mask(mask, kv_block, q_block)
+    padded = jnp.pad(
+        mask,
+        ((0, 0), (0, 0), (0, any_map.shape[2] * q_block - q_len), (0, any_map.shape[3] * kv_block - kv_len)),
+    )
+    all_map = padded.reshape(b_size, h_size, any_map.shape[2], q_block, any_map.shape[3], kv_block).all(axis=(3, 5))
+
+    def dense_mask(b, h, q_idx, kv_idx):
+        b = b if b_size > 1 else jnp.zeros_like(b)
+        h = h if h_size > 1 else jnp.zeros_like(h)
+        return mask[b, h, q_idx, kv_idx]
+
+    return BlockMask.from_block_maps(any_map & ~all_map, all_map, (q_block, kv_block), dense_mask, (q_len, kv_len))
+

@@ -1,0 +1,256 @@
+"""The mod library: mask_mods, score_mods and ways to combine them.
+
+A ``mask_mod(b, h, q_idx, kv_idx) -> bool`` says whether query q_idx may attend to key kv_idx. A
+``score_mod(score, b, h, q_idx, kv_idx) -> score`` rewrites the scaled score q.k * scale. The indices are int32.
+
+Every mod here is written with ``jnp`` operations that broadcast, so the same function serves the reference (scalar
+indices under ``vmap``) and the kernels (q_idx a [BLOCK_M, 1] tile, kv_idx a [1, BLOCK_N] tile). Factories return
+named inner functions so benchmarks and pictures can label them. Mods that close over arrays (document ids, bias
+tables, slopes) index them with the indices; the kernels pass such arrays in as inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from flexattn_jax.block_mask import noop_mask
+
+__all__ = [
+    "and_masks",
+    "or_masks",
+    "noop_mask",
+    "causal_mask",
+    "sliding_window_mask",
+    "prefix_lm_mask",
+    "document_mask",
+    "dilated_mask",
+    "identity",
+    "compose",
+    "causal",
+    "rel_bias",
+    "rel_causal",
+    "generate_alibi_bias",
+    "alibi_slopes",
+    "alibi_bias",
+    "tanh_softcap",
+    "relative_position_bias",
+]
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod allowing a position when every one of ``mask_mods`` allows it (``noop_mask`` if none)."""
+    if not all(callable(m) for m in mask_mods):
+        raise TypeError("and_masks takes mask_mod callables")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        result = noop_mask(b, h, q_idx, kv_idx)
+        for mask_mod in mask_mods:
+            result = result & mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    and_mask.__name__ = "and_" + "_".join(getattr(m, "__name__", "mask") for m in mask_mods)
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod allowing a position when any of ``mask_mods`` allows it (allowing nothing if none)."""
+    if not all(callable(m) for m in mask_mods):
+        raise TypeError("or_masks takes mask_mod callables")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        result = ~noop_mask(b, h, q_idx, kv_idx)
+        for mask_mod in mask_mods:
+            result = result | mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    or_mask.__name__ = "or_" + "_".join(getattr(m, "__name__", "mask") for m in mask_mods)
+    return or_mask
+
+
+def causal_mask(b, h, q_idx, kv_idx):
+    """Causal: q_idx >= kv_idx."""
+    del b, h
+    return q_idx >= kv_idx
+
+
+def sliding_window_mask(window_size: int, causal: bool = True) -> Callable:
+    """Sliding window: 0 <= q_idx - kv_idx < window_size (causal), or |q_idx - kv_idx| < window_size."""
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        del b, h
+        distance = q_idx - kv_idx
+        if causal:
+            return (distance >= 0) & (distance < window_size)
+        return jnp.abs(distance) < window_size
+
+    sliding_window.__name__ = f"sliding_window_{window_size}"
+    return sliding_window
+
+
+def prefix_lm_mask(prefix_length: int) -> Callable:
+    """Prefix LM: kv_idx < prefix_length (bidirectional prefix) or q_idx >= kv_idx (causal after it)."""
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        del b, h
+        return (kv_idx < prefix_length) | (q_idx >= kv_idx)
+
+    prefix_lm.__name__ = f"prefix_lm_{prefix_length}"
+    return prefix_lm
+
+
+def document_mask(document_ids: jax.Array, kv_document_ids: jax.Array | None = None) -> Callable:
+    """Document (segment) masking for packed sequences: ids[q_idx] == kv_ids[kv_idx].
+
+    Args:
+      document_ids: int [Q_LEN] (shared by the batch) or [B, Q_LEN], the document each query belongs to.
+      kv_document_ids: the same for the keys when they differ from the queries (L != S); defaults to document_ids.
+
+    Combine with ``causal_mask`` through ``and_masks`` for causal attention within each document.
+    """
+    q_ids = jnp.asarray(document_ids)
+    kv_ids = q_ids if kv_document_ids is None else jnp.asarray(kv_document_ids)
+    for name, ids in (("document_ids", q_ids), ("kv_document_ids", kv_ids)):
+        if ids.ndim not in (1, 2) or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer array [LEN] or [B, LEN], got {ids.dtype}{list(ids.shape)}")
+    if q_ids.ndim != kv_ids.ndim:
+        raise ValueError(f"document_ids and kv_document_ids must both be 1-D or both 2-D, got {q_ids.shape} and {kv_ids.shape}")
+
+    def document(b, h, q_idx, kv_idx):
+        del h
+        if q_ids.ndim == 1:
+            return q_ids[q_idx] == kv_ids[kv_idx]
+        return q_ids[b, q_idx] == kv_ids[b, kv_idx]
+
+    return document
+
+
+def dilated_mask(dilation: int) -> Callable:
+    """Dilated (strided) attention: (q_idx - kv_idx) % dilation == 0, i.e. every dilation-th key."""
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+
+    def dilated(b, h, q_idx, kv_idx):
+        del b, h
+        return (q_idx - kv_idx) % dilation == 0
+
+    dilated.__name__ = f"dilated_{dilation}"
+    return dilated
+
+
+# ----------------------------------------------------------------------------------------------- score mods
+
+
+def identity(score, b, h, q_idx, kv_idx):
+    """The identity score_mod: score."""
+    del b, h, q_idx, kv_idx
+    return score
+
+
+def compose(*score_mods: Callable) -> Callable:
+    """Composes score_mods right to left: ``compose(f, g)(s, ...) == f(g(s, ...), ...)``."""
+    if not score_mods:
+        return identity
+    if not all(callable(f) for f in score_mods):
+        raise TypeError("compose takes score_mod callables")
+
+    def compose2(f, g):
+        def composed(score, b, h, q_idx, kv_idx):
+            return f(g(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+        composed.__name__ = f"{getattr(f, '__name__', 'f')}_of_{getattr(g, '__name__', 'g')}"
+        return composed
+
+    return functools.reduce(compose2, score_mods)
+
+
+def causal(score, b, h, q_idx, kv_idx):
+    """Causal as a score_mod: score where q_idx >= kv_idx, else -inf. (A causal BlockMask is faster.)"""
+    del b, h
+    return jnp.where(q_idx >= kv_idx, score, -jnp.inf)
+
+
+def rel_bias(score, b, h, q_idx, kv_idx):
+    """Relative-position bias: score + (q_idx - kv_idx)."""
+    del b, h
+    return score + (q_idx - kv_idx).astype(score.dtype)
+
+
+def rel_causal(score, b, h, q_idx, kv_idx):
+    """Causal with relative-position bias: score + (q_idx - kv_idx) where q_idx >= kv_idx, else -inf."""
+    del b, h
+    return jnp.where(q_idx >= kv_idx, score + (q_idx - kv_idx).astype(score.dtype), -jnp.inf)
+
+
+def generate_alibi_bias(num_heads: int) -> Callable:
+    """ALiBi with the standard slopes: score + slope_h * (kv_idx - q_idx), slope_h = 2^(-8 (h + 1) / num_heads).
+
+    The slopes are computed from h, so nothing is captured. See Press et al., "Train Short, Test Long" (2022).
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        del b
+        slope = jnp.exp2(-(h + 1).astype(jnp.float32) * (8.0 / num_heads))
+        return score + (slope * (kv_idx - q_idx).astype(jnp.float32)).astype(score.dtype)
+
+    return alibi
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+    """The standard ALiBi slopes as a float32 array [num_heads]: 2^(-8 (h + 1) / num_heads)."""
+    return jnp.exp2(-(jnp.arange(num_heads, dtype=jnp.float32) + 1.0) * (8.0 / num_heads))
+
+
+def alibi_bias(slopes: jax.Array) -> Callable:
+    """ALiBi with given (e.g. learned) slopes [H]: score + slopes[h] * (kv_idx - q_idx). Differentiable in slopes."""
+    slopes = jnp.asarray(slopes)
+    if slopes.ndim != 1:
+        raise ValueError(f"slopes must be [num_heads], got shape {slopes.shape}")
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        del b
+        return score + slopes[h].astype(score.dtype) * (kv_idx - q_idx).astype(score.dtype)
+
+    return alibi
+
+
+def tanh_softcap(cap: float) -> Callable:
+    """Soft-capping: cap * tanh(score / cap), bounding scores to (-cap, cap) (as in Gemma 2)."""
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        del b, h, q_idx, kv_idx
+        return cap * jnp.tanh(score / cap)
+
+    softcap.__name__ = f"softcap_{cap:g}"
+    return softcap
+
+
+def relative_position_bias(table: jax.Array) -> Callable:
+    """A learned relative-position bias: score + table[h, clip(q_idx - kv_idx, -D, D) + D].
+
+    Args:
+      table: [num_heads, 2 D + 1] float; column D + d holds the bias of a query d positions after its key.
+        Distances beyond D share the end columns. Differentiable in table.
+    """
+    table = jnp.asarray(table)
+    if table.ndim != 2 or table.shape[1] % 2 != 1:
+        raise ValueError(f"table must be [num_heads, 2 * max_distance + 1], got shape {table.shape}")
+    max_distance = table.shape[1] // 2
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        del b
+        column = jnp.clip(q_idx - kv_idx, -max_distance, max_distance) + max_distance
+        return score + table[h, column].astype(score.dtype)
+
+    return relative_bias
