@@ -82,7 +82,8 @@ def _map_to_indices(block_map: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _indices_to_map(num_blocks: jax.Array, indices: jax.Array, num_cols: int) -> jax.Array:
     """Inverse of _map_to_indices for the set part: (num_blocks [..., R], indices [..., R, K]) -> [..., R, C]."""
-    valid = jnp.arange(indices.shape[-1], dtype=jnp.int32) < num_blocks[..., None]
+    positions = jnp.arange(indices.shape[-1], dtype=jnp.int32).reshape((1,) * num_blocks.ndim + (-1,))
+    valid = positions < num_blocks[..., None]
     lead = indices.shape[:-1]
     flat_idx = indices.reshape(-1, indices.shape[-1])
     flat_valid = valid.reshape(-1, indices.shape[-1])

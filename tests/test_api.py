@@ -1,0 +1,83 @@
+"""flex_attention's argument checking: every bad input raises before anything is traced."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import flexattn_jax as fa
+from tests._helpers import random_qkv
+
+
+def _qkv(**kwargs):
+    return random_qkv(0, **{**dict(B=2, Hq=4, Hkv=2, L=16, S=24, E=8, Ev=8), **kwargs})
+
+
+def _shape(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+Q, K, V = _qkv()
+CAUSAL_16_24 = fa.create_block_mask(fa.causal_mask, None, None, 16, 24, BLOCK_SIZE=8)
+
+BAD_INPUTS = [
+    ("rank of query", dict(query=_shape(4, 16, 8)), ValueError, r"query must have rank 4, \[B, Hq, L, E\], got shape \(4, 16, 8\)"),
+    ("rank of key", dict(key=_shape(2, 2, 24)), ValueError, "key must have rank 4"),
+    ("rank of value", dict(value=_shape(2, 2, 24, 8, 1)), ValueError, "value must have rank 4"),
+    ("not an array", dict(query=[[1.0]]), TypeError, "query must be an array, got list"),
+    ("integer dtype", dict(query=_shape(2, 4, 16, 8, dtype=jnp.int32)), TypeError, "query must be float32, bfloat16 or float16, got int32"),
+    ("mixed dtypes", dict(key=_shape(2, 2, 24, 8, dtype=jnp.bfloat16)), TypeError, "one dtype, got float32, bfloat16 and float32"),
+    ("batch", dict(key=_shape(3, 2, 24, 8), value=_shape(3, 2, 24, 8)), ValueError, "same batch size, got 2, 3 and 3"),
+    ("kv heads", dict(value=_shape(2, 1, 24, 8)), ValueError, "same number of heads, got 2 and 1"),
+    ("kv lengths", dict(value=_shape(2, 2, 23, 8)), ValueError, "same sequence length"),
+    ("head dim", dict(key=_shape(2, 2, 24, 16), value=_shape(2, 2, 24, 8)), ValueError, "query E=8 and key E=16"),
+    ("gqa not enabled", dict(enable_gqa=False), ValueError, "Hq=4 heads but key/value have Hkv=2; pass enable_gqa=True"),
+    ("gqa not a multiple", dict(key=_shape(2, 3, 24, 8), value=_shape(2, 3, 24, 8)), ValueError, r"Hq \(4\) must be a multiple of Hkv \(3\)"),
+    ("scale type", dict(scale="0.5"), TypeError, "scale must be a Python float or None, got str"),
+    ("score_mod not callable", dict(score_mod=3), TypeError, "score_mod must be a callable"),
+    ("score_mod returns a vector", dict(score_mod=lambda s, b, h, q, kv: jnp.stack([s, s])), TypeError, r"floating scalar score .* got float32\[2\]"),
+    ("score_mod returns a bool", dict(score_mod=lambda s, b, h, q, kv: q >= kv), TypeError, "floating scalar score .* got bool"),
+    ("block_mask type", dict(block_mask=jnp.ones((16, 24), bool)), TypeError, "block_mask must be a BlockMask"),
+    ("block_mask lengths", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, None, 16, 16, BLOCK_SIZE=8)), ValueError, r"built for \(Q_LEN, KV_LEN\) = \(16, 16\) but query and key have L=16, S=24"),
+    ("block_mask batch", dict(block_mask=fa.create_block_mask(fa.causal_mask, 3, None, 16, 24, BLOCK_SIZE=8)), ValueError, "batch size 3; expected 1 or the query's batch size 2"),
+    ("block_mask heads", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, 2, 16, 24, BLOCK_SIZE=8)), ValueError, "2 heads; expected 1 or the query's head count Hq=4"),
+    ("implementation", dict(implementation="cuda"), ValueError, "implementation must be None or one of"),
+    ("kernel_options", dict(kernel_options=[("BLOCK_M", 64)]), TypeError, "kernel_options must be a dict"),
+]
+
+
+@pytest.mark.parametrize("name, override, error, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_naming_the_argument(name, override, error, message):
+    kwargs = dict(query=Q, key=K, value=V, enable_gqa=True, block_mask=CAUSAL_16_24)
+    kwargs.update(override)
+    with pytest.raises(error, match=message):
+        fa.flex_attention(**kwargs)
+
+
+def test_a_tampered_block_mask_is_rejected():
+    import dataclasses
+
+    tampered = dataclasses.replace(CAUSAL_16_24, q_indices=CAUSAL_16_24.q_indices[..., :1])
+    with pytest.raises(ValueError, match="q_indices has shape"):
+        fa.flex_attention(Q, K, V, block_mask=tampered, enable_gqa=True)
+
+
+def test_errors_come_before_tracing_inside_jit():
+    @jax.jit
+    def run(q, k, v):
+        return fa.flex_attention(q, k, v)  # Hq=4, Hkv=2 without enable_gqa
+
+    with pytest.raises(ValueError, match="enable_gqa"):
+        run(Q, K, V)
+
+
+def test_defaults_scale_is_inverse_sqrt_head_dim():
+    q, k, v = _qkv(E=16, Hkv=4)
+    default = fa.flex_attention(q, k, v)
+    explicit = fa.flex_attention(q, k, v, scale=0.25)
+    assert jnp.array_equal(default, explicit)
+
+
+def test_implementations_lists_the_reference():
+    assert "reference" in fa.IMPLEMENTATIONS
+    out = fa.flex_attention(Q, K, V, enable_gqa=True, implementation="reference", kernel_options={"BLOCK_M": 64})
+    assert out.shape == (2, 4, 16, 8)

@@ -1,0 +1,233 @@
+"""BlockMask invariants (property tests), constructors, conversions and methods."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexattn_jax as fa
+
+
+@st.composite
+def dense_masks(draw):
+    b = draw(st.integers(1, 2))
+    h = draw(st.integers(1, 3))
+    q_len = draw(st.integers(1, 23))
+    kv_len = draw(st.integers(1, 29))
+    density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mask = np.random.default_rng(seed).random((b, h, q_len, kv_len)) < density
+    # Make whole blocks all-true sometimes, so full blocks appear.
+    if draw(st.booleans()):
+        mask[..., : q_len // 2, : kv_len // 2] = True
+    q_block = draw(st.integers(1, 8))
+    kv_block = draw(st.integers(1, 8))
+    return mask, (q_block, kv_block)
+
+
+def _expected_maps(mask, q_block, kv_block):
+    b, h, q_len, kv_len = mask.shape
+    qb, kvb = -(-q_len // q_block), -(-kv_len // kv_block)
+    padded = np.zeros((b, h, qb * q_block, kvb * kv_block), bool)
+    padded[..., :q_len, :kv_len] = mask
+    blocks = padded.reshape(b, h, qb, q_block, kvb, kv_block)
+    return blocks.any(axis=(3, 5)), blocks.all(axis=(3, 5))
+
+
+def _check_index_arrays(num_blocks, indices, block_map):
+    num_blocks, indices, block_map = (np.asarray(x) for x in (num_blocks, indices, block_map))
+    assert num_blocks.dtype == np.int32 and indices.dtype == np.int32
+    np.testing.assert_array_equal(num_blocks, block_map.sum(-1))
+    for index in np.ndindex(num_blocks.shape):
+        n = num_blocks[index]
+        listed = indices[index][:n]
+        np.testing.assert_array_equal(listed, np.flatnonzero(block_map[index]))
+        # Padding entries are valid block numbers too (kernels may read them).
+        assert np.all((indices[index] >= 0) & (indices[index] < block_map.shape[-1]))
+        assert sorted(indices[index].tolist()) == list(range(block_map.shape[-1]))
+
+
+def _check_invariants(block_mask, mask, q_block, kv_block):
+    any_map, all_map = _expected_maps(mask, q_block, kv_block)
+    partial, full = (np.asarray(m) for m in block_mask.block_maps())
+    np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), any_map.astype(np.int32))
+    np.testing.assert_array_equal(full, all_map)
+    np.testing.assert_array_equal(partial, any_map & ~all_map)
+    _check_index_arrays(block_mask.kv_num_blocks, block_mask.kv_indices, partial)
+    _check_index_arrays(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, full)
+    _check_index_arrays(block_mask.q_num_blocks, block_mask.q_indices, np.swapaxes(partial, -1, -2))
+    _check_index_arrays(block_mask.full_q_num_blocks, block_mask.full_q_indices, np.swapaxes(full, -1, -2))
+    assert block_mask.shape == mask.shape
+    assert block_mask.BLOCK_SIZE == (q_block, kv_block)
+
+
+def _allowed_positions(block_mask):
+    """The element-level mask a BlockMask defines: full | (partial & mask_mod)."""
+    b, h, q_len, kv_len = block_mask.shape
+    partial, full = (np.asarray(m) for m in block_mask.block_maps())
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    qi, ki = np.arange(q_len) // q_block, np.arange(kv_len) // kv_block
+    by_mod = np.asarray(fa.create_mask(block_mask.mask_mod, b, h, q_len, kv_len))
+    return full[:, :, qi][:, :, :, ki] | (partial[:, :, qi][:, :, :, ki] & by_mod)
+
+
+@settings(max_examples=12)  # each example compiles anew
+@given(dense_masks())
+def test_create_block_mask_invariants(example):
+    mask, (q_block, kv_block) = example
+    b, h, q_len, kv_len = mask.shape
+    dense = jnp.asarray(mask)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[b, h, q_idx, kv_idx]
+
+    block_mask = fa.create_block_mask(mask_mod, b, h, q_len, kv_len, BLOCK_SIZE=(q_block, kv_block))
+    _check_invariants(block_mask, mask, q_block, kv_block)
+    np.testing.assert_array_equal(_allowed_positions(block_mask), mask)
+
+
+@settings(max_examples=12)  # each example compiles anew
+@given(dense_masks())
+def test_from_dense_round_trips_and_matches_create_block_mask(example):
+    mask, (q_block, kv_block) = example
+    block_mask = fa.create_block_mask_from_dense(jnp.asarray(mask), BLOCK_SIZE=(q_block, kv_block))
+    _check_invariants(block_mask, mask, q_block, kv_block)
+    np.testing.assert_array_equal(_allowed_positions(block_mask), mask)
+    # The seed's conversions: block map of the mask, and back to a mask covering it.
+    block_map = fa.convert_mask_to_block_mask(jnp.asarray(mask), KV_BLOCK_SIZE=kv_block, Q_BLOCK_SIZE=q_block)
+    np.testing.assert_array_equal(np.asarray(block_map), _expected_maps(mask, q_block, kv_block)[0])
+    expanded = np.asarray(fa.convert_block_mask_to_mask(block_map, KV_BLOCK_SIZE=kv_block, Q_BLOCK_SIZE=q_block))
+    assert np.all(expanded[..., : mask.shape[2], : mask.shape[3]] >= mask)
+
+
+@settings(max_examples=12)  # each example compiles anew
+@given(dense_masks())
+def test_from_kv_blocks_derives_the_q_side(example):
+    mask, (q_block, kv_block) = example
+    built = fa.create_block_mask_from_dense(jnp.asarray(mask), BLOCK_SIZE=(q_block, kv_block))
+    rebuilt = jax.jit(
+        lambda a, b, c, d: fa.BlockMask.from_kv_blocks(a, b, c, d, BLOCK_SIZE=(q_block, kv_block),
+                                                       seq_lengths=mask.shape[2:])
+    )(built.kv_num_blocks, built.kv_indices, built.full_kv_num_blocks, built.full_kv_indices)
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices", "kv_indices"):
+        np.testing.assert_array_equal(np.asarray(getattr(rebuilt, name)), np.asarray(getattr(built, name)))
+
+
+def test_causal_worked_example_from_the_docstring():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 6, 6, BLOCK_SIZE=2)
+    assert bm.kv_num_blocks.tolist() == [[[1, 1, 1]]]
+    assert bm.kv_indices.tolist() == [[[[0, 1, 2], [1, 0, 2], [2, 0, 1]]]]
+    assert bm.full_kv_num_blocks.tolist() == [[[0, 1, 2]]]
+    assert bm.full_kv_indices.tolist() == [[[[0, 1, 2], [0, 1, 2], [0, 1, 2]]]]
+    assert bm.q_num_blocks.tolist() == [[[1, 1, 1]]]
+    assert bm.full_q_num_blocks.tolist() == [[[2, 1, 0]]]
+
+
+def test_sparsity_to_string_and_repr():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 512, 512, BLOCK_SIZE=128)
+    assert bm.sparsity() == pytest.approx(100 * (1 - 10 / 16))
+    text = bm.to_string()
+    assert "█" in text and "▒" in text and "·" in text and "sparsity=37.50%" in text
+    assert repr(bm) == text
+    lines = text.splitlines()
+    assert lines[2:] == ["▒···", "█▒··", "██▒·", "███▒"]
+
+
+def test_to_string_shrinks_large_maps():
+    bm = fa.create_block_mask(fa.sliding_window_mask(256), None, None, 8192, 8192, BLOCK_SIZE=128)
+    rows = bm.to_string(grid_size=16).splitlines()[2:]
+    assert len(rows) == 16 and all(len(r) == 16 for r in rows)
+
+
+def test_broadcasting_b_and_h_none():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 64, 64, BLOCK_SIZE=16)
+    assert bm.shape == (1, 1, 64, 64)
+    assert bm.kv_indices.shape == (1, 1, 4, 4)
+
+
+def test_getitem_selects_batch_and_heads_keeping_rank():
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < 8 * (h + 1) + b)
+
+    bm = fa.create_block_mask(per_head, 2, 3, 64, 64, BLOCK_SIZE=8)
+    one = bm[1, 2]
+    assert one.shape == (1, 1, 64, 64)
+    np.testing.assert_array_equal(np.asarray(one.to_dense()[0, 0]), np.asarray(bm.to_dense()[1, 2]))
+    heads = bm[:, 1:]
+    assert heads.shape == (2, 2, 64, 64)
+    np.testing.assert_array_equal(np.asarray(heads.q_indices), np.asarray(bm.q_indices[:, 1:]))
+    assert bm[-1].shape == (1, 3, 64, 64)
+    with pytest.raises(IndexError):
+        bm[5]
+    with pytest.raises(IndexError):
+        bm[0, 0, 0]
+
+
+def test_create_block_mask_under_jit():
+    @jax.jit
+    def build(window):
+        mask_mod = lambda b, h, q, kv: (q - kv >= 0) & (q - kv < window)  # noqa: E731
+        return fa.create_block_mask(mask_mod, None, None, 100, 100, BLOCK_SIZE=16)
+
+    bm = build(jnp.int32(20))
+    eager = fa.create_block_mask(fa.sliding_window_mask(20), None, None, 100, 100, BLOCK_SIZE=16)
+    np.testing.assert_array_equal(np.asarray(bm.to_dense()), np.asarray(eager.to_dense()))
+    np.testing.assert_array_equal(np.asarray(bm.full_kv_indices), np.asarray(eager.full_kv_indices))
+
+
+def test_block_mask_is_a_pytree():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 32, 32, BLOCK_SIZE=8)
+    leaves, treedef = jax.tree_util.tree_flatten(bm)
+    assert len(leaves) == 8
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert again.mask_mod is fa.causal_mask and again.BLOCK_SIZE == (8, 8) and again.seq_lengths == (32, 32)
+    returned = jax.jit(lambda m: m)(bm)
+    np.testing.assert_array_equal(np.asarray(returned.kv_indices), np.asarray(bm.kv_indices))
+
+
+def test_long_sliding_window_builds_with_bounded_memory():
+    # 32768^2 positions would be 1 GiB of booleans; built block row by block row it needs a few MB.
+    bm = fa.create_block_mask(fa.sliding_window_mask(1024), None, None, 32768, 32768, BLOCK_SIZE=128)
+    dense = np.asarray(bm.to_dense()[0, 0])
+    assert dense.shape == (256, 256)
+    assert dense.sum() == 248 * 9 + sum(range(1, 9))  # 9 blocks a row, fewer in the first 8 rows
+    np.testing.assert_array_equal(np.asarray(bm.full_kv_num_blocks[0, 0, 8:]), np.full(248, 7))
+
+
+def test_create_mask_matches_mask_mod():
+    m = np.asarray(fa.create_mask(fa.prefix_lm_mask(3), None, None, 6, 7))
+    expected = (np.arange(7)[None, :] < 3) | (np.arange(6)[:, None] >= np.arange(7)[None, :])
+    np.testing.assert_array_equal(m[0, 0], expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(mask_mod=fa.causal_mask, B=0, H=None, Q_LEN=8, KV_LEN=8), ValueError, "B must be a positive int"),
+        (dict(mask_mod=fa.causal_mask, B=None, H=None, Q_LEN=8.0, KV_LEN=8), ValueError, "Q_LEN"),
+        (dict(mask_mod=fa.causal_mask, B=None, H=None, Q_LEN=8, KV_LEN=8, BLOCK_SIZE=0), ValueError, "BLOCK_SIZE"),
+        (dict(mask_mod=fa.causal_mask, B=None, H=None, Q_LEN=8, KV_LEN=8, BLOCK_SIZE=(1, 2, 3)), ValueError,
+         "BLOCK_SIZE"),
+        (dict(mask_mod="causal", B=None, H=None, Q_LEN=8, KV_LEN=8), TypeError, "mask_mod must be a callable"),
+        (dict(mask_mod=lambda b, h, q, kv: (q - kv).astype(jnp.float32), B=None, H=None, Q_LEN=8, KV_LEN=8),
+         TypeError, "boolean scalar"),
+    ],
+)
+def test_create_block_mask_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fa.create_block_mask(**kwargs)
+
+
+def test_from_kv_blocks_bad_input():
+    with pytest.raises(ValueError, match="kv_indices"):
+        fa.BlockMask.from_kv_blocks(jnp.zeros((1, 1, 2), jnp.int32), jnp.zeros((1, 1, 3, 2), jnp.int32))
+    with pytest.raises(ValueError, match="given together"):
+        fa.BlockMask.from_kv_blocks(
+            jnp.zeros((1, 1, 2), jnp.int32), jnp.zeros((1, 1, 2, 2), jnp.int32), jnp.zeros((1, 1, 2), jnp.int32)
+        )
+    with pytest.raises(ValueError, match="seq_lengths"):
+        fa.BlockMask.from_kv_blocks(
+            jnp.zeros((1, 1, 2), jnp.int32), jnp.zeros((1, 1, 2, 2), jnp.int32), BLOCK_SIZE=8, seq_lengths=(64, 16)
+        )
