@@ -75,10 +75,11 @@ def check_score_mod(score_mod: Callable) -> None:
 
 def check_block_mask(block_mask, query, key) -> None:
     """The BlockMask must be built for these lengths and broadcast over this batch and these query heads."""
-    from flexattn_jax.block_mask import BlockMask
+    from flexattn_jax.block_mask import BlockMask, check_mask_mod
 
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a BlockMask (see create_block_mask), got {type(block_mask).__name__}")
+    check_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
     b, hq, q_len, _ = query.shape
     kv_len = key.shape[2]
     if tuple(block_mask.seq_lengths) != (q_len, kv_len):

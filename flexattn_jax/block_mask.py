@@ -351,7 +351,7 @@ class BlockMask:
 # ---------------------------------------------------------------------------------------------- construction
 
 
-def _check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
+def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
     if not callable(mask_mod):
         raise TypeError(f"{name} must be a callable mask_mod(b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}")
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
@@ -428,7 +428,7 @@ def create_block_mask(
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
-    _check_mask_mod(mask_mod)
+    check_mask_mod(mask_mod)
     any_map, all_map = _block_maps_from_mask_mod(mask_mod, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block)
     return BlockMask.from_block_maps(
         any_map & ~all_map, all_map, (q_block, kv_block), mask_mod, (int(Q_LEN), int(KV_LEN))
@@ -439,7 +439,7 @@ def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_
     """The dense boolean mask [B, H, Q_LEN, KV_LEN] of ``mask_mod`` (B, H None mean 1). Memory O(Q_LEN x KV_LEN)."""
     B = 1 if B is None else B
     H = 1 if H is None else H
-    _check_mask_mod(mask_mod)
+    check_mask_mod(mask_mod)
     idx = [jnp.arange(n, dtype=jnp.int32) for n in (B, H, Q_LEN, KV_LEN)]
     fn = mask_mod
     for axis in reversed(range(4)):

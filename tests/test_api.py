@@ -61,6 +61,14 @@ def test_a_tampered_block_mask_is_rejected():
         fa.flex_attention(Q, K, V, block_mask=tampered, enable_gqa=True)
 
 
+def test_a_block_mask_whose_mask_mod_returns_no_boolean_is_rejected():
+    bad = fa.BlockMask.from_block_maps(
+        jnp.ones((1, 1, 2, 3), bool), BLOCK_SIZE=8, mask_mod=lambda b, h, q, kv: q - kv, seq_lengths=(16, 24)
+    )
+    with pytest.raises(TypeError, match="block_mask.mask_mod must return a boolean scalar"):
+        fa.flex_attention(Q, K, V, block_mask=bad, enable_gqa=True)
+
+
 def test_errors_come_before_tracing_inside_jit():
     @jax.jit
     def run(q, k, v):
