@@ -1,0 +1,521 @@
+"""Mods inside kernels: hoisting the arrays they close over, and reading those arrays through refs.
+
+A score_mod or mask_mod may close over arrays: document ids, a relative-position bias table, ALiBi slopes, a scalar
+offset; concrete arrays or tracers of an outer ``jit``/``grad``/``vmap``. A Pallas kernel body may not close over
+arrays ("captures constants ... pass them as inputs"), and the Triton lowering has no rule for ``gather`` on a
+loaded value. So each mod goes through three steps:
+
+1. **Trace** (``trace_mod``, in the same trace as the kernel call): the mod becomes a jaxpr for tile-shaped
+   arguments; ``jax.make_jaxpr`` lists every captured array (concrete or traced) in its consts.
+2. **Hoist**: the work that depends on captured arrays alone (``table * 2``, ``slopes.astype(...)``) runs now,
+   outside the kernel, as ordinary JAX operations. What is left is a ``ModProgram`` (static: a jaxpr and some
+   metadata, no arrays) and its ``consts``: the arrays the kernel must receive as inputs.
+3. **Evaluate** (``ModProgram.__call__``, inside the kernel body): a small interpreter binds every primitive of the
+   program on tile values, except that a read of a const (``gather``, ``dynamic_slice``) becomes a load from the
+   const's ref with clamped integer index tiles, which lowers to pointer arithmetic. Any other use of a const loads
+   it whole (``ref[...]``; a 0-d const is one scalar load).
+
+For the backward pass, ``ModProgram.vjp`` turns every read of a floating const into an explicit input (the gathered
+tile), differentiates the mod with respect to (score, gathered tiles) with ``jax.vjp``, and its pullback adds the
+gathered tiles' cotangents into float32 gradient refs with ``jax.ref.addupdate`` (an atomic add on the GPU; repeated
+indices add up). Hoisting happens *outside* any ``custom_vjp``: pass ``consts`` to it as differentiable primal
+inputs, and JAX's own autodiff carries their gradients back through the hoisted work (``table * 2``) to the user's
+arrays.
+
+What a mod may do inside a kernel:
+
+* any elementwise ``jnp``/``lax`` arithmetic, comparisons, ``where``, casts, broadcasting of the index tiles;
+  ``jax.nn`` functions and ``jnp.clip`` (calls of ``jit``-ed, ``custom_jvp``, ``custom_vjp`` or ``checkpoint``-ed
+  functions are inlined);
+* index captured arrays with the indices, in any combination, in one indexing expression each: ``ids[q_idx]``,
+  ``ids[b, kv_idx]``, ``table[h, clip(q_idx - kv_idx, ...)]``, ``slopes[h]``, ``mask[b, h, q_idx, kv_idx]``,
+  ``jnp.take``; negative indices wrap as in NumPy and out-of-range ones are clamped (``mode="fill"`` reads give the
+  fill value);
+* compute on captured arrays alone (that work is hoisted out of the kernel).
+
+What raises a ``ValueError`` naming the mod when it is traced: indexing an array *computed inside the kernel*
+(``jnp.arange(8)[h]``: index a captured array instead; ``table[h][column]``: write ``table[h, column]``), and passing captured arrays into ``cond``, ``while`` or
+``scan``. On the GPU, every array value must have power-of-two dimensions; the index tiles already do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
+
+__all__ = ["ModProgram", "trace_mod", "trace_score_mod", "trace_mask_mod", "tile_avals"]
+
+# Primitives whose body is inlined by the interpreter (so that reads of captured arrays inside them become ref loads),
+# mapped to the parameter holding the body.
+_INLINED_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "eval_jaxpr": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+}
+# Primitives that read a const through integer indices and become ref loads.
+_READS = ("gather", "dynamic_slice")
+
+
+def _body(eqn) -> tuple[jex_core.Jaxpr, Sequence[Any]] | None:
+    """(jaxpr, consts) of an inlined call, or None if the equation is not one."""
+    param = _INLINED_CALLS.get(eqn.primitive.name)
+    if param is None or param not in eqn.params:
+        return None
+    body = eqn.params[param]
+    if isinstance(body, jex_core.ClosedJaxpr):
+        return body.jaxpr, body.consts
+    return body, ()
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jex_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jex_core.Jaxpr):
+                yield item
+
+
+# ------------------------------------------------------------------------------------------------ the program
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Site:
+    """One read of a const: ``const[index]`` (``index`` None: the whole const), and its in-bounds mask."""
+
+    const: int
+    index: tuple[jax.Array, ...] | None
+    value: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModProgram:
+    """A mod traced for tiles, with its captured arrays hoisted out; static (holds no arrays), hashed by identity.
+
+    Attributes:
+      name: the mod's ``__name__``, for error messages.
+      jaxpr: the program; its invars are ``num_consts`` const vars followed by the mod's arguments.
+      num_consts: how many consts the kernel receives (``len(consts)`` from ``trace_mod``).
+      const_avals: shape and dtype of each const.
+      out_aval: shape and dtype of the mod's result.
+    """
+
+    name: str
+    jaxpr: jex_core.Jaxpr
+    num_consts: int
+    const_avals: tuple[jax.ShapeDtypeStruct, ...]
+    out_aval: jax.ShapeDtypeStruct
+
+    @property
+    def differentiable(self) -> tuple[bool, ...]:
+        """For each const, whether it is floating (gets a gradient in the backward pass)."""
+        return tuple(bool(jnp.issubdtype(a.dtype, jnp.inexact)) for a in self.const_avals)
+
+    def __call__(self, const_refs: Sequence[Any], *args):
+        """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel)."""
+        return _Interpreter(const_refs, _plain_load)(self.jaxpr, args)
+
+    def vjp(self, const_refs: Sequence[Any], *args):
+        """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
+
+        ``pullback(d_out, grad_refs)`` returns the cotangent of ``args[0]`` (the score tile) and adds the cotangents
+        of the floating consts into ``grad_refs`` (one float32 ref per const, of the const's shape, or None to skip
+        it) with ``jax.ref.addupdate``. ``d_out`` must be zero at positions that are masked or out of bounds: their
+        indices may repeat real positions' indices (they are clamped).
+        """
+        recorder = _Recorder(self.differentiable)
+        _Interpreter(const_refs, recorder.load)(self.jaxpr, args)
+        sites = recorder.sites
+
+        def with_reads(first, values):
+            substitute = _Substitute(self.differentiable, values)
+            return _Interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
+
+        out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in sites])
+
+        def pullback(d_out, grad_refs: Sequence[Any]):
+            d_first, d_values = vjp_fn(d_out)
+            for site, d_value in zip(sites, d_values):
+                grad_ref = grad_refs[site.const]
+                if grad_ref is None:
+                    continue
+                d_value = d_value.astype(jnp.float32)
+                jax.ref.addupdate(grad_ref, ... if site.index is None else site.index, d_value)
+            return d_first
+
+        return out, pullback
+
+
+def _plain_load(const: int, ref, index):
+    return ref[...] if index is None else ref[index]
+
+
+class _Recorder:
+    """Loads consts and records each read of a floating const, in evaluation order."""
+
+    def __init__(self, differentiable):
+        self.differentiable = differentiable
+        self.sites: list[_Site] = []
+
+    def load(self, const, ref, index):
+        value = _plain_load(const, ref, index)
+        if self.differentiable[const]:
+            self.sites.append(_Site(const, index, value))
+        return value
+
+
+class _Substitute:
+    """Replaces the reads of floating consts, in evaluation order, by the given values (the vjp's inputs)."""
+
+    def __init__(self, differentiable, values):
+        self.differentiable = differentiable
+        self.values = iter(values)
+
+    def load(self, const, ref, index):
+        if self.differentiable[const]:
+            return next(self.values)
+        return _plain_load(const, ref, index)
+
+
+# --------------------------------------------------------------------------------------------- the interpreter
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ConstRef:
+    """An environment entry standing for const number ``const``, read through ``ref``."""
+
+    const: int
+    ref: Any
+    aval: Any
+
+
+class _Interpreter:
+    """Evaluates a program on demand, from its outputs back, so that index arithmetic jnp builds for a gather
+    (``concatenate`` of broadcast index tiles, 3-D values the Triton lowering would reject) is never materialised:
+    a read of a const takes the concatenated pieces directly."""
+
+    def __init__(self, const_refs, load: Callable):
+        self.const_refs = const_refs
+        self.load = load
+        self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
+
+    def __call__(self, jaxpr, args):
+        assert len(self.const_refs) <= len(jaxpr.invars)
+        consts = [_ConstRef(i, ref, v.aval) for i, (ref, v) in enumerate(zip(self.const_refs, jaxpr.invars))]
+        return self.run(jaxpr, (), [*consts, *args])[0]
+
+    def run(self, jaxpr, consts, args):
+        env: dict[Any, Any] = {}
+        producers = {}
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                producers[v] = eqn
+        for v, x in zip(jaxpr.constvars, consts):
+            env[v] = x
+        for v, x in zip(jaxpr.invars, args):
+            env[v] = x
+
+        def read_raw(v):
+            """The environment entry of v (a _ConstRef stays one), evaluating its equation first if needed."""
+            if isinstance(v, jex_core.Literal):
+                return v.val
+            if v not in env:
+                eqn = producers[v]
+                outs = self.eval_eqn(eqn, read_raw, producers)
+                for o, x in zip(eqn.outvars, outs):
+                    env[o] = x
+            return env[v]
+
+        return [self.value(read_raw(v)) for v in jaxpr.outvars]
+
+    def value(self, x):
+        """A plain value: a const is loaded whole (once)."""
+        if isinstance(x, _ConstRef):
+            if x.const not in self.whole:
+                self.whole[x.const] = self.load(x.const, x.ref, None)
+            return self.whole[x.const]
+        return x
+
+    def eval_eqn(self, eqn, read_raw, producers):
+        name = eqn.primitive.name
+        if name in _READS:
+            operand = read_raw(eqn.invars[0])
+            if isinstance(operand, _ConstRef):
+                if name == "gather":
+                    return [self.gather(eqn, operand, read_raw, producers)]
+                return [self.dynamic_slice(eqn, operand, read_raw)]
+        body = _body(eqn)
+        if body is not None:
+            jaxpr, consts = body
+            args = [read_raw(v) for v in eqn.invars]
+            return self.run(jaxpr, consts, args)
+        args = [self.value(read_raw(v)) for v in eqn.invars]
+        outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+        return outs if eqn.primitive.multiple_results else [outs]
+
+    # -------------------------------------------------------------------------------------- reads of consts
+
+    def read_const(self, operand: _ConstRef, starts, slice_sizes, offset_dims, out_shape, fill_value, fill):
+        """``out[...] = const[starts + offsets]`` for every output element.
+
+        starts[d]: an int value broadcastable to ``out_shape`` (or a scalar), the start in operand dim d;
+        offset_dims[d]: the output dim walking operand dim d (its slice has more than one element), or None.
+        """
+        shape = operand.aval.shape
+        index = []
+        in_bounds = None
+        for d, (start, size) in enumerate(zip(starts, slice_sizes)):
+            start = jnp.asarray(start).astype(jnp.int32)
+            upper = shape[d] - size
+            if fill:
+                ok = (start >= 0) & (start <= upper)
+                in_bounds = ok if in_bounds is None else in_bounds & ok
+            # Out-of-range reads are not checked on the GPU: clamp, as XLA's gather does.
+            start = jnp.clip(start, 0, upper)
+            if offset_dims[d] is not None:
+                iota_shape = [1] * len(out_shape)
+                iota_shape[offset_dims[d]] = size
+                offsets = lax.broadcasted_iota(jnp.int32, tuple(iota_shape), offset_dims[d])
+                start = start + offsets  # start is a scalar or already has the output's rank
+            index.append(start)
+        if any(i.ndim for i in index):
+            index = [i if i.ndim == 0 else jnp.broadcast_to(i, out_shape) for i in index]
+        value = self.load(operand.const, operand.ref, tuple(index))
+        if value.shape != tuple(out_shape):
+            value = lax.broadcast_in_dim(value, out_shape, ()) if value.ndim == 0 else value.reshape(out_shape)
+        if in_bounds is not None:
+            if in_bounds.shape != tuple(out_shape):
+                in_bounds = jnp.broadcast_to(in_bounds, out_shape)
+            value = jnp.where(in_bounds, value, jnp.asarray(fill_value, value.dtype))
+        return value
+
+    def index_components(self, var, count, read_raw, producers):
+        """The ``count`` index columns of a gather's indices [..., count], without building the [..., count] array
+        when jnp built it by concatenating broadcast pieces."""
+        eqn = producers.get(var)
+        rank = var.aval.ndim
+        if eqn is not None and eqn.primitive.name == "concatenate" and eqn.params["dimension"] == rank - 1:
+            pieces = []
+            for piece in eqn.invars:
+                width = piece.aval.shape[-1]
+                if width == 1:
+                    pieces.append(self.squeeze_last(piece, read_raw, producers))
+                else:
+                    value = self.value(read_raw(piece))
+                    pieces.extend(value[..., k] for k in range(width))
+            if len(pieces) == count:
+                return pieces
+        value = self.value(read_raw(var))
+        return [value[..., k] for k in range(count)]
+
+    def squeeze_last(self, var, read_raw, producers):
+        """var [..., 1] without its last axis, reading through a broadcast_in_dim that only appended it."""
+        eqn = producers.get(var)
+        if eqn is not None and eqn.primitive.name == "broadcast_in_dim":
+            src = eqn.invars[0]
+            rank = var.aval.ndim
+            if (
+                tuple(eqn.params["broadcast_dimensions"]) == tuple(range(rank - 1))
+                and tuple(src.aval.shape) == tuple(var.aval.shape[:-1])
+            ):
+                return self.value(read_raw(src))
+        return self.value(read_raw(var))[..., 0]
+
+    def gather(self, eqn, operand: _ConstRef, read_raw, producers):
+        dnums = eqn.params["dimension_numbers"]
+        slice_sizes = tuple(eqn.params["slice_sizes"])
+        mode = eqn.params["mode"]
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        indices_var = eqn.invars[1]
+        columns = self.index_components(indices_var, len(dnums.start_index_map), read_raw, producers)
+        batch_rank = indices_var.aval.ndim - 1
+        batch_positions = [p for p in range(len(out_shape)) if p not in dnums.offset_dims]
+        assert len(batch_positions) == batch_rank, (batch_positions, indices_var.aval)
+
+        def to_output_rank(x):
+            # An index column has the indices' batch shape; put its axes at the output's batch positions.
+            x = jnp.asarray(x)
+            if x.ndim == 0:
+                return x
+            return lax.broadcast_in_dim(
+                x, tuple(out_shape[p] if p in batch_positions else 1 for p in range(len(out_shape))), batch_positions
+            ) if x.shape != tuple(out_shape) else x
+
+        rank = len(operand.aval.shape)
+        starts = [jnp.int32(0)] * rank
+        for k, d in enumerate(dnums.start_index_map):
+            starts[d] = to_output_rank(columns[k])
+        for operand_dim, indices_dim in zip(dnums.operand_batching_dims, dnums.start_indices_batching_dims):
+            position = batch_positions[indices_dim]
+            starts[operand_dim] = lax.broadcasted_iota(
+                jnp.int32, tuple(out_shape[p] if p == position else 1 for p in range(len(out_shape))), position
+            )
+        walking = [
+            d for d in range(rank) if d not in dnums.collapsed_slice_dims and d not in dnums.operand_batching_dims
+        ]
+        offset_dims = [None] * rank
+        for d, position in zip(walking, dnums.offset_dims):
+            offset_dims[d] = position
+        fill = mode == lax.GatherScatterMode.FILL_OR_DROP
+        fill_value = eqn.params["fill_value"]
+        if fill and fill_value is None:
+            fill_value = _default_fill(operand.aval.dtype)
+        return self.read_const(operand, starts, slice_sizes, offset_dims, out_shape, fill_value, fill)
+
+    def dynamic_slice(self, eqn, operand: _ConstRef, read_raw):
+        slice_sizes = tuple(eqn.params["slice_sizes"])
+        starts = [self.value(read_raw(v)) for v in eqn.invars[1 : 1 + len(slice_sizes)]]
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        offset_dims = [d if size > 1 else None for d, size in enumerate(slice_sizes)]
+        return self.read_const(operand, starts, slice_sizes, offset_dims, out_shape, None, False)
+
+
+def _default_fill(dtype):
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return np.nan
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+        return jnp.iinfo(dtype).min
+    if jnp.issubdtype(dtype, jnp.unsignedinteger):
+        return jnp.iinfo(dtype).max
+    return True
+
+
+# ----------------------------------------------------------------------------------------- tracing, hoisting
+
+
+def tile_avals(block_m: int, block_n: int, *, score: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The abstract arguments mods receive in kernels: (score [BM, BN] f32,) b, h, q_idx [BM, 1], kv_idx [1, BN]."""
+    i32 = jnp.int32
+    avals = (
+        jax.ShapeDtypeStruct((), i32),
+        jax.ShapeDtypeStruct((), i32),
+        jax.ShapeDtypeStruct((block_m, 1), i32),
+        jax.ShapeDtypeStruct((1, block_n), i32),
+    )
+    return ((jax.ShapeDtypeStruct((block_m, block_n), jnp.float32),) if score else ()) + avals
+
+
+def trace_mod(fn: Callable, arg_avals: Sequence[jax.ShapeDtypeStruct], *, name: str = "mod"):
+    """Traces ``fn`` for ``arg_avals`` and hoists the work on its captured arrays.
+
+    Call it in the trace where the kernel is called (never cache the consts across traces: they may be tracers).
+
+    Args:
+      fn: the mod.
+      arg_avals: its arguments' shapes and dtypes (see ``tile_avals``).
+      name: what the mod is, for error messages (``"score_mod"``, ``"mask_mod"``).
+
+    Returns:
+      ``(program, consts)``: a static ``ModProgram`` and a tuple of arrays to pass to the kernel as inputs, in
+      order; inside the kernel, call ``program(const_refs, *args)``.
+
+    Raises:
+      ValueError: the mod does something that cannot run inside a kernel (see the module docstring).
+    """
+    closed = jax.make_jaxpr(fn)(*arg_avals)
+    jaxpr = closed.jaxpr
+    label = f"{name} {getattr(fn, '__name__', repr(fn))!r}"
+
+    # Hoist: evaluate, here, the equations whose inputs derive from captured arrays alone.
+    known: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts))
+    kept = []
+    for eqn in jaxpr.eqns:
+        var_inputs = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+        if var_inputs and all(v in known for v in var_inputs) and not eqn.effects:
+            args = [v.val if isinstance(v, jex_core.Literal) else known[v] for v in eqn.invars]
+            outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+            for v, x in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
+                known[v] = x
+        else:
+            kept.append(eqn)
+
+    # The consts the remaining program reads, in a fixed order.
+    used = []
+    for eqn in kept:
+        used.extend(v for v in eqn.invars if not isinstance(v, jex_core.Literal) and v in known)
+    used.extend(v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal) and v in known)
+    const_vars = list(dict.fromkeys(used))
+    consts = tuple(jnp.asarray(known[v]) for v in const_vars)
+
+    program_jaxpr = jaxpr.replace(constvars=[], invars=[*const_vars, *jaxpr.invars], eqns=kept)
+    _check_kernel_safe(program_jaxpr, set(const_vars), label)
+    out_aval = jax.ShapeDtypeStruct(jaxpr.outvars[0].aval.shape, jaxpr.outvars[0].aval.dtype)
+    const_avals = tuple(jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts)
+    program = ModProgram(label, program_jaxpr, len(consts), const_avals, out_aval)
+    return program, consts
+
+
+def _is_in(v, variables: set) -> bool:
+    return not isinstance(v, jex_core.Literal) and v in variables
+
+
+def _check_kernel_safe(jaxpr, const_vars: set, label: str) -> None:
+    """Raises for reads of arrays computed inside the kernel, and captured arrays passed into control flow."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in _READS and not _is_in(eqn.invars[0], const_vars):
+            raise ValueError(
+                f"{label} indexes an array computed from its arguments ({name} of "
+                f"{eqn.invars[0].aval.str_short()}); inside a kernel only arrays the mod closes over can be indexed, "
+                "each in one indexing expression (table[h, column], not table[h][column]). Build the array outside "
+                "the mod and close over it"
+            )
+        body = _body(eqn)
+        if body is not None:
+            inner, inner_consts = body
+            if inner_consts:
+                raise ValueError(f"{label} calls a function with embedded constants ({name}); close over them instead")
+            inner_const_vars = {iv for iv, v in zip(inner.invars, eqn.invars) if _is_in(v, const_vars)}
+            _check_kernel_safe(inner, inner_const_vars, label)
+            continue
+        if any(True for _ in _sub_jaxprs(eqn)):
+            if any(_is_in(v, const_vars) for v in eqn.invars):
+                raise ValueError(
+                    f"{label} passes an array it closes over into {name}; inside a kernel captured arrays can be "
+                    "indexed and combined elementwise, not used in control flow"
+                )
+            for inner in _sub_jaxprs(eqn):
+                _check_kernel_safe(inner, set(), label)
+
+
+def trace_score_mod(score_mod: Callable, block_m: int, block_n: int):
+    """``trace_mod`` for a score_mod on [block_m, block_n] tiles; checks it returns a floating tile."""
+    program, consts = trace_mod(score_mod, tile_avals(block_m, block_n, score=True), name="score_mod")
+    _check_out(program, block_m, block_n, floating=True)
+    return program, consts
+
+
+def trace_mask_mod(mask_mod: Callable, block_m: int, block_n: int):
+    """``trace_mod`` for a mask_mod on [block_m, block_n] tiles; checks it returns a boolean tile."""
+    program, consts = trace_mod(mask_mod, tile_avals(block_m, block_n, score=False), name="mask_mod")
+    _check_out(program, block_m, block_n, floating=False)
+    return program, consts
+
+
+def _check_out(program: ModProgram, block_m: int, block_n: int, floating: bool) -> None:
+    out = program.out_aval
+    try:
+        shape = np.broadcast_shapes(out.shape, (block_m, block_n))
+    except ValueError:
+        shape = None
+    ok_dtype = jnp.issubdtype(out.dtype, jnp.floating) if floating else out.dtype == jnp.bool_
+    if shape != (block_m, block_n) or not ok_dtype:
+        expected = "a floating" if floating else "a boolean"
+        raise TypeError(
+            f"{program.name} must return {expected} value broadcastable to the tile [{block_m}, {block_n}] for "
+            f"q_idx [{block_m}, 1] and kv_idx [1, {block_n}], got {jnp.dtype(out.dtype).name}{list(out.shape)}; "
+            "write it with broadcasting jnp operations"
+        )

@@ -1,0 +1,170 @@
+"""The steps every flex-attention kernel takes on one (query tile, key tile): shared by forward, backward and decode.
+
+A kernel reads as
+
+    q_idx, kv_idx = index_tiles(q_start, kv_start, BM, BN)
+    s = score_tile(q, k, scale)                                          # scale * q.k, float32
+    s = apply_score_mod(score_mod, score_refs, s, b, h, q_idx, kv_idx)
+    allowed = allowed_tile(mask_mod, mask_refs, b, h, q_idx, kv_idx, is_full_block=..., q_len=..., kv_len=...)
+    s = mask_scores(s, allowed)                                          # -inf where not allowed
+    state = softmax_update(state, s, v)                                  # online softmax, float32
+    ...
+    out, lse = softmax_finalize(state)
+
+Mods see tiles: b and h int32 scalars, q_idx [BM, 1] and kv_idx [1, BN] int32 global positions, the score [BM, BN]
+float32. The online softmax works in base 2 (``exp2(x * LOG2_E) == exp(x)``), the form GPUs evaluate fastest; see
+Milakov & Gimelshein, "Online normalizer calculation for softmax" (2018) and Dao et al., FlashAttention (2022).
+A row with nothing allowed keeps a running maximum of -inf; subtracting 0 instead of it keeps every exponential
+0 (never ``-inf - -inf = NaN``), and finalisation turns its empty sum into output 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flexattn_jax.backends._captures import ModProgram
+
+__all__ = [
+    "LOG2_E",
+    "LN_2",
+    "SoftmaxState",
+    "index_tiles",
+    "dot_precision",
+    "score_tile",
+    "apply_score_mod",
+    "allowed_tile",
+    "mask_scores",
+    "softmax_init",
+    "softmax_update",
+    "softmax_finalize",
+]
+
+LOG2_E = math.log2(math.e)  # exp(x) == exp2(x * LOG2_E)
+LN_2 = math.log(2.0)  # ln(x) == log2(x) * LN_2
+_NEG_INF = float("-inf")
+
+
+class SoftmaxState(NamedTuple):
+    """The online-softmax carry of one query tile.
+
+    Attributes:
+      acc: float32 [BM, Ev], sum over visited keys of exp2(s2 - row_max) v.
+      row_max: float32 [BM], the running maximum of s2 = score * LOG2_E (-inf while nothing is allowed).
+      row_sum: float32 [BM], sum over visited keys of exp2(s2 - row_max).
+    """
+
+    acc: jax.Array
+    row_max: jax.Array
+    row_sum: jax.Array
+
+
+def index_tiles(q_start, kv_start, block_m: int, block_n: int) -> tuple[jax.Array, jax.Array]:
+    """Global positions of a tile: q_idx [BM, 1] and kv_idx [1, BN], int32."""
+    q_idx = q_start + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+    kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+    return q_idx, kv_idx
+
+
+def dot_precision(dtype) -> lax.Precision:
+    """HIGHEST for float32 inputs: the GPU's default float32 dot is TF32 (relative error ~3e-4, over our 2e-5)."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def score_tile(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """scale * q k^T: q [BM, E], k [BN, E] of one dtype -> [BM, BN] float32."""
+    s = lax.dot_general(
+        q,
+        k,
+        (((1,), (1,)), ((), ())),
+        precision=dot_precision(q.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    return s * jnp.float32(scale)
+
+
+def apply_score_mod(score_mod: ModProgram, score_refs: Sequence, s, b, h, q_idx, kv_idx) -> jax.Array:
+    """score_mod(s, b, h, q_idx, kv_idx) on a tile, as float32 [BM, BN]."""
+    out = score_mod(score_refs, s, b, h, q_idx, kv_idx)
+    return jnp.broadcast_to(out, s.shape).astype(jnp.float32)
+
+
+def allowed_tile(
+    mask_mod: ModProgram,
+    mask_refs: Sequence,
+    b,
+    h,
+    q_idx,
+    kv_idx,
+    *,
+    is_full_block: bool,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+) -> jax.Array | None:
+    """Which positions of the tile attend: bool [BM, BN], or None when all of them do.
+
+    Args:
+      mask_mod, mask_refs: the traced mask_mod and its consts' refs.
+      is_full_block: static; the tile lies in a full block, so mask_mod is skipped.
+      q_len, kv_len: static; positions at or past them are masked (tail tiles). None: no bounds check.
+    """
+    allowed = None
+    if not is_full_block:
+        allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx)
+    if q_len is not None:
+        in_bounds = q_idx < q_len
+        allowed = in_bounds if allowed is None else allowed & in_bounds
+    if kv_len is not None:
+        in_bounds = kv_idx < kv_len
+        allowed = in_bounds if allowed is None else allowed & in_bounds
+    if allowed is None:
+        return None
+    return jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[1]))
+
+
+def mask_scores(s: jax.Array, allowed: jax.Array | None) -> jax.Array:
+    """s where allowed, else -inf."""
+    if allowed is None:
+        return s
+    return jnp.where(allowed, s, jnp.float32(_NEG_INF))
+
+
+def softmax_init(block_m: int, value_dim: int) -> SoftmaxState:
+    return SoftmaxState(
+        acc=jnp.zeros((block_m, value_dim), jnp.float32),
+        row_max=jnp.full((block_m,), _NEG_INF, jnp.float32),
+        row_sum=jnp.zeros((block_m,), jnp.float32),
+    )
+
+
+def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array) -> SoftmaxState:
+    """Folds one tile into the state: s [BM, BN] float32 scores (-inf where masked), v [BN, Ev]."""
+    s2 = s * jnp.float32(LOG2_E)
+    row_max = jnp.maximum(state.row_max, jnp.max(s2, axis=1))
+    # While a row has seen nothing allowed its maximum is -inf; exponentiate against 0 so exp2 gives 0, not NaN.
+    shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max)
+    correction = jnp.exp2(state.row_max - shift)
+    p = jnp.exp2(s2 - shift[:, None])
+    row_sum = state.row_sum * correction + jnp.sum(p, axis=1)
+    pv = lax.dot_general(
+        p.astype(v.dtype),
+        v,
+        (((1,), (0,)), ((), ())),
+        precision=dot_precision(v.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    acc = state.acc * correction[:, None] + pv
+    return SoftmaxState(acc, row_max, row_sum)
+
+
+def softmax_finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
+    """(out [BM, Ev] float32, lse [BM] float32 natural log); a row with nothing allowed gets 0 and -inf."""
+    has_any = state.row_sum > 0
+    safe_sum = jnp.where(has_any, state.row_sum, jnp.float32(1.0))
+    out = state.acc / safe_sum[:, None]
+    lse = jnp.where(has_any, (state.row_max + jnp.log2(safe_sum)) * jnp.float32(LN_2), jnp.float32(_NEG_INF))
+    return out, lse

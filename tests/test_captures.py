@@ -1,0 +1,199 @@
+"""Mods with captured arrays, traced for tiles and evaluated through refs inside Pallas kernels (interpret mode)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.experimental import pallas as pl
+
+import flexattn_jax as fa
+from flexattn_jax.backends import _captures
+from tests._helpers import MOD_CASES, MOD_CASES_BY_NAME
+
+BM, BN = 32, 16
+B, H, L, S = 2, 4, 100, 77
+# A tile straddling the ends of both sequences, so clamped reads and negative distances both occur.
+B_AT, H_AT, Q_START, KV_START = 1, 3, 80, 64
+
+
+def _tile_args(seed=0):
+    s = jax.random.normal(jax.random.key(seed), (BM, BN), jnp.float32)
+    q_idx = jnp.minimum(Q_START + jnp.arange(BM, dtype=jnp.int32), L - 1)[:, None]
+    kv_idx = jnp.minimum(KV_START + jnp.arange(BN, dtype=jnp.int32), S - 1)[None, :]
+    return s, jnp.int32(B_AT), jnp.int32(H_AT), q_idx, kv_idx
+
+
+def _in_kernel(program, consts, args, with_score: bool):
+    """Evaluates program inside a pallas_call (interpret mode), the consts read through refs."""
+    n = len(consts)
+
+    def kernel(*refs):
+        const_refs, arg_refs, out_ref = refs[:n], refs[n:-1], refs[-1]
+        values = [r[...] for r in arg_refs]
+        out = program(const_refs, *values)
+        out_ref[...] = jnp.broadcast_to(out, (BM, BN)).astype(jnp.float32)
+
+    args = args if with_score else args[1:]
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((BM, BN), jnp.float32), interpret=True)(
+        *consts, *args
+    )
+
+
+def _mods(case):
+    mask_mod, score_mod = case.build(B, H, L, S, 0)
+    return [(m, kind) for m, kind in ((mask_mod, "mask"), (score_mod, "score")) if m is not None]
+
+
+@pytest.mark.parametrize("case", MOD_CASES, ids=repr)
+def test_program_matches_mod_off_kernel(case):
+    s, b, h, q_idx, kv_idx = _tile_args()
+    for mod, kind in _mods(case):
+        if kind == "score":
+            program, consts = _captures.trace_score_mod(mod, BM, BN)
+            np.testing.assert_allclose(program(consts, s, b, h, q_idx, kv_idx), mod(s, b, h, q_idx, kv_idx), rtol=1e-6, atol=1e-6)
+        else:
+            program, consts = _captures.trace_mask_mod(mod, BM, BN)
+            np.testing.assert_array_equal(
+                jnp.broadcast_to(program(consts, b, h, q_idx, kv_idx), (BM, BN)),
+                jnp.broadcast_to(mod(b, h, q_idx, kv_idx), (BM, BN)),
+            )
+
+
+CAPTURING = ["document_causal", "document_batched", "alibi_learned_slopes", "relative_bias_table"]
+
+
+@pytest.mark.parametrize("name", CAPTURING)
+def test_captured_arrays_read_through_refs(name):
+    args = _tile_args()
+    s, b, h, q_idx, kv_idx = args
+    for mod, kind in _mods(MOD_CASES_BY_NAME[name]):
+        trace = _captures.trace_score_mod if kind == "score" else _captures.trace_mask_mod
+        program, consts = trace(mod, BM, BN)
+        want = mod(*args) if kind == "score" else mod(b, h, q_idx, kv_idx)
+        got = _in_kernel(program, consts, args, kind == "score")
+        np.testing.assert_allclose(got, jnp.broadcast_to(want, (BM, BN)).astype(jnp.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_hoisted_work_scalar_consts_and_fill_mode():
+    table = jax.random.normal(jax.random.key(1), (H, 40), jnp.float32)
+    offset = jnp.int32(3)
+    weights = jnp.arange(5, dtype=jnp.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        doubled = (table * 2.0)[1]  # hoisted: computed outside the kernel
+        column = q_idx - kv_idx + offset  # partly out of range
+        bias = jnp.take(doubled, column, mode="fill", fill_value=-1.0)
+        extra = jnp.take(weights, kv_idx - 70, mode="fill", fill_value=0.5)  # out of range for most kv_idx
+        return score + bias + extra + offset.astype(jnp.float32)
+
+    program, consts = _captures.trace_score_mod(score_mod, BM, BN)
+    assert {c.shape for c in consts} == {(), (5,), (40,)}  # the table * 2 row is hoisted, not the table
+    args = _tile_args()
+    np.testing.assert_allclose(_in_kernel(program, consts, args, True), score_mod(*args), rtol=1e-6, atol=1e-6)
+
+
+def test_tracers_of_an_outer_jit():
+    s, b, h, q_idx, kv_idx = args = _tile_args()
+
+    @jax.jit
+    def run(table, ids):
+        score_mod = fa.relative_position_bias(table)
+        mask_mod = fa.document_mask(ids)
+        score_program, score_consts = _captures.trace_score_mod(score_mod, BM, BN)
+        mask_program, mask_consts = _captures.trace_mask_mod(mask_mod, BM, BN)
+        scores = _in_kernel(score_program, score_consts, args, True)
+        allowed = _in_kernel(mask_program, mask_consts, args, False)
+        return jnp.where(allowed > 0, scores, 0.0)
+
+    table = jax.random.normal(jax.random.key(2), (H, 17), jnp.float32)
+    ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, L)), jnp.int32)
+    want_scores = fa.relative_position_bias(table)(s, b, h, q_idx, kv_idx)
+    want = jnp.where(fa.document_mask(ids)(b, h, q_idx, kv_idx), want_scores, 0.0)
+    np.testing.assert_allclose(run(table, ids), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["relative_bias_table", "alibi_learned_slopes"])
+def test_vjp_accumulates_const_gradients(name):
+    """Cotangents of gathered values are scattered with addupdate; repeated indices (one table column read by many
+    positions) must add up."""
+    _, score_mod = MOD_CASES_BY_NAME[name].build(B, H, L, S, 0)
+    program, consts = _captures.trace_score_mod(score_mod, BM, BN)
+    (const,) = consts
+    s, b, h, q_idx, kv_idx = _tile_args()
+    d_out = jax.random.normal(jax.random.key(5), (BM, BN), jnp.float32)
+
+    def kernel(const_ref, s_ref, d_out_ref, grad_in_ref, out_ref, d_s_ref, grad_ref):
+        del grad_in_ref  # aliased to grad_ref, which starts at zero
+        tile_q = jnp.minimum(Q_START + lax.broadcasted_iota(jnp.int32, (BM, 1), 0), L - 1)
+        tile_kv = jnp.minimum(KV_START + lax.broadcasted_iota(jnp.int32, (1, BN), 1), S - 1)
+        args = (jnp.int32(B_AT), jnp.int32(H_AT), tile_q, tile_kv)
+        out, pullback = program.vjp([const_ref], s_ref[...], *args)
+        out_ref[...] = out
+        d_s_ref[...] = pullback(d_out_ref[...], [grad_ref])
+
+    out, d_s, d_const = pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct((BM, BN), jnp.float32),
+            jax.ShapeDtypeStruct((BM, BN), jnp.float32),
+            jax.ShapeDtypeStruct(const.shape, jnp.float32),
+        ),
+        input_output_aliases={3: 2},
+        interpret=True,
+    )(const, s, d_out, jnp.zeros(const.shape, jnp.float32))
+
+    def direct(score, c):
+        return program([c], score, b, h, q_idx, kv_idx)
+
+    want_out, vjp_fn = jax.vjp(direct, s, const)
+    want_d_s, want_d_const = vjp_fn(d_out)
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_s, want_d_s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_const, want_d_const, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(want_d_const)).sum() > 0
+
+
+def test_differentiable_marks_floating_consts():
+    mask_mod = fa.document_mask(jnp.zeros((L,), jnp.int32))
+    assert _captures.trace_mask_mod(mask_mod, BM, BN)[0].differentiable == (False,)
+    score_mod = fa.alibi_bias(jnp.ones((H,), jnp.float32))
+    assert _captures.trace_score_mod(score_mod, BM, BN)[0].differentiable == (True,)
+
+
+def test_errors_name_the_mod_and_the_fix():
+    def indexes_computed_array(score, b, h, q_idx, kv_idx):
+        return score + jnp.arange(8, dtype=jnp.float32)[h]
+
+    with pytest.raises(ValueError, match="indexes_computed_array.*close over it"):
+        _captures.trace_score_mod(indexes_computed_array, BM, BN)
+
+    table = jnp.ones((H, 17), jnp.float32)
+
+    def indexes_twice(score, b, h, q_idx, kv_idx):
+        return score + table[h][jnp.clip(q_idx - kv_idx, 0, 16)]
+
+    with pytest.raises(ValueError, match="indexes_twice.*one indexing expression"):
+        _captures.trace_score_mod(indexes_twice, BM, BN)
+
+    flags = jnp.array([True, False])
+
+    def captured_in_cond(b, h, q_idx, kv_idx):
+        return lax.cond(h > 0, lambda f: f[0] & (q_idx >= kv_idx), lambda f: f[1] | (q_idx >= kv_idx), flags)
+
+    with pytest.raises(ValueError, match="captured_in_cond.*control flow"):
+        _captures.trace_mask_mod(captured_in_cond, BM, BN)
+
+    def returns_int(b, h, q_idx, kv_idx):
+        return q_idx - kv_idx
+
+    with pytest.raises(TypeError, match=r"mask_mod 'returns_int' must return a boolean.*int32\[32, 16\]"):
+        _captures.trace_mask_mod(returns_int, BM, BN)
+
+    def wrong_shape(score, b, h, q_idx, kv_idx):
+        return jnp.zeros((3,), jnp.float32)
+
+    with pytest.raises(TypeError, match=r"score_mod 'wrong_shape'.*float32\[3\]"):
+        _captures.trace_score_mod(wrong_shape, BM, BN)
