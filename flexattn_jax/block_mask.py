@@ -363,8 +363,12 @@ def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
         )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _block_maps_from_mask_mod(mask_mod, B, H, q_len, kv_len, q_block, kv_block):
-    """Evaluates mask_mod block row by block row; returns (any, all) maps [B, H, QB, KVB]."""
+    """Evaluates mask_mod block row by block row; returns (any, all) maps [B, H, QB, KVB].
+
+    Compiled once per (mask_mod, sizes): calling create_block_mask again with the same mask_mod reuses it.
+    """
     num_q_blocks, num_kv_blocks = _cdiv(q_len, q_block), _cdiv(kv_len, kv_block)
     padded_kv = num_kv_blocks * kv_block
     kv_idx = jnp.arange(padded_kv, dtype=jnp.int32)
