@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from flexattn_jax import _validation
-from flexattn_jax.backends import reference
+from flexattn_jax.backends import pallas_triton, reference
 from flexattn_jax.block_mask import BlockMask, noop_mask
 from flexattn_jax.mods import identity
 
 __all__ = ["flex_attention", "IMPLEMENTATIONS"]
 
 # Every value `implementation=` accepts; None picks the best one available for the platform and inputs.
-IMPLEMENTATIONS = ("reference",)
+IMPLEMENTATIONS = ("reference", "pallas_triton")
 
 
 def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
@@ -25,12 +25,33 @@ def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
     return BlockMask.from_block_maps(~one, one, BLOCK_SIZE=(q_len, kv_len), seq_lengths=(q_len, kv_len))
 
 
-def _choose_implementation(implementation: str | None, interpret: bool) -> str:
-    if implementation is None:
-        return "reference"
-    if implementation not in IMPLEMENTATIONS:
+def _choose_implementation(implementation, interpret, query, key, value, block_mask, kernel_options) -> str:
+    """The implementation to run, decided from the platform and the inputs alone (never by trying one)."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
+    if implementation == "reference":
+        return "reference"
+    on_gpu = jax.default_backend() == "gpu"
+    if implementation is None and not (on_gpu or interpret):
+        return "reference"
+    reason = pallas_triton.unsupported_reason(
+        query,
+        key,
+        value,
+        block_size=block_mask.BLOCK_SIZE,
+        num_blocks=block_mask.num_blocks,
+        kernel_options=kernel_options,
+    )
+    if implementation is None:
+        return "pallas_triton" if reason is None else "reference"
+    if reason is not None:
+        raise ValueError(f"implementation='pallas_triton' cannot serve these inputs: {reason}")
+    if not (on_gpu or interpret):
+        raise ValueError(
+            f"implementation='pallas_triton' needs a CUDA GPU, but the default backend is {jax.default_backend()!r}; "
+            "pass interpret=True to run it in interpret mode on the CPU"
+        )
+    return "pallas_triton"
 
 
 def flex_attention(
@@ -57,7 +78,8 @@ def flex_attention(
       scale: multiplies q.k before score_mod; defaults to 1 / sqrt(E).
       enable_gqa: allow Hq to be a multiple of Hkv (query head h reads key/value head h // (Hq // Hkv)).
       return_lse: also return the log-sum-exp of the (modified) scores.
-      implementation: None for the best available, or one of ``IMPLEMENTATIONS``.
+      implementation: None for the best available (``"pallas_triton"`` on a GPU, or with ``interpret=True``, when it
+        supports the inputs; else ``"reference"``), or one of ``IMPLEMENTATIONS``.
       interpret: run a Pallas implementation in interpret mode (on the CPU).
       kernel_options: kernel tunables (tile sizes, warps, stages); the reference ignores them.
 
@@ -86,8 +108,29 @@ def flex_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
 
-    implementation = _choose_implementation(implementation, interpret)
+    implementation = _choose_implementation(implementation, interpret, query, key, value, block_mask, kernel_options)
     mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
+    if implementation == "pallas_triton":
+        out, lse = pallas_triton.attention(
+            query,
+            key,
+            value,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            kv_num_blocks=block_mask.kv_num_blocks,
+            kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks,
+            full_kv_indices=block_mask.full_kv_indices,
+            q_num_blocks=block_mask.q_num_blocks,
+            q_indices=block_mask.q_indices,
+            full_q_num_blocks=block_mask.full_q_num_blocks,
+            full_q_indices=block_mask.full_q_indices,
+            block_size=block_mask.BLOCK_SIZE,
+            scale=float(scale),
+            kernel_options=kernel_options,
+            interpret=interpret,
+        )
+        return (out, lse) if return_lse else out
     partial_blocks, full_blocks = block_mask.block_maps()
     out, lse = reference.attention(
         query,

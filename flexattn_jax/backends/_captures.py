@@ -49,7 +49,14 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-__all__ = ["ModProgram", "trace_mod", "trace_score_mod", "trace_mask_mod", "tile_avals"]
+__all__ = [
+    "ModProgram",
+    "trace_mod",
+    "trace_score_mod",
+    "trace_mask_mod",
+    "trace_for_tiles",
+    "tile_avals",
+]
 
 # Primitives whose body is inlined by the interpreter (so that reads of captured arrays inside them become ref loads),
 # mapped to the parameter holding the body.
@@ -519,3 +526,24 @@ def _check_out(program: ModProgram, block_m: int, block_n: int, floating: bool) 
             f"q_idx [{block_m}, 1] and kv_idx [1, {block_n}], got {jnp.dtype(out.dtype).name}{list(out.shape)}; "
             "write it with broadcasting jnp operations"
         )
+
+
+def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, int]], *, score: bool):
+    """Traces one mod for several tile shapes (forward and backward kernels) with one set of consts.
+
+    The work hoisted out of the kernel does not depend on the tile shape, so every tracing hoists the same arrays;
+    the first tracing's consts serve all programs (pass them once, e.g. as a ``custom_vjp``'s primal inputs).
+
+    Returns:
+      ``(programs, consts)``: one ModProgram per tile shape, in order, and the shared consts.
+    """
+    trace = trace_score_mod if score else trace_mask_mod
+    programs, consts = [], None
+    for block_m, block_n in tiles:
+        program, these = trace(mod, block_m, block_n)
+        if consts is None:
+            consts = these
+        # Same structure for every tile shape; a mod whose captured work depended on it would be caught here.
+        assert program.const_avals == programs[0].const_avals if programs else True, (program.name, tiles)
+        programs.append(program)
+    return tuple(programs), consts

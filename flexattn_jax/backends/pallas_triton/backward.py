@@ -1,0 +1,591 @@
+"""The backward kernels (Pallas, Triton lowering): dK/dV walking the q-side block lists, dQ the kv-side ones.
+
+For one (batch b, query head h), on a tile of queries q_idx [BM, 1] and keys kv_idx [1, BN], with the forward's
+lse (natural log; the caller turns the -inf of a row that attends nowhere into +inf, so that its P is 0):
+
+    s   = scale * Q K^T
+    m   = score_mod(s, b, h, q_idx, kv_idx)
+    P   = exp(m - lse)                    where the position is allowed, else exactly 0
+    dP  = dO V^T
+    dM  = P * (dP - delta)                delta = rowsum(dO * O) - dlse (the caller folds the lse cotangent in)
+    dS  = (dm / ds)^T dM                  JAX autodiff of the score_mod traced on the tile
+    dQ  = scale * dS K                    dK = scale * dS^T Q,    dV = P^T dO
+    d(captured array) = (dm / d array)^T dM, added into float32 buffers (in the dQ kernel only)
+
+Two kernels, as in FlashAttention-2 (Dao, 2023, Algorithm 2), so that dQ, dK and dV are each written by exactly one
+program and need no atomics:
+
+* **dK/dV**, gridded over (batch, key/value head, key tile). The program holds one tile of K and V and, for each
+  query head of its group (GQA sums the group here, K and V are never repeated), walks the query blocks that visit
+  its key block: the partial ones (``q_num_blocks`` / ``q_indices``, mask_mod applied) and the full ones
+  (``full_q_num_blocks`` / ``full_q_indices``, no mask_mod).
+* **dQ**, gridded over (batch, query head, query tile), walks the key blocks of its query block
+  (``kv_num_blocks`` / ``kv_indices`` and the full pair) and adds the gradients of the arrays the score_mod closes
+  over (a learned bias table, learned ALiBi slopes) into float32 buffers with ``jax.ref.addupdate``, an atomic add on
+  the GPU. Arrays the mask_mod closes over (document ids) get no gradient and cost nothing.
+
+A kernel tile lies inside one BlockMask block: the mask's block sizes are multiples of the tiles, so each mask block
+is walked as ``block // tile`` consecutive sub-tiles. The caller pads the sequences to whole mask blocks and the head
+dims to powers of two; positions past the true lengths are masked by bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends.pallas_triton import _tile
+
+__all__ = [
+    "BACKWARD_KEYS",
+    "BackwardConfig",
+    "BlockLists",
+    "Mods",
+    "Tiling",
+    "backward_config",
+    "check_backward_options",
+    "default_backward_config",
+    "dkdv",
+    "dq",
+]
+
+# ------------------------------------------------------------------------------------------- configuration
+
+# kernel_options keys of the backward (PyTorch's names for the tiles): BLOCK_M1 / BLOCK_N1 are the query / key tiles
+# of the dK/dV kernel, BLOCK_M2 / BLOCK_N2 those of the dQ kernel.
+_TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages")
+MIN_TILE = 16  # 8 x 8 tiles lower without complaint and give wrong results on an H100
+MAX_TILE = 256
+_WARPS = (1, 2, 4, 8, 16)
+_MAX_STAGES = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BackwardConfig:
+    """Static launch configuration of the two backward kernels.
+
+    Attributes:
+      block_m1, block_n1: query and key tiles of the dK/dV kernel (it owns a key tile and walks query tiles).
+      block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
+      num_warps, num_stages: Triton's launch parameters, shared by both kernels.
+    """
+
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+
+
+def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
+    """Defaults for a (power-of-two padded) head dim and an input dtype.
+
+    The owned tile is the long one (128 keys for dK/dV, 128 queries for dQ) and the walked tile short, as in
+    FlashAttention-2's backward: the owned tile's two float32 accumulators stay in registers. float32 dots run at
+    full precision and take twice the memory per element, so their tiles are halved.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        if head_dim <= 128:
+            return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=4, num_stages=1)
+        return BackwardConfig(block_m1=16, block_n1=32, block_m2=32, block_n2=16, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return BackwardConfig(block_m1=64, block_n1=128, block_m2=128, block_n2=64, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return BackwardConfig(block_m1=64, block_n1=128, block_m2=128, block_n2=64, num_warps=8, num_stages=2)
+    return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=8, num_stages=1)
+
+
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
+    """Validates the backward's keys of ``kernel_options`` (the others belong to other kernels); returns them.
+
+    Raises:
+      ValueError/TypeError naming the key: an unknown ``bwd_*`` key, a non-int value, a tile that is not a power of
+      two from 16 to 256, warps not in (1, 2, 4, 8, 16), stages not from 1 to 8.
+    """
+    if kernel_options is None:
+        return {}
+    options = {}
+    for key, value in kernel_options.items():
+        if not isinstance(key, str) or not (key in _TILE_KEYS or key.startswith("bwd_")):
+            continue
+        if key not in BACKWARD_KEYS:
+            raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
+        if key in _TILE_KEYS and not (_is_power_of_two(value) and MIN_TILE <= value <= MAX_TILE):
+            raise ValueError(
+                f"kernel_options[{key!r}] must be a power of two from {MIN_TILE} to {MAX_TILE}, got {value} "
+                f"(tiles under {MIN_TILE} give wrong results on the GPU)"
+            )
+        if key == "bwd_num_warps" and value not in _WARPS:
+            raise ValueError(f"kernel_options['bwd_num_warps'] must be one of {_WARPS}, got {value}")
+        if key == "bwd_num_stages" and not 1 <= value <= _MAX_STAGES:
+            raise ValueError(f"kernel_options['bwd_num_stages'] must be from 1 to {_MAX_STAGES}, got {value}")
+        options[key] = value
+    return options
+
+
+def _fit_tile(key: str, options, default: int, length: int, mask_block: int, mask_blocks: int, axis: str) -> int:
+    """The tile for one axis: ``options[key]`` if given (it must divide the mask block), else the largest power of
+    two <= default, not much longer than the sequence, dividing the mask block. One mask block along the axis
+    imposes nothing (the kernel walks the padded length as that block)."""
+    if key in options:
+        tile = options[key]
+        if mask_blocks > 1 and mask_block % tile:
+            raise ValueError(
+                f"kernel_options[{key!r}] = {tile} does not divide the BlockMask's {axis} block size {mask_block}; "
+                f"use a power of two dividing it, or build the mask with a BLOCK_SIZE that is a multiple of {tile}"
+            )
+        return tile
+    tile = max(MIN_TILE, min(default, _next_power_of_two(length)))
+    if mask_blocks > 1:
+        while tile >= MIN_TILE and mask_block % tile:
+            tile //= 2
+        if tile < MIN_TILE:
+            raise ValueError(
+                f"the BlockMask's {axis} block size {mask_block} is not a multiple of {MIN_TILE}; the pallas_triton "
+                f"kernels need tiles of at least {MIN_TILE} rows dividing it (build the mask with BLOCK_SIZE a "
+                "multiple of 16, e.g. the default 128)"
+            )
+    return tile
+
+
+def backward_config(
+    kernel_options: Mapping[str, Any] | None,
+    *,
+    head_dim: int,
+    dtype,
+    q_len: int,
+    kv_len: int,
+    mask_block_size: tuple[int, int],
+    mask_num_blocks: tuple[int, int],
+) -> BackwardConfig:
+    """The backward's config: defaults for the head dim and dtype, overridden by ``kernel_options``, fitted to the
+    lengths and the mask's blocks. Raises ValueError/TypeError for bad options or tiles that cannot fit."""
+    options = check_backward_options(kernel_options)
+    default = default_backward_config(head_dim, dtype)
+    q_axis = (q_len, mask_block_size[0], mask_num_blocks[0], "query")
+    kv_axis = (kv_len, mask_block_size[1], mask_num_blocks[1], "key")
+    return BackwardConfig(
+        block_m1=_fit_tile("BLOCK_M1", options, default.block_m1, *q_axis),
+        block_n1=_fit_tile("BLOCK_N1", options, default.block_n1, *kv_axis),
+        block_m2=_fit_tile("BLOCK_M2", options, default.block_m2, *q_axis),
+        block_n2=_fit_tile("BLOCK_N2", options, default.block_n2, *kv_axis),
+        num_warps=options.get("bwd_num_warps", default.num_warps),
+        num_stages=options.get("bwd_num_stages", default.num_stages),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static sizes of one backward kernel.
+
+    Attributes:
+      block_m, block_n: the query and key tile sizes of the kernel (powers of two, at least 16).
+      q_block, kv_block: the BlockMask's block sizes, multiples of block_m and block_n; where the mask has a single
+        block along an axis, the padded length instead (the one block covers it).
+      q_len, kv_len: the true sequence lengths (the arrays are padded to whole blocks).
+      scale: multiplies q.k before the score_mod.
+      num_warps, num_stages: Triton's launch parameters.
+    """
+
+    block_m: int
+    block_n: int
+    q_block: int
+    kv_block: int
+    q_len: int
+    kv_len: int
+    scale: float
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        assert self.q_block % self.block_m == 0 and self.kv_block % self.block_n == 0, self
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["num", "indices", "full_num", "full_indices"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class BlockLists:
+    """One direction of the BlockMask's index arrays, as the kernel walking it needs them.
+
+    ``num`` is int32 [Bm, Hm, R] and ``indices`` int32 [Bm, Hm, R, C]: row r lists the blocks visited, the first
+    ``num[..., r]`` entries counting. The full pair may be None (no full blocks). Bm is 1 or the batch, Hm 1 or the
+    number of query heads.
+    """
+
+    num: jax.Array
+    indices: jax.Array
+    full_num: jax.Array | None
+    full_indices: jax.Array | None
+
+    def arrays(self) -> tuple[jax.Array, ...]:
+        """The arrays present, in order (the full pair left out when None)."""
+        full = () if self.full_num is None else (self.full_num, self.full_indices)
+        return (self.num, self.indices, *full)
+
+    def arrays_with_none(self) -> tuple[jax.Array | None, ...]:
+        return (self.num, self.indices, self.full_num, self.full_indices)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mods:
+    """The mods traced for one kernel's tiles (static), and the arrays they close over (their refs' contents)."""
+
+    score: ModProgram
+    score_consts: tuple[jax.Array, ...]
+    mask: ModProgram
+    mask_consts: tuple[jax.Array, ...]
+
+
+# ------------------------------------------------------------------------------------------------ one tile
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    """a . b contracting the given axes, float32 accumulation (IEEE float32 for float32 inputs, not TF32)."""
+    return lax.dot_general(
+        a,
+        b,
+        (((contract_a,), (contract_b,)), ((), ())),
+        precision=_tile.dot_precision(a.dtype),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _is_identity(program: ModProgram) -> bool:
+    """Whether a traced score_mod returns its score unchanged (no work, and a gradient of one)."""
+    jaxpr = program.jaxpr
+    return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[program.num_consts]
+
+
+def _sum_to_shape(x, shape):
+    """Sums x [BM, BN] down to ``shape``, which broadcasts to it: the adjoint of broadcasting."""
+    if len(shape) < x.ndim:
+        x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
+    axes = tuple(d for d, (n, m) in enumerate(zip(x.shape, shape)) if m == 1 and n != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _score_gradient_tile(
+    q, k, v, d_out, lse2, delta, b, h, q_idx, kv_idx, *, score, score_refs, mask, mask_refs, masked, tiling,
+    score_grad_refs,
+):
+    """P and dS of one tile (both [BM, BN] float32); zero wherever the position is not allowed.
+
+    ``masked`` (static): apply mask_mod (a partial block); a full block skips it. Bounds are checked only where a
+    length is not a whole number of walked blocks. ``score_grad_refs``: float32 refs receiving the cotangents of
+    the score_mod's floating captured arrays (None entries, or None, skip them).
+    """
+    shape = (q.shape[0], k.shape[0])
+    # Positions past the ends (padding) are masked by bounds; the mods only ever see in-range indices, as in the
+    # forward, so a mod that is undefined out of range cannot put NaN into a gradient.
+    padded_q = tiling.q_len % tiling.q_block != 0
+    padded_kv = tiling.kv_len % tiling.kv_block != 0
+    mod_q = jnp.minimum(q_idx, tiling.q_len - 1) if padded_q else q_idx
+    mod_kv = jnp.minimum(kv_idx, tiling.kv_len - 1) if padded_kv else kv_idx
+    allowed = _tile.allowed_tile(mask, mask_refs, b, h, mod_q, mod_kv, is_full_block=not masked)
+    if padded_q or padded_kv:
+        in_bounds = jnp.broadcast_to((q_idx < tiling.q_len) & (kv_idx < tiling.kv_len), shape)
+        allowed = in_bounds if allowed is None else allowed & in_bounds
+
+    # P = exp(m - lse) = exp2(m * LOG2_E - lse2): exp2 is one fast GPU instruction, and the caller passes lse2.
+    if _is_identity(score):
+        pullback = None
+        p = jnp.exp2(_dot(q, k, 1, 1) * jnp.float32(tiling.scale * _tile.LOG2_E) - lse2[:, None])
+    else:
+        m, pullback = score.vjp(score_refs, _tile.score_tile(q, k, tiling.scale), b, h, mod_q, mod_kv)
+        m_shape, m_dtype = m.shape, m.dtype
+        p = jnp.exp2(jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_tile.LOG2_E) - lse2[:, None])
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+
+    dp = _dot(d_out, v, 1, 1)
+    dm = p * (dp - delta[:, None])
+    if pullback is None:
+        return p, dm
+    grad_refs = score_grad_refs if score_grad_refs is not None else [None] * score.num_consts
+    ds = pullback(_sum_to_shape(dm, m_shape).astype(m_dtype), grad_refs)
+    ds = jnp.broadcast_to(ds.astype(jnp.float32), shape)
+    if allowed is not None:
+        # The score_mod's derivative may be infinite where it was never used (sqrt at 0): 0 * inf must stay 0.
+        ds = jnp.where(allowed, ds, 0.0)
+    return p, ds
+
+
+def _walk(num_ref, indices_ref, row: tuple, block: int, tile: int, body, carry):
+    """Runs ``body(start, carry)`` over the tiles of every block listed in ``num_ref[row]`` / ``indices_ref[row]``
+    (``row`` a tuple of indices); each block of ``block`` positions is ``block // tile`` consecutive tiles."""
+    sub_tiles = block // tile
+    count = num_ref[row] * sub_tiles
+
+    def step(t, carry):
+        if sub_tiles == 1:
+            start = indices_ref[(*row, t)] * block
+        else:
+            start = indices_ref[(*row, lax.div(t, sub_tiles))] * block + lax.rem(t, sub_tiles) * tile
+        return body(pl.multiple_of(start, tile), carry)
+
+    return lax.fori_loop(0, count, step, carry)
+
+
+def _split_refs(refs, counts: Sequence[int]):
+    """The kernel's refs cut into consecutive groups of the given sizes."""
+    out, i = [], 0
+    for n in counts:
+        out.append(refs[i : i + n])
+        i += n
+    return out
+
+
+# --------------------------------------------------------------------------------------------- dK and dV
+
+
+def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, counts):
+    score, mask = mods_static
+    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(
+        refs, counts
+    )
+    b, kv_head, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bm, bn = tiling.block_m, tiling.block_n
+    kv_start = j * bn
+    kv_block = lax.div(kv_start, tiling.kv_block)
+    k = k_ref[...]
+    v = v_ref[...]
+
+    def for_head(g, carry):
+        h = kv_head * group + g
+        row = g if mask_per_head else 0
+
+        def visit(masked):
+            def body(q_start, carry):
+                dk, dv = carry
+                rows = pl.ds(q_start, bm)
+                q = q_ref[g, rows, :]
+                d_out = do_ref[g, rows, :]
+                q_idx, kv_idx = _tile.index_tiles(q_start, kv_start, bm, bn)
+                p, ds = _score_gradient_tile(
+                    q, k, v, d_out, lse2_ref[g, rows], delta_ref[g, rows], b, h, q_idx, kv_idx,
+                    score=score, score_refs=score_refs, mask=mask, mask_refs=mask_refs, masked=masked,
+                    tiling=tiling, score_grad_refs=None,
+                )
+                dv = dv + _dot(p.astype(d_out.dtype), d_out, 0, 0)
+                dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+                return dk, dv
+
+            return body
+
+        carry = _walk(lists[0], lists[1], (row, kv_block), tiling.q_block, bm, visit(True), carry)
+        if has_full:
+            carry = _walk(lists[2], lists[3], (row, kv_block), tiling.q_block, bm, visit(False), carry)
+        return carry
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if group == 1:
+        dk, dv = for_head(0, carry)
+    else:
+        dk, dv = lax.fori_loop(0, group, for_head, carry)
+    dk_ref[...] = (dk * tiling.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: Tiling, *, interpret: bool):
+    """dK and dV (in k's and v's dtypes) from the padded inputs.
+
+    Args:
+      q: [B, Hq, Lp, E]; k: [B, Hkv, Sp, E]; v: [B, Hkv, Sp, Ev]; d_out: [B, Hq, Lp, Ev]. Lp and Sp are whole
+        numbers of walked blocks, E and Ev powers of two.
+      lse2: [B, Hq, Lp] float32, the forward's lse in base 2 (lse * LOG2_E), +inf where a row attends nowhere.
+      delta: [B, Hq, Lp] float32, rowsum(dO * O) - dlse.
+      q_lists: the q-side block lists (``q_num_blocks`` ... ``full_q_indices``).
+      mods: the mods traced for [block_m, block_n] tiles.
+    """
+    batch, q_heads, q_padded, e = q.shape
+    kv_heads, kv_padded, ev = k.shape[1], k.shape[2], v.shape[3]
+    group = q_heads // kv_heads
+    mask_batch, mask_heads = q_lists.num.shape[:2]
+    mask_per_head = mask_heads > 1
+    mask_group = group if mask_per_head else 1
+    bn = tiling.block_n
+
+    def list_index(b, hk, *rest):
+        return (b if mask_batch > 1 else 0, hk if mask_per_head else 0, *rest)
+
+    num_spec = pl.BlockSpec((None, mask_group, q_lists.num.shape[2]), lambda b, hk, j: list_index(b, hk, 0))
+    indices_spec = pl.BlockSpec(
+        (None, mask_group, *q_lists.indices.shape[2:]), lambda b, hk, j: list_index(b, hk, 0, 0)
+    )
+    has_full = q_lists.full_num is not None
+    list_specs = [num_spec, indices_spec] * (2 if has_full else 1)
+    in_specs = [
+        pl.BlockSpec((None, group, q_padded, e), lambda b, hk, j: (b, hk, 0, 0)),
+        pl.BlockSpec((None, None, bn, e), lambda b, hk, j: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bn, ev), lambda b, hk, j: (b, hk, j, 0)),
+        pl.BlockSpec((None, group, q_padded, ev), lambda b, hk, j: (b, hk, 0, 0)),
+        pl.BlockSpec((None, group, q_padded), lambda b, hk, j: (b, hk, 0)),
+        pl.BlockSpec((None, group, q_padded), lambda b, hk, j: (b, hk, 0)),
+        *list_specs,
+        *[pl.no_block_spec] * (len(mods.score_consts) + len(mods.mask_consts)),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, bn, e), lambda b, hk, j: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bn, ev), lambda b, hk, j: (b, hk, j, 0)),
+    ]
+    lists = q_lists.arrays()
+    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), 2)
+    kernel = functools.partial(
+        _dkdv_kernel,
+        mods_static=(mods.score, mods.mask),
+        tiling=tiling,
+        group=group,
+        has_full=has_full,
+        mask_per_head=mask_per_head,
+        counts=counts,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, kv_padded // bn),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="flex_attention_dkdv",
+    )(q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts)
+
+
+# ---------------------------------------------------------------------------------------------------- dQ
+
+
+def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_slots):
+    score, mask = mods_static
+    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, _zeros, outs = _split_refs(
+        refs, counts
+    )
+    dq_ref, grad_refs = outs[0], outs[1:]
+    # One gradient ref per score const: the buffer of a floating const that needs its gradient, else None.
+    score_grad_refs = [None if slot is None else grad_refs[slot] for slot in grad_slots]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bm, bn = tiling.block_m, tiling.block_n
+    q_start = i * bm
+    q_block = lax.div(q_start, tiling.q_block)
+    q = q_ref[...]
+    d_out = do_ref[...]
+    lse2 = lse2_ref[...]
+    delta = delta_ref[...]
+
+    def visit(masked):
+        def body(kv_start, dq):
+            cols = pl.ds(kv_start, bn)
+            k = k_ref[cols, :]
+            q_idx, kv_idx = _tile.index_tiles(q_start, kv_start, bm, bn)
+            _, ds = _score_gradient_tile(
+                q, k, v_ref[cols, :], d_out, lse2, delta, b, h, q_idx, kv_idx,
+                score=score, score_refs=score_refs, mask=mask, mask_refs=mask_refs, masked=masked,
+                tiling=tiling, score_grad_refs=score_grad_refs,
+            )
+            return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+        return body
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = _walk(lists[0], lists[1], (q_block,), tiling.kv_block, bn, visit(True), dq)
+    if has_full:
+        dq = _walk(lists[2], lists[3], (q_block,), tiling.kv_block, bn, visit(False), dq)
+    dq_ref[...] = (dq * tiling.scale).astype(dq_ref.dtype)
+
+
+def dq(
+    q, k, v, d_out, lse2, delta, kv_lists: BlockLists, mods: Mods, tiling: Tiling, *, grad_consts: Sequence[bool],
+    interpret: bool,
+):
+    """dQ (in q's dtype) from the padded inputs, and the float32 gradients of the score_mod's captured arrays.
+
+    Args:
+      q, k, v, d_out, lse2, delta: as for ``dkdv``.
+      kv_lists: the kv-side block lists (``kv_num_blocks`` ... ``full_kv_indices``).
+      mods: the mods traced for [block_m, block_n] tiles.
+      grad_consts: for each of ``mods.score_consts``, whether its gradient is wanted (it must be floating).
+
+    Returns:
+      (dq, grads): grads has one float32 array per score const, of its shape, or None where not wanted.
+    """
+    batch, q_heads, q_padded, e = q.shape
+    kv_heads, kv_padded, ev = k.shape[1], k.shape[2], v.shape[3]
+    group = q_heads // kv_heads
+    mask_batch, mask_heads = kv_lists.num.shape[:2]
+    bm = tiling.block_m
+
+    def list_index(b, h, *rest):
+        return (b if mask_batch > 1 else 0, h if mask_heads > 1 else 0, *rest)
+
+    num_spec = pl.BlockSpec((None, None, kv_lists.num.shape[2]), lambda b, h, i: list_index(b, h, 0))
+    indices_spec = pl.BlockSpec((None, None, *kv_lists.indices.shape[2:]), lambda b, h, i: list_index(b, h, 0, 0))
+    has_full = kv_lists.full_num is not None
+    lists = kv_lists.arrays()
+
+    wanted = [c for c, want in zip(mods.score_consts, grad_consts) if want]
+    grad_slots, slot = [], 0
+    for want in grad_consts:
+        grad_slots.append(slot if want else None)
+        slot += bool(want)
+    zeros = [jnp.zeros(c.shape, jnp.float32) for c in wanted]
+
+    in_specs = [
+        pl.BlockSpec((None, None, bm, e), lambda b, h, i: (b, h, i, 0)),
+        pl.BlockSpec((None, None, kv_padded, e), lambda b, h, i: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, kv_padded, ev), lambda b, h, i: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, bm, ev), lambda b, h, i: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bm), lambda b, h, i: (b, h, i)),
+        pl.BlockSpec((None, None, bm), lambda b, h, i: (b, h, i)),
+        *[num_spec, indices_spec] * (2 if has_full else 1),
+        *[pl.no_block_spec] * (len(mods.score_consts) + len(mods.mask_consts) + len(zeros)),
+    ]
+    out_specs = [pl.BlockSpec((None, None, bm, e), lambda b, h, i: (b, h, i, 0)), *[pl.no_block_spec] * len(zeros)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), *[jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros]]
+    inputs = (q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts, *zeros)
+    first_zero = len(inputs) - len(zeros)
+    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), len(zeros), 1 + len(zeros))
+    kernel = functools.partial(
+        _dq_kernel,
+        mods_static=(mods.score, mods.mask),
+        tiling=tiling,
+        has_full=has_full,
+        counts=counts,
+        grad_slots=tuple(grad_slots),
+    )
+    dq_out, *grads = pl.pallas_call(
+        kernel,
+        grid=(batch, q_heads, q_padded // bm),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        # The gradient buffers start as the zeros passed in, and every program adds into them.
+        input_output_aliases={first_zero + n: 1 + n for n in range(len(zeros))},
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=interpret,
+        name="flex_attention_dq",
+    )(*inputs)
+    grads = iter(grads)
+    return dq_out, [next(grads) if want else None for want in grad_consts]

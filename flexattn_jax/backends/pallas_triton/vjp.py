@@ -1,0 +1,266 @@
+"""flex attention on the Pallas Triton kernels, differentiable: a ``jax.custom_vjp`` whose forward is the forward
+kernel and whose backward runs the dK/dV and dQ kernels of ``backward.py``.
+
+The mods are traced here, in the caller's trace, for the tile shape of each kernel (forward, dK/dV, dQ), with one
+set of hoisted arrays shared by all three. Those arrays enter the ``custom_vjp`` as primal inputs, so JAX's own
+autodiff carries their gradients on to the user's arrays (through any work hoisted out of the kernel, such as
+``table * 2``). With ``symbolic_zeros`` the rule knows which inputs are being differentiated: the gradient of an
+array the score_mod closes over is computed only when it is floating and differentiated; the mask_mod's arrays (a
+mask is piecewise constant) and the BlockMask's index arrays get none, and cost nothing.
+
+The forward keeps (q, k, v, out, lse) and the hoisted arrays; nothing of size L x S is saved or built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
+
+from flexattn_jax.backends import _captures
+from flexattn_jax.backends.pallas_triton import _tile, backward
+from flexattn_jax.backends.pallas_triton import config as config_lib
+from flexattn_jax.backends.pallas_triton.forward import flex_forward, padded_head_dim
+
+__all__ = ["attention"]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Python data carried through the residuals as pytree structure, not as arrays."""
+
+    value: Any
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The backward kernels' tilings and the padded sizes they run on (all static)."""
+
+    dkdv: backward.Tiling
+    dq: backward.Tiling
+    q_padded: int
+    kv_padded: int
+    head_dim: int
+    value_dim: int
+    interpret: bool
+
+
+def _padded_length(length: int, block: int, num_blocks: int, tiles) -> int:
+    """Whole mask blocks; or, for a single block, the length rounded up to the largest tile (tiles are powers of two,
+    so every tile divides it)."""
+    if num_blocks > 1:
+        return num_blocks * block
+    tile = max(tiles)
+    return -(-length // tile) * tile
+
+
+def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, num_blocks, scale, interpret) -> _Plan:
+    q_len = q_shape[2]
+    q_padded = _padded_length(q_len, block_size[0], num_blocks[0], (bwd.block_m1, bwd.block_m2))
+    kv_padded = _padded_length(kv_len, block_size[1], num_blocks[1], (bwd.block_n1, bwd.block_n2))
+    # The unit the kernels walk along each axis: the mask block, or the padded length where one block covers it.
+    q_block = block_size[0] if num_blocks[0] > 1 else q_padded
+    kv_block = block_size[1] if num_blocks[1] > 1 else kv_padded
+    common = dict(
+        q_block=q_block,
+        kv_block=kv_block,
+        q_len=q_len,
+        kv_len=kv_len,
+        scale=scale,
+        num_warps=bwd.num_warps,
+        num_stages=bwd.num_stages,
+    )
+    return _Plan(
+        dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, **common),
+        dq=backward.Tiling(block_m=bwd.block_m2, block_n=bwd.block_n2, **common),
+        q_padded=q_padded,
+        kv_padded=kv_padded,
+        head_dim=padded_head_dim(q_shape[3]),
+        value_dim=padded_head_dim(v_shape[3]),
+        interpret=interpret,
+    )
+
+
+def _backward(plan: _Plan, programs, residuals, cotangents, wanted):
+    """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted)."""
+    q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists = residuals
+    d_out, d_lse = cotangents
+    f32 = jnp.float32
+    if isinstance(d_out, SymbolicZero):
+        d_out = jnp.zeros(out.shape, out.dtype)
+    # dL/dm = P * (dO.v - dO.out + dlse): the lse cotangent only shifts delta.
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
+    if not isinstance(d_lse, SymbolicZero):
+        delta = delta - d_lse.astype(f32)
+    # The kernels take lse in base 2. A row that attends nowhere has lse -inf; +inf makes its P = exp(m - lse)
+    # exactly 0, never inf or NaN.
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * jnp.float32(_tile.LOG2_E))
+
+    q_len, e = q.shape[2:]
+    kv_len, ev = v.shape[2:]
+    q = _pad_axis(_pad_axis(q, 2, plan.q_padded), 3, plan.head_dim)
+    k = _pad_axis(_pad_axis(k, 2, plan.kv_padded), 3, plan.head_dim)
+    v = _pad_axis(_pad_axis(v, 2, plan.kv_padded), 3, plan.value_dim)
+    d_out = _pad_axis(_pad_axis(d_out.astype(q.dtype), 2, plan.q_padded), 3, plan.value_dim)
+    lse2 = _pad_axis(lse2, 2, plan.q_padded, jnp.inf)
+    delta = _pad_axis(delta, 2, plan.q_padded)
+
+    (_, dkdv_score, dq_score), (_, dkdv_mask, dq_mask) = programs
+    dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
+    dq_mods = backward.Mods(dq_score, score_consts, dq_mask, mask_consts)
+    dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
+    dq, grads = backward.dq(
+        q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
+    )
+    grads = tuple(None if g is None else g.astype(c.dtype) for g, c in zip(grads, score_consts))
+    return dq[:, :, :q_len, :e], dk[:, :, :kv_len, :e], dv[:, :, :kv_len, :ev], grads
+
+
+def _lists_to_map(num, indices, num_cols: int):
+    """(num [..., R], indices [..., R, C]) -> bool map [..., R, num_cols] of the listed blocks."""
+    positions = jax.lax.broadcasted_iota(jnp.int32, indices.shape, indices.ndim - 1)
+    listed = positions < num[..., None]
+    columns = jax.lax.broadcasted_iota(jnp.int32, (*indices.shape, num_cols), indices.ndim)
+    return jnp.any((indices[..., None] == columns) & listed[..., None], axis=-2)
+
+
+def _map_to_lists(block_map):
+    """bool map [..., R, C] -> (num [..., R], indices [..., R, C]): the set columns first, in increasing order."""
+    num = jnp.sum(block_map, axis=-1, dtype=jnp.int32)
+    indices = jnp.argsort(~block_map, axis=-1, stable=True).astype(jnp.int32)
+    return num, indices
+
+
+def _transpose(kv_lists: backward.BlockLists) -> backward.BlockLists:
+    """The q-side block lists (for each key block, the query blocks visiting it) of kv-side ones."""
+    num_kv_blocks = kv_lists.indices.shape[-1]
+
+    def transposed(num, indices):
+        return _map_to_lists(jnp.swapaxes(_lists_to_map(num, indices, num_kv_blocks), -1, -2))
+
+    num, indices = transposed(kv_lists.num, kv_lists.indices)
+    full_num = full_indices = None
+    if kv_lists.full_num is not None:
+        full_num, full_indices = transposed(kv_lists.full_num, kv_lists.full_indices)
+    return backward.BlockLists(num, indices, full_num, full_indices)
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    score_mod: Callable,
+    mask_mod: Callable,
+    kv_num_blocks: jax.Array,
+    kv_indices: jax.Array,
+    full_kv_num_blocks: jax.Array | None,
+    full_kv_indices: jax.Array | None,
+    q_num_blocks: jax.Array | None = None,
+    q_indices: jax.Array | None = None,
+    full_q_num_blocks: jax.Array | None = None,
+    full_q_indices: jax.Array | None = None,
+    block_size: tuple[int, int],
+    scale: float,
+    kernel_options: Mapping[str, Any] | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Differentiable flex attention on the Pallas Triton kernels.
+
+    Args:
+      query: [B, Hq, L, E]; key: [B, Hkv, S, E]; value: [B, Hkv, S, Ev]; one dtype; Hq a multiple of Hkv.
+      score_mod, mask_mod: the user's mods (they may close over arrays, also tracers of an outer transformation).
+      kv_num_blocks ... full_q_indices: the BlockMask's index arrays (see ``BlockMask``); the full pairs may be None.
+        The q-side ones (which the dK/dV kernel walks) are derived from the kv-side ones when not given.
+      block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
+      scale: multiplies q.k before score_mod.
+      kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
+        ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``) kernels.
+      interpret: run the kernels in interpret mode (on the CPU).
+
+    Returns:
+      out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32 (-inf where a query attends nowhere);
+      differentiable with respect to query, key, value and the floating arrays the score_mod closes over.
+
+    Raises:
+      ValueError/TypeError: bad ``kernel_options``, or tiles that cannot divide the BlockMask's blocks (raised
+        here, on the forward call, not when the gradient is first taken).
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    num_blocks = kv_indices.shape[-2:]
+    block_size = tuple(int(b) for b in block_size)
+    head_dim = padded_head_dim(query.shape[3])
+    sizes = dict(q_len=q_len, kv_len=kv_len, mask_block_size=block_size, mask_num_blocks=tuple(num_blocks))
+    fwd_config = config_lib.forward_config(kernel_options, head_dim=head_dim, dtype=query.dtype, **sizes)
+    bwd_config = backward.backward_config(kernel_options, head_dim=head_dim, dtype=query.dtype, **sizes)
+    plan = _plan(bwd_config, query.shape, value.shape, kv_len, block_size, num_blocks, scale, interpret)
+
+    # The mods, traced for the forward's, the dK/dV kernel's and the dQ kernel's tiles, with one set of arrays.
+    tiles = [
+        (fwd_config.block_m, fwd_config.block_n),
+        (plan.dkdv.block_m, plan.dkdv.block_n),
+        (plan.dq.block_m, plan.dq.block_n),
+    ]
+    score_programs, score_consts = _captures.trace_for_tiles(score_mod, tiles, score=True)
+    mask_programs, mask_consts = _captures.trace_for_tiles(mask_mod, tiles, score=False)
+    programs = (score_programs, mask_programs)
+    kv_lists = backward.BlockLists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    if q_num_blocks is None:
+        q_lists = _transpose(kv_lists)
+    else:
+        q_lists = backward.BlockLists(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+
+    def run_forward(q, k, v, score_consts, mask_consts, kv_lists):
+        return flex_forward(
+            q,
+            k,
+            v,
+            score_consts,
+            mask_consts,
+            *kv_lists.arrays_with_none(),
+            score_mod=score_programs[0],
+            mask_mod=mask_programs[0],
+            config=fwd_config,
+            mask_block_size=block_size,
+            scale=float(scale),
+            interpret=interpret,
+        )
+
+    @jax.custom_vjp
+    def attend(q, k, v, score_consts, mask_consts, kv_lists, q_lists):
+        del q_lists
+        return run_forward(q, k, v, score_consts, mask_consts, kv_lists)
+
+    def attend_fwd(q, k, v, score_consts, mask_consts, kv_lists, q_lists):
+        # With symbolic_zeros every leaf arrives as (value, perturbed).
+        wanted = tuple(
+            bool(c.perturbed) and bool(jnp.issubdtype(c.value.dtype, jnp.inexact)) for c in score_consts
+        )
+        q, k, v, score_consts, mask_consts, kv_lists, q_lists = custom_vjp_primal_tree_values(
+            (q, k, v, score_consts, mask_consts, kv_lists, q_lists)
+        )
+        out, lse = run_forward(q, k, v, score_consts, mask_consts, kv_lists)
+        residuals = (q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists, _Static(wanted))
+        return (out, lse), residuals
+
+    def attend_bwd(residuals, cotangents):
+        *arrays, wanted = residuals
+        dq, dk, dv, score_grads = _backward(plan, programs, arrays, cotangents, wanted.value)
+        no_gradient = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
+        _, _, _, _, _, _, mask_consts, kv_lists, q_lists = arrays
+        return dq, dk, dv, score_grads, no_gradient(mask_consts), no_gradient(kv_lists), no_gradient(q_lists)
+
+    attend.defvjp(attend_fwd, attend_bwd, symbolic_zeros=True)
+    return attend(query, key, value, score_consts, mask_consts, kv_lists, q_lists)

@@ -1,0 +1,431 @@
+"""The backward of implementation="pallas_triton": gradients against the reference's autodiff.
+
+CPU tests run the kernels in interpret mode at tiny sizes; tiles of 16 and mask blocks of 32 so that every kernel
+walks several tiles per mask block, with lengths no tile divides. Every loss takes a *random* cotangent of the
+output (and of lse where returned), so a gradient that is right only for a sum cannot pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.extend
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexattn_jax as fa
+from flexattn_jax.backends.pallas_triton import backward, vjp
+from tests._helpers import MOD_CASES, assert_close, random_qkv
+
+# Small tiles and blocks: several tiles per mask block in every kernel, and lengths (40, 56) no tile divides.
+TINY_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16)
+MASK_BLOCK = 32
+SIZES = dict(B=2, Hq=4, Hkv=2, L=40, S=56, E=32, Ev=16)
+
+
+def _attention(implementation, q, k, v, score_mod=None, block_mask=None, return_lse=False, kernel_options=None):
+    return fa.flex_attention(
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        enable_gqa=True,
+        return_lse=return_lse,
+        implementation=implementation,
+        interpret=implementation == "pallas_triton",
+        kernel_options=kernel_options if implementation == "pallas_triton" else None,
+    )
+
+
+# Interpret-mode kernels become large XLA programs that run once on tiny inputs: compile them fast, not well.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _grads(implementation, loss, argnums, *args):
+    """jit(grad(loss)) for one implementation; ``loss(implementation, *args)``."""
+    grad = jax.grad(functools.partial(loss, implementation), argnums=argnums)
+    return jax.jit(grad, compiler_options=_FAST_COMPILE)(*args)
+
+
+def _cotangent(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _block_mask(mask_mod, B, H, L, S, block=MASK_BLOCK):
+    return None if mask_mod is None else fa.create_block_mask(mask_mod, B, H, L, S, BLOCK_SIZE=block)
+
+
+def _assert_grads_close(grads, ref_grads, dtype, names):
+    for g, r, name in zip(grads, ref_grads, names):
+        assert_close(g, r, dtype, name=name)
+
+
+# ------------------------------------------------------------------------------------------ every library mod
+
+
+@pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: c.name)
+def test_gradients_match_reference(case):
+    s = SIZES
+    q, k, v = random_qkv(1, **s)
+    mask_mod, score_mod = case.build(s["B"], s["Hq"], s["L"], s["S"], 0)
+    block_mask = _block_mask(mask_mod, None, None, s["L"], s["S"])
+    d_out = _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"]))
+
+    def loss(implementation, q, k, v):
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
+        return jnp.sum(out.astype(jnp.float32) * d_out)
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
+# ------------------------------------------------------------------------------------ arrays the mods capture
+
+
+@pytest.mark.parametrize("which", ["relative_position_bias", "alibi_bias", "hoisted_work"])
+def test_captured_array_gradients(which):
+    """Gradients of a learned bias table / learned ALiBi slopes, with mask_mod arrays (document ids) alongside."""
+    s = SIZES
+    q, k, v = random_qkv(3, **s)
+    table = jax.random.normal(jax.random.key(4), (s["Hq"], 2 * 6 + 1), jnp.float32)
+    slopes = jax.random.uniform(jax.random.key(5), (s["Hq"],), jnp.float32, 0.05, 0.5)
+    make_score_mod = {
+        "relative_position_bias": lambda table, slopes: fa.relative_position_bias(table),
+        "alibi_bias": lambda table, slopes: fa.alibi_bias(slopes),
+        # Work on the captured arrays alone runs outside the kernel; its gradient flows back through JAX autodiff.
+        "hoisted_work": lambda table, slopes: fa.compose(
+            fa.relative_position_bias(jnp.tanh(table) * 2.0), fa.alibi_bias(slopes**2)
+        ),
+    }[which]
+    doc_ids = jnp.asarray(np.repeat(np.arange(4), 16)[: s["S"]], jnp.int32)
+    mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(doc_ids[: s["L"]], doc_ids))
+    block_mask = _block_mask(mask_mod, None, None, s["L"], s["S"])
+    d_out = _cotangent(6, (s["B"], s["Hq"], s["L"], s["Ev"]))
+
+    def loss(implementation, q, k, v, table, slopes):
+        out = _attention(implementation, q, k, v, make_score_mod(table, slopes), block_mask, kernel_options=TINY_TILES)
+        return jnp.sum(out * d_out)
+
+    argnums = (0, 1, 2, 3, 4)
+    grads = _grads("pallas_triton", loss, argnums, q, k, v, table, slopes)
+    ref_grads = _grads("reference", loss, argnums, q, k, v, table, slopes)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv", "d_table", "d_slopes"))
+
+
+def _kernel_output_counts(jaxpr) -> dict[str, int]:
+    """{kernel name: number of outputs} of the pallas_calls in a jaxpr (nested jaxprs included)."""
+    counts = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            counts[eqn.params["name"]] = len(eqn.outvars)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            counts.update(_kernel_output_counts(sub))
+    return counts
+
+
+def test_constant_captures_and_mask_arrays_get_no_gradient_buffers():
+    """Captured arrays that are not differentiated (concrete ones, integer document ids) cost no gradient buffer:
+    the dQ kernel's only output is dq."""
+    s = SIZES
+    q, k, v = random_qkv(7, **s)
+    score_mod = fa.relative_position_bias(jnp.ones((s["Hq"], 9), jnp.float32))
+    ids = jnp.asarray(np.arange(s["S"]) // 20, jnp.int32)
+    block_mask = _block_mask(fa.document_mask(ids[: s["L"]], ids), None, None, s["L"], s["S"])
+
+    def loss(q, table):
+        score_mod = fa.relative_position_bias(table)
+        return jnp.sum(_attention("pallas_triton", q, k, v, score_mod, block_mask, kernel_options=TINY_TILES))
+
+    table = jnp.ones((s["Hq"], 9), jnp.float32)
+    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss))(q, table).jaxpr)
+    assert counts == {"flex_attention_forward": 2, "flex_attention_dkdv": 2, "flex_attention_dq": 1}
+    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, table).jaxpr)
+    assert counts["flex_attention_dq"] == 2  # dq and the table's float32 gradient
+
+
+# ----------------------------------------------------------------------------------- lse, masks, GQA, lengths
+
+
+@pytest.mark.parametrize("use_out", [True, False], ids=["out_and_lse", "lse_only"])
+def test_lse_cotangent(use_out):
+    s = dict(SIZES, L=24, S=40)
+    q, k, v = random_qkv(8, **s)
+    block_mask = _block_mask(fa.prefix_lm_mask(8), None, None, s["L"], s["S"])
+    score_mod = fa.tanh_softcap(4.0)
+    d_out = _cotangent(9, (s["B"], s["Hq"], s["L"], s["Ev"]))
+    d_lse = _cotangent(10, (s["B"], s["Hq"], s["L"]))
+
+    def loss(implementation, q, k, v):
+        out, lse = _attention(implementation, q, k, v, score_mod, block_mask, True, TINY_TILES)
+        return jnp.sum(lse * d_lse) + (jnp.sum(out * d_out) if use_out else 0.0)
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
+def test_fully_masked_rows_have_finite_zero_gradients():
+    """Queries that attend nowhere: output 0, lse -inf; their dq is 0, nothing is NaN, and keys only they could
+    see get dk = dv = 0."""
+    s = SIZES
+    q, k, v = random_qkv(11, **s)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        # Queries 8..19 see nothing; the others see keys up to 30 (so keys 31.. get no gradient), per head shifted.
+        return ((q_idx < 8) | (q_idx >= 20)) & (kv_idx <= 30 - h)
+
+    block_mask = _block_mask(mask_mod, None, s["Hq"], s["L"], s["S"])
+    table = jax.random.normal(jax.random.key(12), (s["Hq"], 9), jnp.float32)
+    d_out = _cotangent(13, (s["B"], s["Hq"], s["L"], s["Ev"]))
+
+    def loss(implementation, q, k, v, table):
+        score_mod = fa.relative_position_bias(table)
+        out, lse = _attention(implementation, q, k, v, score_mod, block_mask, True, TINY_TILES)
+        # lse is -inf on the masked rows: take its cotangent where it is finite.
+        return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2, 3), q, k, v, table)
+    ref_grads = _grads("reference", loss, (0, 1, 2, 3), q, k, v, table)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv", "d_table"))
+    dq, dk, dv, _ = grads
+    assert np.all(np.asarray(dq[:, :, 8:20]) == 0)
+    assert np.all(np.asarray(dk[:, :, 31:]) == 0) and np.all(np.asarray(dv[:, :, 31:]) == 0)
+
+
+def test_gqa_with_a_different_mask_per_query_head():
+    """dK/dV sum over the query heads of a group, each walking its own BlockMask row; L > S here."""
+    s = dict(SIZES, Hq=6, Hkv=2, L=72, S=40)
+    q, k, v = random_qkv(14, **s)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx >= -8 * h) & ((q_idx + b) % 5 != 0)
+
+    block_mask = _block_mask(mask_mod, s["B"], s["Hq"], s["L"], s["S"])
+    d_out = _cotangent(15, (s["B"], s["Hq"], s["L"], s["Ev"]))
+
+    def loss(implementation, q, k, v):
+        return jnp.sum(_attention(implementation, q, k, v, fa.rel_bias, block_mask, kernel_options=TINY_TILES) * d_out)
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
+def test_default_tiles_and_odd_head_dims():
+    """No kernel_options (tiles fitted to the lengths), head dims that need padding (E=24, Ev=40), one query."""
+    for sizes in (dict(B=1, Hq=2, Hkv=1, L=50, S=33, E=24, Ev=40), dict(B=1, Hq=1, Hkv=1, L=1, S=19, E=16, Ev=16)):
+        q, k, v = random_qkv(16, **sizes)
+        block_mask = fa.create_block_mask(fa.prefix_lm_mask(8), None, None, sizes["L"], sizes["S"], BLOCK_SIZE=64)
+        d_out = _cotangent(17, (sizes["B"], sizes["Hq"], sizes["L"], sizes["Ev"]))
+
+        def loss(implementation, q, k, v):
+            return jnp.sum(_attention(implementation, q, k, v, None, block_mask) * d_out)
+
+        grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+        ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+        _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
+def test_bfloat16():
+    s = SIZES
+    q, k, v = random_qkv(18, **s, dtype=jnp.bfloat16)
+    block_mask = _block_mask(fa.causal_mask, None, None, s["L"], s["S"])
+    slopes = jax.random.uniform(jax.random.key(19), (s["Hq"],), jnp.float32, 0.05, 0.5)
+    d_out = _cotangent(20, (s["B"], s["Hq"], s["L"], s["Ev"]), jnp.bfloat16)
+
+    def loss(implementation, q, k, v, slopes):
+        out = _attention(implementation, q, k, v, fa.alibi_bias(slopes), block_mask, kernel_options=TINY_TILES)
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2, 3), q, k, v, slopes)
+    ref_grads = _grads("reference", loss, (0, 1, 2, 3), q, k, v, slopes)
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32]
+    _assert_grads_close(grads, ref_grads, jnp.bfloat16, ("dq", "dk", "dv", "d_slopes"))
+
+
+def test_check_grads_numerically():
+    """Reverse-mode gradients against finite differences (float32: loose eps and tolerances)."""
+    q, k, v = random_qkv(21, B=1, Hq=2, Hkv=1, L=20, S=24, E=16, Ev=16)
+    block_mask = _block_mask(fa.causal_mask, None, None, 20, 24, block=16)
+    table = jax.random.normal(jax.random.key(22), (2, 5), jnp.float32)
+
+    def attend(q, k, v, table):
+        out = _attention(
+            "pallas_triton", q, k, v, fa.relative_position_bias(table), block_mask, kernel_options=TINY_TILES
+        )
+        return out
+
+    jax.test_util.check_grads(jax.jit(attend), (q, k, v, table), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------- composition
+
+
+def test_vmap_of_grad():
+    s = dict(SIZES, B=1, Hq=2, Hkv=1)
+    qs, ks, vs = (jnp.stack(x) for x in zip(random_qkv(23, **s), random_qkv(24, **s), random_qkv(25, **s)))
+    block_mask = _block_mask(fa.sliding_window_mask(20), None, None, s["L"], s["S"])
+    d_out = _cotangent(26, (s["B"], s["Hq"], s["L"], s["Ev"]))
+
+    def loss(implementation, q, k, v):
+        return jnp.sum(_attention(implementation, q, k, v, fa.rel_causal, block_mask, kernel_options=TINY_TILES) * d_out)
+
+    def vmapped_grads(implementation):
+        grad = jax.grad(functools.partial(loss, implementation), argnums=(0, 1, 2))
+        return jax.jit(jax.vmap(grad), compiler_options=_FAST_COMPILE)(qs, ks, vs)
+
+    grads, ref_grads = vmapped_grads("pallas_triton"), vmapped_grads("reference")
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
+def test_scan_over_checkpointed_layers():
+    """A training step's shape: lax.scan over layers, each jax.checkpoint-ed, grad of jit, with per-layer learned
+    bias tables and the block mask passed through jit as an argument."""
+    B, H, L, D, layers = 1, 2, 40, 16, 2
+    x = jax.random.normal(jax.random.key(27), (B, H, L, D), jnp.float32)
+    params = {
+        "w": jax.random.normal(jax.random.key(28), (layers, 3, D), jnp.float32),
+        "table": jax.random.normal(jax.random.key(29), (layers, H, 9), jnp.float32) * 0.3,
+    }
+    block_mask = _block_mask(fa.causal_mask, None, None, L, L)
+
+    def forward(implementation, params, x, block_mask):
+        def layer(x, p):
+            q, k, v = (x * p["w"][i].reshape(1, 1, 1, D) for i in range(3))
+            out = _attention(
+                implementation, q, k, v, fa.relative_position_bias(p["table"]), block_mask, kernel_options=TINY_TILES
+            )
+            return x + out, None
+
+        x, _ = jax.lax.scan(jax.checkpoint(layer), x, params)
+        return jnp.sum(jnp.sin(x))
+
+    grads = _grads("pallas_triton", forward, 0, params, x, block_mask)
+    ref_grads = _grads("reference", forward, 0, params, x, block_mask)
+    assert_close(grads["w"], ref_grads["w"], jnp.float32, name="d_w")
+    assert_close(grads["table"], ref_grads["table"], jnp.float32, name="d_table")
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+
+
+def test_q_side_block_lists_derived_from_kv_side():
+    """The dK/dV kernel's lists, derived from the kv-side arrays, equal the BlockMask's own q-side arrays."""
+    ids = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 5, 200)), jnp.int32)
+    for mask_mod in (fa.causal_mask, fa.and_masks(fa.causal_mask, fa.document_mask(ids)), fa.sliding_window_mask(40)):
+        bm = fa.create_block_mask(mask_mod, None, None, 200, 200, BLOCK_SIZE=32)
+        lists = vjp._transpose(backward.BlockLists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices))
+        for got, want in zip(
+            lists.arrays(), (bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(BLOCK_M1=24), "BLOCK_M1.*power of two"),
+        (dict(BLOCK_N2=8), "BLOCK_N2.*power of two"),
+        (dict(BLOCK_N1=64), "BLOCK_N1.*does not divide"),
+        (dict(bwd_num_warps=3), "bwd_num_warps"),
+        (dict(bwd_num_stages=0), "bwd_num_stages"),
+        (dict(bwd_block=16), "unknown backward key 'bwd_block'"),
+        (dict(BLOCK_M2=32.0), "BLOCK_M2.*must be an int"),
+    ],
+)
+def test_bad_backward_options_raise_on_the_forward_call(options, match):
+    q, k, v = random_qkv(30, **SIZES)
+    block_mask = _block_mask(fa.causal_mask, None, None, SIZES["L"], SIZES["S"])
+    with pytest.raises((ValueError, TypeError), match=match):
+        jax.eval_shape(lambda q: _attention("pallas_triton", q, k, v, None, block_mask, kernel_options=options), q)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA lowering
+
+
+@pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa"])
+def test_backward_lowers_to_triton_for_cuda(which):
+    """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls."""
+    B, Hq, Hkv, L, S, D = 1, 4, 2, 256, 384, 64
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16))
+    table = sd((Hq, 33), jnp.float32)
+    if which == "causal_relative_table":
+        mask_mod, make_score_mod = fa.causal_mask, fa.relative_position_bias
+    else:
+        ids = jnp.asarray(np.arange(S) // 100, jnp.int32)
+        mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids[:L], ids))
+        make_score_mod = lambda table: fa.tanh_softcap(30.0)  # noqa: E731
+    block_mask = fa.create_block_mask(mask_mod, None, None, L, S)
+
+    def loss(q, k, v, table):
+        out, _ = vjp.attention(
+            q,
+            k,
+            v,
+            score_mod=make_score_mod(table),
+            mask_mod=block_mask.mask_mod,
+            kv_num_blocks=block_mask.kv_num_blocks,
+            kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks,
+            full_kv_indices=block_mask.full_kv_indices,
+            q_num_blocks=block_mask.q_num_blocks,
+            q_indices=block_mask.q_indices,
+            full_q_num_blocks=block_mask.full_q_num_blocks,
+            full_q_indices=block_mask.full_q_indices,
+            block_size=block_mask.BLOCK_SIZE,
+            scale=D**-0.5,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        lowered = grad.trace(*args, table).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 3
+
+
+# --------------------------------------------------------------------------------------- GPU, realistic sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name, dtype, head_dim",
+    [
+        ("causal", jnp.bfloat16, 128),
+        ("document_causal", jnp.float32, 64),
+        ("relative_bias_table", jnp.bfloat16, 64),
+        ("alibi_learned_slopes", jnp.float32, 128),
+    ],
+)
+def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
+    """On the GPU with the default tiles: GQA, lengths no tile divides, and the captured arrays' gradients (the
+    atomic adds of many programs into one table)."""
+    from tests._helpers import _rel_table, _slopes, MOD_CASES_BY_NAME
+
+    B, Hq, Hkv, L, S = 2, 8, 2, 1000, 1100
+    q, k, v = random_qkv(31, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=head_dim, Ev=head_dim, dtype=dtype)
+    d_out = _cotangent(32, (B, Hq, L, head_dim), dtype)
+    mask_mod, _ = MOD_CASES_BY_NAME[name].build(B, Hq, L, S, 0)
+    block_mask = None if mask_mod is None else fa.create_block_mask(mask_mod, None, None, L, S)
+    captured = {"relative_bias_table": _rel_table(Hq, 0), "alibi_learned_slopes": _slopes(Hq, 0)}.get(name)
+    make_score_mod = {
+        "relative_bias_table": fa.relative_position_bias,
+        "alibi_learned_slopes": fa.alibi_bias,
+    }.get(name, lambda _: None)
+
+    def loss(implementation, q, k, v, captured):
+        out = fa.flex_attention(
+            q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation
+        )
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
+
+    argnums = (0, 1, 2) if captured is None else (0, 1, 2, 3)
+    grads = jax.jit(jax.grad(functools.partial(loss, "pallas_triton"), argnums))(q, k, v, captured)
+    ref_grads = jax.jit(jax.grad(functools.partial(loss, "reference"), argnums))(q, k, v, captured)
+    _assert_grads_close(grads, ref_grads, dtype, ("dq", "dk", "dv", "d_captured"))
