@@ -587,8 +587,8 @@ TRAINING = [
     if SMALL:
         config, STEPS = example.Config(), 500
     else:
-        config, STEPS = example.Config(seq_len=1024, batch_size=16, max_symbols=24, model_dim=256, num_heads=4,
-                                       num_kv_heads=2, num_layers=4, max_distance=32), 1500
+        config, STEPS = example.Config(seq_len=512, batch_size=16, max_symbols=16, model_dim=256, num_heads=4,
+                                       num_kv_heads=2, num_layers=4, max_distance=32), 1000
     print(f"flexattn_jax {fa.__version__}, JAX {jax.__version__} on {jax.devices()[0].device_kind}")
     print(config)
     """),
@@ -646,11 +646,12 @@ TRAINING = [
     g = jnp.asarray(table_grads[0])
     u = g / jnp.linalg.norm(g)
     table = model.blocks[0].relative_bias
+    compiled_loss = nnx.jit(example.loss_fn)
 
 
     def loss_with_table(value):
         table[...] = value
-        return float(example.loss_fn(model, batch))
+        return float(compiled_loss(model, batch))
 
 
     eps = 1e-2
