@@ -126,7 +126,7 @@ def test_haiku_decode_matches_full_recomputation():
     for start, stop in [(0, 6)] + [(t, t + 1) for t in range(6, 11)]:
         out, state = step(params, state, x[:, start:stop])
         outputs.append(out)
-    assert int(state[NAME]["cache_length"]) == 11
+    assert int(state[NAME]["kv_cache"].length) == 11
     assert_close(jnp.concatenate(outputs, axis=1), full, jnp.float32)
 
 

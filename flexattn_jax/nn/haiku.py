@@ -58,8 +58,9 @@ class FlexMultiHeadAttention(hk.Module):
     are Haiku initialisers; the default kernel initialiser is a truncated normal of variance 1 / fan_in.
 
     Decoding: with ``hk.transform_with_state``, ``init`` with ``decode=True`` on inputs of the cache's full length
-    creates the empty cache as state; each ``apply(..., decode=True)`` then appends its tokens (a prefill, then one
-    at a time) and attends to everything cached, the mods seeing absolute positions.
+    creates the empty cache as the state ``kv_cache`` (a ``ContiguousKVCache``; any other cache following the
+    ``flexattn_jax.nn.KVCache`` protocol may be put in its place); each ``apply(..., decode=True)`` then appends its
+    tokens (a prefill, then one at a time) and attends to everything cached, the mods seeing absolute positions.
 
     >>> import haiku as hk, jax, flexattn_jax as fa
     >>> from flexattn_jax.haiku import FlexMultiHeadAttention
@@ -177,29 +178,21 @@ class FlexMultiHeadAttention(hk.Module):
             key = _common.rms_norm(key, hk.get_parameter("key_norm", norm_shape, self.param_dtype, jnp.ones))
 
         if decode and not hk.running_init():
-            cache = _common.ContiguousKVCache(
-                hk.get_state("cached_key"), hk.get_state("cached_value"), hk.get_state("cache_length")
-            )
+            cache = hk.get_state("kv_cache")
             if config.use_rope:
                 positions = cache.query_positions(inputs_q.shape[1])
                 query = _common.rotary_embedding(query, positions, config.rope_theta)
                 key = _common.rotary_embedding(key, positions, config.rope_theta)
             cache = cache.append(key, value)
-            hk.set_state("cached_key", cache.key)
-            hk.set_state("cached_value", cache.value)
-            hk.set_state("cache_length", cache.length)
+            hk.set_state("kv_cache", cache)
             heads = cache.attend(config, query, mods).astype(query.dtype)
         else:
             if decode:  # initialising: an empty cache as long as the inputs
                 empty = _common.ContiguousKVCache.create(
                     inputs_q.shape[0], inputs_q.shape[1], config.num_kv_heads, config.head_dim, key.dtype
                 )
-                for name, array in (
-                    ("cached_key", empty.key),
-                    ("cached_value", empty.value),
-                    ("cache_length", empty.length),
-                ):
-                    hk.get_state(name, array.shape, array.dtype, init=lambda *_, a=array: a)
+                # The cache is a pytree; Haiku asks for a shape and dtype, which the initialiser ignores.
+                hk.get_state("kv_cache", (), jnp.int32, init=lambda *_: empty)
             if config.use_rope:
                 query = _common.rotary_embedding(query, jnp.arange(query.shape[1]), config.rope_theta)
                 key = _common.rotary_embedding(key, jnp.arange(key.shape[1]), config.rope_theta)
