@@ -1,0 +1,36 @@
+"""The benchmark suite's CPU smoke run: every suite runs at tiny sizes and writes its JSON, table and plot."""
+
+import json
+
+import jax
+
+from benchmarks import run
+from benchmarks.cases import CASES, document_ids
+
+
+def test_tiny_run_writes_results(tmp_path):
+    # jax.nn.dot_product_attention's own XLA path mixes bf16 and f32 internally, which strict promotion rejects.
+    with jax.numpy_dtype_promotion("standard"):
+        run.main(["--tiny", "--no-torch", "--out", str(tmp_path), "--cases", "causal,document,alibi,per_head"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {"date", "jax", "device", "flop_model", "command"} <= set(data["context"])
+    prefill = [r for r in data["results"] if r["suite"] == "prefill"]
+    assert {r["case"] for r in prefill} == {"causal", "document", "alibi", "per_head"}
+    assert not [r for r in data["results"] if "error" in r]
+    for r in prefill:
+        assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] > 0 and 0 < r["density"] <= 1
+        if "relative_error" in r:
+            assert r["relative_error"] < 1e-2  # bf16 implementations agree
+    assert {r["suite"] for r in data["results"]} == {"prefill", "decode", "create_block_mask"}
+    assert "| causal |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "tflops.png").stat().st_size > 1000
+
+
+def test_case_densities_match_the_published_anchors():
+    # PERF_TARGETS.md: causal 0.5001, sliding_window 0.1172, prefix_lm 0.5313, document 0.0831 at S=8192.
+    S = 8192
+    assert abs(CASES["causal"].density(1, 1, S, S) - 0.5001) < 1e-4
+    assert abs(CASES["sliding_window"].density(1, 1, S, S) - 0.1172) < 1e-4
+    assert abs(CASES["prefix_lm"].density(1, 1, S, S) - 0.5313) < 1e-4
+    assert abs(CASES["document"].density(1, 1, S, S) - 0.0831) < 1e-4
+    assert len(set(document_ids(S).tolist())) == 7
