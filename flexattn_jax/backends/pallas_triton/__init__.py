@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from flexattn_jax.backends.pallas_triton import config as _config
+from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
 
 __all__ = ["attention", "unsupported_reason", "MAX_HEAD_DIM"]
@@ -81,7 +82,20 @@ def attention(
     )
     if reason is not None:
         raise ValueError(reason)
-    return _vjp.attention(
+    implementation = _vjp.attention
+    if (
+        _decode.unsupported_reason(
+            query.shape,
+            key.shape,
+            mask_block_size=tuple(block_size),
+            mask_num_blocks=tuple(kv_indices.shape[-2:]),
+            kernel_options=kernel_options,
+        )
+        is None
+    ):
+        # Short queries (decoding): the split-KV kernel; see decode.py.
+        implementation = _decode.attention
+    return implementation(
         query,
         key,
         value,
