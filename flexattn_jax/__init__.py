@@ -35,11 +35,14 @@ from flexattn_jax.mods import (
     tanh_softcap,
 )
 
+from flexattn_jax.paged import PagedKVCache
+
 __version__ = "0.1.0"
 
 __all__ = [
     "IMPLEMENTATIONS",
     "flex_attention",
+    "PagedKVCache",
     "DEFAULT_BLOCK_SIZE",
     "BlockMask",
     "convert_block_mask_to_mask",

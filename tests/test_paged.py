@@ -1,0 +1,197 @@
+"""The paged KV cache: allocation and release, token assignment with ragged lengths, the logical-to-physical
+BlockMask conversion, attention on the pages against contiguous attention, and an NNX layer decoding with it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flexattn_jax as fa
+from flexattn_jax.nn.flax_nnx import FlexMultiHeadAttention
+from flexattn_jax.paged import PagedKVCache
+from tests._helpers import MOD_CASES_BY_NAME, assert_close
+from tests.conftest import HAS_GPU
+
+INTERPRET = not HAS_GPU
+PS = 16  # page size
+
+
+def _random(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _filled_cache(seed=0, B=3, Hkv=2, D=16, lengths_steps=((20, 3, 35), (1, 17, 0), (9, 9, 9))):
+    """A cache filled in several ragged appends (so that the sequences' pages interleave in the pool), and the
+    contiguous keys/values it should hold."""
+    cache = PagedKVCache.create(B, num_pages=24, page_size=PS, max_pages_per_seq=6, num_kv_heads=Hkv, head_dim=D)
+    ref_k = [np.zeros((0, Hkv, D), np.float32) for _ in range(B)]
+    ref_v = [np.zeros((0, Hkv, D), np.float32) for _ in range(B)]
+    for step, num_new in enumerate(lengths_steps):
+        L = max(num_new)
+        k = _random(seed + 2 * step, (B, L, Hkv, D))
+        v = _random(seed + 2 * step + 1, (B, L, Hkv, D))
+        cache = cache.append(k, v, num_new=jnp.array(num_new, jnp.int32))
+        for b in range(B):
+            ref_k[b] = np.concatenate([ref_k[b], np.asarray(k[b, : num_new[b]])])
+            ref_v[b] = np.concatenate([ref_v[b], np.asarray(v[b, : num_new[b]])])
+    return cache, ref_k, ref_v
+
+
+def test_alloc_append_erase_reuse():
+    cache, ref_k, _ = _filled_cache()
+    lengths = [len(r) for r in ref_k]
+    assert cache.lengths.tolist() == lengths == [30, 29, 44]
+    table = np.asarray(cache.page_table)
+    held = [(-(-n // PS)) for n in lengths]
+    assert [(row >= 0).sum() for row in table] == held
+    used = table[table >= 0]
+    assert len(set(used.tolist())) == len(used)  # no page twice
+    assert int(cache.num_free_pages) == 24 - sum(held)
+    assert not np.asarray(cache.page_free)[used].any()
+    # Pages interleave: sequence 1's second page is not next to its first.
+    assert table[1, 1] != table[1, 0] + 1
+
+    erased = cache.erase(jnp.array([False, True, False]))
+    assert erased.lengths.tolist() == [30, 0, 44]
+    assert (np.asarray(erased.page_table)[1] == -1).all()
+    assert int(erased.num_free_pages) == 24 - held[0] - held[2]
+    # The freed pages are reused (lowest first).
+    again = erased.reserve(jnp.array([30, 40, 44], jnp.int32))
+    lowest_free = np.flatnonzero(np.asarray(erased.page_free))[:3]
+    assert np.asarray(again.page_table)[1, :3].tolist() == lowest_free.tolist()
+    assert int(again.num_free_pages) == int(erased.num_free_pages) - 3
+    np.testing.assert_array_equal(np.asarray(again.page_table)[[0, 2]], table[[0, 2]])
+
+
+def test_gather_matches_contiguous_and_append_jits():
+    cache, ref_k, ref_v = _filled_cache()
+    key, value = cache.gather()
+    for b in range(3):
+        n = len(ref_k[b])
+        np.testing.assert_array_equal(np.asarray(key[b, :, :n]), np.swapaxes(ref_k[b], 0, 1))
+        np.testing.assert_array_equal(np.asarray(value[b, :, :n]), np.swapaxes(ref_v[b], 0, 1))
+    # One more token per sequence, under jit: the same as eagerly.
+    k1, v1 = _random(50, (3, 1, 2, 16)), _random(51, (3, 1, 2, 16))
+    eager = cache.append(k1, v1)
+    jitted = jax.jit(lambda c, k, v: c.append(k, v))(cache, k1, v1)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert eager.lengths.tolist() == [31, 30, 45]
+
+
+def test_convert_logical_block_mask_visits_the_same_positions():
+    cache, _, _ = _filled_cache()
+    lengths = cache.lengths
+
+    def causal_in_length(b, h, q_idx, kv_idx):
+        return (kv_idx < lengths[b]) & (kv_idx <= q_idx + 28)
+
+    logical = fa.create_block_mask(causal_in_length, 3, None, 2, cache.max_length, BLOCK_SIZE=(128, PS))
+    physical = cache.convert_logical_block_mask(logical)
+    assert physical.seq_lengths == (2, 24 * PS)
+    dense = np.asarray(fa.create_mask(physical.mask_mod, 3, 1, 2, 24 * PS))  # [B, 1, 2, rows]
+    block_dense = np.asarray(physical.to_dense())
+    table = np.asarray(cache.page_table)
+    for b in range(3):
+        for j in range(cache.max_pages_per_seq):
+            page = table[b, j]
+            logical_rows = np.arange(j * PS, (j + 1) * PS)
+            want = (logical_rows[None, :] < int(lengths[b])) & (logical_rows[None, :] <= np.arange(2)[:, None] + 28)
+            if page < 0:
+                assert not want.any()
+                continue
+            np.testing.assert_array_equal(dense[b, 0, :, page * PS : (page + 1) * PS], want)
+            assert block_dense[b, 0, 0, page] == int(want.any())
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+@pytest.mark.parametrize("case", ["causal", "alibi_learned_slopes", "document_batched", "relative_bias_table"])
+def test_paged_attention_matches_contiguous(case, implementation):
+    # Ragged lengths in one batch; 2 queries per sequence at its last positions; GQA 4:2.
+    cache, _, _ = _filled_cache()
+    B, Hq, L = 3, 4, 2
+    lengths = cache.lengths
+    mask_mod, score_mod = MOD_CASES_BY_NAME[case].build(B, Hq, L, cache.max_length, 3)
+    mask_mod = mask_mod or fa.noop_mask
+    offset = lengths - L
+
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx < lengths[b]) & mask_mod(b, h, q_idx + offset[b], kv_idx)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s if score_mod is None else score_mod(s, b, h, q_idx + offset[b], kv_idx)
+
+    logical = fa.create_block_mask(mask, B, None, L, cache.max_length, BLOCK_SIZE=(128, PS))
+    q = _random(60, (B, Hq, L, 16))
+    out, lse = cache.attention(q, score_mod=score, block_mask=logical, return_lse=True,
+                               implementation=implementation, interpret=implementation != "reference",
+                               kernel_options={"decode_num_splits": 3})
+    key, value = cache.gather()
+    ref_out, ref_lse = fa.flex_attention(q, key, value, score_mod=score, block_mask=logical, enable_gqa=True,
+                                         return_lse=True, implementation="reference")
+    assert_close(out, ref_out, jnp.float32, "out")
+    assert_close(lse, ref_lse, jnp.float32, "lse")
+
+
+def test_paged_decode_kernel_reads_the_pool_directly():
+    cache, _, _ = _filled_cache()
+    q = _random(61, (3, 4, 1, 16))
+    lengths = cache.lengths
+    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], 3, None, 1, cache.max_length,
+                              BLOCK_SIZE=(128, PS))
+    jaxpr = str(jax.make_jaxpr(lambda q: cache.attention(q, block_mask=bm, implementation="pallas_triton",
+                                                         interpret=True))(q))
+    assert "flex_attention_decode" in jaxpr
+
+
+def test_block_mask_with_another_kv_block_is_refused():
+    cache, _, _ = _filled_cache()
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 1, cache.max_length, BLOCK_SIZE=(128, 32))
+    with pytest.raises(ValueError, match="page size"):
+        cache.convert_logical_block_mask(bm)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_nnx_layer_decodes_with_the_paged_cache(implementation):
+    B, T, F = 2, 9, 32
+    layer = FlexMultiHeadAttention(
+        F, 4, num_kv_heads=2, use_rope=True, mask_mod=fa.causal_mask, score_mod=fa.generate_alibi_bias(4),
+        implementation=implementation, interpret=implementation != "reference", rngs=nnx.Rngs(0),
+    )
+    x = _random(70, (B, T, F))
+    full = nnx.jit(lambda m, x: m(x))(layer, x)
+    cache = PagedKVCache.create(B, num_pages=8, page_size=PS, max_pages_per_seq=2, num_kv_heads=2, head_dim=8)
+    layer.init_cache(cache=cache)
+    step = nnx.jit(lambda m, x: m(x, decode=True))
+    outputs = [step(layer, x[:, :5])] + [step(layer, x[:, t : t + 1]) for t in range(5, T)]
+    assert layer.cache.get_value().lengths.tolist() == [T, T]
+    assert_close(jnp.concatenate(outputs, axis=1), full, jnp.float32)
+
+
+def test_ragged_decode_step_matches_each_sequence_alone():
+    # One decode step of a batch whose sequences have different lengths: each output equals attention over that
+    # sequence's own prefix.
+    cache, ref_k, ref_v = _filled_cache()
+    k1, v1 = _random(80, (3, 1, 2, 16)), _random(81, (3, 1, 2, 16))
+    cache = cache.append(k1, v1)
+    q = _random(82, (3, 4, 1, 16))
+    lengths = cache.lengths
+    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], 3, None, 1, cache.max_length,
+                              BLOCK_SIZE=(128, PS))
+    out = cache.attention(q, score_mod=fa.rel_bias, block_mask=bm, implementation="pallas_triton", interpret=True)
+    for b in range(3):
+        k = jnp.concatenate([jnp.asarray(ref_k[b]), k1[b]])[None].swapaxes(1, 2)
+        v = jnp.concatenate([jnp.asarray(ref_v[b]), v1[b]])[None].swapaxes(1, 2)
+        alone = fa.flex_attention(q[b : b + 1], k, v, score_mod=fa.rel_bias, enable_gqa=True,
+                                  implementation="reference")
+        assert_close(out[b : b + 1], alone, jnp.float32, f"sequence {b}")
+
+
+def test_docstring_examples():
+    import doctest
+
+    from flexattn_jax import paged
+
+    result = doctest.testmod(paged, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
