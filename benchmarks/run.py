@@ -275,7 +275,10 @@ def mask_suite(args, torch_impls, results, progress):
                 if memory is not None:
                     row["peak_bytes"] = int(memory.temp_size_in_bytes + memory.output_size_in_bytes)
                 if torch_impls is not None:
-                    row["torch_seconds"] = torch_impls.create_block_mask_seconds(case, 1, L)
+                    try:
+                        row["torch_seconds"] = torch_impls.create_block_mask_seconds(case, 1, L)
+                    except Exception as error:  # noqa: BLE001 - PyTorch's failure does not void our numbers
+                        row["torch_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             except Exception as error:  # noqa: BLE001
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             results.append(row)
@@ -358,7 +361,8 @@ def markdown(results, context, ceilings) -> str:
             else:
                 peak_mb = r["peak_bytes"] / 2**20 if "peak_bytes" in r else None
                 lines.append(f"| {r['case']} | {r['length']} | {r['seconds']:.3f} | {r['first_call_s']:.2f} | "
-                             f"{_fmt(peak_mb)} | {r['block_mask_bytes']} | {_fmt(r.get('torch_seconds'), 3)} |")
+                             f"{_fmt(peak_mb)} | {r['block_mask_bytes']} | "
+                             f"{'error' if 'torch_error' in r else _fmt(r.get('torch_seconds'), 3)} |")
         lines.append("")
     errors = [r for r in results if "error" in r]
     if errors:
