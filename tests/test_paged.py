@@ -195,3 +195,51 @@ def test_docstring_examples():
 
     result = doctest.testmod(paged, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_haiku_and_linen_layers_decode_with_the_paged_cache():
+    """The Haiku layer's ``kv_cache`` state and linen's ``cache`` collection take a PagedKVCache in place of the
+    contiguous cache; decoding step by step then equals the full computation."""
+    hk = pytest.importorskip("haiku")
+    from flexattn_jax.flax import FlexMultiHeadAttentionLinen
+    from flexattn_jax.haiku import FlexMultiHeadAttention as HaikuAttention
+
+    B, T, F, H, HKV, D = 2, 9, 32, 4, 2, 8
+    settings = dict(num_kv_heads=HKV, use_rope=True, mask_mod=fa.causal_mask, score_mod=fa.generate_alibi_bias(H))
+    x = _random(90, (B, T, F))
+
+    def paged():
+        return PagedKVCache.create(B, num_pages=8, page_size=PS, max_pages_per_seq=2, num_kv_heads=HKV, head_dim=D)
+
+    def decode_in_steps(step, state):
+        outputs = []
+        for start, stop in [(0, 5)] + [(t, t + 1) for t in range(5, T)]:
+            out, state = step(state, x[:, start:stop])
+            outputs.append(out)
+        return jnp.concatenate(outputs, axis=1), state
+
+    # Haiku: the cache is the module's state "kv_cache".
+    layer = hk.without_apply_rng(hk.transform_with_state(lambda x, decode=False: HaikuAttention(H, **settings)(
+        x, decode=decode)))
+    params, state = layer.init(jax.random.key(0), x, decode=True)
+    (name,) = state
+    full, _ = jax.jit(layer.apply)(params, {}, x)
+    state = {name: {"kv_cache": paged()}}
+    step = jax.jit(lambda state, tokens: layer.apply(params, state, tokens, decode=True))
+    out, state = decode_in_steps(step, state)
+    assert state[name]["kv_cache"].lengths.tolist() == [T, T]
+    assert_close(out, full, jnp.float32)
+
+    # linen: the cache is the variable "kv_cache" of the "cache" collection.
+    module = FlexMultiHeadAttentionLinen(num_heads=H, **settings)
+    variables = module.init(jax.random.key(1), x)
+    full = jax.jit(module.apply)(variables, x)
+
+    @jax.jit
+    def linen_step(cache, tokens):
+        out, mutated = module.apply({**variables, "cache": cache}, tokens, decode=True, mutable=["cache"])
+        return out, mutated["cache"]
+
+    out, cache = decode_in_steps(linen_step, {"kv_cache": paged()})
+    assert cache["kv_cache"].lengths.tolist() == [T, T]
+    assert_close(out, full, jnp.float32)
