@@ -184,9 +184,8 @@ class PagedKVCache:
     # ----------------------------------------------------------------------------------------- writing tokens
 
     def query_positions(self, num_new: int) -> jax.Array:
-        """int32 [num_new]: the positions of the next tokens of sequence 0 (the KVCache protocol has one set of
-        positions for the batch; with ragged lengths, position-dependent embeddings need ``lengths`` [B])."""
-        return self.lengths[0] + jnp.arange(num_new, dtype=jnp.int32)
+        """int32 [B, num_new]: the positions the next tokens of each sequence will take (lengths may be ragged)."""
+        return self.lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
 
     def append(self, key: jax.Array, value: jax.Array, num_new: jax.Array | None = None) -> "PagedKVCache":
         """Writes key, value [B, L, Hkv, D] at each sequence's positions [lengths[b], lengths[b] + num_new[b]),

@@ -243,3 +243,16 @@ def test_haiku_and_linen_layers_decode_with_the_paged_cache():
     out, cache = decode_in_steps(linen_step, {"kv_cache": paged()})
     assert cache["kv_cache"].lengths.tolist() == [T, T]
     assert_close(out, full, jnp.float32)
+
+
+def test_ragged_cache_gives_each_sequence_its_own_rotary_positions():
+    from flexattn_jax.nn import rotary_embedding
+
+    cache, _, _ = _filled_cache()
+    positions = cache.query_positions(2)
+    assert positions.tolist() == [[int(n), int(n) + 1] for n in cache.lengths]
+    assert len(set(cache.lengths.tolist())) > 1, "the lengths are ragged"
+    x = _random(95, (3, 2, 4, 8))
+    rotated = rotary_embedding(x, positions)
+    for b in range(3):
+        assert_close(rotated[b], rotary_embedding(x[b : b + 1], positions[b])[0], jnp.float32)

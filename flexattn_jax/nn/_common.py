@@ -240,7 +240,8 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0)
 
     Args:
       x: [B, L, H, D] with D even.
-      positions: int [L], the absolute position of each of the L rows (a traced offset is fine).
+      positions: int [L], the absolute position of each of the L rows (a traced offset is fine), or int [B, L]
+        when the sequences of the batch are at different positions (a cache with ragged lengths).
       theta: the base wavelength.
 
     Returns:
@@ -253,9 +254,10 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0)
     """
     half = x.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * (2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, D/2]
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    positions = positions[None] if positions.ndim == 1 else positions  # [1 or B, L]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [1 or B, L, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # broadcast over the heads
+    sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., :half], x32[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -346,7 +348,7 @@ class KVCache(Protocol):
     cache passes through ``jit`` and ``scan`` like any array. A decoding step of L new tokens (L > 1 for a prefill,
     then 1 per generated token) runs::
 
-        positions = cache.query_positions(L)            # int32 [L]: absolute positions of the new tokens
+        positions = cache.query_positions(L)            # int32 [L] or [B, L]: absolute positions of the new tokens
         (rotate q and k by these positions)
         cache = cache.append(k, v)                      # k, v [B, L, Hkv, D]
         out = cache.attend(config, q, mods)             # q [B, L, Hq, D] -> [B, L, Hq, Dv]
@@ -362,7 +364,8 @@ class KVCache(Protocol):
     """
 
     def query_positions(self, num_new: int) -> jax.Array:
-        """int32 [num_new]: the absolute positions the next ``num_new`` appended tokens will take."""
+        """int32 [num_new] (one set for the batch) or [B, num_new] (per sequence, for ragged lengths): the absolute
+        positions the next ``num_new`` appended tokens will take."""
         ...
 
     def append(self, key: jax.Array, value: jax.Array) -> "KVCache":
