@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_triton import _tile
+from flexattn_jax.backends.pallas_triton import config as config_lib
 
 __all__ = [
     "BACKWARD_KEYS",
@@ -63,10 +64,6 @@ __all__ = [
 # of the dK/dV kernel, BLOCK_M2 / BLOCK_N2 those of the dQ kernel.
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages")
-MIN_TILE = 16  # 8 x 8 tiles lower without complaint and give wrong results on an H100
-MAX_TILE = 256
-_WARPS = (1, 2, 4, 8, 16)
-_MAX_STAGES = 8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,14 +103,6 @@ def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
     return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=8, num_stages=1)
 
 
-def _is_power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
     """Validates the backward's keys of ``kernel_options`` (the others belong to other kernels); returns them.
 
@@ -129,17 +118,8 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             continue
         if key not in BACKWARD_KEYS:
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
-        if key in _TILE_KEYS and not (_is_power_of_two(value) and MIN_TILE <= value <= MAX_TILE):
-            raise ValueError(
-                f"kernel_options[{key!r}] must be a power of two from {MIN_TILE} to {MAX_TILE}, got {value} "
-                f"(tiles under {MIN_TILE} give wrong results on the GPU)"
-            )
-        if key == "bwd_num_warps" and value not in _WARPS:
-            raise ValueError(f"kernel_options['bwd_num_warps'] must be one of {_WARPS}, got {value}")
-        if key == "bwd_num_stages" and not 1 <= value <= _MAX_STAGES:
-            raise ValueError(f"kernel_options['bwd_num_stages'] must be from 1 to {_MAX_STAGES}, got {value}")
+        kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_")
+        config_lib.check_option_value(key, value, kind=kind)
         options[key] = value
     return options
 
@@ -156,16 +136,13 @@ def _fit_tile(key: str, options, default: int, length: int, mask_block: int, mas
                 f"use a power of two dividing it, or build the mask with a BLOCK_SIZE that is a multiple of {tile}"
             )
         return tile
-    tile = max(MIN_TILE, min(default, _next_power_of_two(length)))
-    if mask_blocks > 1:
-        while tile >= MIN_TILE and mask_block % tile:
-            tile //= 2
-        if tile < MIN_TILE:
-            raise ValueError(
-                f"the BlockMask's {axis} block size {mask_block} is not a multiple of {MIN_TILE}; the pallas_triton "
-                f"kernels need tiles of at least {MIN_TILE} rows dividing it (build the mask with BLOCK_SIZE a "
-                "multiple of 16, e.g. the default 128)"
-            )
+    tile = config_lib.fit_tile(default, length, mask_block, mask_blocks)
+    if tile is None:
+        raise ValueError(
+            f"the BlockMask's {axis} block size {mask_block} is not a multiple of {config_lib.MIN_TILE}; the "
+            f"pallas_triton kernels need tiles of at least {config_lib.MIN_TILE} rows dividing it (build the mask "
+            "with BLOCK_SIZE a multiple of 16, e.g. the default 128)"
+        )
     return tile
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "MAX_TILE",
     "is_other_kernels_key",
     "check_kernel_options",
+    "check_option_value",
+    "fit_tile",
     "default_forward_config",
     "forward_config",
     "forward_tiles_unsupported_reason",
@@ -72,6 +74,22 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
+def check_option_value(key: str, value, *, kind: str) -> None:
+    """Checks one ``kernel_options`` value of any Triton kernel. kind: "tile", "num_warps" or "num_stages" (a key
+    outside these is only checked to be an int). Raises ValueError/TypeError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
+    if kind == "tile" and not (_is_power_of_two(value) and MIN_TILE <= value <= MAX_TILE):
+        raise ValueError(
+            f"kernel_options[{key!r}] must be a power of two from {MIN_TILE} to {MAX_TILE}, got {value} "
+            f"(tiles under {MIN_TILE} give wrong results on the GPU)"
+        )
+    if kind == "num_warps" and value not in _WARPS:
+        raise ValueError(f"kernel_options[{key!r}] must be one of {_WARPS}, got {value}")
+    if kind == "num_stages" and not 1 <= value <= _MAX_STAGES:
+        raise ValueError(f"kernel_options[{key!r}] must be from 1 to {_MAX_STAGES}, got {value}")
+
+
 def check_kernel_options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
     """Validates the forward's keys of ``kernel_options``; returns them. Raises ValueError/TypeError naming the key."""
     if kernel_options is None:
@@ -89,17 +107,7 @@ def check_kernel_options(kernel_options: Mapping[str, Any] | None) -> dict[str, 
                 f"kernel_options has an unknown key {key!r}; the forward reads {', '.join(FORWARD_KEYS)} "
                 f"(backward keys: {', '.join(_BACKWARD_KEYS)} or 'bwd_*'; decode keys: 'decode_*')"
             )
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"kernel_options[{key!r}] must be an int, got {value!r}")
-        if key in ("BLOCK_M", "BLOCK_N") and not (_is_power_of_two(value) and MIN_TILE <= value <= MAX_TILE):
-            raise ValueError(
-                f"kernel_options[{key!r}] must be a power of two from {MIN_TILE} to {MAX_TILE}, got {value} "
-                f"(tiles under {MIN_TILE} give wrong results on the GPU)"
-            )
-        if key == "num_warps" and value not in _WARPS:
-            raise ValueError(f"kernel_options['num_warps'] must be one of {_WARPS}, got {value}")
-        if key == "num_stages" and not 1 <= value <= _MAX_STAGES:
-            raise ValueError(f"kernel_options['num_stages'] must be from 1 to {_MAX_STAGES}, got {value}")
+        check_option_value(key, value, kind="tile" if key in ("BLOCK_M", "BLOCK_N") else key)
         options[key] = value
     return options
 
@@ -124,7 +132,7 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _fit_tile(default: int, length: int, mask_block: int, mask_blocks: int) -> int | None:
+def fit_tile(default: int, length: int, mask_block: int, mask_blocks: int) -> int | None:
     """The largest power-of-two tile <= default that is not much longer than length and divides the mask block."""
     tile = max(MIN_TILE, min(default, _next_power_of_two(length)))
     if mask_blocks == 1:
@@ -157,7 +165,7 @@ def forward_tiles_unsupported_reason(
                     f"{block}; use a power of two dividing it, or build the mask with a BLOCK_SIZE that is a "
                     f"multiple of {options[key]}"
                 )
-        elif _fit_tile(MIN_TILE, length, block, blocks) is None:
+        elif fit_tile(MIN_TILE, length, block, blocks) is None:
             return (
                 f"the BlockMask's {axis} block size {block} is not a multiple of {MIN_TILE}; the pallas_triton "
                 f"kernels need tiles of at least {MIN_TILE} rows dividing it (build the mask with BLOCK_SIZE a "
@@ -189,8 +197,8 @@ def forward_config(
     if reason is not None:
         raise ValueError(reason)
     default = default_forward_config(head_dim, dtype)
-    block_m = options.get("BLOCK_M") or _fit_tile(default.block_m, q_len, mask_block_size[0], mask_num_blocks[0])
-    block_n = options.get("BLOCK_N") or _fit_tile(default.block_n, kv_len, mask_block_size[1], mask_num_blocks[1])
+    block_m = options.get("BLOCK_M") or fit_tile(default.block_m, q_len, mask_block_size[0], mask_num_blocks[0])
+    block_n = options.get("BLOCK_N") or fit_tile(default.block_n, kv_len, mask_block_size[1], mask_num_blocks[1])
     return Config(
         block_m=block_m,
         block_n=block_n,
