@@ -48,7 +48,7 @@ from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_triton import _tile, backward
 from flexattn_jax.backends.pallas_triton import config as config_lib
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
-from flexattn_jax.backends.pallas_triton.forward import _div, _pad_axis, _rem, padded_head_dim, visit_key_tile
+from flexattn_jax.backends.pallas_triton.forward import _div, _pad_axis, _rem, padded_head_dim
 
 __all__ = [
     "MAX_DECODE_Q_LEN",
@@ -237,7 +237,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     bg, split = pl.program_id(0), pl.program_id(1)
     b, hg = plan.batch_group(bg)
     h, q_idx = _row_heads_and_queries(plan, hg)
-    sub = plan.kv_tiles_per_block
+    block_n, sub = plan.block_n, plan.kv_tiles_per_block
     q = q_ref[...]
 
     # This program's share of the row's key tiles: partial tiles are numbered [0, num_partial), full ones after.
@@ -247,13 +247,27 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     lo = split * chunk
     hi = jnp.minimum(lo + chunk, total)
 
-    step = functools.partial(
-        visit_key_tile, walk=plan, q=q, b=b, h=h, q_idx=q_idx, k_ref=k_ref, v_ref=v_ref,
-        score_mod=score_mod, score_refs=score_refs, mask_mod=mask_mod, mask_refs=mask_refs,
-    )
-
     def visit(state, idx_ref, start, stop, is_full_block: bool):
-        body = functools.partial(step, idx_ref=idx_ref, is_full_block=is_full_block)
+        def body(it, state):
+            if sub == 1:
+                kv_start = idx_ref[it] * plan.kv_block
+            else:
+                kv_start = idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+            load_start = jnp.minimum(kv_start, plan.kv_pad - block_n) if plan.clamp_kv else kv_start
+            rows = pl.ds(pl.multiple_of(load_start, block_n), block_n)
+            k = k_ref[rows, :]
+            v = v_ref[rows, :]
+            kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+            mod_kv = jnp.minimum(kv_idx, plan.kv_len - 1) if plan.mask_kv_bounds else kv_idx
+            s = _tile.score_tile(q, k, plan.scale)
+            s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, q_idx, mod_kv)
+            allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, q_idx, mod_kv, is_full_block=is_full_block)
+            if plan.mask_kv_bounds:
+                in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
+                allowed = in_bounds if allowed is None else allowed & in_bounds
+            s = _tile.mask_scores(s, allowed)
+            return _tile.softmax_update(state, s, v)
+
         return lax.fori_loop(start, stop, body, state)
 
     state = _tile.softmax_init(plan.rows, v_ref.shape[-1])

@@ -28,7 +28,7 @@ from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_triton import _tile
 from flexattn_jax.backends.pallas_triton.config import MIN_TILE, Config
 
-__all__ = ["flex_forward", "padded_head_dim", "visit_key_tile"]
+__all__ = ["flex_forward", "padded_head_dim"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -84,38 +84,6 @@ def _rem(x, n: int):
     return jnp.int32(0) if n == 1 else lax.rem(x, jnp.int32(n))
 
 
-def visit_key_tile(
-    it, state, *, walk, idx_ref, is_full_block: bool, q, b, h, q_idx, k_ref, v_ref,
-    score_mod: ModProgram, score_refs, mask_mod: ModProgram, mask_refs,
-):
-    """One iteration of a kernel's key loop (forward and decode): the ``it``-th key tile of the blocks ``idx_ref``
-    lists, through scores, score_mod, mask and the online-softmax update.
-
-    ``walk`` is the kernel's static plan, read for: block_n, kv_tiles_per_block (key tiles per mask block), kv_block
-    (keys per mask block), kv_len, kv_pad, clamp_kv, mask_kv_bounds and scale. ``q_idx`` is the rows' query
-    positions as the mods see them, and h the head (a scalar, or [rows, 1] when rows hold several heads).
-    """
-    block_n, sub = walk.block_n, walk.kv_tiles_per_block
-    if sub == 1:
-        kv_start = idx_ref[it] * walk.kv_block
-    else:
-        kv_start = idx_ref[_div(it, sub)] * walk.kv_block + _rem(it, sub) * block_n
-    load_start = jnp.minimum(kv_start, walk.kv_pad - block_n) if walk.clamp_kv else kv_start
-    rows = pl.ds(pl.multiple_of(load_start, block_n), block_n)
-    k = k_ref[rows, :]
-    v = v_ref[rows, :]
-    kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
-    mod_kv = jnp.minimum(kv_idx, walk.kv_len - 1) if walk.mask_kv_bounds else kv_idx
-    s = _tile.score_tile(q, k, walk.scale)
-    s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, q_idx, mod_kv)
-    allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, q_idx, mod_kv, is_full_block=is_full_block)
-    if walk.mask_kv_bounds:
-        in_bounds = jnp.broadcast_to(kv_idx < walk.kv_len, s.shape)
-        allowed = in_bounds if allowed is None else allowed & in_bounds
-    s = _tile.mask_scores(s, allowed)
-    return _tile.softmax_update(state, s, v)
-
-
 def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     q_ref, k_ref, v_ref, kv_num_ref, kv_idx_ref, *refs = refs
     if plan.has_full:
@@ -126,18 +94,34 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
 
     i, bh = pl.program_id(0), pl.program_id(1)
     b, h = plan.batch_head(bh)
-    block_m, sub = plan.block_m, plan.kv_tiles_per_block
+    block_m, block_n = plan.block_m, plan.block_n
     q = q_ref[...]
-    q_idx = i * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-    # The mods see in-range positions only; positions past the ends are masked (keys) or dropped (queries).
-    mod_q = q_idx if plan.mod_q_max is None else jnp.minimum(q_idx, plan.mod_q_max)
-    step = functools.partial(
-        visit_key_tile, walk=plan, q=q, b=b, h=h, q_idx=mod_q, k_ref=k_ref, v_ref=v_ref,
-        score_mod=score_mod, score_refs=score_refs, mask_mod=mask_mod, mask_refs=mask_refs,
-    )
+    q_start = i * block_m
+    sub = plan.kv_tiles_per_block
 
     def visit(state, num_ref, idx_ref, is_full_block: bool):
-        body = functools.partial(step, idx_ref=idx_ref, is_full_block=is_full_block)
+        def body(it, state):
+            if sub == 1:
+                kv_start = idx_ref[it] * plan.kv_block
+            else:
+                kv_start = idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+            load_start = jnp.minimum(kv_start, plan.kv_pad - block_n) if plan.clamp_kv else kv_start
+            rows = pl.ds(pl.multiple_of(load_start, block_n), block_n)
+            k = k_ref[rows, :]
+            v = v_ref[rows, :]
+            q_idx, kv_idx = _tile.index_tiles(q_start, kv_start, block_m, block_n)
+            # The mods see in-range positions only; positions past the ends are masked (keys) or dropped (queries).
+            mod_q = q_idx if plan.mod_q_max is None else jnp.minimum(q_idx, plan.mod_q_max)
+            mod_kv = jnp.minimum(kv_idx, plan.kv_len - 1) if plan.mask_kv_bounds else kv_idx
+            s = _tile.score_tile(q, k, plan.scale)
+            s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, mod_q, mod_kv)
+            allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, mod_q, mod_kv, is_full_block=is_full_block)
+            if plan.mask_kv_bounds:
+                in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
+                allowed = in_bounds if allowed is None else allowed & in_bounds
+            s = _tile.mask_scores(s, allowed)
+            return _tile.softmax_update(state, s, v)
+
         return lax.fori_loop(0, num_ref[...] * sub, body, state)
 
     state = _tile.softmax_init(block_m, v_ref.shape[-1])
