@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from flexattn_jax import _validation
-from flexattn_jax.backends import pallas_triton, reference
+from flexattn_jax.backends import pallas_mosaic, pallas_triton, reference
 from flexattn_jax.block_mask import BlockMask, noop_mask
 from flexattn_jax.mods import identity
 
-__all__ = ["flex_attention", "IMPLEMENTATIONS"]
+__all__ = ["flex_attention", "explain_implementation", "Choice", "IMPLEMENTATIONS"]
 
 # Every value `implementation=` accepts; None picks the best one available for the platform and inputs.
-IMPLEMENTATIONS = ("reference", "pallas_triton")
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 
 
 def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
@@ -25,33 +25,116 @@ def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
     return BlockMask.from_block_maps(~one, one, BLOCK_SIZE=(q_len, kv_len), seq_lengths=(q_len, kv_len))
 
 
-def _choose_implementation(implementation, interpret, query, key, value, block_mask, kernel_options) -> str:
+class Choice(NamedTuple):
+    """Which implementation ``flex_attention`` runs for some inputs, and why each other one was not chosen.
+
+    Attributes:
+      implementation: one of ``IMPLEMENTATIONS``.
+      reasons: for each implementation not run, why (unsupported inputs, platform, or preference).
+    """
+
+    implementation: str
+    reasons: dict[str, str]
+
+
+def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options) -> Choice:
     """The implementation to run, decided from the platform and the inputs alone (never by trying one)."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "reference":
-        return "reference"
     on_gpu = jax.default_backend() == "gpu"
-    if implementation is None and not (on_gpu or interpret):
-        return "reference"
-    reason = pallas_triton.unsupported_reason(
-        query,
-        key,
-        value,
-        block_size=block_mask.BLOCK_SIZE,
-        num_blocks=block_mask.num_blocks,
-        kernel_options=kernel_options,
+    sizes = dict(block_size=block_mask.BLOCK_SIZE, num_blocks=block_mask.num_blocks, kernel_options=kernel_options)
+    # Invalid kernel_options raise whichever implementation runs.
+    triton_reason = pallas_triton.unsupported_reason(query, key, value, **sizes)
+    if implementation == "reference":
+        return Choice("reference", {"pallas_triton": "implementation='reference' was asked for",
+                                    "pallas_mosaic": "implementation='reference' was asked for"})
+    if implementation == "pallas_triton" or (implementation is None and interpret):
+        if triton_reason is not None:
+            if implementation is None:
+                return Choice("reference", {"pallas_triton": triton_reason, "pallas_mosaic": "interpret=True"})
+            raise ValueError(f"implementation='pallas_triton' cannot serve these inputs: {triton_reason}")
+        if not (on_gpu or interpret):
+            raise ValueError(
+                f"implementation='pallas_triton' needs a CUDA GPU, but the default backend is {jax.default_backend()!r}; "
+                "pass interpret=True to run it in interpret mode on the CPU"
+            )
+        other = "implementation='pallas_triton' was asked for" if implementation else "interpret=True"
+        return Choice("pallas_triton", {"reference": other, "pallas_mosaic": other})
+
+    if implementation is None and not on_gpu:
+        why = f"the default backend is {jax.default_backend()!r}, not a CUDA GPU"
+        return Choice("reference", {"pallas_triton": why, "pallas_mosaic": why})
+    mosaic_reason = pallas_mosaic.unsupported_reason(
+        query, key, value, score_mod=score_mod, mask_mod=mask_mod, interpret=interpret, **sizes
     )
-    if implementation is None:
-        return "pallas_triton" if reason is None else "reference"
-    if reason is not None:
-        raise ValueError(f"implementation='pallas_triton' cannot serve these inputs: {reason}")
-    if not (on_gpu or interpret):
-        raise ValueError(
-            f"implementation='pallas_triton' needs a CUDA GPU, but the default backend is {jax.default_backend()!r}; "
-            "pass interpret=True to run it in interpret mode on the CPU"
-        )
-    return "pallas_triton"
+    if implementation == "pallas_mosaic":
+        if mosaic_reason is not None:
+            raise ValueError(f"implementation='pallas_mosaic' cannot serve these inputs: {mosaic_reason}")
+        if not on_gpu:
+            raise ValueError(
+                f"implementation='pallas_mosaic' needs a Hopper GPU, but the default backend is "
+                f"{jax.default_backend()!r}; it has no interpret mode (use pallas_triton with interpret=True)"
+            )
+        asked = "implementation='pallas_mosaic' was asked for"
+        return Choice("pallas_mosaic", {"reference": asked, "pallas_triton": asked})
+
+    # implementation is None, on a GPU, not interpreted.
+    if mosaic_reason is None and not pallas_mosaic.is_hopper():
+        mosaic_reason = "pallas_mosaic needs a Hopper GPU (compute capability 9.x)"
+    if mosaic_reason is None and pallas_triton.uses_decode_kernel(query, key, **sizes):
+        mosaic_reason = "short queries (decoding) run faster on pallas_triton's split-KV decode kernel"
+    if mosaic_reason is None:
+        return Choice("pallas_mosaic", {"reference": "a kernel serves these inputs",
+                                        "pallas_triton": "pallas_mosaic serves these inputs on this Hopper GPU"})
+    if triton_reason is None:
+        return Choice("pallas_triton", {"reference": "a kernel serves these inputs", "pallas_mosaic": mosaic_reason})
+    return Choice("reference", {"pallas_triton": triton_reason, "pallas_mosaic": mosaic_reason})
+
+
+def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options):
+    """Validates the arguments and fills in the defaults: (score_mod, block_mask, mask_mod, scale)."""
+    _validation.check_qkv(query, key, value, enable_gqa)
+    _validation.check_scale(scale)
+    if score_mod is None:
+        score_mod = identity
+    _validation.check_score_mod(score_mod)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if block_mask is None:
+        block_mask = _full_attention_block_mask(q_len, kv_len)
+    else:
+        _validation.check_block_mask(block_mask, query, key)
+    if kernel_options is not None and not isinstance(kernel_options, Mapping):
+        raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
+    return score_mod, block_mask, mask_mod, scale
+
+
+def explain_implementation(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    score_mod: Callable | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    implementation: str | None = None,
+    interpret: bool = False,
+    kernel_options: Mapping[str, Any] | None = None,
+) -> Choice:
+    """Which implementation ``flex_attention`` would run with these arguments, and why not the others.
+
+    Takes ``flex_attention``'s arguments (arrays or ``jax.ShapeDtypeStruct``); runs nothing.
+
+    >>> import jax, jax.numpy as jnp, flexattn_jax as fa
+    >>> q = jax.ShapeDtypeStruct((1, 2, 256, 64), jnp.float32)
+    >>> fa.explain_implementation(q, q, q).implementation  # on a CPU
+    'reference'
+    """
+    score_mod, block_mask, mask_mod, _ = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa,
+                                                  kernel_options)
+    return _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
 
 
 def flex_attention(
@@ -78,8 +161,9 @@ def flex_attention(
       scale: multiplies q.k before score_mod; defaults to 1 / sqrt(E).
       enable_gqa: allow Hq to be a multiple of Hkv (query head h reads key/value head h // (Hq // Hkv)).
       return_lse: also return the log-sum-exp of the (modified) scores.
-      implementation: None for the best available (``"pallas_triton"`` on a GPU, or with ``interpret=True``, when it
-        supports the inputs; else ``"reference"``), or one of ``IMPLEMENTATIONS``.
+      implementation: None for the best available, or one of ``IMPLEMENTATIONS``. None picks ``"pallas_mosaic"``
+        on a Hopper GPU when it supports the inputs, else ``"pallas_triton"`` on a GPU (or with ``interpret=True``)
+        when it supports them, else ``"reference"``; ``explain_implementation`` says which and why.
       interpret: run a Pallas implementation in interpret mode (on the CPU).
       kernel_options: kernel tunables (tile sizes, warps, stages); the reference ignores them.
 
@@ -93,23 +177,32 @@ def flex_attention(
     >>> fa.flex_attention(q, k, v, block_mask=mask).shape
     (1, 2, 256, 64)
     """
-    _validation.check_qkv(query, key, value, enable_gqa)
-    _validation.check_scale(scale)
-    if score_mod is None:
-        score_mod = identity
-    _validation.check_score_mod(score_mod)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if block_mask is None:
-        block_mask = _full_attention_block_mask(q_len, kv_len)
-    else:
-        _validation.check_block_mask(block_mask, query, key)
-    if kernel_options is not None and not isinstance(kernel_options, Mapping):
-        raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-
-    implementation = _choose_implementation(implementation, interpret, query, key, value, block_mask, kernel_options)
-    mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
+    score_mod, block_mask, mask_mod, scale = _prepare(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+    )
+    implementation = _choose(
+        implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
+    ).implementation
+    if implementation == "pallas_mosaic":
+        out, lse = pallas_mosaic.attention(
+            query,
+            key,
+            value,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            kv_num_blocks=block_mask.kv_num_blocks,
+            kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks,
+            full_kv_indices=block_mask.full_kv_indices,
+            q_num_blocks=block_mask.q_num_blocks,
+            q_indices=block_mask.q_indices,
+            full_q_num_blocks=block_mask.full_q_num_blocks,
+            full_q_indices=block_mask.full_q_indices,
+            block_size=block_mask.BLOCK_SIZE,
+            scale=float(scale),
+            kernel_options=kernel_options,
+        )
+        return (out, lse) if return_lse else out
     if implementation == "pallas_triton":
         out, lse = pallas_triton.attention(
             query,

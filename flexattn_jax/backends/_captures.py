@@ -130,9 +130,13 @@ class ModProgram:
         """For each const, whether it is floating (gets a gradient in the backward pass)."""
         return tuple(bool(jnp.issubdtype(a.dtype, jnp.inexact)) for a in self.const_avals)
 
-    def __call__(self, const_refs: Sequence[Any], *args):
-        """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel)."""
-        return _Interpreter(const_refs, _plain_load)(self.jaxpr, args)
+    def __call__(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
+        """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel).
+
+        ``load(const, ref, index)`` reads a const (``index`` None: the whole const, else a tuple of int scalars or
+        tiles); the default indexes the ref, which suits the Triton lowering.
+        """
+        return _Interpreter(const_refs, load or _plain_load)(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
@@ -328,7 +332,8 @@ class _Interpreter:
         return [value[..., k] for k in range(count)]
 
     def squeeze_last(self, var, read_raw, producers):
-        """var [..., 1] without its last axis, reading through a broadcast_in_dim that only appended it."""
+        """var [..., 1] without its last axis, reading through a broadcast_in_dim that only appended it; a scalar
+        broadcast to a tile (``ids[b, q_idx]`` broadcasts b) stays the scalar."""
         eqn = producers.get(var)
         if eqn is not None and eqn.primitive.name == "broadcast_in_dim":
             src = eqn.invars[0]
@@ -337,6 +342,14 @@ class _Interpreter:
                 tuple(eqn.params["broadcast_dimensions"]) == tuple(range(rank - 1))
                 and tuple(src.aval.shape) == tuple(var.aval.shape[:-1])
             ):
+                inner = producers.get(src)
+                if (
+                    inner is not None
+                    and inner.primitive.name == "broadcast_in_dim"
+                    and not isinstance(inner.invars[0], jex_core.Literal)
+                    and inner.invars[0].aval.ndim == 0
+                ):
+                    return self.value(read_raw(inner.invars[0]))
                 return self.value(read_raw(src))
         return self.value(read_raw(var))[..., 0]
 
@@ -403,14 +416,17 @@ def _default_fill(dtype):
 # ----------------------------------------------------------------------------------------- tracing, hoisting
 
 
-def tile_avals(block_m: int, block_n: int, *, score: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The abstract arguments mods receive in kernels: (score [BM, BN] f32,) b, h, q_idx [BM, 1], kv_idx [1, BN]."""
+def tile_avals(block_m: int, block_n: int, *, score: bool, full: bool = False) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The abstract arguments mods receive in kernels: (score [BM, BN] f32,) b, h, q_idx [BM, 1], kv_idx [1, BN].
+
+    ``full``: both index tiles are [BM, BN] (the Mosaic GPU kernels, whose register layouts are for whole tiles).
+    """
     i32 = jnp.int32
     avals = (
         jax.ShapeDtypeStruct((), i32),
         jax.ShapeDtypeStruct((), i32),
-        jax.ShapeDtypeStruct((block_m, 1), i32),
-        jax.ShapeDtypeStruct((1, block_n), i32),
+        jax.ShapeDtypeStruct((block_m, block_n) if full else (block_m, 1), i32),
+        jax.ShapeDtypeStruct((block_m, block_n) if full else (1, block_n), i32),
     )
     return ((jax.ShapeDtypeStruct((block_m, block_n), jnp.float32),) if score else ()) + avals
 
@@ -498,16 +514,16 @@ def _check_kernel_safe(jaxpr, const_vars: set, label: str) -> None:
                 _check_kernel_safe(inner, set(), label)
 
 
-def trace_score_mod(score_mod: Callable, block_m: int, block_n: int):
+def trace_score_mod(score_mod: Callable, block_m: int, block_n: int, full: bool = False):
     """``trace_mod`` for a score_mod on [block_m, block_n] tiles; checks it returns a floating tile."""
-    program, consts = trace_mod(score_mod, tile_avals(block_m, block_n, score=True), name="score_mod")
+    program, consts = trace_mod(score_mod, tile_avals(block_m, block_n, score=True, full=full), name="score_mod")
     _check_out(program, block_m, block_n, floating=True)
     return program, consts
 
 
-def trace_mask_mod(mask_mod: Callable, block_m: int, block_n: int):
+def trace_mask_mod(mask_mod: Callable, block_m: int, block_n: int, full: bool = False):
     """``trace_mod`` for a mask_mod on [block_m, block_n] tiles; checks it returns a boolean tile."""
-    program, consts = trace_mod(mask_mod, tile_avals(block_m, block_n, score=False), name="mask_mod")
+    program, consts = trace_mod(mask_mod, tile_avals(block_m, block_n, score=False, full=full), name="mask_mod")
     _check_out(program, block_m, block_n, floating=False)
     return program, consts
 
@@ -528,8 +544,10 @@ def _check_out(program: ModProgram, block_m: int, block_n: int, floating: bool) 
         )
 
 
-def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, int]], *, score: bool):
+def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, ...]], *, score: bool):
     """Traces one mod for several tile shapes (forward and backward kernels) with one set of consts.
+
+    Each tile is ``(block_m, block_n)``, or ``(block_m, block_n, True)`` for whole-tile indices (see ``tile_avals``).
 
     The work hoisted out of the kernel does not depend on the tile shape, so every tracing hoists the same arrays;
     the first tracing's consts serve all programs (pass them once, e.g. as a ``custom_vjp``'s primal inputs).
@@ -539,8 +557,8 @@ def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, int]], *, score: b
     """
     trace = trace_score_mod if score else trace_mask_mod
     programs, consts = [], None
-    for block_m, block_n in tiles:
-        program, these = trace(mod, block_m, block_n)
+    for block_m, block_n, *full in tiles:
+        program, these = trace(mod, block_m, block_n, *full)
         if consts is None:
             consts = these
         # Same structure for every tile shape; a mod whose captured work depended on it would be caught here.

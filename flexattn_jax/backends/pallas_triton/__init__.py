@@ -14,7 +14,7 @@ from flexattn_jax.backends.pallas_triton import config as _config
 from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
 
-__all__ = ["attention", "unsupported_reason", "MAX_HEAD_DIM"]
+__all__ = ["attention", "unsupported_reason", "uses_decode_kernel", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 
@@ -43,6 +43,18 @@ def unsupported_reason(
         mask_block_size=tuple(block_size),
         mask_num_blocks=tuple(num_blocks),
     )
+
+
+def uses_decode_kernel(query, key, *, block_size, num_blocks, kernel_options) -> bool:
+    """Whether ``attention`` runs these inputs on the split-KV decode kernel (short queries)."""
+    reason = _decode.unsupported_reason(
+        query.shape,
+        key.shape,
+        mask_block_size=tuple(block_size),
+        mask_num_blocks=tuple(num_blocks),
+        kernel_options=kernel_options,
+    )
+    return reason is None
 
 
 def attention(
@@ -83,16 +95,7 @@ def attention(
     if reason is not None:
         raise ValueError(reason)
     implementation = _vjp.attention
-    if (
-        _decode.unsupported_reason(
-            query.shape,
-            key.shape,
-            mask_block_size=tuple(block_size),
-            mask_num_blocks=tuple(kv_indices.shape[-2:]),
-            kernel_options=kernel_options,
-        )
-        is None
-    ):
+    if uses_decode_kernel(query, key, block_size=block_size, num_blocks=kv_indices.shape[-2:], kernel_options=kernel_options):
         # Short queries (decoding): the split-KV kernel; see decode.py.
         implementation = _decode.attention
     return implementation(

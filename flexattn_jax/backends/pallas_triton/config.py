@@ -8,8 +8,8 @@
   that axis.
 * ``num_warps`` (1, 2, 4, 8, 16) and ``num_stages`` (1 to 8): the Triton launch parameters of the forward.
 * keys of the backward kernels (``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2`` and any key starting with
-  ``bwd_``) and of the decode kernel (starting with ``decode_``) pass through here untouched; those kernels check
-  them.
+  ``bwd_``), of the decode kernel (starting with ``decode_``) and of the Mosaic GPU forward (starting with
+  ``mosaic_``) pass through here untouched; those kernels check them.
 
 Any other key raises, so that a typo does not go unnoticed.
 
@@ -41,7 +41,7 @@ __all__ = [
 
 FORWARD_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _BACKWARD_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-_OTHER_PREFIXES = ("bwd_", "decode_")
+_OTHER_PREFIXES = ("bwd_", "decode_", "mosaic_")
 MIN_TILE = 16  # 8 x 8 tiles lower without complaint and give wrong results on an H100
 MAX_TILE = 256
 _WARPS = (1, 2, 4, 8, 16)
@@ -105,7 +105,8 @@ def check_kernel_options(kernel_options: Mapping[str, Any] | None) -> dict[str, 
         if key not in FORWARD_KEYS:
             raise ValueError(
                 f"kernel_options has an unknown key {key!r}; the forward reads {', '.join(FORWARD_KEYS)} "
-                f"(backward keys: {', '.join(_BACKWARD_KEYS)} or 'bwd_*'; decode keys: 'decode_*')"
+                f"(backward keys: {', '.join(_BACKWARD_KEYS)} or 'bwd_*'; decode keys: 'decode_*'; "
+                "pallas_mosaic keys: 'mosaic_*')"
             )
         check_option_value(key, value, kind="tile" if key in ("BLOCK_M", "BLOCK_N") else key)
         options[key] = value

@@ -14,7 +14,7 @@ The forward keeps (q, k, v, out, lse) and the hoisted arrays; nothing of size L 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,16 @@ from flexattn_jax.backends.pallas_triton import _tile, backward
 from flexattn_jax.backends.pallas_triton import config as config_lib
 from flexattn_jax.backends.pallas_triton.forward import flex_forward, padded_head_dim
 
-__all__ = ["attention"]
+__all__ = ["ForwardKernel", "attention"]
+
+
+class ForwardKernel(Protocol):
+    """A forward kernel ``attention`` can differentiate with the Triton backward kernels."""
+
+    tile: tuple  # the tile its mods are traced for, as ``_captures.trace_for_tiles`` takes it
+
+    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists, score_program, mask_program):
+        """(out, lse) as ``flex_forward`` returns them; ``kv_lists`` a ``backward.BlockLists``."""
 
 
 @jax.tree_util.register_static
@@ -176,6 +185,7 @@ def attention(
     scale: float,
     kernel_options: Mapping[str, Any] | None = None,
     interpret: bool = False,
+    forward: ForwardKernel | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable flex attention on the Pallas Triton kernels.
 
@@ -189,6 +199,8 @@ def attention(
       kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
         ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``) kernels.
       interpret: run the kernels in interpret mode (on the CPU).
+      forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
+        kernels only need its (out, lse).
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32 (-inf where a query attends nowhere);
@@ -209,7 +221,7 @@ def attention(
 
     # The mods, traced for the forward's, the dK/dV kernel's and the dQ kernel's tiles, with one set of arrays.
     tiles = [
-        (fwd_config.block_m, fwd_config.block_n),
+        (fwd_config.block_m, fwd_config.block_n) if forward is None else forward.tile,
         (plan.dkdv.block_m, plan.dkdv.block_n),
         (plan.dq.block_m, plan.dq.block_n),
     ]
@@ -223,6 +235,8 @@ def attention(
         q_lists = backward.BlockLists(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
 
     def run_forward(q, k, v, score_consts, mask_consts, kv_lists):
+        if forward is not None:
+            return forward(q, k, v, score_consts, mask_consts, kv_lists, score_programs[0], mask_programs[0])
         return flex_forward(
             q,
             k,

@@ -1,0 +1,221 @@
+"""flex attention with a Pallas Mosaic GPU forward kernel for Hopper (sm90), differentiable through the Triton
+backward kernels.
+
+The API asks ``unsupported_reason`` first (the reason is what ``flexattn_jax.explain_implementation`` reports), then
+calls ``attention`` with plain arrays. The forward is ``forward.py``; the gradient reuses the saved (out, lse) with
+the dK/dV and dQ kernels of ``pallas_triton`` (a Mosaic GPU backward is not written yet).
+
+``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile) and
+``mosaic_num_stages`` (2 to 4: shared-memory slots of the key/value ring). The backward's keys pass through to the
+Triton backward; the Triton forward's keys are accepted and unused.
+
+Mosaic GPU's interpret mode cannot run wgmma on this JAX, so the kernel runs on a Hopper GPU only; without one the
+tests lower it for CUDA (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` under an abstract H100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flexattn_jax.backends import _captures
+from flexattn_jax.backends.pallas_mosaic import forward as _forward
+from flexattn_jax.backends.pallas_triton import config as _triton_config
+from flexattn_jax.backends.pallas_triton import vjp as _vjp
+from flexattn_jax.backends.pallas_triton.backward import BlockLists
+
+__all__ = ["attention", "unsupported_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
+
+OPTION_KEYS = ("mosaic_block_n", "mosaic_num_stages")
+HEAD_DIMS = (64, 128, 256)
+_BLOCK_NS = (64, 128)
+_MAX_STAGES = 4
+_SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
+
+
+def is_hopper() -> bool:
+    """The default device is a CUDA GPU of compute capability 9.x."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
+    options = {}
+    for key, value in (kernel_options or {}).items():
+        if key not in OPTION_KEYS:
+            if isinstance(key, str) and key.startswith("mosaic_"):
+                raise ValueError(f"kernel_options has an unknown key {key!r}; pallas_mosaic reads {', '.join(OPTION_KEYS)}")
+            continue
+        _triton_config.check_option_value(key, value, kind="int")
+        if key == "mosaic_block_n" and value not in _BLOCK_NS:
+            raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
+        if key == "mosaic_num_stages" and not 2 <= value <= _MAX_STAGES:
+            raise ValueError(f"kernel_options['mosaic_num_stages'] must be from 2 to {_MAX_STAGES}, got {value}")
+        options[key] = value
+    return options
+
+
+def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) -> tuple[_forward.Config | None, str]:
+    """The launch configuration, or None and why no configuration fits."""
+    options = _options(kernel_options)
+    default_n = 128 if head_dim <= 128 else 64
+    kv_block, num_kv_blocks = mask_block_size[1], mask_num_blocks[1]
+    if "mosaic_block_n" in options:
+        block_n = options["mosaic_block_n"]
+        candidates = [block_n]
+    else:
+        candidates = [n for n in (default_n, 64) if n <= default_n]
+    fitting = [n for n in candidates if num_kv_blocks == 1 or kv_block % n == 0]
+    if not fitting:
+        return None, (
+            f"pallas_mosaic needs the BlockMask's KV_BLOCK to be a multiple of the key tile {candidates}, "
+            f"got KV_BLOCK={kv_block}"
+        )
+    block_n = fitting[0]
+    stages = options.get("mosaic_num_stages", 2)
+    smem = 2 * head_dim * (_forward.Q_TILE + 2 * stages * block_n) + 4 * _forward.Q_TILE
+    if smem > _SMEM_BYTES:
+        return None, (
+            f"pallas_mosaic with mosaic_block_n={block_n}, mosaic_num_stages={stages} and head dim {head_dim} needs "
+            f"{smem} bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
+        )
+    return _forward.Config(block_n=block_n, num_stages=stages), ""
+
+
+def unsupported_reason(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    score_mod: Callable,
+    mask_mod: Callable,
+    block_size: tuple[int, int],
+    num_blocks: tuple[int, int],
+    kernel_options: Mapping[str, Any] | None,
+    interpret: bool = False,
+) -> str | None:
+    """None when ``attention`` serves these inputs; otherwise what is unsupported and what is.
+
+    Invalid ``kernel_options`` raise here (ValueError/TypeError).
+    """
+    _triton_config.check_kernel_options(kernel_options)
+    _options(kernel_options)
+    if interpret:
+        return "pallas_mosaic has no interpret mode (Mosaic GPU's interpreter cannot run wgmma); it needs a Hopper GPU"
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"pallas_mosaic supports bfloat16 and float16, got {jnp.dtype(query.dtype).name} (pallas_triton serves it)"
+    head_dim, value_dim = query.shape[-1], value.shape[-1]
+    if head_dim != value_dim or head_dim not in HEAD_DIMS:
+        return f"pallas_mosaic supports equal query and value head dims in {HEAD_DIMS}, got E={head_dim}, Ev={value_dim}"
+    if num_blocks[0] > 1 and block_size[0] % _forward.Q_TILE:
+        return (
+            f"pallas_mosaic needs the BlockMask's Q_BLOCK to be a multiple of {_forward.Q_TILE}, got {block_size[0]}"
+        )
+    config, why = _config(kernel_options, head_dim=head_dim, mask_block_size=block_size, mask_num_blocks=num_blocks)
+    if config is None:
+        return why
+    tile = (_forward.BLOCK_M, config.block_n)
+    for mod, is_score in ((score_mod, True), (mask_mod, False)):
+        (program,), _ = _captures.trace_for_tiles(mod, [(*tile, True)], score=is_score)
+        reason = _forward.unsupported_mod_reason(program, config.block_n)
+        if reason is not None:
+            return reason
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _MosaicForward:
+    """The Mosaic GPU forward as the ``forward`` of the Triton ``custom_vjp``."""
+
+    config: _forward.Config
+    mask_block_size: tuple[int, int]
+    scale: float
+
+    @property
+    def tile(self):
+        return (_forward.BLOCK_M, self.config.block_n, True)
+
+    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists: BlockLists, score_program, mask_program):
+        return _forward.flex_forward(
+            q,
+            k,
+            v,
+            score_consts,
+            mask_consts,
+            *kv_lists.arrays_with_none(),
+            score_mod=score_program,
+            mask_mod=mask_program,
+            config=self.config,
+            mask_block_size=self.mask_block_size,
+            scale=self.scale,
+        )
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    score_mod: Callable,
+    mask_mod: Callable,
+    kv_num_blocks: jax.Array,
+    kv_indices: jax.Array,
+    full_kv_num_blocks: jax.Array | None,
+    full_kv_indices: jax.Array | None,
+    q_num_blocks: jax.Array | None = None,
+    q_indices: jax.Array | None = None,
+    full_q_num_blocks: jax.Array | None = None,
+    full_q_indices: jax.Array | None = None,
+    block_size: tuple[int, int],
+    scale: float,
+    kernel_options: Mapping[str, Any] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """flex attention: out [B, Hq, L, E] and lse [B, Hq, L] float32, differentiable; arguments as
+    ``pallas_triton.attention``. Raises ValueError when ``unsupported_reason`` is not None."""
+    block_size = tuple(int(b) for b in block_size)
+    num_blocks = tuple(kv_indices.shape[-2:])
+    reason = unsupported_reason(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        block_size=block_size,
+        num_blocks=num_blocks,
+        kernel_options=kernel_options,
+    )
+    if reason is not None:
+        raise ValueError(reason)
+    config, _ = _config(kernel_options, head_dim=query.shape[-1], mask_block_size=block_size, mask_num_blocks=num_blocks)
+    return _vjp.attention(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks,
+        full_kv_indices=full_kv_indices,
+        q_num_blocks=q_num_blocks,
+        q_indices=q_indices,
+        full_q_num_blocks=full_q_num_blocks,
+        full_q_indices=full_q_indices,
+        block_size=block_size,
+        scale=scale,
+        kernel_options=_triton_options(kernel_options),
+        forward=_MosaicForward(config, block_size, float(scale)),
+    )
+
+
+def _triton_options(kernel_options):
+    """The options the Triton backward reads (the Mosaic ones removed)."""
+    if kernel_options is None:
+        return None
+    return {k: v for k, v in kernel_options.items() if k not in OPTION_KEYS}

@@ -1,0 +1,570 @@
+"""The flex-attention forward as a Pallas Mosaic GPU kernel for Hopper (sm90): TMA, wgmma, warpgroup specialisation.
+
+One program per (128 queries, query head, batch), three warpgroups:
+
+* the **memory warpgroup** walks the BlockMask row of its query tile (the partial blocks, then the full ones) and
+  issues TMA copies of each key/value tile into a ring of ``num_stages`` shared-memory slots; a slot is refilled once
+  both compute warpgroups have arrived on its "consumed" barrier;
+* two **compute warpgroups**, 64 queries each, run S = Q K^T with wgmma into registers, apply the score_mod, the
+  mask_mod (partial blocks only: a full block never evaluates it) and the bounds of a padded key tail, fold the tile
+  into an online softmax, and accumulate P V with wgmma. A shared "schedule" barrier alternates the two warpgroups'
+  use of the tensor cores, so that one computes its softmax while the other multiplies (the FlashAttention-3 ping-pong,
+  Shah et al. 2024).
+
+The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., full=True)``); arrays
+they close over are read at scalar indices only (``slopes[h]``, a 0-d offset): Mosaic GPU has no gather from
+registers, so ``unsupported_reason`` refuses mods that index a captured array with q_idx or kv_idx and the caller
+falls back to the Triton kernels.
+
+Softmax in base 2, as in ``pallas_triton._tile``: a row with nothing allowed keeps a running maximum of -inf and is
+exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flexattn_jax.backends._captures import ModProgram
+
+__all__ = ["BLOCK_M", "COMPUTE_WARPGROUPS", "Config", "ReadSite", "analyze_reads", "flex_forward", "unsupported_mod_reason"]
+
+BLOCK_M = 64  # query rows per compute warpgroup: one wgmma M tile
+COMPUTE_WARPGROUPS = 2
+Q_TILE = BLOCK_M * COMPUTE_WARPGROUPS  # queries per program
+_LOG2_E = math.log2(math.e)
+_LN_2 = math.log(2.0)
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Static launch configuration.
+
+    Attributes:
+      block_n: keys per TMA copy and per wgmma tile (64 or 128).
+      num_stages: shared-memory slots of the key/value ring (at least 2).
+    """
+
+    block_n: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadSite:
+    """How the kernel reads a captured array at one indexing expression of a mod.
+
+    kind: "whole" (a 0-d array), "scalar" (every index a scalar: ``slopes[h]``), "row" (``axis`` indexed by q_idx
+    itself, the others scalars: ``ids[q_idx]``, ``ids[b, q_idx]``) or "column" (``axis`` indexed by kv_idx itself).
+    A row or column read is one contiguous vector load per tile, broadcast across the tile.
+    """
+
+    kind: str
+    axis: int = -1
+
+
+class _SiteRecorder:
+    """A ``ModProgram`` load that classifies each read from the index values it receives."""
+
+    def __init__(self, q_idx, kv_idx):
+        self.q_idx, self.kv_idx = q_idx, kv_idx
+        self.sites: list[ReadSite | str] = []  # a ReadSite, or what makes the read impossible in this kernel
+        self.consts: list[int] = []  # the const each read touches
+
+    def __call__(self, const, ref, index):
+        self.consts.append(const)
+        if index is None:
+            if ref.ndim:
+                self.sites.append(f"uses the captured array {const} of shape {list(ref.shape)} whole")
+            else:
+                self.sites.append(ReadSite("whole"))
+            return ref[...]
+        tiles = [d for d, i in enumerate(index) if jnp.ndim(i) > 0]
+        if not tiles:
+            self.sites.append(ReadSite("scalar"))
+        elif len(tiles) == 1 and jnp.shape(index[tiles[0]]) == self.q_idx.shape:
+            tile = index[tiles[0]]
+            if bool(jnp.all(tile == self.q_idx)):
+                self.sites.append(ReadSite("row", tiles[0]))
+            elif bool(jnp.all(tile == self.kv_idx)):
+                self.sites.append(ReadSite("column", tiles[0]))
+            else:
+                self.sites.append(None)
+        else:
+            self.sites.append(None)
+        if self.sites[-1] is None:
+            self.sites[-1] = (
+                f"indexes the captured array {const} of shape {list(ref.shape)} with a function of q_idx or kv_idx "
+                "other than q_idx or kv_idx themselves"
+            )
+        return ref[tuple(index)]
+
+
+def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
+    """Classifies every read of a captured array in ``program`` (traced for whole [BLOCK_M, block_n] tiles).
+
+    Returns ``(sites, None)`` in the order the interpreter performs the reads, or ``(None, why)`` when a read has no
+    Mosaic GPU form (a gather at a computed index, such as ``table[h, q_idx - kv_idx]``). The classification is
+    checked at the start, the middle and the end of each array that a row or column read walks, so that an index
+    that only agrees with q_idx somewhere (``ids[jnp.minimum(q_idx, 100)]``) is not taken for q_idx.
+    """
+    if not program.num_consts:
+        return (), None
+    shape = (BLOCK_M, block_n)
+    consts = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
+    num_args = len(program.jaxpr.invars) - program.num_consts
+    score = [jnp.zeros(shape, jnp.float32)] if num_args == 5 else []
+
+    def record(q_start: int, kv_start: int):
+        q_idx = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
+        kv_idx = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_start
+        recorder = _SiteRecorder(q_idx, kv_idx)
+        program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=recorder)
+        return recorder
+
+    with jax.default_device(jax.devices("cpu")[0]), jax.ensure_compile_time_eval():
+        first = record(0, 0)
+        problem = next((site for site in first.sites if isinstance(site, str)), None)
+        if problem is not None:
+            return None, problem
+
+        def room(kind: str, size: int) -> int:
+            lengths = [program.const_avals[c].shape[site.axis] for c, site in zip(first.consts, first.sites)
+                       if site.kind == kind]
+            return max(min(lengths, default=size) - size, 0)
+
+        q_room, kv_room = room("row", BLOCK_M), room("column", block_n)
+        for q_start, kv_start in ((q_room // 2, kv_room // 2), (q_room, kv_room)):
+            again = record(q_start, kv_start)
+            if again.sites != first.sites:
+                problem = next((site for site in again.sites if isinstance(site, str)), None)
+                return None, problem or "reads its captured arrays differently at different positions"
+    return tuple(first.sites), None
+
+
+def unsupported_mod_reason(program: ModProgram, block_n: int) -> str | None:
+    """None when the kernel can evaluate ``program``; else what it does that Mosaic GPU cannot (a gather)."""
+    _, problem = analyze_reads(program, block_n)
+    if problem is None:
+        return None
+    return (
+        f"{program.name} {problem}; pallas_mosaic reads arrays a mod closes over at scalar indices (b, h), with "
+        "q_idx or kv_idx themselves (ids[q_idx], ids[b, kv_idx]), or whole when 0-d"
+    )
+
+
+def _site_load(sites: Sequence[ReadSite], q_start, kv_start, block_n: int):
+    """A ``ModProgram`` load performing the reads ``analyze_reads`` classified, in the same order."""
+    remaining = iter(sites)
+    shape = (BLOCK_M, block_n)
+
+    def load(const, ref, index):
+        site = next(remaining)
+        if site.kind == "whole":
+            return ref[...]
+        if site.kind == "scalar":
+            return ref[tuple(index)]
+        index = list(index)
+        if site.kind == "row":
+            index[site.axis] = pl.ds(q_start, BLOCK_M)
+            layout, dims = plgpu.Layout.WGMMA.reduce(1), (0,)
+        else:
+            index[site.axis] = pl.ds(kv_start, block_n)
+            layout, dims = plgpu.Layout.WGMMA.reduce(0), (1,)
+        vector = plgpu.load(ref.at[tuple(index)], layout=layout, optimized=False)
+        return lax.broadcast_in_dim(vector, shape, dims)
+
+    return load
+
+
+def _is_identity(program: ModProgram) -> bool:
+    """The score_mod returns its score argument unchanged (no equations)."""
+    jaxpr = program.jaxpr
+    return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[program.num_consts]
+
+
+def _is_everywhere(program: ModProgram) -> bool:
+    """The mask_mod allows every position (a literal True, broadcast or not)."""
+    jaxpr = program.jaxpr
+    if len(jaxpr.eqns) > 1:
+        return False
+    out = jaxpr.outvars[0]
+    if jaxpr.eqns:
+        eqn = jaxpr.eqns[0]
+        if eqn.primitive.name != "broadcast_in_dim" or eqn.outvars[0] is not out:
+            return False
+        out = eqn.invars[0]
+    return hasattr(out, "val") and bool(out.val)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static facts of one launch."""
+
+    q_heads: int
+    group: int  # query heads per key/value head
+    mask_batch: int  # 1 (broadcast) or B
+    mask_heads: int  # 1 (broadcast) or Hq
+    q_tiles_per_row: int  # query tiles (of Q_TILE) per mask block row; 0 when the mask has a single row
+    kv_tiles_per_block: int  # key tiles (of block_n) per mask block
+    kv_block: int  # keys per mask block (the padded length when the mask has one column)
+    kv_len: int
+    mask_kv_bounds: bool  # some visited key tile reaches past kv_len
+    has_full: bool
+    apply_score_mod: bool
+    apply_mask_mod: bool
+    scale: float
+    num_score_consts: int
+    num_mask_consts: int
+    block_n: int
+    num_stages: int
+    dtype: jnp.dtype
+    score_sites: tuple[ReadSite, ...]
+    mask_sites: tuple[ReadSite, ...]
+
+
+def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_q_tiles: int):
+    q_ref, k_ref, v_ref, num_ref, idx_ref, *refs = refs
+    if plan.has_full:
+        full_num_ref, full_idx_ref, *refs = refs
+    score_refs = refs[: plan.num_score_consts]
+    mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
+    out_ref, lse_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
+    block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
+    head_dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
+
+    # The heaviest query tiles of a causal mask are the last ones: schedule them first.
+    q_tile = num_q_tiles - 1 - lax.axis_index("q")
+    h = lax.axis_index("heads")
+    b = lax.axis_index("batch")
+    kv_head = lax.div(h, jnp.int32(plan.group)) if plan.group > 1 else h
+    mb = b if plan.mask_batch > 1 else jnp.int32(0)
+    mh = h if plan.mask_heads > 1 else jnp.int32(0)
+    row = lax.div(q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
+    sub = plan.kv_tiles_per_block
+    num_partial = num_ref[mb, mh, row] * sub
+    num_full = full_num_ref[mb, mh, row] * sub if plan.has_full else jnp.int32(0)
+    num_steps = num_partial + num_full
+
+    def kv_start(step):
+        """The first key of step ``step``: partial blocks first, then full ones."""
+
+        def from_list(ref, t):
+            block = t if sub == 1 else lax.div(t, jnp.int32(sub))
+            start = ref[mb, mh, row, block] * plan.kv_block
+            return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * block_n
+
+        if not plan.has_full:
+            return from_list(idx_ref, step)
+        in_partial = step < num_partial
+        # Both reads are in range: the index arrays are [..., KVB] and each t is clamped to 0 when unused.
+        partial = from_list(idx_ref, jnp.where(in_partial, step, 0))
+        full = from_list(full_idx_ref, jnp.where(in_partial, 0, step - num_partial))
+        return jnp.where(in_partial, partial, full)
+
+    def body(smem, ready, consumed, schedule):
+        q_smem2, k_smem, v_smem, lse_smem2 = smem
+        k_ready, v_ready, q_ready = ready
+        k_consumed, v_consumed = consumed
+        wg = lax.axis_index("wg")
+
+        def schedule_barrier():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        @pl.when(wg < COMPUTE_WARPGROUPS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+            q_base = q_tile * Q_TILE + wg * BLOCK_M
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, BLOCK_M)], q_smem, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
+            row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
+            acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            @pl.when(num_steps > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[0])
+
+            pl.when(wg == 1)(schedule_barrier)
+
+            def step_fn(step, carry, *, is_full_block: bool):
+                acc, row_max, row_sum = carry
+                slot = lax.rem(step, jnp.int32(stages))
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+
+                needs_mask = plan.mask_kv_bounds or (plan.apply_mask_mod and not is_full_block)
+                if plan.apply_score_mod or needs_mask:
+                    first_key = kv_start(step)
+                    q_idx = q_base + plgpu.broadcasted_iota(
+                        jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
+                    )
+                    kv_idx = first_key + plgpu.broadcasted_iota(
+                        jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
+                    )
+                if plan.apply_score_mod:
+                    s = s * jnp.float32(plan.scale)
+                    load = _site_load(plan.score_sites, q_base, first_key, block_n)
+                    s = score_mod(score_refs, s, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
+                    s2 = s * jnp.float32(_LOG2_E)
+                else:
+                    s2 = s * jnp.float32(plan.scale * _LOG2_E)
+                if needs_mask:
+                    allowed = None
+                    if plan.apply_mask_mod and not is_full_block:
+                        load = _site_load(plan.mask_sites, q_base, first_key, block_n)
+                        allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+                    if plan.mask_kv_bounds:
+                        in_bounds = kv_idx < plan.kv_len
+                        allowed = in_bounds if allowed is None else allowed & in_bounds
+                    s2 = jnp.where(allowed, s2, jnp.float32(_NEG_INF))
+
+                new_max = jnp.maximum(row_max, s2.max(axis=1))
+                # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
+                shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
+                correction = jnp.exp2(row_max - shift)
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+                row_sum = row_sum * correction + p.sum(axis=1)
+                p_low = p.astype(dtype)
+                # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
+                acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
+                plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(schedule)
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_low, v_smem.at[slot])
+                    next_step = step + 1
+
+                    @pl.when(next_step < num_steps)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(next_step, jnp.int32(stages))])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, new_max, row_sum
+
+            carry = (acc, row_max, row_sum)
+            carry = lax.fori_loop(0, num_partial, functools.partial(step_fn, is_full_block=False), carry)
+            if plan.has_full:
+                carry = lax.fori_loop(num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry)
+            acc, row_max, row_sum = carry
+            pl.when(wg == 0)(schedule_barrier)
+
+            has_any = row_sum > 0
+            inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
+            out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
+            lse = jnp.where(has_any, (row_max + jnp.log2(jnp.where(has_any, row_sum, 1.0))) * _LN_2, _NEG_INF)
+            # The query tile is free again: stage the output through it.
+            q_smem[...] = out.astype(dtype)
+            lse_smem[...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WARPGROUPS)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def issue(step, slot):
+                rows = pl.ds(kv_start(step), block_n)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_smem.at[slot], v_ready.at[slot])
+
+            for slot in range(stages):
+
+                @pl.when(slot < num_steps)
+                def _():
+                    issue(jnp.int32(slot), slot)
+
+            @pl.loop(0, jnp.maximum(num_steps - stages, 0))
+            def _(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                rows = pl.ds(kv_start(step + stages), block_n)
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_smem.at[slot], k_ready.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_smem.at[slot], v_ready.at[slot])
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    pl.run_scoped(
+        body,
+        (
+            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32),
+        ),
+        (
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+        ),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+        collective_axes="wg",
+    )
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _pad_walked(consts, program: ModProgram, sites, block_n: int, q_pad: int, kv_pad: int):
+    """Pads (repeating the last entry) each axis a row read walks to q_pad and a column read walks to kv_pad."""
+    if not sites:
+        return tuple(consts)
+    recorder_consts = _read_order(program, block_n)
+    consts = list(consts)
+    for const, site in zip(recorder_consts, sites):
+        if site.kind in ("row", "column"):
+            target = q_pad if site.kind == "row" else kv_pad
+            x = consts[const]
+            if x.shape[site.axis] < target:
+                widths = [(0, 0)] * x.ndim
+                widths[site.axis] = (0, target - x.shape[site.axis])
+                consts[const] = jnp.pad(x, widths, mode="edge")
+    return tuple(consts)
+
+
+def _read_order(program: ModProgram, block_n: int) -> list[int]:
+    """The const each read of ``program`` touches, in the interpreter's order."""
+    touched = []
+
+    def load(const, ref, index):
+        touched.append(const)
+        return ref[...] if index is None else ref[tuple(index)]
+
+    consts = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in program.jaxpr.invars[program.num_consts :]]
+    jax.eval_shape(lambda *args: program(consts, *args, load=load), *avals)
+    return touched
+
+
+def flex_forward(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    score_consts: Sequence[jax.Array],
+    mask_consts: Sequence[jax.Array],
+    kv_num_blocks: jax.Array,
+    kv_indices: jax.Array,
+    full_kv_num_blocks: jax.Array | None,
+    full_kv_indices: jax.Array | None,
+    *,
+    score_mod: ModProgram,
+    mask_mod: ModProgram,
+    config: Config,
+    mask_block_size: tuple[int, int],
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The forward kernel on plain arrays.
+
+    Args:
+      query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, E]: bfloat16 or float16, E a multiple of 64 up
+        to 256; Hq a multiple of Hkv.
+      score_consts, mask_consts: the arrays hoisted for the mods (read at scalar indices only).
+      kv_num_blocks [Bm, Hm, QB], kv_indices [Bm, Hm, QB, KVB] and the full pair (or None): the BlockMask. Its
+        Q_BLOCK is a multiple of 128 and its KV_BLOCK of ``config.block_n``, unless it has one block on that axis.
+      score_mod, mask_mod: programs traced for whole [64, block_n] tiles.
+      config: the key tile and pipeline depth.
+      mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
+      scale: multiplies q.k before score_mod.
+
+    Returns:
+      out [B, Hq, L, E] in the query's dtype, lse [B, Hq, L] float32 (natural log; -inf and out 0 where a query
+      attends nowhere).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
+    mask_q_block, mask_kv_block = mask_block_size
+    num_q_blocks, num_kv_blocks = kv_indices.shape[-2:]
+    block_n = config.block_n
+    assert num_q_blocks == 1 or mask_q_block % Q_TILE == 0, mask_block_size
+    assert num_kv_blocks == 1 or mask_kv_block % block_n == 0, (mask_block_size, config)
+
+    q_pad = -(-q_len // Q_TILE) * Q_TILE
+    if num_kv_blocks == 1:
+        kv_pad = -(-kv_len // block_n) * block_n
+        kv_block = kv_pad
+    else:
+        kv_block = mask_kv_block
+        kv_pad = num_kv_blocks * mask_kv_block
+    score_sites, problem = analyze_reads(score_mod, block_n)
+    assert problem is None, problem
+    mask_sites, problem = analyze_reads(mask_mod, block_n)
+    assert problem is None, problem
+    # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
+    score_consts = _pad_walked(score_consts, score_mod, score_sites, block_n, q_pad, kv_pad)
+    mask_consts = _pad_walked(mask_consts, mask_mod, mask_sites, block_n, q_pad, kv_pad)
+    query = _pad_axis(query, 2, q_pad)
+    key = _pad_axis(key, 2, kv_pad)
+    value = _pad_axis(value, 2, kv_pad)
+    has_full = full_kv_num_blocks is not None
+    plan = _Plan(
+        q_heads=q_heads,
+        group=q_heads // kv_heads,
+        mask_batch=kv_num_blocks.shape[0],
+        mask_heads=kv_num_blocks.shape[1],
+        q_tiles_per_row=0 if num_q_blocks == 1 else mask_q_block // Q_TILE,
+        kv_tiles_per_block=kv_block // block_n,
+        kv_block=kv_block,
+        kv_len=kv_len,
+        mask_kv_bounds=kv_pad > kv_len,
+        has_full=has_full,
+        apply_score_mod=not _is_identity(score_mod),
+        apply_mask_mod=not _is_everywhere(mask_mod),
+        scale=float(scale),
+        num_score_consts=len(score_consts),
+        num_mask_consts=len(mask_consts),
+        block_n=block_n,
+        num_stages=config.num_stages,
+        dtype=jnp.dtype(query.dtype),
+        score_sites=score_sites,
+        mask_sites=mask_sites,
+    )
+    num_q_tiles = q_pad // Q_TILE
+    inputs = [query, key, value, kv_num_blocks.astype(jnp.int32), kv_indices.astype(jnp.int32)]
+    if has_full:
+        inputs += [full_kv_num_blocks.astype(jnp.int32), full_kv_indices.astype(jnp.int32)]
+    inputs += [*score_consts, *mask_consts]
+    kernel = functools.partial(_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles)
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=[
+            jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_dim), query.dtype),
+            jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32),
+        ],
+        grid=(num_q_tiles, q_heads, batch),
+        grid_names=("q", "heads", "batch"),
+        num_threads=COMPUTE_WARPGROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*inputs)
+    if q_pad != q_len:
+        out, lse = out[:, :, :q_len], lse[:, :, :q_len]
+    return out, lse

@@ -1,0 +1,235 @@
+"""The pallas_mosaic (Mosaic GPU, Hopper) forward: CUDA lowering and the choice of implementation on this machine;
+the comparisons with the reference, forward and gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import flexattn_jax as fa
+from flexattn_jax.backends import pallas_mosaic
+from tests._helpers import MOD_CASES, assert_close, random_qkv
+from tests.conftest import HAS_GPU
+
+_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+
+# Mods that index a captured array at a computed position: Mosaic GPU cannot gather, pallas_triton serves them.
+_GATHERING = {"relative_bias_table"}
+_SUPPORTED = [case for case in MOD_CASES if case.name not in _GATHERING]
+
+
+def _block_mask(mask_mod, B, L, S, block_size=128):
+    if mask_mod is None:
+        return None
+    return fa.create_block_mask(mask_mod, B, None, L, S, BLOCK_SIZE=block_size)
+
+
+def _lists(q, k, block_mask):
+    if block_mask is None:
+        block_mask = fa.create_block_mask(fa.noop_mask, None, None, q.shape[2], k.shape[2])
+    return block_mask
+
+
+def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None):
+    block_mask = _lists(q, k, _block_mask(mask_mod, q.shape[0], q.shape[2], k.shape[2]))
+    mask_mod = block_mask.mask_mod or fa.noop_mask
+
+    def forward(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices):
+        return pallas_mosaic.attention(
+            q,
+            k,
+            v,
+            score_mod=score_mod or fa.identity,
+            mask_mod=mask_mod,
+            kv_num_blocks=kv_num_blocks,
+            kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks,
+            full_kv_indices=full_kv_indices,
+            block_size=block_mask.BLOCK_SIZE,
+            scale=0.125,
+            kernel_options=kernel_options,
+        )
+
+    args = (q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        lowered = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "mosaic_gpu" in text
+    return text
+
+
+@pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
+def test_every_supported_mod_lowers_for_cuda(case):
+    B, Hq, Hkv, L, S = 2, 4, 2, 300, 200
+    q, k, v = random_qkv(0, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=64, Ev=64, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 0)
+    _lower_for_cuda(q, k, v, mask_mod, score_mod)
+
+
+@pytest.mark.parametrize(
+    "head_dim, dtype, options",
+    [(128, jnp.float16, None), (256, jnp.bfloat16, None), (128, jnp.bfloat16, {"mosaic_block_n": 64,
+                                                                              "mosaic_num_stages": 3})],
+    ids=["f16-128", "bf16-256", "bn64-3stages"],
+)
+def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
+    _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), kernel_options=options)
+
+
+@pytest.mark.parametrize("name", sorted(_GATHERING))
+def test_gathering_mods_are_refused_with_the_reason(name):
+    case = next(c for c in MOD_CASES if c.name == name)
+    B, H, L = 2, 2, 256
+    q, k, v = random_qkv(2, B=B, Hq=H, Hkv=H, L=L, S=L, E=64, Ev=64, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, H, L, L, 2)
+    block_mask = _block_mask(mask_mod, B, L, L)
+    choice = fa.explain_implementation(q, k, v, score_mod, block_mask, implementation=None)
+    assert choice.implementation == "reference"  # this machine has no GPU
+    with pytest.raises(ValueError, match="other than q_idx or kv_idx themselves; pallas_mosaic reads arrays"):
+        _lower_for_cuda(q, k, v, mask_mod, score_mod)
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, block_size, options, match",
+    [
+        (jnp.float32, 64, 128, None, "supports bfloat16 and float16, got float32"),
+        (jnp.bfloat16, 96, 128, None, r"head dims in \(64, 128, 256\), got E=96"),
+        (jnp.bfloat16, 64, 64, None, "Q_BLOCK to be a multiple of 128, got 64"),
+        (jnp.bfloat16, 64, (128, 32), None, "KV_BLOCK to be a multiple of the key tile"),
+        (jnp.bfloat16, 256, 128, {"mosaic_block_n": 128, "mosaic_num_stages": 4}, "bytes of shared memory"),
+    ],
+    ids=["f32", "head-96", "q-block-64", "kv-block-32", "smem"],
+)
+def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, options, match):
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=2, L=256, S=256, E=head_dim, Ev=head_dim, dtype=dtype)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 256, 256, BLOCK_SIZE=block_size)
+    reason = pallas_mosaic.unsupported_reason(
+        q, k, v, score_mod=fa.identity, mask_mod=fa.causal_mask, block_size=block_mask.BLOCK_SIZE,
+        num_blocks=block_mask.num_blocks, kernel_options=options,
+    )
+    assert reason is not None and pytest.importorskip("re").search(match, reason), reason
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
+     ({"mosaic_tile": 64}, ValueError)],
+)
+def test_bad_kernel_options_raise(options, error):
+    q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
+    with pytest.raises(error, match="mosaic_"):
+        pallas_mosaic.unsupported_reason(q, k, v, score_mod=fa.identity, mask_mod=fa.noop_mask, block_size=(128, 128),
+                                         num_blocks=(1, 1), kernel_options=options)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the CPU's answers")
+def test_choice_on_cpu_explains_itself():
+    q = jax.ShapeDtypeStruct((1, 2, 256, 64), jnp.bfloat16)
+    choice = fa.explain_implementation(q, q, q)
+    assert choice.implementation == "reference"
+    assert "not a CUDA GPU" in choice.reasons["pallas_mosaic"]
+    assert fa.explain_implementation(q, q, q, interpret=True).implementation == "pallas_triton"
+    with pytest.raises(ValueError, match="needs a Hopper GPU"):
+        x = jnp.ones((1, 2, 256, 64), jnp.bfloat16)
+        fa.flex_attention(x, x, x, implementation="pallas_mosaic")
+    with pytest.raises(ValueError, match="no interpret mode"):
+        x = jnp.ones((1, 2, 256, 64), jnp.bfloat16)
+        fa.flex_attention(x, x, x, implementation="pallas_mosaic", interpret=True)
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+
+
+def _compare_on_gpu(q, k, v, mask_mod, score_mod, *, block_size=128, kernel_options=None, grads=True):
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    block_mask = _block_mask(mask_mod, B, L, S, block_size)
+    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    choice = fa.explain_implementation(q, k, v, score_mod, block_mask, enable_gqa=True)
+    assert choice.implementation == "pallas_mosaic", choice.reasons
+
+    def run(implementation, q, k, v):
+        return fa.flex_attention(q, k, v, implementation=implementation, kernel_options=kernel_options, **common)
+
+    out, lse = jax.jit(lambda *a: run("pallas_mosaic", *a))(q, k, v)
+    ref_out, ref_lse = run("reference", q, k, v)
+    assert_close(out, ref_out, q.dtype, "out")
+    assert_close(lse, ref_lse, q.dtype, "lse")
+    if grads:
+        cotangent = jax.random.normal(jax.random.key(99), out.shape, jnp.float32)
+
+        def loss(implementation, q, k, v):
+            return jnp.sum(run(implementation, q, k, v)[0].astype(jnp.float32) * cotangent)
+
+        got = jax.jit(jax.grad(lambda *a: loss("pallas_mosaic", *a), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(q, k, v)
+        for name, g, w in zip("qkv", got, want):
+            assert_close(g, w, q.dtype, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
+def test_gpu_every_supported_mod_matches_reference(case):
+    B, Hq, Hkv, L, S = 2, 4, 2, 1000, 777
+    q, k, v = random_qkv(5, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 5)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "head_dim, dtype, options",
+    [(64, jnp.bfloat16, None), (256, jnp.float16, None), (128, jnp.bfloat16, {"mosaic_block_n": 64,
+                                                                             "mosaic_num_stages": 3})],
+    ids=["bf16-64", "f16-256", "bn64-3stages"],
+)
+def test_gpu_head_dims_and_options(head_dim, dtype, options):
+    q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
+    _compare_on_gpu(q, k, v, fa.sliding_window_mask(300), fa.tanh_softcap(30.0), kernel_options=options)
+
+
+@pytest.mark.gpu
+def test_gpu_fully_masked_rows_give_zero_and_minus_inf():
+    q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
+
+    def upper_half_attends_nowhere(b, h, q_idx, kv_idx):
+        return (q_idx < 256) & (kv_idx <= q_idx)
+
+    _compare_on_gpu(q, k, v, upper_half_attends_nowhere, None)
+    block_mask = _block_mask(upper_half_attends_nowhere, 1, 512, 512)
+    out, lse = fa.flex_attention(q, k, v, block_mask=block_mask, return_lse=True, implementation="pallas_mosaic")
+    assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
+    assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
+
+
+def _program(mod, score=False):
+    from flexattn_jax.backends import _captures
+
+    (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, True)], score=score)
+    return program
+
+
+def test_reads_by_q_idx_or_kv_idx_themselves_are_rows_and_columns():
+    from flexattn_jax.backends.pallas_mosaic.forward import ReadSite, analyze_reads
+
+    ids = jnp.arange(1000, dtype=jnp.int32) // 300
+    sites, problem = analyze_reads(_program(fa.and_masks(fa.causal_mask, fa.document_mask(ids))), 128)
+    assert problem is None and sites == (ReadSite("row", 0), ReadSite("column", 0))
+    sites, _ = analyze_reads(_program(fa.document_mask(jnp.stack([ids, ids[::-1]]))), 128)
+    assert sites == (ReadSite("row", 1), ReadSite("column", 1))  # ids[b, q_idx]: b stays a scalar
+    sites, _ = analyze_reads(_program(fa.alibi_bias(jnp.ones(4)), score=True), 128)
+    assert sites == (ReadSite("scalar"),)
+
+
+def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
+    from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads
+
+    ids = jnp.arange(1000, dtype=jnp.int32) // 300
+
+    def clamped(b, h, q_idx, kv_idx):
+        return ids[jnp.minimum(q_idx, 100)] == ids[kv_idx]
+
+    _, problem = analyze_reads(_program(clamped), 128)
+    assert "other than q_idx or kv_idx themselves" in problem
+    _, problem = analyze_reads(_program(fa.relative_position_bias(jnp.ones((4, 33))), score=True), 128)
+    assert "other than q_idx or kv_idx themselves" in problem
