@@ -1,6 +1,7 @@
 """The flex-attention forward as a Pallas Mosaic GPU kernel for Hopper (sm90): TMA, wgmma, warpgroup specialisation.
 
-One program per (128 queries, query head, batch), three warpgroups:
+A persistent grid: one program per SM, each taking work items (128 queries of one head of one batch row) in turn,
+with three warpgroups:
 
 * the **memory warpgroup** walks the BlockMask row of its query tile (the partial blocks, then the full ones) and
   issues TMA copies of each key/value tile into a ring of ``num_stages`` shared-memory slots; a slot is refilled once
@@ -231,44 +232,68 @@ class _Plan:
     mask_sites: tuple[ReadSite, ...]
 
 
-def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_q_tiles: int):
+class _Item:
+    """One unit of work, (query tile, head, batch) number ``work`` of ``num_q_tiles * Hq * B``, and its mask row."""
+
+    def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs):
+        num_ref, idx_ref, full_num_ref, full_idx_ref = refs
+        q_tile_rev = lax.rem(work, jnp.int32(num_q_tiles))
+        bh = lax.div(work, jnp.int32(num_q_tiles))
+        # Within a head, the heaviest query tiles of a causal mask (the last ones) come first.
+        self.q_tile = num_q_tiles - 1 - q_tile_rev
+        self.h = lax.rem(bh, jnp.int32(plan.q_heads))
+        self.b = lax.div(bh, jnp.int32(plan.q_heads))
+        self.kv_head = lax.div(self.h, jnp.int32(plan.group)) if plan.group > 1 else self.h
+        self.mb = self.b if plan.mask_batch > 1 else jnp.int32(0)
+        self.mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
+        self.row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
+        self.sub = plan.kv_tiles_per_block
+        self.plan = plan
+        self.idx_ref, self.full_idx_ref = idx_ref, full_idx_ref
+        self.num_partial = num_ref[self.mb, self.mh, self.row] * self.sub
+        num_full = full_num_ref[self.mb, self.mh, self.row] * self.sub if plan.has_full else jnp.int32(0)
+        self.num_steps = self.num_partial + num_full
+
+    def kv_start(self, step):
+        """The first key of step ``step``: partial blocks first, then full ones."""
+        sub, plan = self.sub, self.plan
+
+        def from_list(ref, t):
+            block = t if sub == 1 else lax.div(t, jnp.int32(sub))
+            start = ref[self.mb, self.mh, self.row, block] * plan.kv_block
+            return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * plan.block_n
+
+        if not plan.has_full:
+            return from_list(self.idx_ref, step)
+        in_partial = step < self.num_partial
+        # Both reads are in range: the index arrays are [..., KVB] and each t is clamped to 0 when unused.
+        partial = from_list(self.idx_ref, jnp.where(in_partial, step, 0))
+        full = from_list(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
+        return jnp.where(in_partial, partial, full)
+
+
+def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_q_tiles: int, num_programs: int):
     q_ref, k_ref, v_ref, num_ref, idx_ref, *refs = refs
+    full_num_ref = full_idx_ref = None
     if plan.has_full:
         full_num_ref, full_idx_ref, *refs = refs
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
     out_ref, lse_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
     block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
-    head_dim, value_dim = q_ref.shape[-1], v_ref.shape[-1]
+    value_dim = v_ref.shape[-1]
+    head_dim = q_ref.shape[-1]
+    list_refs = (num_ref, idx_ref, full_num_ref, full_idx_ref)
 
-    # The heaviest query tiles of a causal mask are the last ones: schedule them first.
-    q_tile = num_q_tiles - 1 - lax.axis_index("q")
-    h = lax.axis_index("heads")
-    b = lax.axis_index("batch")
-    kv_head = lax.div(h, jnp.int32(plan.group)) if plan.group > 1 else h
-    mb = b if plan.mask_batch > 1 else jnp.int32(0)
-    mh = h if plan.mask_heads > 1 else jnp.int32(0)
-    row = lax.div(q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
-    sub = plan.kv_tiles_per_block
-    num_partial = num_ref[mb, mh, row] * sub
-    num_full = full_num_ref[mb, mh, row] * sub if plan.has_full else jnp.int32(0)
-    num_steps = num_partial + num_full
+    # A persistent grid: program p takes work items p, p + P, p + 2P, ... The key/value ring and its barriers carry
+    # on from one item to the next (``base`` counts the steps before the item), so the memory warpgroup fetches the
+    # next item's first tiles while the compute warpgroups finish the current one.
+    program = lax.axis_index("sm")
+    total = num_q_tiles * plan.q_heads * out_ref.shape[0]
+    num_items = lax.div(jnp.int32(total) - program + jnp.int32(num_programs - 1), jnp.int32(num_programs))
 
-    def kv_start(step):
-        """The first key of step ``step``: partial blocks first, then full ones."""
-
-        def from_list(ref, t):
-            block = t if sub == 1 else lax.div(t, jnp.int32(sub))
-            start = ref[mb, mh, row, block] * plan.kv_block
-            return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * block_n
-
-        if not plan.has_full:
-            return from_list(idx_ref, step)
-        in_partial = step < num_partial
-        # Both reads are in range: the index arrays are [..., KVB] and each t is clamped to 0 when unused.
-        partial = from_list(idx_ref, jnp.where(in_partial, step, 0))
-        full = from_list(full_idx_ref, jnp.where(in_partial, 0, step - num_partial))
-        return jnp.where(in_partial, partial, full)
+    def item(i):
+        return _Item(program + i * num_programs, plan, num_q_tiles, list_refs)
 
     def body(smem, ready, consumed, schedule):
         q_smem2, k_smem, v_smem, lse_smem2 = smem
@@ -284,127 +309,145 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
-            q_base = q_tile * Q_TILE + wg * BLOCK_M
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, BLOCK_M)], q_smem, q_ready.at[wg])
-            plgpu.barrier_wait(q_ready.at[wg])
 
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
-            row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
-            row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
-            acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            def run_item(i, base):
+                it = item(i)
+                b, h = it.b, it.h
+                num_steps = it.num_steps
+                q_base = it.q_tile * Q_TILE + wg * BLOCK_M
+                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, BLOCK_M)], q_smem, q_ready.at[wg])
+                plgpu.barrier_wait(q_ready.at[wg])
 
-            @pl.when(num_steps > 0)
-            def _():
-                plgpu.barrier_wait(k_ready.at[0])
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+                row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
+                row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
+                acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            pl.when(wg == 1)(schedule_barrier)
+                @pl.when(num_steps > 0)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-            def step_fn(step, carry, *, is_full_block: bool):
+                pl.when(wg == 1)(schedule_barrier)
+
+                def step_fn(step, carry, *, is_full_block: bool):
+                    acc, row_max, row_sum = carry
+                    slot = lax.rem(base + step, jnp.int32(stages))
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        schedule_barrier()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+
+                    needs_mask = plan.mask_kv_bounds or (plan.apply_mask_mod and not is_full_block)
+                    if plan.apply_score_mod or needs_mask:
+                        first_key = it.kv_start(step)
+                        q_idx = q_base + plgpu.broadcasted_iota(
+                            jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
+                        )
+                        kv_idx = first_key + plgpu.broadcasted_iota(
+                            jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
+                        )
+                    if plan.apply_score_mod:
+                        s = s * jnp.float32(plan.scale)
+                        load = _site_load(plan.score_sites, q_base, first_key, block_n)
+                        s = score_mod(score_refs, s, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
+                        s2 = s * jnp.float32(_LOG2_E)
+                    else:
+                        s2 = s * jnp.float32(plan.scale * _LOG2_E)
+                    if needs_mask:
+                        allowed = None
+                        if plan.apply_mask_mod and not is_full_block:
+                            load = _site_load(plan.mask_sites, q_base, first_key, block_n)
+                            allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+                        if plan.mask_kv_bounds:
+                            in_bounds = kv_idx < plan.kv_len
+                            allowed = in_bounds if allowed is None else allowed & in_bounds
+                        s2 = jnp.where(allowed, s2, jnp.float32(_NEG_INF))
+
+                    new_max = jnp.maximum(row_max, s2.max(axis=1))
+                    # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
+                    shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
+                    correction = jnp.exp2(row_max - shift)
+                    p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
+                    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+                    row_sum = row_sum * correction + p.sum(axis=1)
+                    p_low = p.astype(dtype)
+                    # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
+                    acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
+                    plgpu.barrier_arrive(schedule)
+                    plgpu.barrier_wait(v_ready.at[slot])
+                    plgpu.barrier_wait(schedule)
+
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p_low, v_smem.at[slot])
+                        next_step = step + 1
+
+                        @pl.when(next_step < num_steps)
+                        def _():
+                            plgpu.barrier_wait(k_ready.at[lax.rem(base + next_step, jnp.int32(stages))])
+
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(v_consumed.at[slot])
+                    return acc, new_max, row_sum
+
+                carry = (acc, row_max, row_sum)
+                carry = lax.fori_loop(0, it.num_partial, functools.partial(step_fn, is_full_block=False), carry)
+                if plan.has_full:
+                    carry = lax.fori_loop(
+                        it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
+                    )
                 acc, row_max, row_sum = carry
-                slot = lax.rem(step, jnp.int32(stages))
+                pl.when(wg == 0)(schedule_barrier)
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                    schedule_barrier()
-                    return acc_ref[...]
+                has_any = row_sum > 0
+                inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
+                out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
+                lse = jnp.where(has_any, (row_max + jnp.log2(jnp.where(has_any, row_sum, 1.0))) * _LN_2, _NEG_INF)
+                # The query tile is free again: stage the output through it.
+                q_smem[...] = out.astype(dtype)
+                lse_smem[...] = lse
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                # The next item's query tile lands in the same buffer.
+                plgpu.wait_smem_to_gmem(0)
+                return base + num_steps
 
-                s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[slot])
-
-                needs_mask = plan.mask_kv_bounds or (plan.apply_mask_mod and not is_full_block)
-                if plan.apply_score_mod or needs_mask:
-                    first_key = kv_start(step)
-                    q_idx = q_base + plgpu.broadcasted_iota(
-                        jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
-                    )
-                    kv_idx = first_key + plgpu.broadcasted_iota(
-                        jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
-                    )
-                if plan.apply_score_mod:
-                    s = s * jnp.float32(plan.scale)
-                    load = _site_load(plan.score_sites, q_base, first_key, block_n)
-                    s = score_mod(score_refs, s, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
-                    s2 = s * jnp.float32(_LOG2_E)
-                else:
-                    s2 = s * jnp.float32(plan.scale * _LOG2_E)
-                if needs_mask:
-                    allowed = None
-                    if plan.apply_mask_mod and not is_full_block:
-                        load = _site_load(plan.mask_sites, q_base, first_key, block_n)
-                        allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
-                    if plan.mask_kv_bounds:
-                        in_bounds = kv_idx < plan.kv_len
-                        allowed = in_bounds if allowed is None else allowed & in_bounds
-                    s2 = jnp.where(allowed, s2, jnp.float32(_NEG_INF))
-
-                new_max = jnp.maximum(row_max, s2.max(axis=1))
-                # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
-                shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
-                correction = jnp.exp2(row_max - shift)
-                p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-                row_sum = row_sum * correction + p.sum(axis=1)
-                p_low = p.astype(dtype)
-                # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
-                acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
-                plgpu.barrier_arrive(schedule)
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(schedule)
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_low, v_smem.at[slot])
-                    next_step = step + 1
-
-                    @pl.when(next_step < num_steps)
-                    def _():
-                        plgpu.barrier_wait(k_ready.at[lax.rem(next_step, jnp.int32(stages))])
-
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, new_max, row_sum
-
-            carry = (acc, row_max, row_sum)
-            carry = lax.fori_loop(0, num_partial, functools.partial(step_fn, is_full_block=False), carry)
-            if plan.has_full:
-                carry = lax.fori_loop(num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry)
-            acc, row_max, row_sum = carry
-            pl.when(wg == 0)(schedule_barrier)
-
-            has_any = row_sum > 0
-            inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
-            out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
-            lse = jnp.where(has_any, (row_max + jnp.log2(jnp.where(has_any, row_sum, 1.0))) * _LN_2, _NEG_INF)
-            # The query tile is free again: stage the output through it.
-            q_smem[...] = out.astype(dtype)
-            lse_smem[...] = lse
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
-            plgpu.wait_smem_to_gmem(0)
+            lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def issue(step, slot):
-                rows = pl.ds(kv_start(step), block_n)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_smem.at[slot], v_ready.at[slot])
+            def run_item(i, base):
+                it = item(i)
 
-            for slot in range(stages):
+                @pl.loop(0, it.num_steps)
+                def _(step):
+                    count = base + step
+                    slot = lax.rem(count, jnp.int32(stages))
+                    rows = pl.ds(it.kv_start(step), block_n)
+                    # A slot's first use needs no wait; later ones wait until both compute warpgroups are done.
+                    reused = count >= stages
 
-                @pl.when(slot < num_steps)
-                def _():
-                    issue(jnp.int32(slot), slot)
+                    @pl.when(reused)
+                    def _():
+                        plgpu.barrier_wait(k_consumed.at[slot])
 
-            @pl.loop(0, jnp.maximum(num_steps - stages, 0))
-            def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                rows = pl.ds(kv_start(step + stages), block_n)
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_smem.at[slot], k_ready.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_smem.at[slot], v_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(k_ref.at[it.b, it.kv_head, rows], k_smem.at[slot], k_ready.at[slot])
+
+                    @pl.when(reused)
+                    def _():
+                        plgpu.barrier_wait(v_consumed.at[slot])
+
+                    plgpu.copy_gmem_to_smem(v_ref.at[it.b, it.kv_head, rows], v_smem.at[slot], v_ready.at[slot])
+
+                return base + it.num_steps
+
+            lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     pl.run_scoped(
@@ -424,6 +467,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
         collective_axes="wg",
     )
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the GPU (one persistent program each); an H100's 132 when lowering without one."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return 132
+    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -552,15 +604,18 @@ def flex_forward(
     if has_full:
         inputs += [full_kv_num_blocks.astype(jnp.int32), full_kv_indices.astype(jnp.int32)]
     inputs += [*score_consts, *mask_consts]
-    kernel = functools.partial(_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles)
+    num_programs = min(num_q_tiles * q_heads * batch, _num_sms())
+    kernel = functools.partial(
+        _kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles, num_programs=num_programs
+    )
     out, lse = plgpu.kernel(
         kernel,
         out_type=[
             jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_dim), query.dtype),
             jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32),
         ],
-        grid=(num_q_tiles, q_heads, batch),
-        grid_names=("q", "heads", "batch"),
+        grid=(num_programs,),
+        grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
