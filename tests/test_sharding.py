@@ -360,6 +360,35 @@ def test_meshes_with_explicit_axes():
     _assert_sharded(got, mesh, P("data"))
 
 
+@pytest.mark.parametrize("spec", [P("data", None, "seq"), P(None, "seq"), P("data")], ids=["batch-seq", "heads", "batch"])
+def test_plain_flex_attention_on_explicitly_sharded_inputs(spec):
+    """The reference runs on inputs laid out over Explicit mesh axes (batch, heads or sequence), forward and
+    gradients, and returns the output in the query's layout."""
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    q, k, v = random_qkv(14, B=2, Hq=8, Hkv=4, L=64, S=48, E=16, Ev=8)
+    block_mask = _block_mask(fa.causal_mask, None, None, 64, 48, 8)
+
+    def attend(q, k, v):
+        return fa.flex_attention(q, k, v, score_mod=fa.rel_bias, block_mask=block_mask, enable_gqa=True,
+                                 return_lse=True)
+
+    def loss(q, k, v):
+        out, lse = attend(q, k, v)
+        return jnp.sum(out * out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    want = attend(q, k, v)
+    want_grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    with jax.set_mesh(mesh):
+        sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        got = jax.jit(attend)(*sharded)
+        got_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*sharded)
+        assert jax.typeof(got[0]).sharding.spec[: len(spec)] == tuple(spec)
+    assert_close(got[0], want[0], jnp.float32, "out")
+    assert_close(got[1], want[1], jnp.float32, "lse")
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        assert_close(g, w, jnp.float32, f"d{name}")
+
+
 # ------------------------------------------------------------------------------------------ pallas_triton
 
 

@@ -79,10 +79,20 @@ def attention(
     batch, q_heads = query.shape[:2]
     group = q_heads // key.shape[1]
     f32 = jnp.float32
-    key = jnp.repeat(key.astype(f32), group, axis=1)
-    value = jnp.repeat(value.astype(f32), group, axis=1)
+    layout = _ExplicitLayout.of(query)
+    if layout is not None and group > 1:
+        # Repeating a head-sharded axis has no sharding rule: repeat whole head axes, reshard below.
+        key, value = layout.by_batch(key), layout.by_batch(value)
+    key, value = key.astype(f32), value.astype(f32)
+    if group > 1:
+        key = jnp.repeat(key, group, axis=1)
+        value = jnp.repeat(value, group, axis=1)
     partial_blocks = jnp.broadcast_to(partial_blocks, (batch, q_heads, *partial_blocks.shape[2:]))
     full_blocks = jnp.broadcast_to(full_blocks, (batch, q_heads, *full_blocks.shape[2:]))
+    if layout is not None:
+        query, key, value, partial_blocks, full_blocks = (
+            layout.by_batch_head(x) for x in (query, key, value, partial_blocks, full_blocks)
+        )
 
     def per_head(q, k, v, b, h, partial, full):
         return _one_head(
@@ -91,7 +101,53 @@ def attention(
 
     heads = jnp.arange(q_heads, dtype=jnp.int32)
     batches = jnp.arange(batch, dtype=jnp.int32)
+    if layout is not None:
+        heads, batches = layout.vector(heads, 1), layout.vector(batches, 0)
     over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0, 0))
     over_batch = jax.vmap(over_heads, in_axes=(0, 0, 0, 0, None, 0, 0))
     out, lse = over_batch(query.astype(f32), key, value, batches, heads, partial_blocks, full_blocks)
-    return out.astype(query.dtype), lse
+    out = out.astype(query.dtype)
+    if layout is not None:
+        out, lse = layout.restore(out), layout.restore(lse)
+    return out, lse
+
+
+class _ExplicitLayout:
+    """Inputs sharded over a mesh with Explicit axes: the dense computation runs sharded over batch and heads only.
+
+    Explicit sharding types every operation; a sequence-sharded [L, S] score matrix is an illegal result, and vmap
+    needs its mapped arguments sharded alike. So every per-(batch, head) input is resharded to the query's batch and
+    head axes with whole sequences (gathering a sharded sequence), and the outputs go back to the query's layout.
+    The kernels, and ``flexattn_jax.sharding.ring_flex_attention`` for long sequences, avoid the gather.
+    """
+
+    def __init__(self, sharding):
+        self.sharding = sharding
+        self.spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
+
+    @classmethod
+    def of(cls, query) -> "_ExplicitLayout | None":
+        sharding = getattr(jax.typeof(query), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or not mesh.axis_names:
+            return None
+        if not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            return None
+        if all(axis is None for axis in sharding.spec):
+            return None
+        return cls(sharding)
+
+    def _to(self, x, spec):
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+    def by_batch_head(self, x):
+        return self._to(x, (self.spec[0], self.spec[1]) + (None,) * (x.ndim - 2))
+
+    def by_batch(self, x):
+        return self._to(x, (self.spec[0],) + (None,) * (x.ndim - 1))
+
+    def vector(self, x, dim: int):
+        return self._to(x, (self.spec[dim],))
+
+    def restore(self, x):
+        return self._to(x, self.spec[: x.ndim])
