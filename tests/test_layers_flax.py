@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 flax = pytest.importorskip("flax")
@@ -54,6 +55,29 @@ def test_nnx_equals_explicit_projections_and_flex_attention(name):
     x = random_inputs(10)
     expected = jax.jit(explicit_for, static_argnums=0)(name, nnx_params(layer), x)
     assert_close(nnx.jit(lambda m, x: m(x))(layer, x), expected, jnp.float32)
+
+
+def test_a_mask_reading_b_is_built_per_batch_row_without_mask_varies():
+    # Row 0 is one document, row 1 four: blocks full in row 0 are partial or empty in row 1, so a BlockMask built
+    # from row 0 alone would give row 1 attention across its documents.
+    length = 256
+    ids = jnp.asarray(np.stack([np.zeros(length), np.arange(length) // 64]).astype(np.int32))
+    mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids))
+    layer = build_nnx("causal", mask_mod=mask_mod, mask_varies=())
+    x = random_inputs(10, (2, length, F))
+    block_mask = fa.create_block_mask(mask_mod, 2, None, length, length)
+    expected = explicit_attention(nnx_params(layer), x, num_heads=HQ, num_kv_heads=HQ, block_mask=block_mask)
+    assert_close(nnx.jit(lambda m, x: m(x))(layer, x), expected, jnp.float32)
+
+
+def test_mask_axes_reads_the_mask_mods_dependencies():
+    from flexattn_jax.nn._common import mask_axes
+
+    ids = jnp.zeros((2, 16), jnp.int32)
+    assert mask_axes(fa.causal_mask) == frozenset()
+    assert mask_axes(fa.document_mask(ids)) == {"batch"}
+    assert mask_axes(lambda b, h, q, kv: (q - kv) < 4 * (h + 1)) == {"head"}
+    assert mask_axes(fa.and_masks(fa.document_mask(ids), lambda b, h, q, kv: h > 0)) == {"batch", "head"}
 
 
 def test_nnx_gradients_equal_explicit_gradients():

@@ -78,8 +78,9 @@ class LayerConfig:
       normalize_qk: RMS-normalise each query and key head (a learned scale per feature).
       score_mod, mask_mod, block_mask: the attention variant given at construction (mask_mod and block_mask
         exclusive); each call may give its own instead.
-      mask_varies: the axes ("batch", "head") a mask_mod depends on. A mask_mod is turned into a BlockMask for each
-        call's lengths, evaluated once for all batches and heads unless they are named here.
+      mask_varies: axes ("batch", "head") to build the BlockMask over in any case. A mask_mod is turned into a
+        BlockMask for each call's lengths, per batch row or head where the mask_mod reads b or h (found from its
+        jaxpr, see ``mask_axes``), once for all of them otherwise.
       implementation, interpret, kernel_options: forwarded to ``flex_attention``.
     """
 
@@ -301,11 +302,35 @@ def resolve_mods(config: LayerConfig, score_mod=None, mask_mod=None, block_mask=
     return Mods(score_mod, mask_mod, block_mask)
 
 
+def mask_axes(mask_mod: Callable) -> frozenset[str]:
+    """The axes, of ("batch", "head"), whose index ``mask_mod``'s result depends on, read from its jaxpr.
+
+    An equation's outputs depend on everything its inputs depend on (control flow included), so the answer may
+    name an axis the mask ignores in fact, never miss one it uses.
+    """
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    jaxpr = jax.make_jaxpr(mask_mod)(scalar, scalar, scalar, scalar).jaxpr
+    depends = {jaxpr.invars[0]: frozenset({"batch"}), jaxpr.invars[1]: frozenset({"head"})}
+
+    def of(v):
+        return depends.get(v, frozenset()) if hasattr(v, "aval") and not hasattr(v, "val") else frozenset()
+
+    for eqn in jaxpr.eqns:
+        axes = frozenset().union(*(of(v) for v in eqn.invars))
+        if axes:
+            for v in eqn.outvars:
+                depends[v] = axes
+    return frozenset().union(*(of(v) for v in jaxpr.outvars))
+
+
 def _block_mask_for(config: LayerConfig, mask_mod, batch: int, q_len: int, kv_len: int) -> BlockMask:
+    # A mask that reads b or h gets a BlockMask per batch row or head, whether or not mask_varies names the axis:
+    # one built for batch 0 / head 0 alone would silently mask the others wrongly.
+    axes = set(config.mask_varies) | mask_axes(mask_mod)
     return create_block_mask(
         mask_mod,
-        batch if "batch" in config.mask_varies else None,
-        config.num_heads if "head" in config.mask_varies else None,
+        batch if "batch" in axes else None,
+        config.num_heads if "head" in axes else None,
         q_len,
         kv_len,
         BLOCK_SIZE=DEFAULT_BLOCK_SIZE,

@@ -40,8 +40,8 @@ class FlexMultiHeadAttention(nnx.Module):
       mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, made into a BlockMask for each call's lengths.
       block_mask: a BlockMask for fixed lengths, instead of mask_mod. A call's mask_mod or block_mask replaces
         the construction's mask.
-      mask_varies: the axes, of ("batch", "head"), the mask_mod depends on; the BlockMask is built per batch or
-        head only along these.
+      mask_varies: axes, of ("batch", "head"), to build the BlockMask over in any case; the axes the mask_mod
+        reads (b, h) are found from its jaxpr and always used.
       implementation, interpret, kernel_options: forwarded to ``flexattn_jax.flex_attention``.
       dtype: the computation's dtype; None infers it from the inputs and parameters (as Flax does).
       param_dtype: the parameters' dtype.
