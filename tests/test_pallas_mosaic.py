@@ -235,3 +235,24 @@ def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
     assert "other than q_idx or kv_idx themselves" in problem
     _, problem = analyze_reads(_program(fa.relative_position_bias(jnp.ones((4, 33))), score=True), 128)
     assert "other than q_idx or kv_idx themselves" in problem
+
+
+def test_vmap_and_grad_lower_for_cuda():
+    """An extra leading axis (vmap) and the gradient (the Triton backward on the Mosaic forward's residuals)."""
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 256, 256)
+
+    def attend(q, k, v):
+        return pallas_mosaic.attention(
+            q, k, v, score_mod=fa.generate_alibi_bias(2), mask_mod=fa.causal_mask,
+            kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
+            block_size=block_mask.BLOCK_SIZE, scale=0.125,
+        )[0]
+
+    def loss(q, k, v):
+        return jnp.sum(jax.vmap(attend)(q, k, v).astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((3, 1, 2, 256, 64), jnp.bfloat16)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
