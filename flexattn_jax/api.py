@@ -183,11 +183,9 @@ def flex_attention(
     implementation = _choose(
         implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
-    if implementation == "pallas_mosaic":
-        out, lse = pallas_mosaic.attention(
-            query,
-            key,
-            value,
+    if implementation in ("pallas_mosaic", "pallas_triton"):
+        # Both kernels take the BlockMask as its index arrays.
+        kernel_args = dict(
             score_mod=score_mod,
             mask_mod=mask_mod,
             kv_num_blocks=block_mask.kv_num_blocks,
@@ -202,27 +200,10 @@ def flex_attention(
             scale=float(scale),
             kernel_options=kernel_options,
         )
-        return (out, lse) if return_lse else out
-    if implementation == "pallas_triton":
-        out, lse = pallas_triton.attention(
-            query,
-            key,
-            value,
-            score_mod=score_mod,
-            mask_mod=mask_mod,
-            kv_num_blocks=block_mask.kv_num_blocks,
-            kv_indices=block_mask.kv_indices,
-            full_kv_num_blocks=block_mask.full_kv_num_blocks,
-            full_kv_indices=block_mask.full_kv_indices,
-            q_num_blocks=block_mask.q_num_blocks,
-            q_indices=block_mask.q_indices,
-            full_q_num_blocks=block_mask.full_q_num_blocks,
-            full_q_indices=block_mask.full_q_indices,
-            block_size=block_mask.BLOCK_SIZE,
-            scale=float(scale),
-            kernel_options=kernel_options,
-            interpret=interpret,
-        )
+        if implementation == "pallas_mosaic":
+            out, lse = pallas_mosaic.attention(query, key, value, **kernel_args)
+        else:
+            out, lse = pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args)
         return (out, lse) if return_lse else out
     partial_blocks, full_blocks = block_mask.block_maps()
     out, lse = reference.attention(

@@ -20,6 +20,7 @@ import functools
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -313,7 +314,7 @@ def mask_axes(mask_mod: Callable) -> frozenset[str]:
     depends = {jaxpr.invars[0]: frozenset({"batch"}), jaxpr.invars[1]: frozenset({"head"})}
 
     def of(v):
-        return depends.get(v, frozenset()) if hasattr(v, "aval") and not hasattr(v, "val") else frozenset()
+        return frozenset() if isinstance(v, jax.extend.core.Literal) else depends.get(v, frozenset())
 
     for eqn in jaxpr.eqns:
         axes = frozenset().union(*(of(v) for v in eqn.invars))

@@ -69,11 +69,8 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     options = _options(kernel_options)
     default_n = 128 if head_dim <= 128 else 64
     kv_block, num_kv_blocks = mask_block_size[1], mask_num_blocks[1]
-    if "mosaic_block_n" in options:
-        block_n = options["mosaic_block_n"]
-        candidates = [block_n]
-    else:
-        candidates = [n for n in (default_n, 64) if n <= default_n]
+    # An explicit key tile, or the default, or 64 where the mask's blocks need it.
+    candidates = [options["mosaic_block_n"]] if "mosaic_block_n" in options else sorted({default_n, 64}, reverse=True)
     fitting = [n for n in candidates if num_kv_blocks == 1 or kv_block % n == 0]
     if not fitting:
         return None, (

@@ -65,10 +65,12 @@ class ReadSite:
 
     kind: "whole" (a 0-d array), "scalar" (every index a scalar: ``slopes[h]``), "row" (``axis`` indexed by q_idx
     itself, the others scalars: ``ids[q_idx]``, ``ids[b, q_idx]``) or "column" (``axis`` indexed by kv_idx itself).
-    A row or column read is one contiguous vector load per tile, broadcast across the tile.
+    A row or column read is one contiguous vector load per tile, broadcast across the tile. const: which captured
+    array is read.
     """
 
     kind: str
+    const: int
     axis: int = -1
 
 
@@ -78,25 +80,23 @@ class _SiteRecorder:
     def __init__(self, q_idx, kv_idx):
         self.q_idx, self.kv_idx = q_idx, kv_idx
         self.sites: list[ReadSite | str] = []  # a ReadSite, or what makes the read impossible in this kernel
-        self.consts: list[int] = []  # the const each read touches
 
     def __call__(self, const, ref, index):
-        self.consts.append(const)
         if index is None:
             if ref.ndim:
                 self.sites.append(f"uses the captured array {const} of shape {list(ref.shape)} whole")
             else:
-                self.sites.append(ReadSite("whole"))
+                self.sites.append(ReadSite("whole", const))
             return ref[...]
         tiles = [d for d, i in enumerate(index) if jnp.ndim(i) > 0]
         if not tiles:
-            self.sites.append(ReadSite("scalar"))
+            self.sites.append(ReadSite("scalar", const))
         elif len(tiles) == 1 and jnp.shape(index[tiles[0]]) == self.q_idx.shape:
             tile = index[tiles[0]]
             if bool(jnp.all(tile == self.q_idx)):
-                self.sites.append(ReadSite("row", tiles[0]))
+                self.sites.append(ReadSite("row", const, tiles[0]))
             elif bool(jnp.all(tile == self.kv_idx)):
-                self.sites.append(ReadSite("column", tiles[0]))
+                self.sites.append(ReadSite("column", const, tiles[0]))
             else:
                 self.sites.append(None)
         else:
@@ -138,8 +138,7 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
             return None, problem
 
         def room(kind: str, size: int) -> int:
-            lengths = [program.const_avals[c].shape[site.axis] for c, site in zip(first.consts, first.sites)
-                       if site.kind == kind]
+            lengths = [program.const_avals[site.const].shape[site.axis] for site in first.sites if site.kind == kind]
             return max(min(lengths, default=size) - size, 0)
 
         q_room, kv_room = room("row", BLOCK_M), room("column", block_n)
@@ -486,35 +485,18 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _pad_walked(consts, program: ModProgram, sites, block_n: int, q_pad: int, kv_pad: int):
+def _pad_walked(consts, sites: Sequence[ReadSite], q_pad: int, kv_pad: int):
     """Pads (repeating the last entry) each axis a row read walks to q_pad and a column read walks to kv_pad."""
-    if not sites:
-        return tuple(consts)
-    recorder_consts = _read_order(program, block_n)
     consts = list(consts)
-    for const, site in zip(recorder_consts, sites):
+    for site in sites:
         if site.kind in ("row", "column"):
             target = q_pad if site.kind == "row" else kv_pad
-            x = consts[const]
+            x = consts[site.const]
             if x.shape[site.axis] < target:
                 widths = [(0, 0)] * x.ndim
                 widths[site.axis] = (0, target - x.shape[site.axis])
-                consts[const] = jnp.pad(x, widths, mode="edge")
+                consts[site.const] = jnp.pad(x, widths, mode="edge")
     return tuple(consts)
-
-
-def _read_order(program: ModProgram, block_n: int) -> list[int]:
-    """The const each read of ``program`` touches, in the interpreter's order."""
-    touched = []
-
-    def load(const, ref, index):
-        touched.append(const)
-        return ref[...] if index is None else ref[tuple(index)]
-
-    consts = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in program.jaxpr.invars[program.num_consts :]]
-    jax.eval_shape(lambda *args: program(consts, *args, load=load), *avals)
-    return touched
 
 
 def flex_forward(
@@ -571,8 +553,8 @@ def flex_forward(
     mask_sites, problem = analyze_reads(mask_mod, block_n)
     assert problem is None, problem
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
-    score_consts = _pad_walked(score_consts, score_mod, score_sites, block_n, q_pad, kv_pad)
-    mask_consts = _pad_walked(mask_consts, mask_mod, mask_sites, block_n, q_pad, kv_pad)
+    score_consts = _pad_walked(score_consts, score_sites, q_pad, kv_pad)
+    mask_consts = _pad_walked(mask_consts, mask_sites, q_pad, kv_pad)
     query = _pad_axis(query, 2, q_pad)
     key = _pad_axis(key, 2, kv_pad)
     value = _pad_axis(value, 2, kv_pad)
