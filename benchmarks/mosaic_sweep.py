@@ -1,10 +1,10 @@
-"""Forward speed of implementation="pallas_mosaic" under its kernel_options (key tile, pipeline depth).
+"""Speed of implementation="pallas_mosaic" under its kernel_options (key tile, pipeline depth, backward kernels).
 
-    python -m benchmarks.mosaic_sweep [--cases noop causal document] [-D 128]
+    python -m benchmarks.mosaic_sweep [--cases noop causal document] [-D 128] [--mode fwd|fwdbwd]
 
-B=2, H=16, S=8192, bf16 by default; the cases of ``benchmarks.cases``. Each output is checked against the
-pallas_triton forward before it is timed. Density-adjusted TFLOP/s (4 B H L S D density), medians of bursts of
-back-to-back calls (``benchmarks.timing.time_jax``).
+B=2, H=16, S=8192, bf16 by default; the cases of ``benchmarks.cases``. Each output (or gradient, for ``fwdbwd``)
+is checked against pallas_triton's before it is timed. Density-adjusted TFLOP/s (4 B H L S D density, times 3.5
+for forward+backward), medians of bursts of back-to-back calls (``benchmarks.timing.time_jax``).
 """
 
 from __future__ import annotations
@@ -24,23 +24,33 @@ CONFIGS = {
     "n64_s2": dict(mosaic_block_n=64, mosaic_num_stages=2),
     "n64_s3": dict(mosaic_block_n=64, mosaic_num_stages=3),
     "n64_s4": dict(mosaic_block_n=64, mosaic_num_stages=4),
+    # forward+backward: the Mosaic GPU backward (2 or 3 stages) against the Triton one, on the Mosaic forward
+    "bwd_mosaic": dict(),
+    "bwd_mosaic_s3": dict(mosaic_bwd_num_stages=3),
+    "bwd_triton": dict(mosaic_backward=0),
 }
+_MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],
+                 "fwdbwd": ["bwd_mosaic", "bwd_mosaic_s3", "bwd_triton"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["noop", "causal", "document"])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd")
+    parser.add_argument("--configs", nargs="+", default=None, help=f"from {list(CONFIGS)}")
     parser.add_argument("-B", type=int, default=2)
     parser.add_argument("-H", type=int, default=16)
     parser.add_argument("-S", type=int, default=8192)
     parser.add_argument("-D", type=int, default=128)
     args = parser.parse_args()
     B, H, S, D = args.B, args.H, args.S, args.D
+    configs = args.configs or _MODE_CONFIGS[args.mode]
+    backward = args.mode == "fwdbwd"
     keys = jax.random.split(jax.random.key(0), 6)
     sets = [tuple(jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys[i : i + 3]) for i in (0, 3)]
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16")
-    print("| case | " + " | ".join(args.configs) + " |")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}")
+    print("| case | " + " | ".join(configs) + " |")
+    cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
     for name in args.cases:
         case = CASES[name]
         mask_mod, score_mod, by_head = case.mods(B, H, S, S)
@@ -54,18 +64,32 @@ def main() -> None:
             return fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                      implementation=implementation, kernel_options=options)
 
-        check = jax.jit(lambda q, k, v: run("pallas_triton", None, q, k, v))(*sets[0])
+        def program(implementation, options):
+            if not backward:
+                return jax.jit(lambda q, k, v: run(implementation, options, q, k, v))
+            return jax.jit(jax.grad(
+                lambda q, k, v: jnp.vdot(run(implementation, options, q, k, v).astype(jnp.float32), cotangent),
+                argnums=(0, 1, 2),
+            ))
+
+        def relative_error(got, want):
+            return max(
+                float(jnp.linalg.norm((g - w).astype(jnp.float32)) / jnp.linalg.norm(w.astype(jnp.float32)))
+                for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+            )
+
+        check = program("pallas_triton", None)(*sets[0])
         cells = []
-        for config in args.configs:
-            forward = jax.jit(lambda q, k, v, options=CONFIGS[config]: run("pallas_mosaic", options, q, k, v))
+        for config in configs:
+            step = program("pallas_mosaic", CONFIGS[config])
             try:
-                out = forward(*sets[0])
+                out = step(*sets[0])
             except ValueError as error:  # a configuration this shape cannot take (shared memory)
                 cells.append(f"refused: {str(error).splitlines()[0][:60]}")
                 continue
-            error = float(jnp.linalg.norm((out - check).astype(jnp.float32)) / jnp.linalg.norm(check.astype(jnp.float32)))
-            ms = timing.time_jax(forward, sets, runs=10)
-            tflops = 4 * B * H * S * S * D * density / ms / 1e9
+            error = relative_error(out, check)
+            ms = timing.time_jax(step, sets, runs=10)
+            tflops = 4 * B * H * S * S * D * density * (3.5 if backward else 1.0) / ms / 1e9
             cells.append(f"{tflops:.0f}" + ("" if error < 1e-2 else f" (error {error:.1e})"))
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 

@@ -1,6 +1,8 @@
-"""The pallas_mosaic (Mosaic GPU, Hopper) forward: CUDA lowering and the choice of implementation on this machine;
-the comparisons with the reference, forward and gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
+"""The pallas_mosaic (Mosaic GPU, Hopper) kernels, forward and backward: CUDA lowering, the fallbacks to the Triton
+backward and the choice of implementation on this machine; the comparisons with the reference, forward and
+gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
 
+import functools
 import re
 
 import jax
@@ -242,8 +244,90 @@ def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
     assert "other than q_idx or kv_idx themselves" in problem
 
 
+def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None, array_gradient=False,
+                             kernel_options=None):
+    """The text of the CUDA lowering of the gradient of sum(out) with respect to q, k, v, and with respect to the
+    array the score_mod closes over when ``array_gradient`` (``score_mod_of(array)`` builds the mod then)."""
+    B, L, S = q.shape[0], q.shape[2], k.shape[2]
+    block_mask = fa.create_block_mask(mask_mod or fa.noop_mask, B, None, L, S)
+
+    def loss(q, k, v, array):
+        mod = score_mod_of(array) if score_mod_of is not None else (score_mod or fa.identity)
+        out, _ = pallas_mosaic.attention(
+            q, k, v, score_mod=mod, mask_mod=block_mask.mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
+            kv_indices=block_mask.kv_indices, full_kv_num_blocks=block_mask.full_kv_num_blocks,
+            full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=0.125,
+            kernel_options=kernel_options,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    array = jnp.linspace(0.1, 0.5, q.shape[1], dtype=jnp.float32)
+    argnums = (0, 1, 2, 3) if array_gradient else (0, 1, 2)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        lowered = jax.jit(jax.grad(loss, argnums=argnums)).trace(q, k, v, array).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()
+
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
+def test_every_supported_mod_lowers_the_mosaic_backward(case):
+    """Forward and backward in Mosaic GPU (no Triton kernel), with GQA and lengths no tile divides."""
+    B, Hq, Hkv, L, S = 2, 4, 2, 300, 200
+    q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=64, Ev=64, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 8)
+    text = _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod)
+    assert "mosaic_gpu" in text and _TRITON_CALL not in text
+
+
+def test_the_triton_backward_serves_what_the_mosaic_one_does_not():
+    q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
+    # A gradient with respect to the slopes the score_mod closes over needs the Triton dQ kernel's scatter-add ...
+    text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, score_mod_of=fa.alibi_bias, array_gradient=True)
+    assert _TRITON_CALL in text
+    # ... but the same mod with the slopes held fixed runs on the Mosaic GPU backward.
+    text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, score_mod_of=fa.alibi_bias)
+    assert _TRITON_CALL not in text
+    assert _TRITON_CALL in _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None,
+                                                    kernel_options={"mosaic_backward": 0})
+    q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=256, S=256, E=256, Ev=256, dtype=jnp.bfloat16)
+    assert _TRITON_CALL in _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None)
+
+
+@pytest.mark.parametrize(
+    "head_dim, block_size, options, match",
+    [
+        (256, 128, None, r"head dims \(64, 128\), got 256"),
+        (64, (128, 64), {"mosaic_block_n": 64}, "KV_BLOCK to be a multiple of 128, got 64"),
+        (64, 128, {"mosaic_backward": 0}, "'mosaic_backward'] is 0"),
+        (128, 128, {"mosaic_bwd_num_stages": 4}, None),
+    ],
+    ids=["head-256", "kv-block-64", "turned-off", "4-stages"],
+)
+def test_backward_refusals_say_why(head_dim, block_size, options, match):
+    q = jnp.zeros((1, 2, 512, head_dim), jnp.bfloat16)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 512, 512, BLOCK_SIZE=block_size)
+    reason = pallas_mosaic.unsupported_backward_reason(
+        q, score_mod=fa.identity, mask_mod=fa.causal_mask, block_size=block_mask.BLOCK_SIZE,
+        num_blocks=block_mask.num_blocks, kernel_options=options,
+    )
+    if match is None:
+        assert reason is None
+    else:
+        assert reason is not None and re.search(match, reason), reason
+
+
+@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}])
+def test_bad_backward_options_raise(options):
+    q = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="mosaic_b"):
+        pallas_mosaic.unsupported_backward_reason(q, score_mod=fa.identity, mask_mod=fa.noop_mask,
+                                                  block_size=(128, 128), num_blocks=(1, 1), kernel_options=options)
+
+
 def test_vmap_and_grad_lower_for_cuda():
-    """An extra leading axis (vmap) and the gradient (the Triton backward on the Mosaic forward's residuals)."""
+    """An extra leading axis (vmap) and the gradient, all in Mosaic GPU kernels."""
     block_mask = fa.create_block_mask(fa.causal_mask, None, None, 256, 256)
 
     def attend(q, k, v):
@@ -260,4 +344,28 @@ def test_vmap_and_grad_lower_for_cuda():
     x = jax.ShapeDtypeStruct((3, 1, 2, 256, 64), jnp.bfloat16)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
+    assert "mosaic_gpu" in text and _TRITON_CALL not in text
+
+
+@pytest.mark.gpu
+def test_gpu_gradient_of_a_captured_array_and_the_triton_backward_match_the_reference():
+    """Learned ALiBi slopes: their gradient comes from the Triton dQ kernel behind the Mosaic forward; and the
+    Triton backward asked for by kernel_options agrees with the reference too."""
+    B, H, L = 1, 4, 1000
+    q, k, v = random_qkv(10, B=B, Hq=H, Hkv=H, L=L, S=L, E=128, Ev=128, dtype=jnp.bfloat16)
+    slopes = jax.random.uniform(jax.random.key(10), (H,), jnp.float32, 0.01, 0.5)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, L)
+    cotangent = jax.random.normal(jax.random.key(11), q.shape, jnp.float32)
+
+    def loss(implementation, options, q, k, v, slopes):
+        out = fa.flex_attention(q, k, v, score_mod=fa.alibi_bias(slopes), block_mask=block_mask,
+                                implementation=implementation, kernel_options=options)
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    want = jax.grad(functools.partial(loss, "reference", None), argnums=(0, 1, 2, 3))(q, k, v, slopes)
+    for options in (None, {"mosaic_backward": 0}):
+        got = jax.jit(jax.grad(functools.partial(loss, "pallas_mosaic", options), argnums=(0, 1, 2, 3)))(
+            q, k, v, slopes
+        )
+        for name, g, w in zip(("dq", "dk", "dv", "dslopes"), got, want):
+            assert_close(g, w, q.dtype, name)

@@ -138,27 +138,29 @@ class ModProgram:
         """
         return _Interpreter(const_refs, load or _plain_load)(self.jaxpr, args)
 
-    def vjp(self, const_refs: Sequence[Any], *args):
+    def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
 
         ``pullback(d_out, grad_refs)`` returns the cotangent of ``args[0]`` (the score tile) and adds the cotangents
         of the floating consts into ``grad_refs`` (one float32 ref per const, of the const's shape, or None to skip
         it) with ``jax.ref.addupdate``. ``d_out`` must be zero at positions that are masked or out of bounds: their
-        indices may repeat real positions' indices (they are clamped).
+        indices may repeat real positions' indices (they are clamped). ``load`` as for ``__call__``; it is called
+        once per read (the differentiated evaluation reuses the values read).
         """
-        recorder = _Recorder(self.differentiable)
+        recorder = _Recorder(self.differentiable, load or _plain_load)
         _Interpreter(const_refs, recorder.load)(self.jaxpr, args)
         sites = recorder.sites
 
         def with_reads(first, values):
-            substitute = _Substitute(self.differentiable, values)
+            substitute = _Substitute(self.differentiable, sites, values)
             return _Interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
 
-        out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in sites])
+        differentiable_sites = [site for site in sites if self.differentiable[site.const]]
+        out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in differentiable_sites])
 
         def pullback(d_out, grad_refs: Sequence[Any]):
             d_first, d_values = vjp_fn(d_out)
-            for site, d_value in zip(sites, d_values):
+            for site, d_value in zip(differentiable_sites, d_values):
                 grad_ref = grad_refs[site.const]
                 if grad_ref is None:
                     continue
@@ -174,30 +176,32 @@ def _plain_load(const: int, ref, index):
 
 
 class _Recorder:
-    """Loads consts and records each read of a floating const, in evaluation order."""
+    """Loads consts through ``load`` and records each read, in evaluation order."""
 
-    def __init__(self, differentiable):
+    def __init__(self, differentiable, load: Callable):
         self.differentiable = differentiable
+        self.inner = load
         self.sites: list[_Site] = []
 
     def load(self, const, ref, index):
-        value = _plain_load(const, ref, index)
-        if self.differentiable[const]:
-            self.sites.append(_Site(const, index, value))
+        value = self.inner(const, ref, index)
+        self.sites.append(_Site(const, index, value))
         return value
 
 
 class _Substitute:
-    """Replaces the reads of floating consts, in evaluation order, by the given values (the vjp's inputs)."""
+    """Replays the recorded reads in evaluation order: the floating consts' by the given values (the vjp's inputs),
+    the others by the values read."""
 
-    def __init__(self, differentiable, values):
+    def __init__(self, differentiable, sites, values):
         self.differentiable = differentiable
+        self.sites = iter(sites)
         self.values = iter(values)
 
     def load(self, const, ref, index):
-        if self.differentiable[const]:
-            return next(self.values)
-        return _plain_load(const, ref, index)
+        site = next(self.sites)
+        assert site.const == const, (site.const, const)
+        return next(self.values) if self.differentiable[const] else site.value
 
 
 # --------------------------------------------------------------------------------------------- the interpreter

@@ -1,13 +1,17 @@
-"""flex attention with a Pallas Mosaic GPU forward kernel for Hopper (sm90), differentiable through the Triton
-backward kernels.
+"""flex attention with Pallas Mosaic GPU kernels for Hopper (sm90), forward and backward.
 
 The API asks ``unsupported_reason`` first (the reason is what ``flexattn_jax.explain_implementation`` reports), then
-calls ``attention`` with plain arrays. The forward is ``forward.py``; the gradient reuses the saved (out, lse) with
-the dK/dV and dQ kernels of ``pallas_triton`` (a Mosaic GPU backward is not written yet).
+calls ``attention`` with plain arrays. The forward is ``forward.py``, the dK/dV and dQ kernels ``backward.py``; both
+run inside the ``custom_vjp`` of ``pallas_triton.vjp``. The gradient falls back to the Triton backward kernels where
+the Mosaic GPU ones do not serve the inputs (``unsupported_backward_reason``: head dim 256, a KV_BLOCK that is not a
+multiple of 128) and where a gradient of an array the score_mod closes over is wanted (that needs an atomic
+scatter-add, which only the Triton dQ kernel has).
 
-``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile) and
-``mosaic_num_stages`` (2 to 4: shared-memory slots of the key/value ring). The backward's keys pass through to the
-Triton backward; the Triton forward's keys are accepted and unused.
+``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile of the forward),
+``mosaic_num_stages`` (2 to 4: shared-memory slots of the forward's key/value ring), ``mosaic_bwd_num_stages`` (2 to
+4: slots of the backward kernels' rings) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it
+serves the inputs; 0: the Triton backward always). The Triton backward's keys pass through to it; the Triton
+forward's keys are accepted and unused.
 
 Mosaic GPU's interpret mode cannot run wgmma on this JAX, so the kernel runs on a Hopper GPU only; without one the
 tests lower it for CUDA (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` under an abstract H100).
@@ -22,14 +26,15 @@ import jax
 import jax.numpy as jnp
 
 from flexattn_jax.backends import _captures
+from flexattn_jax.backends.pallas_mosaic import backward as _backward
 from flexattn_jax.backends.pallas_mosaic import forward as _forward
 from flexattn_jax.backends.pallas_triton import config as _triton_config
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
 from flexattn_jax.backends.pallas_triton.backward import BlockLists
 
-__all__ = ["attention", "unsupported_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
+__all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
 
-OPTION_KEYS = ("mosaic_block_n", "mosaic_num_stages")
+OPTION_KEYS = ("mosaic_block_n", "mosaic_num_stages", "mosaic_bwd_num_stages", "mosaic_backward")
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
 _MAX_STAGES = 4
@@ -58,8 +63,10 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         _triton_config.check_option_value(key, value, kind="int")
         if key == "mosaic_block_n" and value not in _BLOCK_NS:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
-        if key == "mosaic_num_stages" and not 2 <= value <= _MAX_STAGES:
-            raise ValueError(f"kernel_options['mosaic_num_stages'] must be from 2 to {_MAX_STAGES}, got {value}")
+        if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
+            raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
+        if key == "mosaic_backward" and value not in (0, 1):
+            raise ValueError(f"kernel_options['mosaic_backward'] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -129,6 +136,72 @@ def unsupported_reason(
     return None
 
 
+def unsupported_backward_reason(
+    query: jax.Array,
+    *,
+    score_mod: Callable,
+    mask_mod: Callable,
+    block_size: tuple[int, int],
+    num_blocks: tuple[int, int],
+    kernel_options: Mapping[str, Any] | None,
+) -> str | None:
+    """None when the Mosaic GPU backward serves inputs the forward serves (and ``kernel_options`` does not turn it
+    off); otherwise why the Triton backward kernels compute the gradient instead."""
+    options = _options(kernel_options)
+    if not options.get("mosaic_backward", 1):
+        return "kernel_options['mosaic_backward'] is 0"
+    head_dim = query.shape[-1]
+    if head_dim not in _backward.HEAD_DIMS:
+        return f"the pallas_mosaic backward supports head dims {_backward.HEAD_DIMS}, got {head_dim}"
+    rows = _backward.PROGRAM_ROWS
+    for axis, block, count in (("Q_BLOCK", block_size[0], num_blocks[0]), ("KV_BLOCK", block_size[1], num_blocks[1])):
+        if count > 1 and block % rows:
+            return f"the pallas_mosaic backward needs the BlockMask's {axis} to be a multiple of {rows}, got {block}"
+    stages = options.get("mosaic_bwd_num_stages", 2)
+    smem = _backward.smem_bytes(head_dim, stages)
+    if smem + _SMEM_RESERVE > _SMEM_BYTES:
+        return (
+            f"the pallas_mosaic backward with mosaic_bwd_num_stages={stages} and head dim {head_dim} needs {smem} "
+            f"bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
+        )
+    for mod, is_score in ((score_mod, True), (mask_mod, False)):
+        (program,), _ = _captures.trace_for_tiles(mod, [_MosaicBackward.tile], score=is_score)
+        reason = _forward.unsupported_mod_reason(program, _backward.TILE)
+        if reason is not None:
+            return reason
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _MosaicBackward:
+    """The Mosaic GPU dK/dV and dQ kernels as the backward of the Triton ``custom_vjp``."""
+
+    config: _backward.Config
+    mask_block_size: tuple[int, int]
+    scale: float
+    tile = (_backward.TILE, _backward.TILE, True)
+
+    def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
+                 mask_consts):
+        return _backward.flex_backward(
+            q,
+            k,
+            v,
+            d_out,
+            lse2,
+            delta,
+            kv_lists,
+            q_lists,
+            score_mod=score_program,
+            score_consts=score_consts,
+            mask_mod=mask_program,
+            mask_consts=mask_consts,
+            mask_block_size=self.mask_block_size,
+            scale=self.scale,
+            config=self.config,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _MosaicForward:
     """The Mosaic GPU forward as the ``forward`` of the Triton ``custom_vjp``."""
@@ -193,6 +266,20 @@ def attention(
     if reason is not None:
         raise ValueError(reason)
     config, _ = _config(kernel_options, head_dim=query.shape[-1], mask_block_size=block_size, mask_num_blocks=num_blocks)
+    backward_kernels = None
+    if (
+        unsupported_backward_reason(
+            query,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            kernel_options=kernel_options,
+        )
+        is None
+    ):
+        stages = _options(kernel_options).get("mosaic_bwd_num_stages", 2)
+        backward_kernels = _MosaicBackward(_backward.Config(num_stages=stages), block_size, float(scale))
     return _vjp.attention(
         query,
         key,
@@ -211,6 +298,7 @@ def attention(
         scale=scale,
         kernel_options=_triton_options(kernel_options),
         forward=_MosaicForward(config, block_size, float(scale)),
+        backward_kernels=backward_kernels,
     )
 
 

@@ -36,7 +36,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexattn_jax.backends._captures import ModProgram
 
-__all__ = ["BLOCK_M", "COMPUTE_WARPGROUPS", "Config", "ReadSite", "analyze_reads", "flex_forward", "unsupported_mod_reason"]
+__all__ = [
+    "BLOCK_M",
+    "COMPUTE_WARPGROUPS",
+    "Config",
+    "ReadSite",
+    "analyze_reads",
+    "flex_forward",
+    "is_everywhere",
+    "is_identity",
+    "pad_walked",
+    "site_load",
+    "unsupported_mod_reason",
+]
 
 BLOCK_M = 64  # query rows per compute warpgroup: one wgmma M tile
 COMPUTE_WARPGROUPS = 2
@@ -161,10 +173,15 @@ def unsupported_mod_reason(program: ModProgram, block_n: int) -> str | None:
     )
 
 
-def _site_load(sites: Sequence[ReadSite], q_start, kv_start, block_n: int):
-    """A ``ModProgram`` load performing the reads ``analyze_reads`` classified, in the same order."""
+def site_load(sites: Sequence[ReadSite], q_start, kv_start, shape: tuple[int, int], *, transposed: bool = False):
+    """A ``ModProgram`` load performing the reads ``analyze_reads`` classified, in the same order.
+
+    The tile is ``shape`` in the wgmma register layout: [queries, keys], or [keys, queries] when ``transposed`` (the
+    dK/dV kernel's S^T). A row read (q_idx) loads ``ids[q_start : q_start + queries]`` as one vector along the
+    queries' axis, a column read the keys' slice along theirs, each broadcast across the tile.
+    """
     remaining = iter(sites)
-    shape = (BLOCK_M, block_n)
+    q_axis = 1 if transposed else 0
 
     def load(const, ref, index):
         site = next(remaining)
@@ -173,25 +190,22 @@ def _site_load(sites: Sequence[ReadSite], q_start, kv_start, block_n: int):
         if site.kind == "scalar":
             return ref[tuple(index)]
         index = list(index)
-        if site.kind == "row":
-            index[site.axis] = pl.ds(q_start, BLOCK_M)
-            layout, dims = plgpu.Layout.WGMMA.reduce(1), (0,)
-        else:
-            index[site.axis] = pl.ds(kv_start, block_n)
-            layout, dims = plgpu.Layout.WGMMA.reduce(0), (1,)
-        vector = plgpu.load(ref.at[tuple(index)], layout=layout, optimized=False)
-        return lax.broadcast_in_dim(vector, shape, dims)
+        axis = q_axis if site.kind == "row" else 1 - q_axis
+        index[site.axis] = pl.ds(q_start if site.kind == "row" else kv_start, shape[axis])
+        # The vector's layout is the tile's with the other axis reduced away.
+        vector = plgpu.load(ref.at[tuple(index)], layout=plgpu.Layout.WGMMA.reduce(1 - axis), optimized=False)
+        return lax.broadcast_in_dim(vector, shape, (axis,))
 
     return load
 
 
-def _is_identity(program: ModProgram) -> bool:
+def is_identity(program: ModProgram) -> bool:
     """The score_mod returns its score argument unchanged (no equations)."""
     jaxpr = program.jaxpr
     return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[program.num_consts]
 
 
-def _is_everywhere(program: ModProgram) -> bool:
+def is_everywhere(program: ModProgram) -> bool:
     """The mask_mod allows every position (a literal True, broadcast or not)."""
     jaxpr = program.jaxpr
     if len(jaxpr.eqns) > 1:
@@ -351,7 +365,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         )
                     if plan.apply_score_mod:
                         s = s * jnp.float32(plan.scale)
-                        load = _site_load(plan.score_sites, q_base, first_key, block_n)
+                        load = site_load(plan.score_sites, q_base, first_key, (BLOCK_M, block_n))
                         s = score_mod(score_refs, s, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
                         s2 = s * jnp.float32(_LOG2_E)
                     else:
@@ -359,7 +373,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if needs_mask:
                         allowed = None
                         if plan.apply_mask_mod and not is_full_block:
-                            load = _site_load(plan.mask_sites, q_base, first_key, block_n)
+                            load = site_load(plan.mask_sites, q_base, first_key, (BLOCK_M, block_n))
                             allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
@@ -485,7 +499,7 @@ def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
-def _pad_walked(consts, sites: Sequence[ReadSite], q_pad: int, kv_pad: int):
+def pad_walked(consts, sites: Sequence[ReadSite], q_pad: int, kv_pad: int):
     """Pads (repeating the last entry) each axis a row read walks to q_pad and a column read walks to kv_pad."""
     consts = list(consts)
     for site in sites:
@@ -553,8 +567,8 @@ def flex_forward(
     mask_sites, problem = analyze_reads(mask_mod, block_n)
     assert problem is None, problem
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
-    score_consts = _pad_walked(score_consts, score_sites, q_pad, kv_pad)
-    mask_consts = _pad_walked(mask_consts, mask_sites, q_pad, kv_pad)
+    score_consts = pad_walked(score_consts, score_sites, q_pad, kv_pad)
+    mask_consts = pad_walked(mask_consts, mask_sites, q_pad, kv_pad)
     query = _pad_axis(query, 2, q_pad)
     key = _pad_axis(key, 2, kv_pad)
     value = _pad_axis(value, 2, kv_pad)
@@ -570,8 +584,8 @@ def flex_forward(
         kv_len=kv_len,
         mask_kv_bounds=kv_pad > kv_len,
         has_full=has_full,
-        apply_score_mod=not _is_identity(score_mod),
-        apply_mask_mod=not _is_everywhere(mask_mod),
+        apply_score_mod=not is_identity(score_mod),
+        apply_mask_mod=not is_everywhere(mask_mod),
         scale=float(scale),
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),

@@ -25,7 +25,7 @@ from flexattn_jax.backends.pallas_triton import _tile, backward
 from flexattn_jax.backends.pallas_triton import config as config_lib
 from flexattn_jax.backends.pallas_triton.forward import flex_forward, padded_head_dim
 
-__all__ = ["ForwardKernel", "attention"]
+__all__ = ["BackwardKernels", "ForwardKernel", "attention"]
 
 
 class ForwardKernel(Protocol):
@@ -35,6 +35,18 @@ class ForwardKernel(Protocol):
 
     def __call__(self, q, k, v, score_consts, mask_consts, kv_lists, score_program, mask_program):
         """(out, lse) as ``flex_forward`` returns them; ``kv_lists`` a ``backward.BlockLists``."""
+
+
+class BackwardKernels(Protocol):
+    """Backward kernels ``attention`` can run instead of the Triton ones (the Mosaic GPU kernels). They compute
+    dQ, dK and dV only: when a gradient of an array the score_mod closes over is wanted, the Triton kernels run."""
+
+    tile: tuple  # the tile their mods are traced for, as ``_captures.trace_for_tiles`` takes it
+
+    def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
+                 mask_consts):
+        """(dq, dk, dv) in the inputs' dtypes, from unpadded arrays; ``lse2`` and ``delta`` as ``_backward``
+        computes them."""
 
 
 @jax.tree_util.register_static
@@ -102,8 +114,9 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
     )
 
 
-def _backward(plan: _Plan, programs, residuals, cotangents, wanted):
-    """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted)."""
+def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None = None):
+    """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted); on ``kernels`` when
+    given and no array's gradient is wanted."""
     q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists = residuals
     d_out, d_lse = cotangents
     f32 = jnp.float32
@@ -116,6 +129,12 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted):
     # The kernels take lse in base 2. A row that attends nowhere has lse -inf; +inf makes its P = exp(m - lse)
     # exactly 0, never inf or NaN.
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * jnp.float32(_tile.LOG2_E))
+    if kernels is not None and not any(wanted):
+        (*_, score_program), (*_, mask_program) = programs
+        dq, dk, dv = kernels(
+            q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program, mask_consts
+        )
+        return dq, dk, dv, tuple(None for _ in score_consts)
 
     q_len, e = q.shape[2:]
     kv_len, ev = v.shape[2:]
@@ -126,7 +145,7 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted):
     lse2 = _pad_axis(lse2, 2, plan.q_padded, jnp.inf)
     delta = _pad_axis(delta, 2, plan.q_padded)
 
-    (_, dkdv_score, dq_score), (_, dkdv_mask, dq_mask) = programs
+    (_, dkdv_score, dq_score, *_), (_, dkdv_mask, dq_mask, *_) = programs
     dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
     dq_mods = backward.Mods(dq_score, score_consts, dq_mask, mask_consts)
     dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
@@ -186,6 +205,7 @@ def attention(
     kernel_options: Mapping[str, Any] | None = None,
     interpret: bool = False,
     forward: ForwardKernel | None = None,
+    backward_kernels: BackwardKernels | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Differentiable flex attention on the Pallas Triton kernels.
 
@@ -201,6 +221,8 @@ def attention(
       interpret: run the kernels in interpret mode (on the CPU).
       forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
         kernels only need its (out, lse).
+      backward_kernels: other backward kernels to run instead of the Triton ones when no gradient of a captured
+        array is wanted (the Mosaic GPU kernels).
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32 (-inf where a query attends nowhere);
@@ -225,6 +247,8 @@ def attention(
         (plan.dkdv.block_m, plan.dkdv.block_n),
         (plan.dq.block_m, plan.dq.block_n),
     ]
+    if backward_kernels is not None:
+        tiles.append(backward_kernels.tile)
     score_programs, score_consts = _captures.trace_for_tiles(score_mod, tiles, score=True)
     mask_programs, mask_consts = _captures.trace_for_tiles(mask_mod, tiles, score=False)
     programs = (score_programs, mask_programs)
@@ -271,7 +295,7 @@ def attention(
 
     def attend_bwd(residuals, cotangents):
         *arrays, wanted = residuals
-        dq, dk, dv, score_grads = _backward(plan, programs, arrays, cotangents, wanted.value)
+        dq, dk, dv, score_grads = _backward(plan, programs, arrays, cotangents, wanted.value, backward_kernels)
         no_gradient = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
         _, _, _, _, _, _, mask_consts, kv_lists, q_lists = arrays
         return dq, dk, dv, score_grads, no_gradient(mask_consts), no_gradient(kv_lists), no_gradient(q_lists)

@@ -1,0 +1,558 @@
+"""The flex-attention backward as two Pallas Mosaic GPU kernels for Hopper (sm90): dK/dV and dQ.
+
+The same mathematics as ``pallas_triton.backward`` (FlashAttention-2's backward, Dao 2023, on the BlockMask's lists),
+with the forward's Hopper structure: one memory warpgroup streams tiles by TMA into a ring of ``num_stages``
+shared-memory slots, two compute warpgroups multiply with wgmma.
+
+* **dK/dV**: a program owns 128 keys of one key/value head (64 per compute warpgroup, K and V resident in shared
+  memory) and, for each query head of its group, walks the query blocks that visit its key block (``q_num_blocks`` /
+  ``q_indices``, mask_mod applied, then the full pair). The memory warpgroup streams Q, dO, lse and delta tiles of 64
+  queries. Each warpgroup computes S^T = K Q^T, so that P^T and dS^T come out of the accumulator in the layout wgmma
+  takes as its register operand: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+* **dQ**: a program owns 128 queries of one head (Q, dO, lse, delta resident) and walks its key blocks
+  (``kv_num_blocks`` / ``kv_indices`` and the full pair); the memory warpgroup streams K and V tiles of 64 keys.
+  S = Q K^T and dP = dO V^T, then dQ += dS K.
+
+The mods run on whole [64, 64] index tiles, transposed in the dK/dV kernel (q_idx along the columns); the score_mod's
+derivative is JAX autodiff of the traced mod. Arrays the mods close over are read as in the forward
+(``forward.site_load``). Gradients with respect to those arrays need an atomic scatter into a float32 buffer, which
+these kernels do not have: when one is wanted the caller runs the Triton backward instead.
+
+Sequences are padded to whole 128-row tiles (or mask blocks); queries and keys past the true lengths are masked by
+bounds wherever the padding is visited, so that their values (zeros, or a mod's output there) never reach a gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends.pallas_mosaic import forward as _forward
+
+__all__ = ["HEAD_DIMS", "TILE", "Config", "flex_backward", "smem_bytes"]
+
+TILE = 64  # rows per compute warpgroup, and the walked tile: queries (dK/dV) or keys (dQ)
+COMPUTE_WARPGROUPS = 2
+PROGRAM_ROWS = TILE * COMPUTE_WARPGROUPS  # keys per dK/dV program, queries per dQ program
+HEAD_DIMS = (64, 128)
+_LOG2_E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring."""
+
+    num_stages: int = 2
+
+
+def smem_bytes(head_dim: int, num_stages: int) -> int:
+    """Shared memory of the larger of the two kernels (they have the same resident and streamed tile sizes)."""
+    tile = TILE * head_dim * 2  # one bf16 [64, D] tile
+    resident = 2 * COMPUTE_WARPGROUPS * tile
+    streamed = num_stages * (2 * tile + 2 * TILE * 4)
+    return resident + streamed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static facts of one backward launch."""
+
+    group: int  # query heads per key/value head
+    q_heads: int
+    mask_batch: int
+    mask_heads: int
+    q_block: int  # queries per mask block (the padded length when the mask has one row of blocks)
+    kv_block: int
+    q_len: int
+    kv_len: int
+    q_padded: int
+    kv_padded: int
+    has_full: bool
+    apply_score_mod: bool
+    apply_mask_mod: bool
+    scale: float
+    num_score_consts: int
+    num_mask_consts: int
+    num_stages: int
+    dtype: jnp.dtype
+    score_sites: tuple
+    mask_sites: tuple
+
+    @property
+    def q_bounds(self) -> bool:
+        return self.q_padded > self.q_len
+
+    @property
+    def kv_bounds(self) -> bool:
+        return self.kv_padded > self.kv_len
+
+
+class _Lists:
+    """The walked block lists of one program: ``start(step)`` is the first row of step ``step`` (partial blocks,
+    then full ones), each mask block of ``block`` rows walked as ``block // TILE`` tiles."""
+
+    def __init__(self, refs, mb, mh, row, block: int, has_full: bool):
+        self.num_ref, self.idx_ref, full_num_ref, self.full_idx_ref = refs
+        self.mb, self.mh, self.row = mb, mh, row
+        self.block, self.sub, self.has_full = block, block // TILE, has_full
+        self.num_partial = self.num_ref[mb, mh, row] * self.sub
+        num_full = full_num_ref[mb, mh, row] * self.sub if has_full else jnp.int32(0)
+        self.num_steps = self.num_partial + num_full
+
+    def _from(self, ref, t):
+        sub = self.sub
+        block = t if sub == 1 else lax.div(t, jnp.int32(sub))
+        start = ref[self.mb, self.mh, self.row, block] * self.block
+        return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * TILE
+
+    def start(self, step):
+        if not self.has_full:
+            return self._from(self.idx_ref, step)
+        in_partial = step < self.num_partial
+        # Both reads stay in range: each index is clamped to 0 where unused.
+        partial = self._from(self.idx_ref, jnp.where(in_partial, step, 0))
+        full = self._from(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
+        return jnp.where(in_partial, partial, full)
+
+
+def _split(refs, plan: _Plan, num_lists: int):
+    lists = list(refs[:num_lists]) + [None] * (4 - num_lists)
+    refs = refs[num_lists:]
+    score_refs = refs[: plan.num_score_consts]
+    mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
+    return lists, score_refs, mask_refs, refs[plan.num_score_consts + plan.num_mask_consts :]
+
+
+def _probabilities(s, lse2, q_idx, kv_idx, b, h, *, plan: _Plan, mods, const_refs, masked: bool, q_start, kv_start,
+                   transposed: bool):
+    """P of one tile from the raw scores ``s`` = q.k (float32 [64, 64] in the wgmma layout), with what the score
+    gradient needs: ``(p, pullback, allowed)``.
+
+    ``lse2`` is broadcast to the tile (+inf where a row attends nowhere). P is zero wherever the position is masked
+    or out of bounds (``allowed``, None when nothing is masked); ``pullback`` is the score_mod's (None for none).
+    """
+    score_mod, mask_mod = mods
+    score_refs, mask_refs = const_refs
+    shape = s.shape
+    pullback = None
+    if plan.apply_score_mod:
+        load = _forward.site_load(plan.score_sites, q_start, kv_start, shape, transposed=transposed)
+        m, pullback = score_mod.vjp(score_refs, s * jnp.float32(plan.scale), b, h, q_idx, kv_idx, load=load)
+        s2 = jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_LOG2_E)
+    else:
+        s2 = s * jnp.float32(plan.scale * _LOG2_E)
+    p = jnp.exp2(s2 - lse2)
+    allowed = None
+    if masked and plan.apply_mask_mod:
+        load = _forward.site_load(plan.mask_sites, q_start, kv_start, shape, transposed=transposed)
+        allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+    if plan.q_bounds:
+        allowed = q_idx < plan.q_len if allowed is None else allowed & (q_idx < plan.q_len)
+    if plan.kv_bounds:
+        allowed = kv_idx < plan.kv_len if allowed is None else allowed & (kv_idx < plan.kv_len)
+    if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+    return p, pullback, allowed
+
+
+def _score_gradient(p, dp_minus_delta, pullback, allowed, plan: _Plan):
+    """dS = (dm/ds)^T (P * (dP - delta)), zero wherever the position is masked or out of bounds."""
+    dm = p * dp_minus_delta
+    if pullback is None:
+        return dm
+    ds = jnp.broadcast_to(pullback(dm, [None] * plan.num_score_consts).astype(jnp.float32), p.shape)
+    if allowed is not None:
+        # Where a position was never used the mod's derivative may be infinite (sqrt at 0): keep 0 * inf out.
+        ds = jnp.where(allowed, ds, 0.0)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------- dK and dV
+
+
+def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_lists: int):
+    q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs = refs
+    list_refs, score_refs, mask_refs, (dk_ref, dv_ref) = _split(refs, plan, num_lists)
+    stages, dtype = plan.num_stages, plan.dtype
+    head_dim = q_ref.shape[-1]
+    kv_tile, kv_head, b = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
+    mb = b if plan.mask_batch > 1 else jnp.int32(0)
+    kv_row = lax.div(kv_tile * PROGRAM_ROWS, jnp.int32(plan.kv_block))
+
+    def head(g):
+        h = kv_head * plan.group + g
+        mh = h if plan.mask_heads > 1 else jnp.int32(0)
+        return h, _Lists(list_refs, mb, mh, kv_row, plan.q_block, plan.has_full)
+
+    def over_heads(fn, carry):
+        """fn(h, lists, carry) for each query head of the group; a group of one is no loop."""
+        if plan.group == 1:
+            return fn(*head(jnp.int32(0)), carry)
+        return lax.fori_loop(0, plan.group, lambda g, c: fn(*head(g), c), carry)
+
+    def body(resident, ring, resident_ready, ready, consumed):
+        k_own2, v_own2 = resident
+        q_ring, do_ring, lse_ring, delta_ring = ring
+        q_ready, do_ready, lse_ready, delta_ready = ready
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < COMPUTE_WARPGROUPS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            k_own, v_own = k_own2.at[wg], v_own2.at[wg]
+            kv_base = kv_tile * PROGRAM_ROWS + wg * TILE
+            rows = pl.ds(kv_base, TILE)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_own, resident_ready.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_own, resident_ready.at[COMPUTE_WARPGROUPS + wg])
+            plgpu.barrier_wait(resident_ready.at[wg])
+            plgpu.barrier_wait(resident_ready.at[COMPUTE_WARPGROUPS + wg])
+            wgmma_layout = plgpu.Layout.WGMMA
+            zeros_tile = plgpu.layout_cast(jnp.full((TILE, TILE), 0.0, jnp.float32), wgmma_layout)
+            column = plgpu.Layout.WGMMA.reduce(0)
+
+            def for_head(h, lists, carry):
+                dk, dv, base = carry
+
+                def step_fn(step, carry, *, masked: bool):
+                    dk, dv = carry
+                    slot = lax.rem(base + step, jnp.int32(stages))
+                    q_start = lists.start(step)
+                    plgpu.barrier_wait(q_ready.at[slot])
+
+                    def st(acc_ref):
+                        plgpu.wgmma(acc_ref, k_own, q_ring.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    s_t = pl.run_scoped(st, plgpu.ACC((TILE, TILE), jnp.float32))
+                    plgpu.barrier_wait(lse_ready.at[slot])
+                    lse2 = lax.broadcast_in_dim(plgpu.load(lse_ring.at[slot], layout=column), (TILE, TILE), (1,))
+                    q_idx = q_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
+                    kv_idx = kv_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
+                    p_t, pullback, allowed = _probabilities(
+                        s_t, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
+                        const_refs=(score_refs, mask_refs), masked=masked, q_start=q_start, kv_start=kv_base,
+                        transposed=True,
+                    )
+                    plgpu.barrier_wait(do_ready.at[slot])
+
+                    def dv_dp(refs):
+                        # Two wgmmas, one wait.
+                        dv_ref, dp_ref = refs
+                        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_ring.at[slot])
+                        plgpu.wgmma(dp_ref, v_own, do_ring.at[slot].transpose((1, 0)))
+
+                    dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile)))
+                    plgpu.barrier_wait(delta_ready.at[slot])
+                    delta = plgpu.load(delta_ring.at[slot], layout=column)
+                    dp_t = dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,))
+                    ds_t = _score_gradient(p_t, dp_t, pullback, allowed, plan)
+
+                    def dk_fn(acc_ref):
+                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_ring.at[slot])
+
+                    dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return dk, dv
+
+                carry = lax.fori_loop(0, lists.num_partial, functools.partial(step_fn, masked=True), (dk, dv))
+                if plan.has_full:
+                    carry = lax.fori_loop(
+                        lists.num_partial, lists.num_steps, functools.partial(step_fn, masked=False), carry
+                    )
+                return (*carry, base + lists.num_steps)
+
+            acc = plgpu.layout_cast(jnp.full((TILE, head_dim), 0.0, jnp.float32), wgmma_layout)
+            dk, dv, _ = over_heads(for_head, (acc, acc, jnp.int32(0)))
+            # K and V are no longer needed: stage the gradients through their buffers.
+            k_own[...] = (dk * jnp.float32(plan.scale)).astype(dtype)
+            v_own[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, kv_head, rows])
+            plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, kv_head, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WARPGROUPS)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def for_head(h, lists, base):
+                @pl.loop(0, lists.num_steps)
+                def _(step):
+                    count = base + step
+                    slot = lax.rem(count, jnp.int32(stages))
+                    rows = pl.ds(lists.start(step), TILE)
+
+                    # A slot's first use needs no wait; later ones wait until both compute warpgroups are done.
+                    @pl.when(count >= stages)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_ring.at[slot], q_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(lse2_ref.at[b, h, rows], lse_ring.at[slot], lse_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(do_ref.at[b, h, rows], do_ring.at[slot], do_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_ring.at[slot], delta_ready.at[slot])
+
+                return base + lists.num_steps
+
+            over_heads(for_head, jnp.int32(0))
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tile = (TILE, head_dim)
+    pl.run_scoped(
+        body,
+        (
+            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
+        ),
+        (
+            plgpu.SMEM((stages, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((stages, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((stages, TILE), jnp.float32),
+            plgpu.SMEM((stages, TILE), jnp.float32),
+        ),
+        plgpu.Barrier(num_barriers=2 * COMPUTE_WARPGROUPS),
+        (plgpu.Barrier(num_barriers=stages),) * 4,
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+        collective_axes="wg",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- dQ
+
+
+def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_lists: int):
+    q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs = refs
+    list_refs, score_refs, mask_refs, (dq_ref,) = _split(refs, plan, num_lists)
+    stages, dtype = plan.num_stages, plan.dtype
+    head_dim = q_ref.shape[-1]
+    q_tile, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+    kv_head = lax.div(h, jnp.int32(plan.group)) if plan.group > 1 else h
+    mb = b if plan.mask_batch > 1 else jnp.int32(0)
+    mh = h if plan.mask_heads > 1 else jnp.int32(0)
+    q_row = lax.div(q_tile * PROGRAM_ROWS, jnp.int32(plan.q_block))
+
+    def lists():
+        return _Lists(list_refs, mb, mh, q_row, plan.kv_block, plan.has_full)
+
+    def body(resident, ring, resident_ready, ready, consumed):
+        q_own2, do_own2, lse_own2, delta_own2 = resident
+        k_ring, v_ring = ring
+        k_ready, v_ready = ready
+        k_consumed, v_consumed = consumed
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < COMPUTE_WARPGROUPS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_own, do_own = q_own2.at[wg], do_own2.at[wg]
+            q_base = q_tile * PROGRAM_ROWS + wg * TILE
+            rows = pl.ds(q_base, TILE)
+            sources = (q_ref, do_ref, lse2_ref, delta_ref)
+            buffers = (q_own, do_own, lse_own2.at[wg], delta_own2.at[wg])
+            for n, (source, buffer) in enumerate(zip(sources, buffers)):
+                src = source.at[b, h, rows]
+                plgpu.copy_gmem_to_smem(src, buffer, resident_ready.at[n * COMPUTE_WARPGROUPS + wg])
+            for n in range(len(sources)):
+                plgpu.barrier_wait(resident_ready.at[n * COMPUTE_WARPGROUPS + wg])
+            wgmma_layout = plgpu.Layout.WGMMA
+            row = plgpu.Layout.WGMMA.reduce(1)
+            lse2 = lax.broadcast_in_dim(plgpu.load(lse_own2.at[wg], layout=row), (TILE, TILE), (0,))
+            delta = lax.broadcast_in_dim(plgpu.load(delta_own2.at[wg], layout=row), (TILE, TILE), (0,))
+            zeros_tile = plgpu.layout_cast(jnp.full((TILE, TILE), 0.0, jnp.float32), wgmma_layout)
+            walk = lists()
+
+            def step_fn(step, dq, *, masked: bool):
+                slot = lax.rem(step, jnp.int32(stages))
+                kv_start = walk.start(step)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def s_dp(refs):
+                    # Two wgmmas, one wait.
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, q_own, k_ring.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, do_own, v_ring.at[slot].transpose((1, 0)))
+
+                s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros_tile), plgpu.ACC.init(zeros_tile)))
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                q_idx = q_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
+                kv_idx = kv_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
+                p, pullback, allowed = _probabilities(
+                    s, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
+                    const_refs=(score_refs, mask_refs), masked=masked, q_start=q_base, kv_start=kv_start,
+                    transposed=False,
+                )
+                ds = _score_gradient(p, dp - delta, pullback, allowed, plan)
+
+                def dq_fn(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_ring.at[slot])
+
+                dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return dq
+
+            dq = plgpu.layout_cast(jnp.full((TILE, head_dim), 0.0, jnp.float32), wgmma_layout)
+            dq = lax.fori_loop(0, walk.num_partial, functools.partial(step_fn, masked=True), dq)
+            if plan.has_full:
+                dq = lax.fori_loop(walk.num_partial, walk.num_steps, functools.partial(step_fn, masked=False), dq)
+            # Q is no longer needed: stage dQ through its buffer.
+            q_own[...] = (dq * jnp.float32(plan.scale)).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_own, dq_ref.at[b, h, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WARPGROUPS)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            walk = lists()
+
+            @pl.loop(0, walk.num_steps)
+            def _(step):
+                slot = lax.rem(step, jnp.int32(stages))
+                rows = pl.ds(walk.start(step), TILE)
+                reused = step >= stages
+
+                @pl.when(reused)
+                def _():
+                    plgpu.barrier_wait(k_consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_ring.at[slot], k_ready.at[slot])
+
+                @pl.when(reused)
+                def _():
+                    plgpu.barrier_wait(v_consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_ring.at[slot], v_ready.at[slot])
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tile = (TILE, head_dim)
+    pl.run_scoped(
+        body,
+        (
+            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, TILE), jnp.float32),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, TILE), jnp.float32),
+        ),
+        (
+            plgpu.SMEM((stages, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((stages, *tile), dtype, transforms=transforms),
+        ),
+        plgpu.Barrier(num_barriers=4 * COMPUTE_WARPGROUPS),
+        (plgpu.Barrier(num_barriers=stages),) * 2,
+        (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2,
+        collective_axes="wg",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ wrapper
+
+
+def _padded(length: int, block: int, num_blocks: int) -> tuple[int, int]:
+    """(padded length, walked block): whole mask blocks, or one block of the length rounded up to PROGRAM_ROWS."""
+    if num_blocks > 1:
+        return num_blocks * block, block
+    padded = -(-length // PROGRAM_ROWS) * PROGRAM_ROWS
+    return padded, padded
+
+
+def _pad(x, axis: int, size: int, value=0):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
+
+
+def flex_backward(
+    q, k, v, d_out, lse2, delta, kv_lists, q_lists, *, score_mod: ModProgram, score_consts: Sequence[jax.Array],
+    mask_mod: ModProgram, mask_consts: Sequence[jax.Array], mask_block_size: tuple[int, int], scale: float,
+    config: Config,
+):
+    """dQ, dK, dV (in the inputs' dtypes) on plain arrays.
+
+    Args:
+      q [B, Hq, L, E], k [B, Hkv, S, E], v [B, Hkv, S, E], d_out [B, Hq, L, E]: bfloat16 or float16, E in
+        ``HEAD_DIMS``; Hq a multiple of Hkv.
+      lse2 [B, Hq, L] float32: the forward's lse in base 2, +inf where a row attends nowhere.
+      delta [B, Hq, L] float32: rowsum(dO * O) - dlse.
+      kv_lists, q_lists: the BlockMask's kv-side and q-side lists (``pallas_triton.backward.BlockLists``). Its
+        Q_BLOCK and KV_BLOCK are multiples of 128 where it has more than one block along the axis.
+      score_mod, mask_mod: programs traced for whole [64, 64] tiles; their arrays are read at scalar indices or
+        with q_idx / kv_idx themselves (``forward.analyze_reads``).
+      mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    num_q_blocks, num_kv_blocks = kv_lists.indices.shape[-2:]
+    q_padded, q_block = _padded(q_len, mask_block_size[0], num_q_blocks)
+    kv_padded, kv_block = _padded(kv_len, mask_block_size[1], num_kv_blocks)
+    assert q_block % PROGRAM_ROWS == 0 and kv_block % PROGRAM_ROWS == 0, (mask_block_size, q_len, kv_len)
+    score_sites, problem = _forward.analyze_reads(score_mod, TILE)
+    assert problem is None, problem
+    mask_sites, problem = _forward.analyze_reads(mask_mod, TILE)
+    assert problem is None, problem
+    score_consts = _forward.pad_walked(score_consts, score_sites, q_padded, kv_padded)
+    mask_consts = _forward.pad_walked(mask_consts, mask_sites, q_padded, kv_padded)
+    has_full = kv_lists.full_num is not None
+    plan = _Plan(
+        group=q_heads // kv_heads,
+        q_heads=q_heads,
+        mask_batch=kv_lists.num.shape[0],
+        mask_heads=kv_lists.num.shape[1],
+        q_block=q_block,
+        kv_block=kv_block,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_padded=q_padded,
+        kv_padded=kv_padded,
+        has_full=has_full,
+        apply_score_mod=not _forward.is_identity(score_mod),
+        apply_mask_mod=not _forward.is_everywhere(mask_mod),
+        scale=float(scale),
+        num_score_consts=len(score_consts),
+        num_mask_consts=len(mask_consts),
+        num_stages=config.num_stages,
+        dtype=jnp.dtype(q.dtype),
+        score_sites=score_sites,
+        mask_sites=mask_sites,
+    )
+    q = _pad(q, 2, q_padded)
+    d_out = _pad(d_out.astype(q.dtype), 2, q_padded)
+    # Padded queries attend nowhere: P = exp2(m - inf) = 0.
+    lse2 = _pad(lse2, 2, q_padded, jnp.inf)
+    delta = _pad(delta, 2, q_padded)
+    k = _pad(k, 2, kv_padded)
+    v = _pad(v, 2, kv_padded)
+    dense = (q, k, v, d_out, lse2, delta)
+    consts = (*score_consts, *mask_consts)
+    params = plgpu.CompilerParams(approx_math=True)
+    common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg", compiler_params=params)
+
+    q_side = tuple(a.astype(jnp.int32) for a in q_lists.arrays())
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkdv_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(q_side)),
+        out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        grid=(kv_padded // PROGRAM_ROWS, kv_heads, batch),
+        grid_names=("kv", "heads", "batch"),
+        **common,
+    )(*dense, *q_side, *consts)
+
+    kv_side = tuple(a.astype(jnp.int32) for a in kv_lists.arrays())
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(kv_side)),
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(q_padded // PROGRAM_ROWS, q_heads, batch),
+        grid_names=("q", "heads", "batch"),
+        **common,
+    )(*dense, *kv_side, *consts)
+    return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]
