@@ -67,7 +67,6 @@ class _Plan:
     """Static facts of one backward launch."""
 
     group: int  # query heads per key/value head
-    q_heads: int
     mask_batch: int
     mask_heads: int
     q_block: int  # queries per mask block (the padded length when the mask has one row of blocks)
@@ -94,34 +93,6 @@ class _Plan:
     @property
     def kv_bounds(self) -> bool:
         return self.kv_padded > self.kv_len
-
-
-class _Lists:
-    """The walked block lists of one program: ``start(step)`` is the first row of step ``step`` (partial blocks,
-    then full ones), each mask block of ``block`` rows walked as ``block // TILE`` tiles."""
-
-    def __init__(self, refs, mb, mh, row, block: int, has_full: bool):
-        self.num_ref, self.idx_ref, full_num_ref, self.full_idx_ref = refs
-        self.mb, self.mh, self.row = mb, mh, row
-        self.block, self.sub, self.has_full = block, block // TILE, has_full
-        self.num_partial = self.num_ref[mb, mh, row] * self.sub
-        num_full = full_num_ref[mb, mh, row] * self.sub if has_full else jnp.int32(0)
-        self.num_steps = self.num_partial + num_full
-
-    def _from(self, ref, t):
-        sub = self.sub
-        block = t if sub == 1 else lax.div(t, jnp.int32(sub))
-        start = ref[self.mb, self.mh, self.row, block] * self.block
-        return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * TILE
-
-    def start(self, step):
-        if not self.has_full:
-            return self._from(self.idx_ref, step)
-        in_partial = step < self.num_partial
-        # Both reads stay in range: each index is clamped to 0 where unused.
-        partial = self._from(self.idx_ref, jnp.where(in_partial, step, 0))
-        full = self._from(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
-        return jnp.where(in_partial, partial, full)
 
 
 def _split(refs, plan: _Plan, num_lists: int):
@@ -191,7 +162,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
     def head(g):
         h = kv_head * plan.group + g
         mh = h if plan.mask_heads > 1 else jnp.int32(0)
-        return h, _Lists(list_refs, mb, mh, kv_row, plan.q_block, plan.has_full)
+        return h, _forward.BlockWalk(list_refs, mb, mh, kv_row, block=plan.q_block, tile=TILE, has_full=plan.has_full)
 
     def over_heads(fn, carry):
         """fn(h, lists, carry) for each query head of the group; a group of one is no loop."""
@@ -341,7 +312,7 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
     q_row = lax.div(q_tile * PROGRAM_ROWS, jnp.int32(plan.q_block))
 
     def lists():
-        return _Lists(list_refs, mb, mh, q_row, plan.kv_block, plan.has_full)
+        return _forward.BlockWalk(list_refs, mb, mh, q_row, block=plan.kv_block, tile=TILE, has_full=plan.has_full)
 
     def body(resident, ring, resident_ready, ready, consumed):
         q_own2, do_own2, lse_own2, delta_own2 = resident
@@ -413,25 +384,9 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            walk = lists()
-
-            @pl.loop(0, walk.num_steps)
-            def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-                rows = pl.ds(walk.start(step), TILE)
-                reused = step >= stages
-
-                @pl.when(reused)
-                def _():
-                    plgpu.barrier_wait(k_consumed.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_ring.at[slot], k_ready.at[slot])
-
-                @pl.when(reused)
-                def _():
-                    plgpu.barrier_wait(v_consumed.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_ring.at[slot], v_ready.at[slot])
+            _forward.stream_key_values(
+                k_ref, v_ref, (b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None, stages=stages
+            )
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     tile = (TILE, head_dim)
@@ -506,7 +461,6 @@ def flex_backward(
     has_full = kv_lists.full_num is not None
     plan = _Plan(
         group=q_heads // kv_heads,
-        q_heads=q_heads,
         mask_batch=kv_lists.num.shape[0],
         mask_heads=kv_lists.num.shape[1],
         q_block=q_block,

@@ -40,6 +40,7 @@ __all__ = [
     "BLOCK_M",
     "COMPUTE_WARPGROUPS",
     "Config",
+    "BlockWalk",
     "ReadSite",
     "analyze_reads",
     "flex_forward",
@@ -47,6 +48,7 @@ __all__ = [
     "is_identity",
     "pad_walked",
     "site_load",
+    "stream_key_values",
     "unsupported_mod_reason",
 ]
 
@@ -245,11 +247,73 @@ class _Plan:
     mask_sites: tuple[ReadSite, ...]
 
 
+class BlockWalk:
+    """The tiles a program visits along one row of the BlockMask's lists: the partial blocks (``num`` / ``indices``),
+    then the full ones, each block of ``block`` rows walked as ``block // tile`` consecutive tiles.
+
+    ``refs`` are the (num, indices, full_num, full_indices) refs, the full pair None when absent; ``mb``, ``mh`` and
+    ``row`` select the row. ``start(step)`` is the first row of tile ``step``.
+    """
+
+    def __init__(self, refs, mb, mh, row, *, block: int, tile: int, has_full: bool):
+        num_ref, self.idx_ref, full_num_ref, self.full_idx_ref = refs
+        self.mb, self.mh, self.row = mb, mh, row
+        self.block, self.tile, self.sub, self.has_full = block, tile, block // tile, has_full
+        self.num_partial = num_ref[mb, mh, row] * self.sub
+        num_full = full_num_ref[mb, mh, row] * self.sub if has_full else jnp.int32(0)
+        self.num_steps = self.num_partial + num_full
+
+    def _listed(self, ref, t):
+        sub = self.sub
+        block = t if sub == 1 else lax.div(t, jnp.int32(sub))
+        start = ref[self.mb, self.mh, self.row, block] * self.block
+        return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * self.tile
+
+    def start(self, step):
+        if not self.has_full:
+            return self._listed(self.idx_ref, step)
+        in_partial = step < self.num_partial
+        # Both reads are in range: the index arrays are [..., C] and each t is clamped to 0 when unused.
+        partial = self._listed(self.idx_ref, jnp.where(in_partial, step, 0))
+        full = self._listed(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
+        return jnp.where(in_partial, partial, full)
+
+
+def stream_key_values(k_ref, v_ref, head: tuple, k_ring, v_ring, ready, consumed, *, walk: BlockWalk, base,
+                      stages: int):
+    """The memory warpgroup's loop: TMA-copies the key and value tiles of ``walk`` from ``k_ref[head]`` /
+    ``v_ref[head]`` (``head`` the (batch, key/value head) indices of [B, H, S, D] refs) into the rings' slots, step
+    ``base + t`` into slot ``(base + t) % stages`` (``base`` None: 0). A slot's first use needs no wait; later ones
+    wait until both compute warpgroups have arrived on its consumed barrier. Returns the step count after the walk.
+    """
+    (k_ready, v_ready), (k_consumed, v_consumed) = ready, consumed
+
+    @pl.loop(0, walk.num_steps)
+    def _(step):
+        count = step if base is None else base + step
+        slot = lax.rem(count, jnp.int32(stages))
+        rows = pl.ds(walk.start(step), walk.tile)
+        reused = count >= stages
+
+        @pl.when(reused)
+        def _():
+            plgpu.barrier_wait(k_consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[(*head, rows)], k_ring.at[slot], k_ready.at[slot])
+
+        @pl.when(reused)
+        def _():
+            plgpu.barrier_wait(v_consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[(*head, rows)], v_ring.at[slot], v_ready.at[slot])
+
+    return walk.num_steps if base is None else base + walk.num_steps
+
+
 class _Item:
     """One unit of work, (query tile, head, batch) number ``work`` of ``num_q_tiles * Hq * B``, and its mask row."""
 
     def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs):
-        num_ref, idx_ref, full_num_ref, full_idx_ref = refs
         q_tile_rev = lax.rem(work, jnp.int32(num_q_tiles))
         bh = lax.div(work, jnp.int32(num_q_tiles))
         # Within a head, the heaviest query tiles of a causal mask (the last ones) come first.
@@ -257,32 +321,11 @@ class _Item:
         self.h = lax.rem(bh, jnp.int32(plan.q_heads))
         self.b = lax.div(bh, jnp.int32(plan.q_heads))
         self.kv_head = lax.div(self.h, jnp.int32(plan.group)) if plan.group > 1 else self.h
-        self.mb = self.b if plan.mask_batch > 1 else jnp.int32(0)
-        self.mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
-        self.row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
-        self.sub = plan.kv_tiles_per_block
-        self.plan = plan
-        self.idx_ref, self.full_idx_ref = idx_ref, full_idx_ref
-        self.num_partial = num_ref[self.mb, self.mh, self.row] * self.sub
-        num_full = full_num_ref[self.mb, self.mh, self.row] * self.sub if plan.has_full else jnp.int32(0)
-        self.num_steps = self.num_partial + num_full
-
-    def kv_start(self, step):
-        """The first key of step ``step``: partial blocks first, then full ones."""
-        sub, plan = self.sub, self.plan
-
-        def from_list(ref, t):
-            block = t if sub == 1 else lax.div(t, jnp.int32(sub))
-            start = ref[self.mb, self.mh, self.row, block] * plan.kv_block
-            return start if sub == 1 else start + lax.rem(t, jnp.int32(sub)) * plan.block_n
-
-        if not plan.has_full:
-            return from_list(self.idx_ref, step)
-        in_partial = step < self.num_partial
-        # Both reads are in range: the index arrays are [..., KVB] and each t is clamped to 0 when unused.
-        partial = from_list(self.idx_ref, jnp.where(in_partial, step, 0))
-        full = from_list(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
-        return jnp.where(in_partial, partial, full)
+        mb = self.b if plan.mask_batch > 1 else jnp.int32(0)
+        mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
+        row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
+        self.walk = BlockWalk(refs, mb, mh, row, block=plan.kv_block, tile=plan.block_n, has_full=plan.has_full)
+        self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
 
 
 def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_q_tiles: int, num_programs: int):
@@ -356,7 +399,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                     needs_mask = plan.mask_kv_bounds or (plan.apply_mask_mod and not is_full_block)
                     if plan.apply_score_mod or needs_mask:
-                        first_key = it.kv_start(step)
+                        first_key = it.walk.start(step)
                         q_idx = q_base + plgpu.broadcasted_iota(
                             jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
                         )
@@ -437,28 +480,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
             def run_item(i, base):
                 it = item(i)
-
-                @pl.loop(0, it.num_steps)
-                def _(step):
-                    count = base + step
-                    slot = lax.rem(count, jnp.int32(stages))
-                    rows = pl.ds(it.kv_start(step), block_n)
-                    # A slot's first use needs no wait; later ones wait until both compute warpgroups are done.
-                    reused = count >= stages
-
-                    @pl.when(reused)
-                    def _():
-                        plgpu.barrier_wait(k_consumed.at[slot])
-
-                    plgpu.copy_gmem_to_smem(k_ref.at[it.b, it.kv_head, rows], k_smem.at[slot], k_ready.at[slot])
-
-                    @pl.when(reused)
-                    def _():
-                        plgpu.barrier_wait(v_consumed.at[slot])
-
-                    plgpu.copy_gmem_to_smem(v_ref.at[it.b, it.kv_head, rows], v_smem.at[slot], v_ready.at[slot])
-
-                return base + it.num_steps
+                return stream_key_values(
+                    k_ref, v_ref, (it.b, it.kv_head), k_smem, v_smem, (k_ready, v_ready), (k_consumed, v_consumed),
+                    walk=it.walk, base=base, stages=stages,
+                )
 
             lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
