@@ -609,8 +609,9 @@ TRAINING = [
     """),
     md("""
     The mask of the first two rows, element by element (first 64 positions) and as the `BlockMask` the attention
-    layer builds at the full length. `FlexMultiHeadAttention(..., mask_varies=("batch",))` builds one block map per
-    batch row, since the documents differ from row to row.
+    layer builds at the full length. The layer builds one block map per batch row: it finds in the mask_mod's
+    program that the mask reads `b` (the document ids differ from row to row); `mask_varies=("batch",)` would ask for
+    the same explicitly.
     """),
     code("""
     ids = jnp.asarray(batch.document_ids)
