@@ -31,10 +31,31 @@ class Choice(NamedTuple):
     Attributes:
       implementation: one of ``IMPLEMENTATIONS``.
       reasons: for each implementation not run, why (unsupported inputs, platform, or preference).
+      backward: which kernels compute the gradient, and why where it is not the implementation's own
+        (``explain_implementation`` fills it in).
     """
 
     implementation: str
     reasons: dict[str, str]
+    backward: str = ""
+
+
+def _backward_of(choice: Choice, query, score_mod, mask_mod, block_mask, kernel_options) -> str:
+    """What computes the gradient when ``choice.implementation`` runs the forward."""
+    if choice.implementation == "reference":
+        return "reference: JAX autodiff of the dense reference"
+    if choice.implementation == "pallas_triton":
+        return "pallas_triton: its dK/dV and dQ kernels"
+    why = pallas_mosaic.unsupported_backward_reason(
+        query, score_mod=score_mod, mask_mod=mask_mod, block_size=block_mask.BLOCK_SIZE,
+        num_blocks=block_mask.num_blocks, kernel_options=kernel_options,
+    )
+    if why is not None:
+        return f"pallas_triton's dK/dV and dQ kernels: {why}"
+    return (
+        "pallas_mosaic: its dK/dV and dQ kernels (pallas_triton's when a gradient with respect to an array the "
+        "score_mod closes over is taken: that needs the Triton dQ kernel's atomic scatter-add)"
+    )
 
 
 def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options) -> Choice:
@@ -123,7 +144,8 @@ def explain_implementation(
     interpret: bool = False,
     kernel_options: Mapping[str, Any] | None = None,
 ) -> Choice:
-    """Which implementation ``flex_attention`` would run with these arguments, and why not the others.
+    """Which implementation ``flex_attention`` would run with these arguments, why not the others, and what computes
+    the gradient (``Choice.backward``).
 
     Takes ``flex_attention``'s arguments (arrays or ``jax.ShapeDtypeStruct``); runs nothing.
 
@@ -134,7 +156,9 @@ def explain_implementation(
     """
     score_mod, block_mask, mask_mod, _ = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa,
                                                   kernel_options)
-    return _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
+    choice = _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
+    backward = _backward_of(choice, query, score_mod, mask_mod, block_mask, kernel_options)
+    return choice._replace(backward=backward)
 
 
 def flex_attention(

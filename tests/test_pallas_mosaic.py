@@ -139,6 +139,8 @@ def test_choice_on_cpu_explains_itself():
     assert choice.implementation == "reference"
     assert "not a CUDA GPU" in choice.reasons["pallas_mosaic"]
     assert fa.explain_implementation(q, q, q, interpret=True).implementation == "pallas_triton"
+    assert choice.backward.startswith("reference: JAX autodiff")
+    assert fa.explain_implementation(q, q, q, interpret=True).backward.startswith("pallas_triton: its dK/dV")
     with pytest.raises(ValueError, match="needs a Hopper GPU"):
         x = jnp.ones((1, 2, 256, 64), jnp.bfloat16)
         fa.flex_attention(x, x, x, implementation="pallas_mosaic")
@@ -316,6 +318,22 @@ def test_backward_refusals_say_why(head_dim, block_size, options, match):
         assert reason is None
     else:
         assert reason is not None and re.search(match, reason), reason
+
+
+def test_the_choice_says_which_backward_runs():
+    """What ``explain_implementation`` reports as ``Choice.backward`` when pallas_mosaic runs the forward."""
+    from flexattn_jax import api
+
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 512, 512)
+    chosen = fa.Choice("pallas_mosaic", {})
+    for head_dim, options, start in [
+        (128, None, "pallas_mosaic: its dK/dV and dQ kernels"),
+        (256, None, "pallas_triton's dK/dV and dQ kernels: the pallas_mosaic backward supports head dims"),
+        (128, {"mosaic_backward": 0}, "pallas_triton's dK/dV and dQ kernels: kernel_options['mosaic_backward'] is 0"),
+    ]:
+        q = jax.ShapeDtypeStruct((1, 2, 512, head_dim), jnp.bfloat16)
+        said = api._backward_of(chosen, q, fa.identity, fa.causal_mask, block_mask, options)
+        assert said.startswith(start), said
 
 
 @pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}])
