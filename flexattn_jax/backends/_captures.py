@@ -147,7 +147,7 @@ class ModProgram:
         indices may repeat real positions' indices (they are clamped). ``load`` as for ``__call__``; it is called
         once per read (the differentiated evaluation reuses the values read).
         """
-        recorder = _Recorder(self.differentiable, load or _plain_load)
+        recorder = _Recorder(load or _plain_load)
         _Interpreter(const_refs, recorder.load)(self.jaxpr, args)
         sites = recorder.sites
 
@@ -178,8 +178,7 @@ def _plain_load(const: int, ref, index):
 class _Recorder:
     """Loads consts through ``load`` and records each read, in evaluation order."""
 
-    def __init__(self, differentiable, load: Callable):
-        self.differentiable = differentiable
+    def __init__(self, load: Callable):
         self.inner = load
         self.sites: list[_Site] = []
 

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_mosaic import forward as _forward
 
@@ -147,6 +148,15 @@ def _score_gradient(p, dp_minus_delta, pullback, allowed, plan: _Plan):
     return ds
 
 
+def _copy_resident(sources, buffers, index: tuple, barriers, wg):
+    """TMA-copies ``source[index]`` into each of this warpgroup's resident ``buffers`` and waits for all of them;
+    copy n arrives on barrier ``n * COMPUTE_WARPGROUPS + wg``."""
+    for n, (source, buffer) in enumerate(zip(sources, buffers)):
+        plgpu.copy_gmem_to_smem(source.at[index], buffer, barriers.at[n * COMPUTE_WARPGROUPS + wg])
+    for n in range(len(sources)):
+        plgpu.barrier_wait(barriers.at[n * COMPUTE_WARPGROUPS + wg])
+
+
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
@@ -182,10 +192,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
             k_own, v_own = k_own2.at[wg], v_own2.at[wg]
             kv_base = kv_tile * PROGRAM_ROWS + wg * TILE
             rows = pl.ds(kv_base, TILE)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, kv_head, rows], k_own, resident_ready.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, kv_head, rows], v_own, resident_ready.at[COMPUTE_WARPGROUPS + wg])
-            plgpu.barrier_wait(resident_ready.at[wg])
-            plgpu.barrier_wait(resident_ready.at[COMPUTE_WARPGROUPS + wg])
+            _copy_resident((k_ref, v_ref), (k_own, v_own), (b, kv_head, rows), resident_ready, wg)
             wgmma_layout = plgpu.Layout.WGMMA
             zeros_tile = plgpu.layout_cast(jnp.full((TILE, TILE), 0.0, jnp.float32), wgmma_layout)
             column = plgpu.Layout.WGMMA.reduce(0)
@@ -327,13 +334,10 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
             q_own, do_own = q_own2.at[wg], do_own2.at[wg]
             q_base = q_tile * PROGRAM_ROWS + wg * TILE
             rows = pl.ds(q_base, TILE)
-            sources = (q_ref, do_ref, lse2_ref, delta_ref)
-            buffers = (q_own, do_own, lse_own2.at[wg], delta_own2.at[wg])
-            for n, (source, buffer) in enumerate(zip(sources, buffers)):
-                src = source.at[b, h, rows]
-                plgpu.copy_gmem_to_smem(src, buffer, resident_ready.at[n * COMPUTE_WARPGROUPS + wg])
-            for n in range(len(sources)):
-                plgpu.barrier_wait(resident_ready.at[n * COMPUTE_WARPGROUPS + wg])
+            _copy_resident(
+                (q_ref, do_ref, lse2_ref, delta_ref), (q_own, do_own, lse_own2.at[wg], delta_own2.at[wg]),
+                (b, h, rows), resident_ready, wg,
+            )
             wgmma_layout = plgpu.Layout.WGMMA
             row = plgpu.Layout.WGMMA.reduce(1)
             lse2 = lax.broadcast_in_dim(plgpu.load(lse_own2.at[wg], layout=row), (TILE, TILE), (0,))
@@ -420,14 +424,6 @@ def _padded(length: int, block: int, num_blocks: int) -> tuple[int, int]:
     return padded, padded
 
 
-def _pad(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
-
-
 def flex_backward(
     q, k, v, d_out, lse2, delta, kv_lists, q_lists, *, score_mod: ModProgram, score_consts: Sequence[jax.Array],
     mask_mod: ModProgram, mask_consts: Sequence[jax.Array], mask_block_size: tuple[int, int], scale: float,
@@ -480,13 +476,13 @@ def flex_backward(
         score_sites=score_sites,
         mask_sites=mask_sites,
     )
-    q = _pad(q, 2, q_padded)
-    d_out = _pad(d_out.astype(q.dtype), 2, q_padded)
+    q = pad_axis(q, 2, q_padded)
+    d_out = pad_axis(d_out.astype(q.dtype), 2, q_padded)
     # Padded queries attend nowhere: P = exp2(m - inf) = 0.
-    lse2 = _pad(lse2, 2, q_padded, jnp.inf)
-    delta = _pad(delta, 2, q_padded)
-    k = _pad(k, 2, kv_padded)
-    v = _pad(v, 2, kv_padded)
+    lse2 = pad_axis(lse2, 2, q_padded, jnp.inf)
+    delta = pad_axis(delta, 2, q_padded)
+    k = pad_axis(k, 2, kv_padded)
+    v = pad_axis(v, 2, kv_padded)
     dense = (q, k, v, d_out, lse2, delta)
     consts = (*score_consts, *mask_consts)
     params = plgpu.CompilerParams(approx_math=True)

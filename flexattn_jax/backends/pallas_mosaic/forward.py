@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram
 
 __all__ = [
@@ -516,25 +517,13 @@ def _num_sms() -> int:
     return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def pad_walked(consts, sites: Sequence[ReadSite], q_pad: int, kv_pad: int):
     """Pads (repeating the last entry) each axis a row read walks to q_pad and a column read walks to kv_pad."""
     consts = list(consts)
     for site in sites:
         if site.kind in ("row", "column"):
             target = q_pad if site.kind == "row" else kv_pad
-            x = consts[site.const]
-            if x.shape[site.axis] < target:
-                widths = [(0, 0)] * x.ndim
-                widths[site.axis] = (0, target - x.shape[site.axis])
-                consts[site.const] = jnp.pad(x, widths, mode="edge")
+            consts[site.const] = pad_axis(consts[site.const], site.axis, target, mode="edge")
     return tuple(consts)
 
 
@@ -594,9 +583,9 @@ def flex_forward(
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
     score_consts = pad_walked(score_consts, score_sites, q_pad, kv_pad)
     mask_consts = pad_walked(mask_consts, mask_sites, q_pad, kv_pad)
-    query = _pad_axis(query, 2, q_pad)
-    key = _pad_axis(key, 2, kv_pad)
-    value = _pad_axis(value, 2, kv_pad)
+    query = pad_axis(query, 2, q_pad)
+    key = pad_axis(key, 2, kv_pad)
+    value = pad_axis(value, 2, kv_pad)
     has_full = full_kv_num_blocks is not None
     plan = _Plan(
         q_heads=q_heads,

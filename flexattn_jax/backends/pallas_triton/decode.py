@@ -44,11 +44,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from flexattn_jax.backends import _captures
+from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_triton import _tile, backward
 from flexattn_jax.backends.pallas_triton import config as config_lib
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
-from flexattn_jax.backends.pallas_triton.forward import _div, _pad_axis, _rem, padded_head_dim
+from flexattn_jax.backends.pallas_triton.forward import _div, _rem, padded_head_dim
 
 __all__ = [
     "MAX_DECODE_Q_LEN",
@@ -402,9 +403,9 @@ def flex_decode(
 
     # Queries packed into row tiles: [B, head groups, heads per tile * L, E], padded to `rows` and `head_pad`.
     packed = query.reshape(batch, head_groups, hpt * q_len, head_dim)
-    packed = _pad_axis(_pad_axis(packed, 2, rows), 3, head_pad)
-    key = _pad_axis(_pad_axis(key, 2, kv_pad), 3, head_pad)
-    value = _pad_axis(_pad_axis(value, 2, kv_pad), 3, value_pad)
+    packed = pad_axis(pad_axis(packed, 2, rows), 3, head_pad)
+    key = pad_axis(pad_axis(key, 2, kv_pad), 3, head_pad)
+    value = pad_axis(pad_axis(value, 2, kv_pad), 3, value_pad)
 
     def q_map(bg, s):
         b, hg = plan.batch_group(bg)

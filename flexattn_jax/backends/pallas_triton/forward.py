@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram
 from flexattn_jax.backends.pallas_triton import _tile
 from flexattn_jax.backends.pallas_triton.config import MIN_TILE, Config
@@ -133,14 +134,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     lse_ref[...] = lse
 
 
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _whole(x) -> pl.BlockSpec:
     return pl.BlockSpec(x.shape, lambda i, bh: (0,) * len(x.shape))
 
@@ -192,9 +185,9 @@ def flex_forward(
     q_pad = _cdiv(q_len, block_m) * block_m
     kv_pad = _cdiv(kv_len, block_n) * block_n
     head_pad, value_pad = padded_head_dim(head_dim), padded_head_dim(value_dim)
-    query = _pad_axis(_pad_axis(query, 2, q_pad), 3, head_pad)
-    key = _pad_axis(_pad_axis(key, 2, kv_pad), 3, head_pad)
-    value = _pad_axis(_pad_axis(value, 2, kv_pad), 3, value_pad)
+    query = pad_axis(pad_axis(query, 2, q_pad), 3, head_pad)
+    key = pad_axis(pad_axis(key, 2, kv_pad), 3, head_pad)
+    value = pad_axis(pad_axis(value, 2, kv_pad), 3, value_pad)
 
     if num_kv_blocks == 1:
         kv_tiles_per_block, kv_block_stride = kv_pad // block_n, kv_pad

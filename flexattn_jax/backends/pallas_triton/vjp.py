@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from flexattn_jax.backends import _captures
+from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends.pallas_triton import _tile, backward
 from flexattn_jax.backends.pallas_triton import config as config_lib
 from flexattn_jax.backends.pallas_triton.forward import flex_forward, padded_head_dim
@@ -55,14 +56,6 @@ class _Static:
     """Python data carried through the residuals as pytree structure, not as arrays."""
 
     value: Any
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +131,12 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
 
     q_len, e = q.shape[2:]
     kv_len, ev = v.shape[2:]
-    q = _pad_axis(_pad_axis(q, 2, plan.q_padded), 3, plan.head_dim)
-    k = _pad_axis(_pad_axis(k, 2, plan.kv_padded), 3, plan.head_dim)
-    v = _pad_axis(_pad_axis(v, 2, plan.kv_padded), 3, plan.value_dim)
-    d_out = _pad_axis(_pad_axis(d_out.astype(q.dtype), 2, plan.q_padded), 3, plan.value_dim)
-    lse2 = _pad_axis(lse2, 2, plan.q_padded, jnp.inf)
-    delta = _pad_axis(delta, 2, plan.q_padded)
+    q = pad_axis(pad_axis(q, 2, plan.q_padded), 3, plan.head_dim)
+    k = pad_axis(pad_axis(k, 2, plan.kv_padded), 3, plan.head_dim)
+    v = pad_axis(pad_axis(v, 2, plan.kv_padded), 3, plan.value_dim)
+    d_out = pad_axis(pad_axis(d_out.astype(q.dtype), 2, plan.q_padded), 3, plan.value_dim)
+    lse2 = pad_axis(lse2, 2, plan.q_padded, jnp.inf)
+    delta = pad_axis(delta, 2, plan.q_padded)
 
     (_, dkdv_score, dq_score, *_), (_, dkdv_mask, dq_mask, *_) = programs
     dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
