@@ -184,15 +184,18 @@ def test_gpu_every_supported_mod_matches_reference(case):
     B, Hq, Hkv, L, S = 2, 4, 2, 1000, 777
     q, k, v = random_qkv(5, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 5)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod)
+    # dQ fused into the dK/dV kernel (the default from FUSE_DQ_MIN_QUERIES queries): the path with more to get wrong.
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_bwd_fuse_dq": 1})
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "head_dim, dtype, options",
-    [(64, jnp.bfloat16, None), (256, jnp.float16, None), (128, jnp.bfloat16, {"mosaic_block_n": 64,
-                                                                             "mosaic_num_stages": 3})],
-    ids=["bf16-64", "f16-256", "bn64-3stages"],
+    [(64, jnp.bfloat16, None), (256, jnp.float16, None),
+     (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
+     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1}), (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0}),
+     (128, jnp.bfloat16, {"mosaic_bwd_num_stages": 3})],
+    ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -283,6 +286,32 @@ def test_every_supported_mod_lowers_the_mosaic_backward(case):
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("fuse_dq", [0, 1])
+def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
+    """dQ fused into the dK/dV kernel (reduce-adds; at head dim 64 the warpgroups alternate, at 128 they split the
+    columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod."""
+    B, Hq, Hkv, L, S = 1, 4, 2, 300, 200
+    q, k, v = random_qkv(12, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    ids = jnp.arange(L, dtype=jnp.int32) // 70
+    mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids, ids[:S]))
+    text = _lower_gradient_for_cuda(q, k, v, mask_mod, fa.tanh_softcap(30.0),
+                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq})
+    assert "mosaic_gpu" in text and _TRITON_CALL not in text
+
+
+def test_fusing_dq_is_the_default_for_long_queries_where_it_fits():
+    from flexattn_jax.backends.pallas_mosaic import FUSE_DQ_MIN_QUERIES, _backward_config
+
+    long = FUSE_DQ_MIN_QUERIES
+    assert _backward_config({}, 128, long).fuse_dq and _backward_config({}, 64, long).fuse_dq
+    assert not _backward_config({}, 128, long - 1).fuse_dq
+    assert not _backward_config({"mosaic_bwd_num_stages": 3}, 128, long).fuse_dq  # 226 KiB with the dQ buffers
+    assert _backward_config({"mosaic_bwd_num_stages": 3}, 64, long).fuse_dq
+    assert not _backward_config({"mosaic_bwd_fuse_dq": 0}, 64, long).fuse_dq
+    assert _backward_config({"mosaic_bwd_fuse_dq": 1}, 64, 256).fuse_dq
+
+
 def test_the_triton_backward_serves_what_the_mosaic_one_does_not():
     q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
     # A gradient with respect to the slopes the score_mod closes over needs the Triton dQ kernel's scatter-add ...
@@ -304,8 +333,9 @@ def test_the_triton_backward_serves_what_the_mosaic_one_does_not():
         (64, (128, 64), {"mosaic_block_n": 64}, "KV_BLOCK to be a multiple of 128, got 64"),
         (64, 128, {"mosaic_backward": 0}, "'mosaic_backward'] is 0"),
         (128, 128, {"mosaic_bwd_num_stages": 4}, None),
+        (128, 128, {"mosaic_bwd_num_stages": 3, "mosaic_bwd_fuse_dq": 1}, "mosaic_bwd_fuse_dq=1 .* shared memory"),
     ],
-    ids=["head-256", "kv-block-64", "turned-off", "4-stages"],
+    ids=["head-256", "kv-block-64", "turned-off", "4-stages", "fused-3-stages"],
 )
 def test_backward_refusals_say_why(head_dim, block_size, options, match):
     q = jnp.zeros((1, 2, 512, head_dim), jnp.bfloat16)
@@ -336,7 +366,7 @@ def test_the_choice_says_which_backward_runs():
         assert said.startswith(start), said
 
 
-@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}])
+@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3}])
 def test_bad_backward_options_raise(options):
     q = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mosaic_b"):
@@ -363,6 +393,26 @@ def test_vmap_and_grad_lower_for_cuda():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
+
+
+@pytest.mark.gpu
+def test_gpu_vmap_of_grad_matches_reference():
+    """vmap over a leading axis of the gradient: each vmapped instance accumulates its own dQ."""
+    N, B, H, L, E = 3, 1, 2, 640, 128
+    keys = jax.random.split(jax.random.key(13), 3)
+    q, k, v = (jax.random.normal(key, (N, B, H, L, E), jnp.float32).astype(jnp.bfloat16) for key in keys)
+    block_mask = _block_mask(fa.causal_mask, B, L, L)
+
+    def loss(implementation, q, k, v):
+        out = fa.flex_attention(q, k, v, block_mask=block_mask, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(E, dtype=jnp.float32)).reshape(1, 1, 1, E))
+
+    def grads(implementation):
+        grad = jax.grad(functools.partial(loss, implementation), argnums=(0, 1, 2))
+        return jax.jit(jax.vmap(grad))(q, k, v)
+
+    for name, got, want in zip("qkv", grads("pallas_mosaic"), grads("reference")):
+        assert_close(got, want, q.dtype, f"d{name}")
 
 
 @pytest.mark.gpu

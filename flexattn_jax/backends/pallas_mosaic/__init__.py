@@ -9,8 +9,10 @@ scatter-add, which only the Triton dQ kernel has).
 
 ``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile of the forward),
 ``mosaic_num_stages`` (2 to 4: shared-memory slots of the forward's key/value ring), ``mosaic_bwd_num_stages`` (2 to
-4: slots of the backward kernels' rings) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it
-serves the inputs; 0: the Triton backward always). The Triton backward's keys pass through to it; the Triton
+4: slots of the backward kernels' rings), ``mosaic_bwd_fuse_dq`` (1: dQ is accumulated by the dK/dV kernel with
+float32 reduce-adds, whose order, and so dQ's last bits, vary from run to run; 0: a dQ kernel of its own,
+deterministic; unset: fused from ``FUSE_DQ_MIN_QUERIES`` queries up, where it measured faster) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:
+the Triton backward always). The Triton backward's keys pass through to it; the Triton
 forward's keys are accepted and unused.
 
 Mosaic GPU's interpret mode cannot run wgmma on this JAX, so the kernel runs on a Hopper GPU only; without one the
@@ -34,7 +36,7 @@ from flexattn_jax.backends.pallas_triton.backward import BlockLists
 
 __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
 
-OPTION_KEYS = ("mosaic_block_n", "mosaic_num_stages", "mosaic_bwd_num_stages", "mosaic_backward")
+OPTION_KEYS = ("mosaic_block_n", "mosaic_num_stages", "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward")
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
 _MAX_STAGES = 4
@@ -42,6 +44,7 @@ _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 # What Mosaic GPU adds to the buffers counted below (barriers, alignment): 128 KiB-key-tile, 3-stage D=128 needs
 # 232568 bytes where the buffers are 229888, and is refused at launch.
 _SMEM_RESERVE = 4 * 1024
+FUSE_DQ_MIN_QUERIES = 8192  # from this query length up the backward fuses dQ into the dK/dV kernel by default
 
 
 def is_hopper() -> bool:
@@ -65,8 +68,8 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
-        if key == "mosaic_backward" and value not in (0, 1):
-            raise ValueError(f"kernel_options['mosaic_backward'] must be 0 or 1, got {value}")
+        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq") and value not in (0, 1):
+            raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -157,12 +160,13 @@ def unsupported_backward_reason(
     for axis, block, count in (("Q_BLOCK", block_size[0], num_blocks[0]), ("KV_BLOCK", block_size[1], num_blocks[1])):
         if count > 1 and block % rows:
             return f"the pallas_mosaic backward needs the BlockMask's {axis} to be a multiple of {rows}, got {block}"
-    stages = options.get("mosaic_bwd_num_stages", 2)
-    smem = _backward.smem_bytes(head_dim, stages)
+    config = _backward_config(options, head_dim, query.shape[-2])
+    smem = _backward.smem_bytes(head_dim, config.num_stages, config.fuse_dq)
     if smem + _SMEM_RESERVE > _SMEM_BYTES:
         return (
-            f"the pallas_mosaic backward with mosaic_bwd_num_stages={stages} and head dim {head_dim} needs {smem} "
-            f"bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
+            f"the pallas_mosaic backward with mosaic_bwd_num_stages={config.num_stages}, "
+            f"mosaic_bwd_fuse_dq={int(config.fuse_dq)} and head dim {head_dim} needs {smem} bytes of shared memory, "
+            f"over the {_SMEM_BYTES} an H100 block has"
         )
     for mod, is_score in ((score_mod, True), (mask_mod, False)):
         (program,), _ = _captures.trace_for_tiles(mod, [_MosaicBackward.tile], score=is_score)
@@ -170,6 +174,20 @@ def unsupported_backward_reason(
         if reason is not None:
             return reason
     return None
+
+
+def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int) -> _backward.Config:
+    """The options' backward configuration. Unless ``mosaic_bwd_fuse_dq`` is given, dQ is fused into the dK/dV
+    kernel for ``FUSE_DQ_MIN_QUERIES`` queries or more, where its buffers fit in shared memory beside the rings (head
+    dim 128 with 3 or 4 stages does not). Fusing saves the dQ kernel's recomputation of S and dP, but adds a
+    float32 dQ buffer to clear and convert and ties the two warpgroups together at every step: it measured 7% faster
+    on full and causal attention at 8192 queries and 9-16% slower at 2048 (benchmarks/NOTES.md section 11)."""
+    stages = options.get("mosaic_bwd_num_stages", 2)
+    fuse_dq = options.get("mosaic_bwd_fuse_dq")
+    if fuse_dq is None:
+        fits = _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE <= _SMEM_BYTES
+        fuse_dq = fits and q_len >= FUSE_DQ_MIN_QUERIES
+    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,8 +296,9 @@ def attention(
         )
         is None
     ):
-        stages = _options(kernel_options).get("mosaic_bwd_num_stages", 2)
-        backward_kernels = _MosaicBackward(_backward.Config(num_stages=stages), block_size, float(scale))
+        backward_kernels = _MosaicBackward(
+            _backward_config(_options(kernel_options), query.shape[-1], query.shape[-2]), block_size, float(scale)
+        )
     return _vjp.attention(
         query,
         key,

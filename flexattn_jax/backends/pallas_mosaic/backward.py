@@ -9,9 +9,14 @@ shared-memory slots, two compute warpgroups multiply with wgmma.
   ``q_indices``, mask_mod applied, then the full pair). The memory warpgroup streams Q, dO, lse and delta tiles of 64
   queries. Each warpgroup computes S^T = K Q^T, so that P^T and dS^T come out of the accumulator in the layout wgmma
   takes as its register operand: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
-* **dQ**: a program owns 128 queries of one head (Q, dO, lse, delta resident) and walks its key blocks
-  (``kv_num_blocks`` / ``kv_indices`` and the full pair); the memory warpgroup streams K and V tiles of 64 keys.
-  S = Q K^T and dP = dO V^T, then dQ += dS K.
+* **dQ**, by default in the same kernel (FlashAttention-3's structure): each dK/dV step also forms that step's
+  contribution dS K to the 64 queries' dQ and adds it into a float32 buffer in global memory with a TMA reduce-add.
+  The two warpgroups put their dS^T tiles in shared memory; each multiplies the whole [64 queries, 128 keys] dS by
+  half of K's columns (at head dim 64, the warpgroups take the whole product on alternate steps). Five matmuls per
+  tile pair instead of seven; the order of the additions, and so the last bits of dQ, vary from run to run.
+* **dQ** as a kernel of its own (``Config(fuse_dq=False)``, deterministic): a program owns 128 queries of one head
+  (Q, dO, lse, delta resident) and walks its key blocks (``kv_num_blocks`` / ``kv_indices`` and the full pair); the
+  memory warpgroup streams K and V tiles of 64 keys. S = Q K^T and dP = dO V^T, then dQ += dS K.
 
 The mods run on whole [64, 64] index tiles, transposed in the dK/dV kernel (q_idx along the columns); the score_mod's
 derivative is JAX autodiff of the traced mod. Arrays the mods close over are read as in the forward
@@ -48,19 +53,29 @@ HEAD_DIMS = (64, 128)
 _LOG2_E = math.log2(math.e)
 
 
+DQ_COLUMNS = 64  # columns of dQ one warpgroup forms per step in the fused kernel
+_F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # 128-byte rows of float32
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring."""
+    """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring; ``fuse_dq``:
+    dQ accumulated by the dK/dV kernel (True) or computed by a kernel of its own (False, deterministic)."""
 
     num_stages: int = 2
+    fuse_dq: bool = True
 
 
-def smem_bytes(head_dim: int, num_stages: int) -> int:
-    """Shared memory of the larger of the two kernels (they have the same resident and streamed tile sizes)."""
+def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
+    """Shared memory of the largest kernel (the unfused two have the same resident and streamed tile sizes)."""
     tile = TILE * head_dim * 2  # one bf16 [64, D] tile
     resident = 2 * COMPUTE_WARPGROUPS * tile
     streamed = num_stages * (2 * tile + 2 * TILE * 4)
-    return resident + streamed
+    fused = 0
+    if fuse_dq:
+        # Two [128 keys, 64 queries] bf16 dS^T buffers, one [64, 64] float32 dQ staging tile per warpgroup.
+        fused = 2 * PROGRAM_ROWS * TILE * 2 + COMPUTE_WARPGROUPS * TILE * DQ_COLUMNS * 4
+    return resident + streamed + fused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +175,13 @@ def _copy_resident(sources, buffers, index: tuple, barriers, wg):
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
-def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_lists: int):
+def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_lists: int, fuse_dq: bool):
     q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs = refs
-    list_refs, score_refs, mask_refs, (dk_ref, dv_ref) = _split(refs, plan, num_lists)
+    list_refs, score_refs, mask_refs, outs = _split(refs, plan, num_lists)
+    dq_ref, dk_ref, dv_ref = outs if fuse_dq else (None, *outs)
     stages, dtype = plan.num_stages, plan.dtype
     head_dim = q_ref.shape[-1]
+    dq_chunks = head_dim // DQ_COLUMNS  # column chunks of a step's dQ, one per warpgroup (or one for both)
     kv_tile, kv_head, b = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
     mb = b if plan.mask_batch > 1 else jnp.int32(0)
     kv_row = lax.div(kv_tile * PROGRAM_ROWS, jnp.int32(plan.kv_block))
@@ -180,16 +197,18 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
             return fn(*head(jnp.int32(0)), carry)
         return lax.fori_loop(0, plan.group, lambda g, c: fn(*head(g), c), carry)
 
-    def body(resident, ring, resident_ready, ready, consumed):
-        k_own2, v_own2 = resident
+    def body(resident, ring, resident_ready, ready, consumed, fused):
+        k_all, v_all = resident
         q_ring, do_ring, lse_ring, delta_ring = ring
         q_ready, do_ready, lse_ready, delta_ready = ready
+        ds_all, dq_stage, ds_ready, done = fused if fuse_dq else (None,) * 4
         wg = lax.axis_index("wg")
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            k_own, v_own = k_own2.at[wg], v_own2.at[wg]
+            own = pl.ds(wg * TILE, TILE)
+            k_own, v_own = k_all.at[own], v_all.at[own]
             kv_base = kv_tile * PROGRAM_ROWS + wg * TILE
             rows = pl.ds(kv_base, TILE)
             _copy_resident((k_ref, v_ref), (k_own, v_own), (b, kv_head, rows), resident_ready, wg)
@@ -202,7 +221,8 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
                 def step_fn(step, carry, *, masked: bool):
                     dk, dv = carry
-                    slot = lax.rem(base + step, jnp.int32(stages))
+                    count = base + step
+                    slot = lax.rem(count, jnp.int32(stages))
                     q_start = lists.start(step)
                     plgpu.barrier_wait(q_ready.at[slot])
 
@@ -232,13 +252,22 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                     plgpu.barrier_wait(delta_ready.at[slot])
                     delta = plgpu.load(delta_ring.at[slot], layout=column)
                     dp_t = dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,))
-                    ds_t = _score_gradient(p_t, dp_t, pullback, allowed, plan)
+                    ds_t = _score_gradient(p_t, dp_t, pullback, allowed, plan).astype(dtype)
+                    if fuse_dq:
+                        parity = lax.rem(count, jnp.int32(2))
+                        ds_all.at[parity, own][...] = ds_t
+                        plgpu.commit_smem()
+                        plgpu.barrier_arrive(ds_ready.at[parity])
 
                     def dk_fn(acc_ref):
-                        plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_ring.at[slot])
+                        plgpu.wgmma(acc_ref, ds_t, q_ring.at[slot])
 
                     dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
                     plgpu.barrier_arrive(consumed.at[slot])
+                    if fuse_dq:
+                        plgpu.barrier_wait(ds_ready.at[parity])
+                        _accumulate_dq(ds_all.at[parity], k_all, dq_stage.at[wg], dq_ref.at[b, h, pl.ds(q_start, TILE)],
+                                       chunk=lax.rem(wg + count, jnp.int32(2)), num_chunks=dq_chunks)
                     return dk, dv
 
                 carry = lax.fori_loop(0, lists.num_partial, functools.partial(step_fn, masked=True), (dk, dv))
@@ -250,6 +279,10 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
             acc = plgpu.layout_cast(jnp.full((TILE, head_dim), 0.0, jnp.float32), wgmma_layout)
             dk, dv, _ = over_heads(for_head, (acc, acc, jnp.int32(0)))
+            if fuse_dq:
+                # The other warpgroup's last dQ product may still read this warpgroup's keys.
+                plgpu.barrier_arrive(done)
+                plgpu.barrier_wait(done)
             # K and V are no longer needed: stage the gradients through their buffers.
             k_own[...] = (dk * jnp.float32(plan.scale)).astype(dtype)
             v_own[...] = dv.astype(dtype)
@@ -285,11 +318,19 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     tile = (TILE, head_dim)
+    fused = ()
+    if fuse_dq:
+        fused = (
+            plgpu.SMEM((2, PROGRAM_ROWS, TILE), dtype, transforms=transforms),
+            plgpu.SMEM((COMPUTE_WARPGROUPS, TILE, DQ_COLUMNS), jnp.float32, transforms=_F32_TRANSFORMS),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=2),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+        )
     pl.run_scoped(
         body,
         (
-            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
-            plgpu.SMEM((COMPUTE_WARPGROUPS, *tile), dtype, transforms=transforms),
+            plgpu.SMEM((PROGRAM_ROWS, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((PROGRAM_ROWS, head_dim), dtype, transforms=transforms),
         ),
         (
             plgpu.SMEM((stages, *tile), dtype, transforms=transforms),
@@ -300,8 +341,38 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
         plgpu.Barrier(num_barriers=2 * COMPUTE_WARPGROUPS),
         (plgpu.Barrier(num_barriers=stages),) * 4,
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+        fused,
         collective_axes="wg",
     )
+
+
+def _accumulate_dq(ds_t_ref, k_all, stage, dq_rows, *, chunk, num_chunks: int):
+    """Adds dS K for one step's 64 queries into the float32 dQ in global memory (``dq_rows``: [64, D]).
+
+    ``ds_t_ref`` holds both warpgroups' dS^T ([128 keys, 64 queries]), ``k_all`` the program's 128 keys. This
+    warpgroup forms the columns ``chunk`` of the product: with two chunks (head dim 128) each warpgroup takes one;
+    with one (head dim 64) the warpgroup whose ``chunk`` is 0 takes it, which alternates from step to step. (Issuing
+    this product together with dK's, one wait for both, measured 8% slower at head dim 128: NOTES.md section 11.)
+    """
+
+    def accumulate():
+        columns = pl.ds(chunk * DQ_COLUMNS, DQ_COLUMNS)
+
+        def product(acc_ref):
+            plgpu.wgmma(acc_ref, ds_t_ref.transpose((1, 0)), k_all.at[:, columns])
+            return acc_ref[...]
+
+        dq = pl.run_scoped(product, plgpu.ACC((TILE, DQ_COLUMNS), jnp.float32))
+        # The previous step's reduce-add must have read the staging tile before it is overwritten.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage[...] = dq
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dq_rows.at[:, columns], reduction_op="add")
+
+    if num_chunks == COMPUTE_WARPGROUPS:
+        accumulate()
+    else:
+        pl.when(chunk == 0)(accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------- dQ
@@ -489,13 +560,21 @@ def flex_backward(
     common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg", compiler_params=params)
 
     q_side = tuple(a.astype(jnp.int32) for a in q_lists.arrays())
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkdv_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(q_side)),
+    dkdv = plgpu.kernel(
+        functools.partial(_dkdv_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(q_side),
+                          fuse_dq=config.fuse_dq),
         out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         grid=(kv_padded // PROGRAM_ROWS, kv_heads, batch),
         grid_names=("kv", "heads", "batch"),
         **common,
-    )(*dense, *q_side, *consts)
+    )
+    if config.fuse_dq:
+        # The kernel adds into this buffer in place (a mutable array input); every program adds, none initialises.
+        dq_sum = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+        dk, dv = dkdv(*dense, *q_side, *consts, dq_sum)
+        dq = (dq_sum[...] * jnp.float32(plan.scale)).astype(q.dtype)
+        return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]
+    dk, dv = dkdv(*dense, *q_side, *consts)
 
     kv_side = tuple(a.astype(jnp.int32) for a in kv_lists.arrays())
     dq = plgpu.kernel(
