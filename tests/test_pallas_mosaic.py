@@ -72,9 +72,10 @@ def test_every_supported_mod_lowers_for_cuda(case):
 
 @pytest.mark.parametrize(
     "head_dim, dtype, options",
-    [(128, jnp.float16, None), (256, jnp.bfloat16, None), (128, jnp.bfloat16, {"mosaic_block_n": 64,
-                                                                              "mosaic_num_stages": 3})],
-    ids=["f16-128", "bf16-256", "bn64-3stages"],
+    [(128, jnp.float16, None), (256, jnp.bfloat16, None),
+     (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
+     (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0})],
+    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -203,15 +204,29 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 
 
 @pytest.mark.gpu
-def test_gpu_fully_masked_rows_give_zero_and_minus_inf():
+@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
+def test_gpu_both_forward_schedules_match_reference(case, overlap):
+    # Forward only, at a length no tile divides and with GQA: the intra-warpgroup overlapped walk and the plain one.
+    B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
+    q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 8)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_overlap": overlap}, grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_gpu_fully_masked_rows_give_zero_and_minus_inf(overlap):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
+    options = {"mosaic_fwd_overlap": overlap}
 
     def upper_half_attends_nowhere(b, h, q_idx, kv_idx):
         return (q_idx < 256) & (kv_idx <= q_idx)
 
-    _compare_on_gpu(q, k, v, upper_half_attends_nowhere, None)
+    _compare_on_gpu(q, k, v, upper_half_attends_nowhere, None, kernel_options=options)
     block_mask = _block_mask(upper_half_attends_nowhere, 1, 512, 512)
-    out, lse = fa.flex_attention(q, k, v, block_mask=block_mask, return_lse=True, implementation="pallas_mosaic")
+    out, lse = fa.flex_attention(q, k, v, block_mask=block_mask, return_lse=True, implementation="pallas_mosaic",
+                                 kernel_options=options)
     assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
 
@@ -221,6 +236,30 @@ def _program(mod, score=False):
 
     (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, True)], score=score)
     return program
+
+
+@pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])
+def test_persistent_schedule_runs_every_item_once(total):
+    from flexattn_jax.backends.pallas_mosaic.forward import persistent_schedule
+
+    num_programs = min(total, 132)
+    runs = []
+    for program in range(num_programs):
+        count, work_of = persistent_schedule(jnp.int32(program), total, num_programs)
+        runs += [int(work_of(jnp.int32(i))) for i in range(int(count))]
+    assert sorted(runs) == list(range(total))
+
+
+def test_persistent_schedule_balances_causal_query_tiles():
+    from flexattn_jax.backends.pallas_mosaic.forward import persistent_schedule
+
+    # B=8, H=16, S=2048: 16 query tiles a head, numbered heaviest first; a causal tile's weight is its key steps.
+    tiles, total, num_programs = 16, 16 * 128, 132
+    loads = []
+    for program in range(num_programs):
+        count, work_of = persistent_schedule(jnp.int32(program), total, num_programs)
+        loads.append(sum(tiles - int(work_of(jnp.int32(i))) % tiles for i in range(int(count))))
+    assert max(loads) <= 1.05 * sum(loads) / num_programs  # round-robin dealing: 1.21
 
 
 def test_reads_by_q_idx_or_kv_idx_themselves_are_rows_and_columns():

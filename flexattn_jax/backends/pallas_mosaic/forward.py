@@ -1,7 +1,7 @@
 """The flex-attention forward as a Pallas Mosaic GPU kernel for Hopper (sm90): TMA, wgmma, warpgroup specialisation.
 
 A persistent grid: one program per SM, each taking work items (128 queries of one head of one batch row) in turn,
-with three warpgroups:
+dealt in a snake order that balances heavy and light query tiles (``persistent_schedule``), with three warpgroups:
 
 * the **memory warpgroup** walks the BlockMask row of its query tile (the partial blocks, then the full ones) and
   issues TMA copies of each key/value tile into a ring of ``num_stages`` shared-memory slots; a slot is refilled once
@@ -68,10 +68,12 @@ class Config:
     Attributes:
       block_n: keys per TMA copy and per wgmma tile (64 or 128).
       num_stages: shared-memory slots of the key/value ring (at least 2).
+      overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
     """
 
     block_n: int
     num_stages: int
+    overlap: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +245,7 @@ class _Plan:
     num_mask_consts: int
     block_n: int
     num_stages: int
+    overlap: bool
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
     mask_sites: tuple[ReadSite, ...]
@@ -329,6 +332,28 @@ class _Item:
         self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
 
 
+def persistent_schedule(program, total: int, num_programs: int):
+    """Which work items persistent program ``program`` runs: (how many, the item number of its i-th).
+
+    Items are dealt in rounds of ``num_programs``, one to each program, and every other round in reverse program
+    order (a snake): program p takes p, 2P - 1 - p, 2P + p, ... Items are numbered head by head, the heaviest query
+    tiles of a head first, so a plain round-robin hands some programs the heavy end of every head and others the
+    light end (at 16 query tiles a head and 132 programs, 1.21× the mean load of a causal mask on the busiest
+    program); reversing every other round pairs heavy with light (1.03×). Items in flight at once stay one round
+    of consecutive items, a few heads whose keys and values are shared in L2. ``program`` may be traced.
+    """
+    full_rounds, last = divmod(total, num_programs)
+    # The last round, partial, reaches the programs at its start: the first ones, or the last ones when reversed.
+    in_last = program < last if full_rounds % 2 == 0 else program >= num_programs - last
+    num_items = jnp.int32(full_rounds) + jnp.asarray(in_last).astype(jnp.int32)
+
+    def work_of(i):
+        position = jnp.where(lax.rem(i, 2) == 0, program, num_programs - 1 - program)
+        return i * num_programs + position
+
+    return num_items, work_of
+
+
 def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_q_tiles: int, num_programs: int):
     q_ref, k_ref, v_ref, num_ref, idx_ref, *refs = refs
     full_num_ref = full_idx_ref = None
@@ -342,15 +367,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     head_dim = q_ref.shape[-1]
     list_refs = (num_ref, idx_ref, full_num_ref, full_idx_ref)
 
-    # A persistent grid: program p takes work items p, p + P, p + 2P, ... The key/value ring and its barriers carry
-    # on from one item to the next (``base`` counts the steps before the item), so the memory warpgroup fetches the
-    # next item's first tiles while the compute warpgroups finish the current one.
+    # A persistent grid (see ``persistent_schedule``). The key/value ring and its barriers carry on from one item to
+    # the next (``base`` counts the steps before the item), so the memory warpgroup fetches the next item's first
+    # tiles while the compute warpgroups finish the current one.
     program = lax.axis_index("sm")
     total = num_q_tiles * plan.q_heads * out_ref.shape[0]
-    num_items = lax.div(jnp.int32(total) - program + jnp.int32(num_programs - 1), jnp.int32(num_programs))
+    num_items, work_of = persistent_schedule(program, total, num_programs)
 
     def item(i):
-        return _Item(program + i * num_programs, plan, num_q_tiles, list_refs)
+        return _Item(work_of(i), plan, num_q_tiles, list_refs)
 
     def body(smem, ready, consumed, schedule):
         q_smem2, k_smem, v_smem, lse_smem2 = smem
@@ -386,19 +411,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                 pl.when(wg == 1)(schedule_barrier)
 
-                def step_fn(step, carry, *, is_full_block: bool):
-                    acc, row_max, row_sum = carry
-                    slot = lax.rem(base + step, jnp.int32(stages))
-
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                        schedule_barrier()
-                        return acc_ref[...]
-
-                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
-                    plgpu.barrier_arrive(k_consumed.at[slot])
-
-                    needs_mask = plan.mask_kv_bounds or (plan.apply_mask_mod and not is_full_block)
+                def probabilities(s, step, row_max, row_sum, *, partial):
+                    """The online softmax of the scores of key tile ``step``: (P in the input dtype, the new row
+                    maximum, the new row sum, the factor that rescales the accumulator to the new maximum).
+                    ``partial``: apply mask_mod (True), not (False), or where a traced flag says."""
+                    apply_mask = plan.apply_mask_mod and partial is not False
+                    needs_mask = plan.mask_kv_bounds or apply_mask
                     if plan.apply_score_mod or needs_mask:
                         first_key = it.walk.start(step)
                         q_idx = q_base + plgpu.broadcasted_iota(
@@ -416,9 +434,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         s2 = s * jnp.float32(plan.scale * _LOG2_E)
                     if needs_mask:
                         allowed = None
-                        if plan.apply_mask_mod and not is_full_block:
+                        if apply_mask:
                             load = site_load(plan.mask_sites, q_base, first_key, (BLOCK_M, block_n))
                             allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+                            if partial is not True:  # a traced flag: a full block allows every key
+                                allowed = allowed | jnp.logical_not(partial)
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
                             allowed = in_bounds if allowed is None else allowed & in_bounds
@@ -429,9 +449,27 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
                     correction = jnp.exp2(row_max - shift)
                     p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
-                    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
                     row_sum = row_sum * correction + p.sum(axis=1)
-                    p_low = p.astype(dtype)
+                    return p.astype(dtype), new_max, row_sum, correction
+
+                def slot_of(step):
+                    return lax.rem(base + step, jnp.int32(stages))
+
+                def step_fn(step, carry, *, is_full_block: bool):
+                    acc, row_max, row_sum = carry
+                    slot = slot_of(step)
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                        schedule_barrier()
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
+                    plgpu.barrier_arrive(k_consumed.at[slot])
+                    p_low, new_max, row_sum, correction = probabilities(
+                        s, step, row_max, row_sum, partial=not is_full_block
+                    )
+                    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
                     # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
                     plgpu.barrier_arrive(schedule)
@@ -444,19 +482,90 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                         @pl.when(next_step < num_steps)
                         def _():
-                            plgpu.barrier_wait(k_ready.at[lax.rem(base + next_step, jnp.int32(stages))])
+                            plgpu.barrier_wait(k_ready.at[slot_of(next_step)])
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_consumed.at[slot])
                     return acc, new_max, row_sum
 
-                carry = (acc, row_max, row_sum)
-                carry = lax.fori_loop(0, it.num_partial, functools.partial(step_fn, is_full_block=False), carry)
-                if plan.has_full:
-                    carry = lax.fori_loop(
-                        it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
+                def overlapped_walk(s_ref, o_ref):
+                    """The walk with each warpgroup's softmax of key tile j + 1 overlapping its own P V of tile j
+                    (FlashAttention-3's intra-warpgroup pipelining): one turn on the tensor cores issues Q K^T of
+                    tile j + 1 and P V of tile j together; the softmax waits for the first only, and the
+                    accumulator is rescaled after the second."""
+
+                    def prologue(stats):
+                        row_max, row_sum = stats
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
+                        schedule_barrier()
+                        s = s_ref[...]
+                        plgpu.barrier_arrive(k_consumed.at[slot_of(0)])
+                        # Step 0 is a partial block unless the row lists none.
+                        p_low, row_max, row_sum, _ = probabilities(
+                            s, jnp.int32(0), row_max, row_sum,
+                            partial=True if not plan.has_full else it.num_partial > 0,
+                        )
+                        return p_low, row_max, row_sum
+
+                    def turn(j, carry, *, partial: bool):
+                        p_low, row_max, row_sum = carry
+                        slot, next_slot = slot_of(j), slot_of(j + 1)
+                        plgpu.barrier_arrive(schedule)
+                        plgpu.barrier_wait(k_ready.at[next_slot])
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.barrier_wait(schedule)
+                        s_ref[...] = plgpu.layout_cast(
+                            jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
+                        )
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
+                        schedule_barrier()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                        plgpu.barrier_arrive(k_consumed.at[next_slot])
+                        p_low, row_max, row_sum, correction = probabilities(
+                            s, j + 1, row_max, row_sum, partial=partial
+                        )
+                        o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_consumed.at[slot])
+                        o_ref[...] = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                        return p_low, row_max, row_sum
+
+                    def walk(stats):
+                        carry = prologue(stats)
+                        last = num_steps - 1
+                        # Turn j computes the softmax of tile j + 1: partial while j + 1 < num_partial.
+                        boundary = jnp.maximum(it.num_partial - 1, 0)
+                        carry = lax.fori_loop(0, boundary, functools.partial(turn, partial=True), carry)
+                        carry = lax.fori_loop(boundary, last, functools.partial(turn, partial=not plan.has_full),
+                                              carry)
+                        p_low, row_max, row_sum = carry
+                        slot = slot_of(last)
+                        plgpu.barrier_arrive(schedule)
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.barrier_wait(schedule)
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
+                        schedule_barrier()
+                        plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_consumed.at[slot])
+                        return row_max, row_sum
+
+                    stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
+                    return (o_ref[...], *stats)
+
+                if plan.overlap:
+                    acc, row_max, row_sum = pl.run_scoped(
+                        overlapped_walk,
+                        plgpu.ACC((BLOCK_M, block_n), jnp.float32),
+                        plgpu.ACC((BLOCK_M, value_dim), jnp.float32),
                     )
-                acc, row_max, row_sum = carry
+                else:
+                    carry = (acc, row_max, row_sum)
+                    carry = lax.fori_loop(0, it.num_partial, functools.partial(step_fn, is_full_block=False), carry)
+                    if plan.has_full:
+                        carry = lax.fori_loop(
+                            it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
+                        )
+                    acc, row_max, row_sum = carry
                 pl.when(wg == 0)(schedule_barrier)
 
                 has_any = row_sum > 0
@@ -605,6 +714,7 @@ def flex_forward(
         num_mask_consts=len(mask_consts),
         block_n=block_n,
         num_stages=config.num_stages,
+        overlap=config.overlap,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
