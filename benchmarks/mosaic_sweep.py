@@ -26,11 +26,6 @@ CONFIGS = {
     "n64_s4": dict(mosaic_block_n=64, mosaic_num_stages=4),
     "overlap": dict(mosaic_fwd_overlap=1),  # 128-key tiles, 2 stages, softmax overlapping the warpgroup's own P V
     "no_overlap": dict(mosaic_fwd_overlap=0),
-    # exp2 of the last 16, 32, 48 or 64 columns of each 128-key tile from the polynomial on the FMA units
-    "exp2_16": dict(mosaic_exp2_emulated=16),
-    "exp2_32": dict(mosaic_exp2_emulated=32),
-    "exp2_48": dict(mosaic_exp2_emulated=48),
-    "exp2_64": dict(mosaic_exp2_emulated=64),
     # forward+backward: the Mosaic GPU backward (dQ fused into the dK/dV kernel, or a dQ kernel of its own with 2 or
     # 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

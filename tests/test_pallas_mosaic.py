@@ -74,10 +74,8 @@ def test_every_supported_mod_lowers_for_cuda(case):
     "head_dim, dtype, options",
     [(128, jnp.float16, None), (256, jnp.bfloat16, None),
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
-     (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
-     (128, jnp.bfloat16, {"mosaic_exp2_emulated": 32}), (64, jnp.float16, {"mosaic_exp2_emulated": 64,
-                                                                          "mosaic_block_n": 64})],
-    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "exp2-32", "exp2-all-of-64"],
+     (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0})],
+    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -126,8 +124,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
 @pytest.mark.parametrize(
     "options, error",
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
-     ({"mosaic_tile": 64}, ValueError), ({"mosaic_exp2_emulated": 40}, ValueError),
-     ({"mosaic_fwd_overlap": 2}, ValueError)],
+     ({"mosaic_tile": 64}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -207,35 +204,21 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "options", [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_exp2_emulated": 48}],
-    ids=["plain", "overlap", "exp2-48"],
-)
+@pytest.mark.parametrize("overlap", [0, 1])
 @pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
-def test_gpu_forward_variants_match_reference(case, options):
-    # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one, and
-    # exp2 partly from the polynomial.
+def test_gpu_both_forward_schedules_match_reference(case, overlap):
+    # Forward only, at a length no tile divides and with GQA: the intra-warpgroup overlapped walk and the plain one.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=options, grads=False)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_overlap": overlap}, grads=False)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("emulated", [16, 64])
-def test_gpu_exp2_polynomial_where_nothing_is_masked(emulated):
-    # No mask, no score_mod and lengths the key tile divides: the polynomial's path without its -inf select.
-    q, k, v = random_qkv(9, B=2, Hq=4, Hkv=4, L=1024, S=1024, E=64, Ev=64, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, None, None, kernel_options={"mosaic_exp2_emulated": emulated}, grads=False)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "options", [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_exp2_emulated": 64}],
-    ids=["plain", "overlap", "exp2-64"],
-)
-def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_gpu_fully_masked_rows_give_zero_and_minus_inf(overlap):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
+    options = {"mosaic_fwd_overlap": overlap}
 
     def upper_half_attends_nowhere(b, h, q_idx, kv_idx):
         return (q_idx < 256) & (kv_idx <= q_idx)
@@ -253,28 +236,6 @@ def _program(mod, score=False):
 
     (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, True)], score=score)
     return program
-
-
-def test_exp2_polynomial_is_within_its_bound_and_zero_at_minus_inf():
-    from flexattn_jax.backends.pallas_mosaic.forward import exp2_polynomial, exp2_split
-
-    x = jnp.concatenate([-jnp.abs(jax.random.normal(jax.random.key(0), (4096,))) * 30.0,
-                         jnp.linspace(-124.0, 0.0, 4097)])
-    # Op by op, not under jit: XLA's CPU compiler would fold the rounding's (x + M) - M (the kernel keeps it).
-    got = exp2_polynomial(x, may_be_minus_inf=False)
-    relative = jnp.abs(got - jnp.exp2(x)) / jnp.exp2(x)
-    assert float(relative.max()) < 1e-4
-    assert float(exp2_polynomial(jnp.float32(0.0), may_be_minus_inf=False)) == pytest.approx(1.0, abs=1e-4)
-    edges = jnp.array([-jnp.inf, -1e30, -126.0, -125.0], jnp.float32)
-    masked = exp2_polynomial(edges, may_be_minus_inf=True)
-    assert masked[:3].tolist() == [0.0, 0.0, 0.0] and float(masked[3]) > 0.0
-    assert bool(jnp.all(jnp.isfinite(exp2_polynomial(edges, may_be_minus_inf=False))))
-    tile = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.2, (64, 128)), -jnp.inf,
-                     -jnp.abs(jax.random.normal(jax.random.key(2), (64, 128))) * 8.0)
-    split = exp2_split(tile, 48, may_be_minus_inf=True)
-    assert bool(jnp.all((split == 0) == jnp.isneginf(tile)))
-    assert float(jnp.max(jnp.abs(split - jnp.exp2(tile)))) < 1e-4
-    assert bool(jnp.all(split[:, :80] == jnp.exp2(tile[:, :80])))  # the first columns stay on exp2 itself
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])

@@ -10,9 +10,7 @@ scatter-add, which only the Triton dQ kernel has).
 ``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile of the forward),
 ``mosaic_num_stages`` (2 to 4: shared-memory slots of the forward's key/value ring), ``mosaic_fwd_overlap`` (1: each
 compute warpgroup overlaps its softmax of a key tile with its own P V of the previous tile, which measured 15-30%
-slower, benchmarks/NOTES.md section 12; 0: the default), ``mosaic_exp2_emulated`` (0, the default, 16, 32, 48 or
-64: of each key tile, how many columns take exp2 from a polynomial on the FMA units instead of the special-function
-unit, for softmaxes that saturate it, such as soft-capping's tanh beside exp2), ``mosaic_bwd_num_stages`` (2 to
+slower, benchmarks/NOTES.md section 12; 0: the default), ``mosaic_bwd_num_stages`` (2 to
 4: slots of the backward kernels' rings), ``mosaic_bwd_fuse_dq`` (1: dQ is accumulated by the dK/dV kernel with
 float32 reduce-adds, whose order, and so dQ's last bits, vary from run to run; 0: a dQ kernel of its own,
 deterministic; unset: fused from ``FUSE_DQ_MIN_QUERIES`` queries up, where it measured faster) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:
@@ -41,13 +39,11 @@ from flexattn_jax.backends.pallas_triton.backward import BlockLists
 __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
 
 OPTION_KEYS = (
-    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_exp2_emulated", "mosaic_bwd_num_stages",
-    "mosaic_bwd_fuse_dq",
+    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq",
     "mosaic_backward",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
-_EXP2_EMULATED = (0, 16, 32, 48, 64)  # columns of a key tile whose exp2 is a polynomial: at most the smaller tile
 _MAX_STAGES = 4
 _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 # What Mosaic GPU adds to the buffers counted below (barriers, alignment): 128 KiB-key-tile, 3-stage D=128 needs
@@ -77,8 +73,6 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
-        if key == "mosaic_exp2_emulated" and value not in _EXP2_EMULATED:
-            raise ValueError(f"kernel_options['mosaic_exp2_emulated'] must be one of {_EXP2_EMULATED}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap") and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         options[key] = value
@@ -107,8 +101,7 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
             f"{smem} bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
         )
     overlap = bool(options.get("mosaic_fwd_overlap", 0))
-    emulated = options.get("mosaic_exp2_emulated", 0)
-    return _forward.Config(block_n=block_n, num_stages=stages, overlap=overlap, exp2_emulated=emulated), ""
+    return _forward.Config(block_n=block_n, num_stages=stages, overlap=overlap), ""
 
 
 def unsupported_reason(

@@ -69,14 +69,11 @@ class Config:
       block_n: keys per TMA copy and per wgmma tile (64 or 128).
       num_stages: shared-memory slots of the key/value ring (at least 2).
       overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
-      exp2_emulated: of each key tile's columns, how many (the last ones) take exp2 from a polynomial on the FMA
-        units instead of the special-function unit (``exp2_polynomial``).
     """
 
     block_n: int
     num_stages: int
     overlap: bool = False
-    exp2_emulated: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +246,6 @@ class _Plan:
     block_n: int
     num_stages: int
     overlap: bool
-    exp2_emulated: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
     mask_sites: tuple[ReadSite, ...]
@@ -334,50 +330,6 @@ class _Item:
         row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
         self.walk = BlockWalk(refs, mb, mh, row, block=plan.kv_block, tile=plan.block_n, has_full=plan.has_full)
         self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
-
-
-# 2**f on [-1/2, 1/2] to a relative error of 7.5e-5 (a cubic fitted by reweighted least squares to the relative
-# error): below the rounding of P to bfloat16 (3.9e-3) or float16 (4.9e-4) before it multiplies V.
-_EXP2_CUBIC = (0.05517111799717522, 0.24260978234093275, 0.6932609536727427, 0.999928156505169)
-_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23: x + this rounds x to an integer held in the low mantissa bits
-_EXP2_FLOOR = -125.0  # below this 2**x would not be a normal float32; the result is 0 there when asked
-
-
-def exp2_polynomial(x, *, may_be_minus_inf: bool):
-    """2**x for x <= 0 with FMA-unit arithmetic only: x = n + f with n an integer and |f| <= 1/2, 2**f from a cubic,
-    2**n added into the exponent bits. The special-function unit that computes exp2 (and tanh) does 16 results a
-    clock per SM against 128 FMA lanes, so a softmax whose exp2s and score_mod's tanh saturate it can hand some of
-    its exp2s to the FMA units (FlashAttention-4's technique). ``may_be_minus_inf``: return exactly 0 where x is
-    -inf (masked scores; an all-masked row must sum to 0); otherwise values below 2**-125 come out as about that.
-
-    The rounding relies on (x + M) - M being evaluated as written: so it is in the kernel (Mosaic GPU's float adds
-    carry only LLVM's ``contract`` flag), but XLA's CPU compiler folds it under ``jax.jit``."""
-    clamped = jnp.maximum(x, jnp.float32(_EXP2_FLOOR))
-    shifted = clamped + jnp.float32(_ROUNDING_MAGIC)
-    fraction = clamped - (shifted - jnp.float32(_ROUNDING_MAGIC))
-    c3, c2, c1, c0 = (jnp.float32(c) for c in _EXP2_CUBIC)
-    mantissa = ((c3 * fraction + c2) * fraction + c1) * fraction + c0
-    # The low bits of ``shifted`` hold n (two's complement): shifted left by 23 they are n in the exponent field.
-    bits = lax.bitcast_convert_type(mantissa, jnp.int32) + lax.shift_left(
-        lax.bitcast_convert_type(shifted, jnp.int32), jnp.int32(23)
-    )
-    result = lax.bitcast_convert_type(bits, jnp.float32)
-    if may_be_minus_inf:
-        result = jnp.where(x >= jnp.float32(_EXP2_FLOOR), result, jnp.float32(0.0))
-    return result
-
-
-def exp2_split(x, emulated: int, *, may_be_minus_inf: bool):
-    """exp2 of a [rows, columns] tile: the last ``emulated`` columns by ``exp2_polynomial``, the rest by the
-    special-function unit."""
-    if emulated == 0:
-        return jnp.exp2(x)
-    columns = x.shape[1]
-    if emulated == columns:
-        return exp2_polynomial(x, may_be_minus_inf=may_be_minus_inf)
-    on_unit = jnp.exp2(x[:, : columns - emulated])
-    on_fma = exp2_polynomial(x[:, columns - emulated :], may_be_minus_inf=may_be_minus_inf)
-    return jnp.concatenate([on_unit, on_fma], axis=1)
 
 
 def persistent_schedule(program, total: int, num_programs: int):
@@ -496,10 +448,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
                     correction = jnp.exp2(row_max - shift)
-                    p = exp2_split(
-                        s2 - lax.broadcast_in_dim(shift, s2.shape, [0]), plan.exp2_emulated,
-                        may_be_minus_inf=needs_mask or plan.apply_score_mod,
-                    )
+                    p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
                     row_sum = row_sum * correction + p.sum(axis=1)
                     return p.astype(dtype), new_max, row_sum, correction
 
@@ -766,7 +715,6 @@ def flex_forward(
         block_n=block_n,
         num_stages=config.num_stages,
         overlap=config.overlap,
-        exp2_emulated=config.exp2_emulated,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
