@@ -351,6 +351,29 @@ def test_fusing_dq_is_the_default_for_long_queries_where_it_fits():
     assert _backward_config({"mosaic_bwd_fuse_dq": 1}, 64, 256).fuse_dq
 
 
+def test_fusing_dq_follows_the_walk_length_when_the_mask_is_known():
+    from flexattn_jax.backends.pallas_mosaic import FUSE_DQ_MIN_QUERIES, _backward_config, attended_key_tiles
+
+    S = FUSE_DQ_MIN_QUERIES
+    ids = jnp.arange(S, dtype=jnp.int32) // (S // 7)
+    tiles = {}
+    documents = fa.and_masks(fa.causal_mask, fa.document_mask(ids))  # the benchmarks' document case
+    for name, mask_mod in [("causal", fa.causal_mask), ("document", documents)]:
+        block_mask = fa.create_block_mask(mask_mod, None, None, S, S)
+        tiles[name] = attended_key_tiles(block_mask.kv_num_blocks, block_mask.full_kv_num_blocks, 128)
+    assert tiles["causal"] == pytest.approx(32.5) and 4 < tiles["document"] < 6
+    assert _backward_config({}, 128, S, tiles["causal"]).fuse_dq
+    assert not _backward_config({}, 128, S, tiles["document"]).fuse_dq  # long, but sparse: measured slower fused
+    assert _backward_config({}, 128, 4096, 32.0).fuse_dq  # a dense 4096 x 4096 walk
+
+    @jax.jit
+    def traced(kv_num_blocks):
+        assert attended_key_tiles(kv_num_blocks, None, 128) is None  # unknown while tracing: the length rule
+        return kv_num_blocks
+
+    traced(jnp.ones((1, 1, 4), jnp.int32))
+
+
 def test_the_triton_backward_serves_what_the_mosaic_one_does_not():
     q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
     # A gradient with respect to the slopes the score_mod closes over needs the Triton dQ kernel's scatter-add ...

@@ -13,7 +13,7 @@ compute warpgroup overlaps its softmax of a key tile with its own P V of the pre
 slower, benchmarks/NOTES.md section 12; 0: the default), ``mosaic_bwd_num_stages`` (2 to
 4: slots of the backward kernels' rings), ``mosaic_bwd_fuse_dq`` (1: dQ is accumulated by the dK/dV kernel with
 float32 reduce-adds, whose order, and so dQ's last bits, vary from run to run; 0: a dQ kernel of its own,
-deterministic; unset: fused from ``FUSE_DQ_MIN_QUERIES`` queries up, where it measured faster) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:
+deterministic; unset: fused where the walks are long, where it measured faster: ``_backward_config``) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:
 the Triton backward always). The Triton backward's keys pass through to it; the Triton
 forward's keys are accepted and unused.
 
@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexattn_jax.backends import _captures
 from flexattn_jax.backends.pallas_mosaic import backward as _backward
@@ -49,7 +50,10 @@ _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 # What Mosaic GPU adds to the buffers counted below (barriers, alignment): 128 KiB-key-tile, 3-stage D=128 needs
 # 232568 bytes where the buffers are 229888, and is refused at launch.
 _SMEM_RESERVE = 4 * 1024
-FUSE_DQ_MIN_QUERIES = 8192  # from this query length up the backward fuses dQ into the dK/dV kernel by default
+# Where the backward fuses dQ into the dK/dV kernel by default: from this many 128-key tiles per query block on
+# average when the BlockMask's contents are known while tracing, else from this query length.
+FUSE_DQ_MIN_KEY_TILES = 24
+FUSE_DQ_MIN_QUERIES = 8192
 
 
 def is_hopper() -> bool:
@@ -182,17 +186,38 @@ def unsupported_backward_reason(
     return None
 
 
-def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int) -> _backward.Config:
+def attended_key_tiles(kv_num_blocks, full_kv_num_blocks, kv_block: int) -> float | None:
+    """How many 128-key tiles a query block attends on average, from the BlockMask's kv-side counts; None when they
+    are traced (a BlockMask passed into ``jit`` as an argument), whose contents are unknown until run time."""
+    counts = [c for c in (kv_num_blocks, full_kv_num_blocks) if c is not None]
+    if any(isinstance(c, jax.core.Tracer) for c in counts):
+        return None
+    try:
+        blocks = sum(float(np.asarray(c, np.float64).mean()) for c in counts)
+    except (TypeError, RuntimeError):  # an array this process cannot read whole
+        return None
+    return blocks * kv_block / 128
+
+
+def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
+                     key_tiles: float | None = None) -> _backward.Config:
     """The options' backward configuration. Unless ``mosaic_bwd_fuse_dq`` is given, dQ is fused into the dK/dV
-    kernel for ``FUSE_DQ_MIN_QUERIES`` queries or more, where its buffers fit in shared memory beside the rings (head
-    dim 128 with 3 or 4 stages does not). Fusing saves the dQ kernel's recomputation of S and dP, but adds a
-    float32 dQ buffer to clear and convert and ties the two warpgroups together at every step: it measured 7% faster
-    on full and causal attention at 8192 queries and 9-16% slower at 2048 (benchmarks/NOTES.md section 11)."""
+    kernel where its buffers fit in shared memory beside the rings (head dim 128 with 3 or 4 stages does not) and
+    the walks are long: ``FUSE_DQ_MIN_KEY_TILES`` 128-key tiles or more per query block on average when
+    ``key_tiles`` (``attended_key_tiles``) is known, else ``FUSE_DQ_MIN_QUERIES`` queries or more. Fusing saves the
+    dQ kernel's recomputation of S and dP, but adds a float32 dQ buffer to clear and convert and ties the two
+    warpgroups together at every step: it measured 2-10% faster on full and causal attention at 8192 queries (64
+    and 32 tiles), 9-16% slower at 2048 (16 and 8) and on a document mask at 8192 (about 5)
+    (benchmarks/NOTES.md section 11)."""
     stages = options.get("mosaic_bwd_num_stages", 2)
     fuse_dq = options.get("mosaic_bwd_fuse_dq")
     if fuse_dq is None:
         fits = _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE <= _SMEM_BYTES
-        fuse_dq = fits and q_len >= FUSE_DQ_MIN_QUERIES
+        if key_tiles is not None:
+            long_walks = key_tiles >= FUSE_DQ_MIN_KEY_TILES
+        else:
+            long_walks = q_len >= FUSE_DQ_MIN_QUERIES
+        fuse_dq = fits and long_walks
     return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq))
 
 
@@ -302,8 +327,11 @@ def attention(
         )
         is None
     ):
+        key_tiles = attended_key_tiles(kv_num_blocks, full_kv_num_blocks, block_size[1])
         backward_kernels = _MosaicBackward(
-            _backward_config(_options(kernel_options), query.shape[-1], query.shape[-2]), block_size, float(scale)
+            _backward_config(_options(kernel_options), query.shape[-1], query.shape[-2], key_tiles),
+            block_size,
+            float(scale),
         )
     return _vjp.attention(
         query,
