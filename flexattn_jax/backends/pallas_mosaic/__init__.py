@@ -9,8 +9,9 @@ scatter-add, which only the Triton dQ kernel has).
 
 ``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile of the forward),
 ``mosaic_num_stages`` (2 to 4: shared-memory slots of the forward's key/value ring), ``mosaic_fwd_overlap`` (1: each
-compute warpgroup overlaps its softmax of a key tile with its own P V of the previous tile, which measured 15-30%
-slower, benchmarks/NOTES.md section 12; 0: the default), ``mosaic_bwd_num_stages`` (2 to
+compute warpgroup overlaps its softmax of a key tile with its own P V of the previous tile; its first form measured
+15-30% slower and the present one, with the warpgroups handing turns over, is not yet measured: benchmarks/NOTES.md
+section 12; 0: the default), ``mosaic_bwd_num_stages`` (2 to
 4: slots of the backward kernels' rings), ``mosaic_bwd_fuse_dq`` (1: dQ is accumulated by the dK/dV kernel with
 float32 reduce-adds, whose order, and so dQ's last bits, vary from run to run; 0: a dQ kernel of its own,
 deterministic; unset: fused where the walks are long, where it measured faster: ``_backward_config``) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:

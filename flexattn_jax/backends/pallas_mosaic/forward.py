@@ -377,7 +377,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     def item(i):
         return _Item(work_of(i), plan, num_q_tiles, list_refs)
 
-    def body(smem, ready, consumed, schedule):
+    def body(smem, ready, consumed, schedule, turns):
         q_smem2, k_smem, v_smem, lse_smem2 = smem
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
@@ -409,7 +409,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-                pl.when(wg == 1)(schedule_barrier)
+                if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
+                    pl.when(wg == 1)(schedule_barrier)
 
                 def probabilities(s, step, row_max, row_sum, *, partial):
                     """The online softmax of the scores of key tile ``step``: (P in the input dtype, the new row
@@ -492,12 +493,21 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     """The walk with each warpgroup's softmax of key tile j + 1 overlapping its own P V of tile j
                     (FlashAttention-3's intra-warpgroup pipelining): one turn on the tensor cores issues Q K^T of
                     tile j + 1 and P V of tile j together; the softmax waits for the first only, and the
-                    accumulator is rescaled after the second."""
+                    accumulator is rescaled after the second. The warpgroups pass the tensor cores to each other
+                    with a barrier each (wait for my turn, issue, hand over) rather than meeting on the shared
+                    schedule barrier, so that one's softmax need not wait for the other's to end."""
+
+                    def take_turn():
+                        plgpu.barrier_wait(turns.at[wg])
+
+                    def hand_over():
+                        plgpu.barrier_arrive(turns.at[1 - wg])
 
                     def prologue(stats):
                         row_max, row_sum = stats
+                        take_turn()
                         plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
-                        schedule_barrier()
+                        hand_over()
                         s = s_ref[...]
                         plgpu.barrier_arrive(k_consumed.at[slot_of(0)])
                         # Step 0 is a partial block unless the row lists none.
@@ -510,16 +520,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     def turn(j, carry, *, partial: bool):
                         p_low, row_max, row_sum = carry
                         slot, next_slot = slot_of(j), slot_of(j + 1)
-                        plgpu.barrier_arrive(schedule)
                         plgpu.barrier_wait(k_ready.at[next_slot])
                         plgpu.barrier_wait(v_ready.at[slot])
-                        plgpu.barrier_wait(schedule)
+                        take_turn()
                         s_ref[...] = plgpu.layout_cast(
                             jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
                         )
                         plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
                         plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
-                        schedule_barrier()
+                        hand_over()
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
                         plgpu.barrier_arrive(k_consumed.at[next_slot])
                         p_low, row_max, row_sum, correction = probabilities(
@@ -540,11 +549,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                                               carry)
                         p_low, row_max, row_sum = carry
                         slot = slot_of(last)
-                        plgpu.barrier_arrive(schedule)
                         plgpu.barrier_wait(v_ready.at[slot])
-                        plgpu.barrier_wait(schedule)
+                        take_turn()
                         plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
-                        schedule_barrier()
+                        hand_over()
                         plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                         plgpu.barrier_arrive(v_consumed.at[slot])
                         return row_max, row_sum
@@ -566,7 +574,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
                         )
                     acc, row_max, row_sum = carry
-                pl.when(wg == 0)(schedule_barrier)
+                if not plan.overlap:
+                    pl.when(wg == 0)(schedule_barrier)
 
                 has_any = row_sum > 0
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
@@ -582,6 +591,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 plgpu.wait_smem_to_gmem(0)
                 return base + num_steps
 
+            if plan.overlap:
+                # Warpgroup 0 has the first turn; from then on each turn's hand-over gives the next.
+                pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
             lax.fori_loop(0, num_items, run_item, jnp.int32(0))
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
@@ -613,6 +625,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         ),
         (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+        plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if plan.overlap else (),
         collective_axes="wg",
     )
 
