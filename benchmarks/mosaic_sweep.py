@@ -26,9 +26,10 @@ CONFIGS = {
     "n64_s4": dict(mosaic_block_n=64, mosaic_num_stages=4),
     "overlap": dict(mosaic_fwd_overlap=1),  # 128-key tiles, 2 stages, softmax overlapping the warpgroup's own P V
     "no_overlap": dict(mosaic_fwd_overlap=0),
-    # forward+backward: the Mosaic GPU backward (dQ fused into the dK/dV kernel, or a dQ kernel of its own with 2 or
-    # 3 stages) against the Triton one, on the Mosaic forward
+    # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
+    # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
+    "bwd_fused_dq": dict(mosaic_bwd_fuse_dq=1),
     "bwd_dq_kernel": dict(mosaic_bwd_fuse_dq=0),
     "bwd_dq_kernel_s3": dict(mosaic_bwd_fuse_dq=0, mosaic_bwd_num_stages=3),
     "bwd_triton": dict(mosaic_backward=0),
