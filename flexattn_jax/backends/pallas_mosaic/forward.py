@@ -10,12 +10,14 @@ dealt in a snake order that balances heavy and light query tiles (``persistent_s
   mask_mod (partial blocks only: a full block never evaluates it) and the bounds of a padded key tail, fold the tile
   into an online softmax, and accumulate P V with wgmma. A shared "schedule" barrier alternates the two warpgroups'
   use of the tensor cores, so that one computes its softmax while the other multiplies (the FlashAttention-3 ping-pong,
-  Shah et al. 2024).
+  Shah et al. 2024). With ``Config.overlap`` a warpgroup also overlaps its softmax with its own P V and the two hand
+  the tensor cores over by turns instead (``overlapped_walk``; off by default, see benchmarks/NOTES.md section 12).
 
 The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., full=True)``); arrays
-they close over are read at scalar indices only (``slopes[h]``, a 0-d offset): Mosaic GPU has no gather from
-registers, so ``unsupported_reason`` refuses mods that index a captured array with q_idx or kv_idx and the caller
-falls back to the Triton kernels.
+they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx themselves
+(``ids[q_idx]``: one vector load of the tile's slice, broadcast across it; ``analyze_reads``). Mosaic GPU has no
+gather from registers, so ``unsupported_reason`` refuses any other read (``table[h, q_idx - kv_idx]``) and the
+caller falls back to the Triton kernels.
 
 Softmax in base 2, as in ``pallas_triton._tile``: a row with nothing allowed keeps a running maximum of -inf and is
 exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
