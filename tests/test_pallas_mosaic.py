@@ -185,7 +185,7 @@ def test_gpu_every_supported_mod_matches_reference(case):
     B, Hq, Hkv, L, S = 2, 4, 2, 1000, 777
     q, k, v = random_qkv(5, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 5)
-    # dQ fused into the dK/dV kernel (the default from FUSE_DQ_MIN_QUERIES queries): the path with more to get wrong.
+    # dQ fused into the dK/dV kernel (the default for long walks only): the path with more to get wrong.
     _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_bwd_fuse_dq": 1})
 
 
@@ -459,14 +459,16 @@ def test_vmap_and_grad_lower_for_cuda():
 
 @pytest.mark.gpu
 def test_gpu_vmap_of_grad_matches_reference():
-    """vmap over a leading axis of the gradient: each vmapped instance accumulates its own dQ."""
+    """vmap over a leading axis of the gradient: each vmapped instance accumulates its own dQ (the fused path,
+    which at this length is not the default)."""
     N, B, H, L, E = 3, 1, 2, 640, 128
     keys = jax.random.split(jax.random.key(13), 3)
     q, k, v = (jax.random.normal(key, (N, B, H, L, E), jnp.float32).astype(jnp.bfloat16) for key in keys)
     block_mask = _block_mask(fa.causal_mask, B, L, L)
 
     def loss(implementation, q, k, v):
-        out = fa.flex_attention(q, k, v, block_mask=block_mask, implementation=implementation)
+        options = {"mosaic_bwd_fuse_dq": 1} if implementation == "pallas_mosaic" else None
+        out = fa.flex_attention(q, k, v, block_mask=block_mask, implementation=implementation, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) * jnp.cos(jnp.arange(E, dtype=jnp.float32)).reshape(1, 1, 1, E))
 
     def grads(implementation):

@@ -7,16 +7,21 @@ the Mosaic GPU ones do not serve the inputs (``unsupported_backward_reason``: he
 multiple of 128) and where a gradient of an array the score_mod closes over is wanted (that needs an atomic
 scatter-add, which only the Triton dQ kernel has).
 
-``kernel_options`` keys read here: ``mosaic_block_n`` (64 or 128: keys per TMA copy and wgmma tile of the forward),
-``mosaic_num_stages`` (2 to 4: shared-memory slots of the forward's key/value ring), ``mosaic_fwd_overlap`` (1: each
-compute warpgroup overlaps its softmax of a key tile with its own P V of the previous tile; its first form measured
-15-30% slower and the present one, with the warpgroups handing turns over, is not yet measured: benchmarks/NOTES.md
-section 12; 0: the default), ``mosaic_bwd_num_stages`` (2 to
-4: slots of the backward kernels' rings), ``mosaic_bwd_fuse_dq`` (1: dQ is accumulated by the dK/dV kernel with
-float32 reduce-adds, whose order, and so dQ's last bits, vary from run to run; 0: a dQ kernel of its own,
-deterministic; unset: fused where the walks are long, where it measured faster: ``_backward_config``) and ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0:
-the Triton backward always). The Triton backward's keys pass through to it; the Triton
-forward's keys are accepted and unused.
+``kernel_options`` keys read here:
+
+* ``mosaic_block_n`` (64 or 128): keys per TMA copy and wgmma tile of the forward;
+* ``mosaic_num_stages`` (2 to 4): shared-memory slots of the forward's key/value ring;
+* ``mosaic_fwd_overlap`` (0, the default, or 1): each compute warpgroup overlaps its softmax of a key tile with its
+  own P V of the previous tile; its first form measured 15-30% slower, the present one (the warpgroups handing turns
+  over) is not yet measured (benchmarks/NOTES.md section 12);
+* ``mosaic_bwd_num_stages`` (2 to 4): slots of the backward kernels' rings;
+* ``mosaic_bwd_fuse_dq``: 1, dQ accumulated by the dK/dV kernel with float32 reduce-adds, whose order, and so dQ's
+  last bits, vary from run to run; 0, a dQ kernel of its own, deterministic; unset, fused where the walks are long,
+  where it measured faster (``_backward_config``);
+* ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0: the Triton backward
+  always).
+
+The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
 Mosaic GPU's interpret mode cannot run wgmma on this JAX, so the kernel runs on a Hopper GPU only; without one the
 tests lower it for CUDA (``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` under an abstract H100).

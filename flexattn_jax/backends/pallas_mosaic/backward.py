@@ -9,8 +9,9 @@ shared-memory slots, two compute warpgroups multiply with wgmma.
   ``q_indices``, mask_mod applied, then the full pair). The memory warpgroup streams Q, dO, lse and delta tiles of 64
   queries. Each warpgroup computes S^T = K Q^T, so that P^T and dS^T come out of the accumulator in the layout wgmma
   takes as its register operand: dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
-* **dQ**, by default in the same kernel (FlashAttention-3's structure): each dK/dV step also forms that step's
-  contribution dS K to the 64 queries' dQ and adds it into a float32 buffer in global memory with a TMA reduce-add.
+* **dQ** in the same kernel (``Config(fuse_dq=True)``, chosen by default for long walks; FlashAttention-3's
+  structure): each dK/dV step also forms that step's contribution dS K to the 64 queries' dQ and adds it into a
+  float32 buffer in global memory with a TMA reduce-add.
   The two warpgroups put their dS^T tiles in shared memory; each multiplies the whole [64 queries, 128 keys] dS by
   half of K's columns (at head dim 64, the warpgroups take the whole product on alternate steps). Five matmuls per
   tile pair instead of seven; the order of the additions, and so the last bits of dQ, vary from run to run.
