@@ -197,3 +197,40 @@ def test_errors_name_the_mod_and_the_fix():
 
     with pytest.raises(TypeError, match=r"score_mod 'wrong_shape'.*float32\[3\]"):
         _captures.trace_score_mod(wrong_shape, BM, BN)
+
+
+@pytest.mark.parametrize(
+    "score_mod, factors, equations",
+    [
+        (fa.tanh_softcap(30.0), (1 / 30.0, 30.0), 1),  # tanh alone is left
+        (lambda score, b, h, q_idx, kv_idx: 2.0 * (score * 0.5) / 4.0, (0.25, 1.0), 0),
+        (lambda score, b, h, q_idx, kv_idx: jnp.tanh(score) * -2.0, (1.0, 1.0), 2),  # a negative factor moves the max
+        (lambda score, b, h, q_idx, kv_idx: score * 3.0 + score, (1.0, 1.0), 2),  # the score used twice
+        (fa.identity, (1.0, 1.0), 0),
+    ],
+    ids=["softcap", "chain", "negative", "reused", "identity"],
+)
+def test_peel_scalings_keeps_the_mod(score_mod, factors, equations):
+    (program,), consts = _captures.trace_for_tiles(score_mod, [(BM, BN)], score=True)
+    peeled, in_factor, out_factor = _captures.peel_scalings(program)
+    assert (in_factor, out_factor) == pytest.approx(factors)
+    assert len(peeled.jaxpr.eqns) == equations
+    s, *indices = _tile_args(3)
+    s = s * 20.0
+    want = jnp.broadcast_to(program(consts, s, *indices), (BM, BN))
+    got = out_factor * jnp.broadcast_to(peeled(consts, s * in_factor, *indices), (BM, BN))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fold_scalings_keeps_the_exp_scale_positive():
+    log2_e = float(np.log2(np.e))
+
+    def fold(score_mod, scale):
+        (program,), _ = _captures.trace_for_tiles(score_mod, [(BM, BN)], score=True)
+        return _captures.fold_scalings(program, scale)[1]
+
+    assert fold(fa.identity, 0.5) == _captures.SoftmaxScaling(False, 1.0, 1.0, pytest.approx(0.5 * log2_e))
+    assert fold(fa.identity, -0.5) == _captures.SoftmaxScaling(False, 1.0, pytest.approx(-0.5 * log2_e), 1.0)
+    assert fold(fa.tanh_softcap(20.0), 0.5) == _captures.SoftmaxScaling(
+        True, pytest.approx(0.5 / 20.0), 1.0, pytest.approx(20.0 * log2_e)
+    )

@@ -153,10 +153,10 @@ def test_choice_on_cpu_explains_itself():
 # ----------------------------------------------------------------------------------------------- on a GPU
 
 
-def _compare_on_gpu(q, k, v, mask_mod, score_mod, *, block_size=128, kernel_options=None, grads=True):
+def _compare_on_gpu(q, k, v, mask_mod, score_mod, *, block_size=128, kernel_options=None, grads=True, scale=None):
     B, L, S = q.shape[0], q.shape[2], k.shape[2]
     block_mask = _block_mask(mask_mod, B, L, S, block_size)
-    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True)
+    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True, scale=scale)
     choice = fa.explain_implementation(q, k, v, score_mod, block_mask, enable_gqa=True)
     assert choice.implementation == "pallas_mosaic", choice.reasons
 
@@ -212,6 +212,20 @@ def test_gpu_both_forward_schedules_match_reference(case, overlap):
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
     _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_overlap": overlap}, grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+@pytest.mark.parametrize(
+    "score_mod",
+    [None, fa.tanh_softcap(5.0), lambda score, b, h, q_idx, kv_idx: -2.0 * jnp.tanh(score / 3.0)],
+    ids=["identity", "softcap", "negative-factor"],
+)
+def test_gpu_scalings_folded_into_the_softmax(score_mod, scale):
+    # The forward moves literal factors around the score_mod into its exp2 (peel_scalings): either sign of the
+    # scale, and a factor that would move the row maximum if it were folded.
+    q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=384, S=320, E=64, Ev=64, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, scale=scale, grads=False)
 
 
 @pytest.mark.gpu

@@ -51,6 +51,19 @@ def test_without_block_mask_default_tiles():
     _compare(q, k, v, None, fa.tanh_softcap(3.0), scale=0.5)
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+@pytest.mark.parametrize(
+    "score_mod",
+    [None, fa.tanh_softcap(2.0), lambda score, b, h, q_idx, kv_idx: -2.0 * jnp.tanh(score / 3.0)],
+    ids=["identity", "softcap", "negative-factor"],
+)
+def test_scalings_folded_into_the_softmax(score_mod, scale):
+    # The kernel moves literal factors around the score_mod into its exp2 (_captures.fold_scalings): either sign
+    # of the scale, and a factor that would move the row maximum if it were folded.
+    q, k, v = random_qkv(5, B=1, Hq=2, Hkv=2, L=70, S=50, E=16, Ev=16)
+    _compare(q, k, v, fa.causal_mask, score_mod, kernel_options=SMALL_TILES, scale=scale)
+
+
 def test_tiles_dividing_mask_blocks():
     # Mask blocks of 64: two query tiles per mask row, four key tiles per mask block; S = 77 leaves the last mask
     # block reaching past the padded keys.

@@ -41,6 +41,7 @@ What raises a ``ValueError`` naming the mod when it is traced: indexing an array
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -51,6 +52,9 @@ from jax.extend import core as jex_core
 
 __all__ = [
     "ModProgram",
+    "peel_scalings",
+    "SoftmaxScaling",
+    "fold_scalings",
     "trace_mod",
     "trace_score_mod",
     "trace_mask_mod",
@@ -568,3 +572,94 @@ def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, ...]], *, score: b
         assert program.const_avals == programs[0].const_avals if programs else True, (program.name, tiles)
         programs.append(program)
     return tuple(programs), consts
+
+
+def _scalar_literal(atom) -> float | None:
+    """The value of a scalar floating literal, else None."""
+    if not isinstance(atom, jex_core.Literal) or np.ndim(atom.val) or not jnp.issubdtype(atom.aval.dtype, jnp.floating):
+        return None
+    return float(atom.val)
+
+
+def peel_scalings(program: ModProgram) -> tuple[ModProgram, float, float]:
+    """Splits a score_mod into ``out_factor * program'(in_factor * score, ...)``, both factors scalar literals.
+
+    A kernel folds ``in_factor`` into its own scaling of q.k and ``out_factor`` into the log2(e) of its base-2
+    softmax, which saves two multiplies per score (soft-capping's ``cap * tanh(score / cap)`` becomes
+    ``tanh(score)`` between the kernel's multiplies). Peeled: leading multiplies or divides of the score by a literal
+    (when nothing else uses the score), and trailing multiplies or divides of the result by a positive literal (a
+    positive factor keeps the row maximum where it is). Returns the program unchanged, with factors 1, otherwise.
+    """
+    jaxpr = program.jaxpr
+    score = jaxpr.invars[program.num_consts]
+    eqns = list(jaxpr.eqns)
+    outvars = list(jaxpr.outvars)
+    in_factor = out_factor = 1.0
+
+    def uses(var) -> int:
+        return sum(v is var for e in eqns for v in e.invars) + sum(v is var for v in outvars)
+
+    def scaling(eqn, var) -> float | None:
+        """The factor ``eqn`` multiplies ``var`` by, if it is ``var * c``, ``c * var`` or ``var / c``."""
+        name, (x, y) = eqn.primitive.name, (eqn.invars + [None, None])[:2]
+        if name == "mul" and x is var:
+            return _scalar_literal(y)
+        if name == "mul" and y is var:
+            return _scalar_literal(x)
+        if name == "div" and x is var:
+            c = _scalar_literal(y)
+            return None if not c else 1.0 / c
+        return None
+
+    while uses(score) == 1:
+        first = next((e for e in eqns if any(v is score for v in e.invars)), None)
+        factor = None if first is None else scaling(first, score)
+        if not factor or first.outvars[0].aval.dtype != score.aval.dtype:
+            break
+        (result,) = first.outvars
+        eqns.remove(first)
+        eqns = [e.replace(invars=[score if v is result else v for v in e.invars]) for e in eqns]
+        outvars = [score if v is result else v for v in outvars]
+        in_factor *= factor
+    while not isinstance(outvars[0], jex_core.Literal) and uses(outvars[0]) == 1:
+        last = next((e for e in eqns if e.outvars[0] is outvars[0]), None)
+        if last is None or last.primitive.name not in ("mul", "div"):
+            break
+        inner = [v for v in last.invars if not isinstance(v, jex_core.Literal)]
+        factor = scaling(last, inner[0]) if len(inner) == 1 else None
+        if not factor or factor <= 0 or inner[0].aval.shape != outvars[0].aval.shape:
+            break
+        eqns.remove(last)
+        outvars = [inner[0]]
+        out_factor *= factor
+    if in_factor == 1.0 and out_factor == 1.0:
+        return program, 1.0, 1.0
+    peeled = dataclasses.replace(program, jaxpr=jaxpr.replace(eqns=eqns, outvars=outvars))
+    return peeled, in_factor, out_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxScaling:
+    """Where a forward kernel applies the scale, literal factors of the score_mod and log2(e).
+
+    The kernel computes ``value = score_mod'(score_scale * q.k) * value_scale`` (the multiplies skipped when 1, the
+    score_mod when it is the identity) and its online softmax as ``exp2(value * exp_scale - max * exp_scale)``,
+    with ``exp_scale`` positive so that each row's maximum is taken on ``value`` itself: one FMA per score. Its lse
+    is ``(max * exp_scale + log2(sum)) * ln 2``.
+    """
+
+    apply_score_mod: bool
+    score_scale: float
+    value_scale: float
+    exp_scale: float
+
+
+def fold_scalings(score_mod: ModProgram, scale: float) -> tuple[ModProgram, SoftmaxScaling]:
+    """``score_mod`` with its literal factors peeled (``peel_scalings``), and where the kernel applies them."""
+    program, in_factor, out_factor = peel_scalings(score_mod)
+    jaxpr = program.jaxpr
+    apply = bool(jaxpr.eqns) or jaxpr.outvars[0] is not jaxpr.invars[program.num_consts]
+    factor = out_factor * math.log2(math.e) * (1.0 if apply else scale * in_factor)
+    # A positive factor keeps each row's maximum where it is, so it can be applied after taking it.
+    value_scale, exp_scale = (1.0, factor) if factor > 0 else (factor, 1.0)
+    return program, SoftmaxScaling(apply, float(scale * in_factor) if apply else 1.0, value_scale, exp_scale)

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexattn_jax.backends._arrays import pad_axis
-from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends._captures import ModProgram, SoftmaxScaling, fold_scalings
 
 __all__ = [
     "BLOCK_M",
@@ -240,9 +240,8 @@ class _Plan:
     kv_len: int
     mask_kv_bounds: bool  # some visited key tile reaches past kv_len
     has_full: bool
-    apply_score_mod: bool
     apply_mask_mod: bool
-    scale: float
+    scaling: SoftmaxScaling
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -316,16 +315,19 @@ def stream_key_values(k_ref, v_ref, head: tuple, k_ring, v_ring, ready, consumed
     return walk.num_steps if base is None else base + walk.num_steps
 
 
+def _item_coordinates(work, plan: "_Plan", num_q_tiles: int):
+    """(query tile, head, batch) of work item number ``work`` of ``num_q_tiles * Hq * B``."""
+    q_tile_rev = lax.rem(work, jnp.int32(num_q_tiles))
+    bh = lax.div(work, jnp.int32(num_q_tiles))
+    # Within a head, the heaviest query tiles of a causal mask (the last ones) come first.
+    return num_q_tiles - 1 - q_tile_rev, lax.rem(bh, jnp.int32(plan.q_heads)), lax.div(bh, jnp.int32(plan.q_heads))
+
+
 class _Item:
     """One unit of work, (query tile, head, batch) number ``work`` of ``num_q_tiles * Hq * B``, and its mask row."""
 
     def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs):
-        q_tile_rev = lax.rem(work, jnp.int32(num_q_tiles))
-        bh = lax.div(work, jnp.int32(num_q_tiles))
-        # Within a head, the heaviest query tiles of a causal mask (the last ones) come first.
-        self.q_tile = num_q_tiles - 1 - q_tile_rev
-        self.h = lax.rem(bh, jnp.int32(plan.q_heads))
-        self.b = lax.div(bh, jnp.int32(plan.q_heads))
+        self.q_tile, self.h, self.b = _item_coordinates(work, plan, num_q_tiles)
         self.kv_head = lax.div(self.h, jnp.int32(plan.group)) if plan.group > 1 else self.h
         mb = self.b if plan.mask_batch > 1 else jnp.int32(0)
         mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
@@ -393,7 +395,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
-
             def run_item(i, base):
                 it = item(i)
                 b, h = it.b, it.h
@@ -420,7 +421,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     ``partial``: apply mask_mod (True), not (False), or where a traced flag says."""
                     apply_mask = plan.apply_mask_mod and partial is not False
                     needs_mask = plan.mask_kv_bounds or apply_mask
-                    if plan.apply_score_mod or needs_mask:
+                    scaling = plan.scaling
+                    if scaling.apply_score_mod or needs_mask:
                         first_key = it.walk.start(step)
                         q_idx = q_base + plgpu.broadcasted_iota(
                             jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
@@ -428,13 +430,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         kv_idx = first_key + plgpu.broadcasted_iota(
                             jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
                         )
-                    if plan.apply_score_mod:
-                        s = s * jnp.float32(plan.scale)
+                    # The row maximum is taken before the softmax's scaling (SoftmaxScaling): one FMA a score.
+                    y = s
+                    if scaling.apply_score_mod:
+                        if scaling.score_scale != 1.0:
+                            y = y * jnp.float32(scaling.score_scale)
                         load = site_load(plan.score_sites, q_base, first_key, (BLOCK_M, block_n))
-                        s = score_mod(score_refs, s, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
-                        s2 = s * jnp.float32(_LOG2_E)
-                    else:
-                        s2 = s * jnp.float32(plan.scale * _LOG2_E)
+                        y = score_mod(score_refs, y, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
+                    if scaling.value_scale != 1.0:
+                        y = y * jnp.float32(scaling.value_scale)
                     if needs_mask:
                         allowed = None
                         if apply_mask:
@@ -445,13 +449,14 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
                             allowed = in_bounds if allowed is None else allowed & in_bounds
-                        s2 = jnp.where(allowed, s2, jnp.float32(_NEG_INF))
+                        y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
-                    new_max = jnp.maximum(row_max, s2.max(axis=1))
+                    exp_scale = jnp.float32(scaling.exp_scale)
+                    new_max = jnp.maximum(row_max, y.max(axis=1))
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
-                    shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max)
-                    correction = jnp.exp2(row_max - shift)
-                    p = jnp.exp2(s2 - lax.broadcast_in_dim(shift, s2.shape, [0]))
+                    shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
+                    correction = jnp.exp2(row_max * exp_scale - shift)
+                    p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
                     row_sum = row_sum * correction + p.sum(axis=1)
                     return p.astype(dtype), new_max, row_sum, correction
 
@@ -582,7 +587,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 has_any = row_sum > 0
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
-                lse = jnp.where(has_any, (row_max + jnp.log2(jnp.where(has_any, row_sum, 1.0))) * _LN_2, _NEG_INF)
+                log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
+                lse = jnp.where(has_any, (row_max * jnp.float32(plan.scaling.exp_scale) + log2_sum) * _LN_2, _NEG_INF)
                 # The query tile is free again: stage the output through it.
                 q_smem[...] = out.astype(dtype)
                 lse_smem[...] = lse
@@ -700,6 +706,8 @@ def flex_forward(
     else:
         kv_block = mask_kv_block
         kv_pad = num_kv_blocks * mask_kv_block
+    # Literal factors around the score_mod (soft-capping's cap and 1 / cap) join the kernel's own multiplies.
+    score_mod, scaling = fold_scalings(score_mod, scale)
     score_sites, problem = analyze_reads(score_mod, block_n)
     assert problem is None, problem
     mask_sites, problem = analyze_reads(mask_mod, block_n)
@@ -722,9 +730,8 @@ def flex_forward(
         kv_len=kv_len,
         mask_kv_bounds=kv_pad > kv_len,
         has_full=has_full,
-        apply_score_mod=not is_identity(score_mod),
         apply_mask_mod=not is_everywhere(mask_mod),
-        scale=float(scale),
+        scaling=scaling,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,

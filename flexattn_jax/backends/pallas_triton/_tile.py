@@ -53,9 +53,12 @@ class SoftmaxState(NamedTuple):
     """The online-softmax carry of one query tile.
 
     Attributes:
-      acc: float32 [BM, Ev], sum over visited keys of exp2(s2 - row_max) v.
-      row_max: float32 [BM], the running maximum of s2 = score * LOG2_E (-inf while nothing is allowed).
-      row_sum: float32 [BM], sum over visited keys of exp2(s2 - row_max).
+      acc: float32 [BM, Ev], sum over visited keys of exp2((score - row_max) * exp_scale) v.
+      row_max: float32 [BM], the running maximum of the scores (-inf while nothing is allowed).
+      row_sum: float32 [BM], sum over visited keys of exp2((score - row_max) * exp_scale).
+
+    ``exp_scale`` is LOG2_E for scores in natural units; a kernel that folds constant factors into it
+    (``_captures.SoftmaxScaling``) passes its own, which must be positive.
     """
 
     acc: jax.Array
@@ -84,7 +87,7 @@ def score_tile(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
         precision=dot_precision(q.dtype),
         preferred_element_type=jnp.float32,
     )
-    return s * jnp.float32(scale)
+    return s if scale == 1.0 else s * jnp.float32(scale)
 
 
 def apply_score_mod(score_mod: ModProgram, score_refs: Sequence, s, b, h, q_idx, kv_idx) -> jax.Array:
@@ -141,14 +144,15 @@ def softmax_init(block_m: int, value_dim: int) -> SoftmaxState:
     )
 
 
-def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array) -> SoftmaxState:
+def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale: float = LOG2_E) -> SoftmaxState:
     """Folds one tile into the state: s [BM, BN] float32 scores (-inf where masked), v [BN, Ev]."""
-    s2 = s * jnp.float32(LOG2_E)
-    row_max = jnp.maximum(state.row_max, jnp.max(s2, axis=1))
+    exp_scale = jnp.float32(exp_scale)
+    row_max = jnp.maximum(state.row_max, jnp.max(s, axis=1))
     # While a row has seen nothing allowed its maximum is -inf; exponentiate against 0 so exp2 gives 0, not NaN.
-    shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max)
-    correction = jnp.exp2(state.row_max - shift)
-    p = jnp.exp2(s2 - shift[:, None])
+    shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max * exp_scale)
+    correction = jnp.exp2(state.row_max * exp_scale - shift)
+    # The maximum is taken before scaling, so each score costs one FMA here.
+    p = jnp.exp2(s * exp_scale - shift[:, None])
     row_sum = state.row_sum * correction + jnp.sum(p, axis=1)
     pv = lax.dot_general(
         p.astype(v.dtype),
@@ -161,10 +165,11 @@ def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array) -> SoftmaxSt
     return SoftmaxState(acc, row_max, row_sum)
 
 
-def softmax_finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
+def softmax_finalize(state: SoftmaxState, *, exp_scale: float = LOG2_E) -> tuple[jax.Array, jax.Array]:
     """(out [BM, Ev] float32, lse [BM] float32 natural log); a row with nothing allowed gets 0 and -inf."""
     has_any = state.row_sum > 0
     safe_sum = jnp.where(has_any, state.row_sum, jnp.float32(1.0))
     out = state.acc / safe_sum[:, None]
-    lse = jnp.where(has_any, (state.row_max + jnp.log2(safe_sum)) * jnp.float32(LN_2), jnp.float32(_NEG_INF))
+    log2_lse = state.row_max * jnp.float32(exp_scale) + jnp.log2(safe_sum)
+    lse = jnp.where(has_any, log2_lse * jnp.float32(LN_2), jnp.float32(_NEG_INF))
     return out, lse

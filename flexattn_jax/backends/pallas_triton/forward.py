@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from flexattn_jax.backends._arrays import pad_axis
-from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends._captures import ModProgram, SoftmaxScaling, fold_scalings
 from flexattn_jax.backends.pallas_triton import _tile
 from flexattn_jax.backends.pallas_triton.config import MIN_TILE, Config
 
@@ -60,7 +60,7 @@ class _Plan:
     mask_kv_bounds: bool  # some visited key tile reaches past kv_len
     mod_q_max: int | None  # clamp q_idx given to the mods (padded queries) to this, or None
     has_full: bool
-    scale: float
+    scaling: SoftmaxScaling
     num_score_consts: int
     num_mask_consts: int
 
@@ -114,14 +114,18 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
             # The mods see in-range positions only; positions past the ends are masked (keys) or dropped (queries).
             mod_q = q_idx if plan.mod_q_max is None else jnp.minimum(q_idx, plan.mod_q_max)
             mod_kv = jnp.minimum(kv_idx, plan.kv_len - 1) if plan.mask_kv_bounds else kv_idx
-            s = _tile.score_tile(q, k, plan.scale)
-            s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, mod_q, mod_kv)
+            scaling = plan.scaling
+            s = _tile.score_tile(q, k, scaling.score_scale)
+            if scaling.apply_score_mod:
+                s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, mod_q, mod_kv)
+            if scaling.value_scale != 1.0:
+                s = s * jnp.float32(scaling.value_scale)
             allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, mod_q, mod_kv, is_full_block=is_full_block)
             if plan.mask_kv_bounds:
                 in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
                 allowed = in_bounds if allowed is None else allowed & in_bounds
             s = _tile.mask_scores(s, allowed)
-            return _tile.softmax_update(state, s, v)
+            return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale)
 
         return lax.fori_loop(0, num_ref[...] * sub, body, state)
 
@@ -129,7 +133,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     state = visit(state, kv_num_ref, kv_idx_ref, is_full_block=False)
     if plan.has_full:
         state = visit(state, full_num_ref, full_idx_ref, is_full_block=True)
-    out, lse = _tile.softmax_finalize(state)
+    out, lse = _tile.softmax_finalize(state, exp_scale=plan.scaling.exp_scale)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -195,6 +199,8 @@ def flex_forward(
         kv_tiles_per_block, kv_block_stride = mask_kv_block // block_n, mask_kv_block
     visited_end = kv_block_stride * num_kv_blocks if num_kv_blocks > 1 else kv_pad
     has_full = full_kv_num_blocks is not None
+    # Literal factors around the score_mod (soft-capping's cap and 1 / cap) join the kernel's own multiplies.
+    score_mod, scaling = fold_scalings(score_mod, scale)
     plan = _Plan(
         q_heads=q_heads,
         group=q_heads // kv_heads,
@@ -211,7 +217,7 @@ def flex_forward(
         mask_kv_bounds=visited_end > kv_len,
         mod_q_max=q_len - 1 if q_pad > q_len else None,
         has_full=has_full,
-        scale=float(scale),
+        scaling=scaling,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
     )
