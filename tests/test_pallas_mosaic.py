@@ -353,6 +353,18 @@ def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
+def test_second_query_buffer_where_it_fits():
+    from flexattn_jax.backends.pallas_mosaic import _config
+
+    def q_buffers(head_dim, **options):
+        config, why = _config(options, head_dim=head_dim, mask_block_size=(128, 128), mask_num_blocks=(4, 4))
+        assert config is not None, why
+        return config.q_buffers
+
+    assert q_buffers(64) == q_buffers(128) == 2 == q_buffers(128, mosaic_block_n=64, mosaic_num_stages=4)
+    assert q_buffers(256) == 1  # 256 KiB with two
+
+
 def test_fusing_dq_is_the_default_for_long_queries_where_it_fits():
     from flexattn_jax.backends.pallas_mosaic import FUSE_DQ_MIN_QUERIES, _backward_config
 

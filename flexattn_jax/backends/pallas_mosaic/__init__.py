@@ -104,14 +104,16 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
         )
     block_n = fitting[0]
     stages = options.get("mosaic_num_stages", 2)
-    smem = 2 * head_dim * (_forward.Q_TILE + 2 * stages * block_n) + 4 * _forward.Q_TILE
+    smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, 1)
     if smem + _SMEM_RESERVE > _SMEM_BYTES:
         return None, (
             f"pallas_mosaic with mosaic_block_n={block_n}, mosaic_num_stages={stages} and head dim {head_dim} needs "
             f"{smem} bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
         )
+    # A second query buffer, to fetch the next work item's queries early, where it fits.
+    q_buffers = 2 if _forward.smem_bytes(head_dim, head_dim, block_n, stages, 2) + _SMEM_RESERVE <= _SMEM_BYTES else 1
     overlap = bool(options.get("mosaic_fwd_overlap", 0))
-    return _forward.Config(block_n=block_n, num_stages=stages, overlap=overlap), ""
+    return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap), ""
 
 
 def unsupported_reason(

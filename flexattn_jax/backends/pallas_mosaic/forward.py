@@ -70,11 +70,13 @@ class Config:
     Attributes:
       block_n: keys per TMA copy and per wgmma tile (64 or 128).
       num_stages: shared-memory slots of the key/value ring (at least 2).
+      q_buffers: query tiles in shared memory: 2 fetches the next item's queries during the current one.
       overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
     """
 
     block_n: int
     num_stages: int
+    q_buffers: int = 1
     overlap: bool = False
 
 
@@ -246,6 +248,7 @@ class _Plan:
     num_mask_consts: int
     block_n: int
     num_stages: int
+    q_buffers: int
     overlap: bool
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -382,7 +385,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         return _Item(work_of(i), plan, num_q_tiles, list_refs)
 
     def body(smem, ready, consumed, schedule, turns):
-        q_smem2, k_smem, v_smem, lse_smem2 = smem
+        q_buffers, k_smem, v_smem, lse_buffers = smem
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
         wg = lax.axis_index("wg")
@@ -394,14 +397,37 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+
+            # With two query buffers, item i's queries land in buffer i % 2 while item i - 1 runs; with one, at
+            # the start of item i. Each item's output is staged back through its query buffer.
+            def fetch_queries(i):
+                q_tile, h, b = _item_coordinates(work_of(i), plan, num_q_tiles)
+                buffer = lax.rem(i, plan.q_buffers)
+                rows = pl.ds(q_tile * Q_TILE + wg * BLOCK_M, BLOCK_M)
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[b, h, rows], q_buffers.at[buffer, wg], q_ready.at[buffer * COMPUTE_WARPGROUPS + wg]
+                )
+
             def run_item(i, base):
                 it = item(i)
                 b, h = it.b, it.h
                 num_steps = it.num_steps
                 q_base = it.q_tile * Q_TILE + wg * BLOCK_M
-                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, BLOCK_M)], q_smem, q_ready.at[wg])
-                plgpu.barrier_wait(q_ready.at[wg])
+                buffer = lax.rem(i, plan.q_buffers)
+                q_smem, lse_smem = q_buffers.at[buffer, wg], lse_buffers.at[buffer, wg]
+                # The buffer about to be filled staged item i - 1's output: wait until that copy has read it.
+                if plan.q_buffers == 2:
+
+                    @pl.when(i + 1 < num_items)
+                    def _():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        fetch_queries(i + 1)
+
+                else:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    fetch_queries(i)
+
+                plgpu.barrier_wait(q_ready.at[buffer * COMPUTE_WARPGROUPS + wg])
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
@@ -589,20 +615,21 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
                 lse = jnp.where(has_any, (row_max * jnp.float32(plan.scaling.exp_scale) + log2_sum) * _LN_2, _NEG_INF)
-                # The query tile is free again: stage the output through it.
+                # The query tile is free again: stage the output through it (the next item waits for the reads).
                 q_smem[...] = out.astype(dtype)
                 lse_smem[...] = lse
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
-                # The next item's query tile lands in the same buffer.
-                plgpu.wait_smem_to_gmem(0)
                 return base + num_steps
 
             if plan.overlap:
                 # Warpgroup 0 has the first turn; from then on each turn's hand-over gives the next.
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
+            if plan.q_buffers == 2:
+                pl.when(num_items > 0)(lambda: fetch_queries(jnp.int32(0)))
             lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
@@ -621,21 +648,26 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     pl.run_scoped(
         body,
         (
-            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, head_dim), dtype, transforms=transforms),
+            plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
-            plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32),
+            plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32),
         ),
         (
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+            plgpu.Barrier(num_barriers=plan.q_buffers * COMPUTE_WARPGROUPS),
         ),
         (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
         plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS) if plan.overlap else (),
         collective_axes="wg",
     )
+
+
+def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int) -> int:
+    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles."""
+    return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + 4 * q_buffers * Q_TILE
 
 
 def _num_sms() -> int:
@@ -736,6 +768,7 @@ def flex_forward(
         num_mask_consts=len(mask_consts),
         block_n=block_n,
         num_stages=config.num_stages,
+        q_buffers=config.q_buffers,
         overlap=config.overlap,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
