@@ -441,10 +441,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
-                def probabilities(s, step, row_max, row_sum, *, partial):
-                    """The online softmax of the scores of key tile ``step``: (P in the input dtype, the new row
-                    maximum, the new row sum, the factor that rescales the accumulator to the new maximum).
-                    ``partial``: apply mask_mod (True), not (False), or where a traced flag says."""
+                def probabilities(s, step, row_max, row_sum, *, partial, convert=True):
+                    """The online softmax of the scores of key tile ``step``: (P in the input dtype, or float32
+                    without ``convert``; the new row maximum, the new row sum, the factor that rescales the
+                    accumulator to the new maximum). ``partial``: apply mask_mod (True), not (False), or where a
+                    traced flag says."""
                     apply_mask = plan.apply_mask_mod and partial is not False
                     needs_mask = plan.mask_kv_bounds or apply_mask
                     scaling = plan.scaling
@@ -484,7 +485,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     correction = jnp.exp2(row_max * exp_scale - shift)
                     p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
                     row_sum = row_sum * correction + p.sum(axis=1)
-                    return p.astype(dtype), new_max, row_sum, correction
+                    return (p.astype(dtype) if convert else p), new_max, row_sum, correction
 
                 def slot_of(step):
                     return lax.rem(base + step, jnp.int32(stages))
@@ -548,7 +549,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             s, jnp.int32(0), row_max, row_sum,
                             partial=True if not plan.has_full else it.num_partial > 0,
                         )
-                        return p_low, row_max, row_sum
+                        return lax.optimization_barrier((p_low, row_max, row_sum))
 
                     def turn(j, carry, *, partial: bool):
                         p_low, row_max, row_sum = carry
@@ -564,12 +565,21 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         hand_over()
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
                         plgpu.barrier_arrive(k_consumed.at[next_slot])
-                        p_low, row_max, row_sum, correction = probabilities(
-                            s, j + 1, row_max, row_sum, partial=partial
+                        p, row_max, row_sum, correction = probabilities(
+                            s, j + 1, row_max, row_sum, partial=partial, convert=False
                         )
                         o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                         plgpu.barrier_arrive(v_consumed.at[slot])
-                        o_ref[...] = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                        # A register operand of a wgmma defined while another wgmma is in flight makes ptxas
+                        # serialize every wgmma of the kernel (its warning C7513): the new P, the operand of the
+                        # next P V, is converted only now that this P V, reading the old one, has completed (the
+                        # barrier orders the conversion after the wait), and the rescaled accumulator and P are
+                        # computed here rather than sunk by LLVM towards their use behind the next Q K^T.
+                        o, p = lax.optimization_barrier((o, p))
+                        o = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                        p_low = p.astype(dtype)
+                        o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
+                        o_ref[...] = o
                         return p_low, row_max, row_sum
 
                     def walk(stats):
