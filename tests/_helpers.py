@@ -105,3 +105,13 @@ MOD_CASES = [
 ]
 
 MOD_CASES_BY_NAME = {case.name: case for case in MOD_CASES}
+
+
+def _negative_factor(score, b, h, q_idx, kv_idx):
+    return -2.0 * jnp.tanh(score / 3.0)
+
+
+# Score_mods whose literal factors the forward kernels fold into their exp2 (_captures.fold_scalings), for tests
+# run with both signs of the scale: none, soft-capping's pair, and a trailing factor that would move the row
+# maximum if it were folded.
+SCALED_SCORE_MODS = {"identity": None, "softcap": fa.tanh_softcap(2.0), "negative-factor": _negative_factor}

@@ -11,7 +11,7 @@ import pytest
 
 import flexattn_jax as fa
 from flexattn_jax.backends import pallas_mosaic
-from tests._helpers import MOD_CASES, assert_close, random_qkv
+from tests._helpers import MOD_CASES, SCALED_SCORE_MODS, assert_close, random_qkv
 from tests.conftest import HAS_GPU
 
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
@@ -216,11 +216,7 @@ def test_gpu_both_forward_schedules_match_reference(case, overlap):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale", [0.3, -0.2])
-@pytest.mark.parametrize(
-    "score_mod",
-    [None, fa.tanh_softcap(5.0), lambda score, b, h, q_idx, kv_idx: -2.0 * jnp.tanh(score / 3.0)],
-    ids=["identity", "softcap", "negative-factor"],
-)
+@pytest.mark.parametrize("score_mod", SCALED_SCORE_MODS.values(), ids=SCALED_SCORE_MODS.keys())
 def test_gpu_scalings_folded_into_the_softmax(score_mod, scale):
     # The forward moves literal factors around the score_mod into its exp2 (peel_scalings): either sign of the
     # scale, and a factor that would move the row maximum if it were folded.

@@ -7,7 +7,7 @@ import pytest
 
 import flexattn_jax as fa
 from flexattn_jax.backends.pallas_triton import _tile, config
-from tests._helpers import MOD_CASES, MOD_CASES_BY_NAME, assert_close, random_qkv
+from tests._helpers import MOD_CASES, MOD_CASES_BY_NAME, SCALED_SCORE_MODS, assert_close, random_qkv
 from tests.conftest import HAS_GPU
 
 # On a GPU the kernels run compiled; elsewhere in interpret mode.
@@ -52,11 +52,7 @@ def test_without_block_mask_default_tiles():
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.2])
-@pytest.mark.parametrize(
-    "score_mod",
-    [None, fa.tanh_softcap(2.0), lambda score, b, h, q_idx, kv_idx: -2.0 * jnp.tanh(score / 3.0)],
-    ids=["identity", "softcap", "negative-factor"],
-)
+@pytest.mark.parametrize("score_mod", SCALED_SCORE_MODS.values(), ids=SCALED_SCORE_MODS.keys())
 def test_scalings_folded_into_the_softmax(score_mod, scale):
     # The kernel moves literal factors around the score_mod into its exp2 (_captures.fold_scalings): either sign
     # of the scale, and a factor that would move the row maximum if it were folded.
