@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
-#   bash benchmarks/device_session.sh check   the gpu-marked tests, then the open questions of NOTES.md (sweeps)
+#   bash benchmarks/device_session.sh check   the gpu-marked tests, the kernels' ptxas reports, then the open
+#                                             questions of NOTES.md (sweeps)
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask and shape)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
 set -uo pipefail
@@ -16,7 +17,9 @@ sweep() {  # mosaic_sweep, its table lines only
 
 case "${1:-}" in
   check)
-    timeout 330 python3 -m pytest -m gpu tests -n 4 -p no:benchmark -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    timeout 300 python3 -m pytest -m gpu tests -n 4 -p no:benchmark -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    # What ptxas says of every kernel (a C7513 line: its wgmmas serialized, NOTES.md section 12).
+    timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     # NOTES.md section 12: the overlapped walk, now that ptxas no longer serializes it; at D=64 the softmax is as
     # long as the matmuls it should hide behind.
     sweep 60 --cases noop causal softcap document --configs no_overlap overlap
