@@ -12,6 +12,8 @@ dealt in a snake order that balances heavy and light query tiles (``persistent_s
   use of the tensor cores, so that one computes its softmax while the other multiplies (the FlashAttention-3 ping-pong,
   Shah et al. 2024). With ``Config.overlap`` a warpgroup also overlaps its softmax with its own P V and the two hand
   the tensor cores over by turns instead (``overlapped_walk``; off by default, see benchmarks/NOTES.md section 12).
+  Where shared memory allows, each compute warpgroup has two query buffers, so that the next item's queries are
+  fetched while the current item runs (``Config.q_buffers``).
 
 The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., full=True)``); arrays
 they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx themselves
@@ -19,8 +21,9 @@ they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with
 gather from registers, so ``unsupported_reason`` refuses any other read (``table[h, q_idx - kv_idx]``) and the
 caller falls back to the Triton kernels.
 
-Softmax in base 2, as in ``pallas_triton._tile``: a row with nothing allowed keeps a running maximum of -inf and is
-exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
+Softmax in base 2, as in ``pallas_triton._tile``, with the row maximum taken before scaling and the score_mod's
+literal factors folded into the exponent (``_captures.SoftmaxScaling``): a row with nothing allowed keeps a running
+maximum of -inf and is exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
 """
 
 from __future__ import annotations
