@@ -26,6 +26,8 @@ CONFIGS = {
     "n64_s4": dict(mosaic_block_n=64, mosaic_num_stages=4),
     "overlap": dict(mosaic_fwd_overlap=1),  # 128-key tiles, 2 stages, softmax overlapping the warpgroup's own P V
     "no_overlap": dict(mosaic_fwd_overlap=0),
+    "q_buffers_1": dict(mosaic_fwd_q_buffers=1),  # one query tile per warpgroup: fetched at each item's start
+    "q_buffers_2": dict(mosaic_fwd_q_buffers=2),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

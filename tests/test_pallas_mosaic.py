@@ -74,8 +74,9 @@ def test_every_supported_mod_lowers_for_cuda(case):
     "head_dim, dtype, options",
     [(128, jnp.float16, None), (256, jnp.bfloat16, None),
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
-     (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0})],
-    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap"],
+     (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
+     (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1})],
+    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -108,8 +109,9 @@ def test_gathering_mods_are_refused_with_the_reason(name):
         (jnp.bfloat16, 256, 128, {"mosaic_block_n": 128, "mosaic_num_stages": 4}, "bytes of shared memory"),
         # Refused at launch on an H100 (232568 bytes needed, 232448 available).
         (jnp.bfloat16, 128, 128, {"mosaic_block_n": 128, "mosaic_num_stages": 3}, "bytes of shared memory"),
+        (jnp.bfloat16, 256, 128, {"mosaic_fwd_q_buffers": 2}, "mosaic_fwd_q_buffers=2 .* bytes of shared memory"),
     ],
-    ids=["f32", "head-96", "q-block-64", "kv-block-32", "smem", "smem-128x3"],
+    ids=["f32", "head-96", "q-block-64", "kv-block-32", "smem", "smem-128x3", "smem-two-query-buffers"],
 )
 def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, options, match):
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=2, L=256, S=256, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -124,7 +126,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
 @pytest.mark.parametrize(
     "options, error",
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
-     ({"mosaic_tile": 64}, ValueError)],
+     ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -359,6 +361,7 @@ def test_second_query_buffer_where_it_fits():
 
     assert q_buffers(64) == q_buffers(128) == 2 == q_buffers(128, mosaic_block_n=64, mosaic_num_stages=4)
     assert q_buffers(256) == 1  # 256 KiB with two
+    assert q_buffers(128, mosaic_fwd_q_buffers=1) == 1
 
 
 def test_fusing_dq_is_the_default_for_long_queries_where_it_fits():

@@ -12,8 +12,10 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_block_n`` (64 or 128): keys per TMA copy and wgmma tile of the forward;
 * ``mosaic_num_stages`` (2 to 4): shared-memory slots of the forward's key/value ring;
 * ``mosaic_fwd_overlap`` (0, the default, or 1): each compute warpgroup overlaps its softmax of a key tile with its
-  own P V of the previous tile; its first form measured 15-30% slower, the present one (the warpgroups handing turns
-  over) is not yet measured (benchmarks/NOTES.md section 12);
+  own P V of the previous tile; measured at par with the plain walk, within the noise (benchmarks/NOTES.md
+  section 12);
+* ``mosaic_fwd_q_buffers`` (1 or 2; unset: 2 where shared memory allows, 1 otherwise): query tiles per compute
+  warpgroup in shared memory; with 2, each work item's queries are fetched while the previous item runs (section 16);
 * ``mosaic_bwd_num_stages`` (2 to 4): slots of the backward kernels' rings;
 * ``mosaic_bwd_fuse_dq``: 1, dQ accumulated by the dK/dV kernel with float32 reduce-adds, whose order, and so dQ's
   last bits, vary from run to run; 0, a dQ kernel of its own, deterministic; unset, fused where the walks are long,
@@ -46,7 +48,8 @@ from flexattn_jax.backends.pallas_triton.backward import BlockLists
 __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
 
 OPTION_KEYS = (
-    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq",
+    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers", "mosaic_bwd_num_stages",
+    "mosaic_bwd_fuse_dq",
     "mosaic_backward",
 )
 HEAD_DIMS = (64, 128, 256)
@@ -85,6 +88,8 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap") and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
+        if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
+            raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         options[key] = value
     return options
 
@@ -104,14 +109,19 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
         )
     block_n = fitting[0]
     stages = options.get("mosaic_num_stages", 2)
-    smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, 1)
-    if smem + _SMEM_RESERVE > _SMEM_BYTES:
-        return None, (
-            f"pallas_mosaic with mosaic_block_n={block_n}, mosaic_num_stages={stages} and head dim {head_dim} needs "
-            f"{smem} bytes of shared memory, over the {_SMEM_BYTES} an H100 block has"
-        )
+
+    def fits(q_buffers: int) -> bool:
+        return _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers) + _SMEM_RESERVE <= _SMEM_BYTES
+
     # A second query buffer, to fetch the next work item's queries early, where it fits.
-    q_buffers = 2 if _forward.smem_bytes(head_dim, head_dim, block_n, stages, 2) + _SMEM_RESERVE <= _SMEM_BYTES else 1
+    q_buffers = options.get("mosaic_fwd_q_buffers", 2 if fits(2) else 1)
+    if not fits(q_buffers):
+        smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers)
+        return None, (
+            f"pallas_mosaic with mosaic_block_n={block_n}, mosaic_num_stages={stages}, mosaic_fwd_q_buffers="
+            f"{q_buffers} and head dim {head_dim} needs {smem} bytes of shared memory, over the {_SMEM_BYTES} an "
+            "H100 block has"
+        )
     overlap = bool(options.get("mosaic_fwd_overlap", 0))
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap), ""
 
