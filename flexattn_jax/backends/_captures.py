@@ -130,6 +130,11 @@ class ModProgram:
     out_aval: jax.ShapeDtypeStruct
 
     @property
+    def is_identity(self) -> bool:
+        """A score_mod that returns its score argument unchanged (no equations)."""
+        return not self.jaxpr.eqns and self.jaxpr.outvars[0] is self.jaxpr.invars[self.num_consts]
+
+    @property
     def differentiable(self) -> tuple[bool, ...]:
         """For each const, whether it is floating (gets a gradient in the backward pass)."""
         return tuple(bool(jnp.issubdtype(a.dtype, jnp.inexact)) for a in self.const_avals)
@@ -657,8 +662,7 @@ class SoftmaxScaling:
 def fold_scalings(score_mod: ModProgram, scale: float) -> tuple[ModProgram, SoftmaxScaling]:
     """``score_mod`` with its literal factors peeled (``peel_scalings``), and where the kernel applies them."""
     program, in_factor, out_factor = peel_scalings(score_mod)
-    jaxpr = program.jaxpr
-    apply = bool(jaxpr.eqns) or jaxpr.outvars[0] is not jaxpr.invars[program.num_consts]
+    apply = not program.is_identity
     factor = out_factor * math.log2(math.e) * (1.0 if apply else scale * in_factor)
     # A positive factor keeps each row's maximum where it is, so it can be applied after taking it.
     value_scale, exp_scale = (1.0, factor) if factor > 0 else (factor, 1.0)

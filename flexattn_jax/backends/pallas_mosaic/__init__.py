@@ -48,9 +48,8 @@ from flexattn_jax.backends.pallas_triton.backward import BlockLists
 __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
 
 OPTION_KEYS = (
-    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers", "mosaic_bwd_num_stages",
-    "mosaic_bwd_fuse_dq",
-    "mosaic_backward",
+    "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
+    "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)

@@ -538,7 +538,7 @@ def flex_backward(
         q_padded=q_padded,
         kv_padded=kv_padded,
         has_full=has_full,
-        apply_score_mod=not _forward.is_identity(score_mod),
+        apply_score_mod=not score_mod.is_identity,
         apply_mask_mod=not _forward.is_everywhere(mask_mod),
         scale=float(scale),
         num_score_consts=len(score_consts),

@@ -51,7 +51,6 @@ __all__ = [
     "analyze_reads",
     "flex_forward",
     "is_everywhere",
-    "is_identity",
     "pad_walked",
     "site_load",
     "stream_key_values",
@@ -209,12 +208,6 @@ def site_load(sites: Sequence[ReadSite], q_start, kv_start, shape: tuple[int, in
         return lax.broadcast_in_dim(vector, shape, (axis,))
 
     return load
-
-
-def is_identity(program: ModProgram) -> bool:
-    """The score_mod returns its score argument unchanged (no equations)."""
-    jaxpr = program.jaxpr
-    return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[program.num_consts]
 
 
 def is_everywhere(program: ModProgram) -> bool:

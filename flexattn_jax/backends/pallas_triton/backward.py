@@ -252,12 +252,6 @@ def _dot(a, b, contract_a: int, contract_b: int):
     )
 
 
-def _is_identity(program: ModProgram) -> bool:
-    """Whether a traced score_mod returns its score unchanged (no work, and a gradient of one)."""
-    jaxpr = program.jaxpr
-    return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[program.num_consts]
-
-
 def _sum_to_shape(x, shape):
     """Sums x [BM, BN] down to ``shape``, which broadcasts to it: the adjoint of broadcasting."""
     if len(shape) < x.ndim:
@@ -289,7 +283,7 @@ def _score_gradient_tile(
         allowed = in_bounds if allowed is None else allowed & in_bounds
 
     # P = exp(m - lse) = exp2(m * LOG2_E - lse2): exp2 is one fast GPU instruction, and the caller passes lse2.
-    if _is_identity(score):
+    if score.is_identity:  # no work, and a gradient of one
         pullback = None
         p = jnp.exp2(_dot(q, k, 1, 1) * jnp.float32(tiling.scale * _tile.LOG2_E) - lse2[:, None])
     else:
