@@ -246,7 +246,7 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(overlap):
 def _program(mod, score=False):
     from flexattn_jax.backends import _captures
 
-    (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, True)], score=score)
+    (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, "full")], score=score)
     return program
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "trace_mask_mod",
     "trace_for_tiles",
     "tile_avals",
+    "tile_shape",
 ]
 
 # Primitives whose body is inlined by the interpreter (so that reads of captured arrays inside them become ref loads),
@@ -428,19 +429,37 @@ def _default_fill(dtype):
 # ----------------------------------------------------------------------------------------- tracing, hoisting
 
 
-def tile_avals(block_m: int, block_n: int, *, score: bool, full: bool = False) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """The abstract arguments mods receive in kernels: (score [BM, BN] f32,) b, h, q_idx [BM, 1], kv_idx [1, BN].
+TILE_LAYOUTS = ("broadcast", "full", "transposed")
 
-    ``full``: both index tiles are [BM, BN] (the Mosaic GPU kernels, whose register layouts are for whole tiles).
+
+def tile_shape(block_m: int, block_n: int, layout: str = "broadcast") -> tuple[int, int]:
+    """The score tile's shape for ``block_m`` queries and ``block_n`` keys: [BN, BM] when transposed."""
+    return (block_n, block_m) if layout == "transposed" else (block_m, block_n)
+
+
+def tile_avals(
+    block_m: int, block_n: int, *, score: bool, layout: str = "broadcast"
+) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The abstract arguments mods receive in kernels: (score f32,) b, h, q_idx, kv_idx for a tile of ``block_m``
+    queries and ``block_n`` keys. ``layout`` says how a kernel holds the tile:
+
+    * ``"broadcast"``: score [BM, BN], q_idx [BM, 1], kv_idx [1, BN] (the Triton kernels);
+    * ``"full"``: both index tiles [BM, BN] too (the Mosaic GPU kernels, whose register layouts are whole tiles);
+    * ``"transposed"``: score [BN, BM], q_idx [1, BM], kv_idx [BN, 1] (a dK/dV kernel computing S^T = K Q^T).
     """
+    if layout not in TILE_LAYOUTS:
+        raise ValueError(f"tile layout must be one of {TILE_LAYOUTS}, got {layout!r}")
     i32 = jnp.int32
+    shape = tile_shape(block_m, block_n, layout)
+    q_shape = {"broadcast": (block_m, 1), "full": shape, "transposed": (1, block_m)}[layout]
+    kv_shape = {"broadcast": (1, block_n), "full": shape, "transposed": (block_n, 1)}[layout]
     avals = (
         jax.ShapeDtypeStruct((), i32),
         jax.ShapeDtypeStruct((), i32),
-        jax.ShapeDtypeStruct((block_m, block_n) if full else (block_m, 1), i32),
-        jax.ShapeDtypeStruct((block_m, block_n) if full else (1, block_n), i32),
+        jax.ShapeDtypeStruct(q_shape, i32),
+        jax.ShapeDtypeStruct(kv_shape, i32),
     )
-    return ((jax.ShapeDtypeStruct((block_m, block_n), jnp.float32),) if score else ()) + avals
+    return ((jax.ShapeDtypeStruct(shape, jnp.float32),) if score else ()) + avals
 
 
 def trace_mod(fn: Callable, arg_avals: Sequence[jax.ShapeDtypeStruct], *, name: str = "mod"):
@@ -526,40 +545,46 @@ def _check_kernel_safe(jaxpr, const_vars: set, label: str) -> None:
                 _check_kernel_safe(inner, set(), label)
 
 
-def trace_score_mod(score_mod: Callable, block_m: int, block_n: int, full: bool = False):
-    """``trace_mod`` for a score_mod on [block_m, block_n] tiles; checks it returns a floating tile."""
-    program, consts = trace_mod(score_mod, tile_avals(block_m, block_n, score=True, full=full), name="score_mod")
-    _check_out(program, block_m, block_n, floating=True)
+def trace_score_mod(score_mod: Callable, block_m: int, block_n: int, layout: str = "broadcast"):
+    """``trace_mod`` for a score_mod on tiles of ``block_m`` queries and ``block_n`` keys (``tile_avals``); checks
+    it returns a floating tile."""
+    program, consts = trace_mod(score_mod, tile_avals(block_m, block_n, score=True, layout=layout), name="score_mod")
+    _check_out(program, block_m, block_n, layout, floating=True)
     return program, consts
 
 
-def trace_mask_mod(mask_mod: Callable, block_m: int, block_n: int, full: bool = False):
-    """``trace_mod`` for a mask_mod on [block_m, block_n] tiles; checks it returns a boolean tile."""
-    program, consts = trace_mod(mask_mod, tile_avals(block_m, block_n, score=False, full=full), name="mask_mod")
-    _check_out(program, block_m, block_n, floating=False)
+def trace_mask_mod(mask_mod: Callable, block_m: int, block_n: int, layout: str = "broadcast"):
+    """``trace_mod`` for a mask_mod on tiles of ``block_m`` queries and ``block_n`` keys (``tile_avals``); checks it
+    returns a boolean tile."""
+    program, consts = trace_mod(mask_mod, tile_avals(block_m, block_n, score=False, layout=layout), name="mask_mod")
+    _check_out(program, block_m, block_n, layout, floating=False)
     return program, consts
 
 
-def _check_out(program: ModProgram, block_m: int, block_n: int, floating: bool) -> None:
+def _check_out(
+    program: ModProgram, block_m: int, block_n: int, layout: str = "broadcast", *, floating: bool
+) -> None:
     out = program.out_aval
+    tile = tile_shape(block_m, block_n, layout)
     try:
-        shape = np.broadcast_shapes(out.shape, (block_m, block_n))
+        shape = np.broadcast_shapes(out.shape, tile)
     except ValueError:
         shape = None
     ok_dtype = jnp.issubdtype(out.dtype, jnp.floating) if floating else out.dtype == jnp.bool_
-    if shape != (block_m, block_n) or not ok_dtype:
+    if shape != tile or not ok_dtype:
         expected = "a floating" if floating else "a boolean"
+        *_, q_aval, kv_aval = tile_avals(block_m, block_n, score=False, layout=layout)
         raise TypeError(
-            f"{program.name} must return {expected} value broadcastable to the tile [{block_m}, {block_n}] for "
-            f"q_idx [{block_m}, 1] and kv_idx [1, {block_n}], got {jnp.dtype(out.dtype).name}{list(out.shape)}; "
-            "write it with broadcasting jnp operations"
+            f"{program.name} must return {expected} value broadcastable to the tile {list(tile)} for "
+            f"q_idx {list(q_aval.shape)} and kv_idx {list(kv_aval.shape)}, got "
+            f"{jnp.dtype(out.dtype).name}{list(out.shape)}; write it with broadcasting jnp operations"
         )
 
 
-def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, ...]], *, score: bool):
+def trace_for_tiles(mod: Callable, tiles: Sequence[tuple], *, score: bool):
     """Traces one mod for several tile shapes (forward and backward kernels) with one set of consts.
 
-    Each tile is ``(block_m, block_n)``, or ``(block_m, block_n, True)`` for whole-tile indices (see ``tile_avals``).
+    Each tile is ``(block_m, block_n)`` or ``(block_m, block_n, layout)`` (see ``tile_avals``).
 
     The work hoisted out of the kernel does not depend on the tile shape, so every tracing hoists the same arrays;
     the first tracing's consts serve all programs (pass them once, e.g. as a ``custom_vjp``'s primal inputs).
@@ -569,8 +594,8 @@ def trace_for_tiles(mod: Callable, tiles: Sequence[tuple[int, ...]], *, score: b
     """
     trace = trace_score_mod if score else trace_mask_mod
     programs, consts = [], None
-    for block_m, block_n, *full in tiles:
-        program, these = trace(mod, block_m, block_n, *full)
+    for block_m, block_n, *layout in tiles:
+        program, these = trace(mod, block_m, block_n, *layout)
         if consts is None:
             consts = these
         # Same structure for every tile shape; a mod whose captured work depended on it would be caught here.

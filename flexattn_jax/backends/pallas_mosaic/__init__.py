@@ -159,7 +159,7 @@ def unsupported_reason(
         return why
     tile = (_forward.BLOCK_M, config.block_n)
     for mod, is_score in ((score_mod, True), (mask_mod, False)):
-        (program,), _ = _captures.trace_for_tiles(mod, [(*tile, True)], score=is_score)
+        (program,), _ = _captures.trace_for_tiles(mod, [(*tile, "full")], score=is_score)
         reason = _forward.unsupported_mod_reason(program, config.block_n)
         if reason is not None:
             return reason
@@ -245,7 +245,7 @@ class _MosaicBackward:
     config: _backward.Config
     mask_block_size: tuple[int, int]
     scale: float
-    tile = (_backward.TILE, _backward.TILE, True)
+    tile = (_backward.TILE, _backward.TILE, "full")
 
     def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
                  mask_consts):
@@ -278,7 +278,7 @@ class _MosaicForward:
 
     @property
     def tile(self):
-        return (_forward.BLOCK_M, self.config.block_n, True)
+        return (_forward.BLOCK_M, self.config.block_n, "full")
 
     def __call__(self, q, k, v, score_consts, mask_consts, kv_lists: BlockLists, score_program, mask_program):
         return _forward.flex_forward(

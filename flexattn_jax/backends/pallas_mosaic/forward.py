@@ -15,7 +15,7 @@ dealt in a snake order that balances heavy and light query tiles (``persistent_s
   Where shared memory allows, each compute warpgroup has two query buffers, so that the next item's queries are
   fetched while the current item runs (``Config.q_buffers``).
 
-The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., full=True)``); arrays
+The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., layout="full")``); arrays
 they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx themselves
 (``ids[q_idx]``: one vector load of the tile's slice, broadcast across it; ``analyze_reads``). Mosaic GPU has no
 gather from registers, so ``unsupported_reason`` refuses any other read (``table[h, q_idx - kv_idx]``) and the

@@ -261,40 +261,43 @@ def _sum_to_shape(x, shape):
 
 
 def _score_gradient_tile(
-    q, k, v, d_out, lse2, delta, b, h, q_idx, kv_idx, *, score, score_refs, mask, mask_refs, masked, tiling,
-    score_grad_refs,
+    s, dp, lse2, delta, b, h, q_idx, kv_idx, *, score, score_refs, mask, mask_refs, masked, tiling, score_grad_refs,
 ):
-    """P and dS of one tile (both [BM, BN] float32); zero wherever the position is not allowed.
+    """P and dS of one tile (both float32, of ``s``'s shape); zero wherever the position is not allowed.
 
-    ``masked`` (static): apply mask_mod (a partial block); a full block skips it. Bounds are checked only where a
-    length is not a whole number of walked blocks. ``score_grad_refs``: float32 refs receiving the cotangents of
-    the score_mod's floating captured arrays (None entries, or None, skip them).
+    ``s`` = q.k and ``dp`` = dO.v are the tile's raw products, [BM, BN] with q_idx [BM, 1], kv_idx [1, BN], lse2
+    and delta [BM, 1]; or all transposed ([BN, BM], q_idx [1, BM], ...), as the dK/dV kernel holds them. ``masked``
+    (static): apply mask_mod (a partial block); a full block skips it. Bounds are checked only where a length is
+    not a whole number of walked blocks. ``score_grad_refs``: float32 refs receiving the cotangents of the
+    score_mod's floating captured arrays (None entries, or None, skip them).
     """
-    shape = (q.shape[0], k.shape[0])
+    shape = s.shape
     # Positions past the ends (padding) are masked by bounds; the mods only ever see in-range indices, as in the
     # forward, so a mod that is undefined out of range cannot put NaN into a gradient.
     padded_q = tiling.q_len % tiling.q_block != 0
     padded_kv = tiling.kv_len % tiling.kv_block != 0
     mod_q = jnp.minimum(q_idx, tiling.q_len - 1) if padded_q else q_idx
     mod_kv = jnp.minimum(kv_idx, tiling.kv_len - 1) if padded_kv else kv_idx
-    allowed = _tile.allowed_tile(mask, mask_refs, b, h, mod_q, mod_kv, is_full_block=not masked)
+    allowed = None if not masked else mask(mask_refs, b, h, mod_q, mod_kv)
     if padded_q or padded_kv:
-        in_bounds = jnp.broadcast_to((q_idx < tiling.q_len) & (kv_idx < tiling.kv_len), shape)
+        in_bounds = (q_idx < tiling.q_len) & (kv_idx < tiling.kv_len)
         allowed = in_bounds if allowed is None else allowed & in_bounds
+    if allowed is not None:
+        allowed = jnp.broadcast_to(allowed, shape)
 
     # P = exp(m - lse) = exp2(m * LOG2_E - lse2): exp2 is one fast GPU instruction, and the caller passes lse2.
     if score.is_identity:  # no work, and a gradient of one
         pullback = None
-        p = jnp.exp2(_dot(q, k, 1, 1) * jnp.float32(tiling.scale * _tile.LOG2_E) - lse2[:, None])
+        p = jnp.exp2(s * jnp.float32(tiling.scale * _tile.LOG2_E) - lse2)
     else:
-        m, pullback = score.vjp(score_refs, _tile.score_tile(q, k, tiling.scale), b, h, mod_q, mod_kv)
+        scaled = s if tiling.scale == 1.0 else s * jnp.float32(tiling.scale)
+        m, pullback = score.vjp(score_refs, scaled, b, h, mod_q, mod_kv)
         m_shape, m_dtype = m.shape, m.dtype
-        p = jnp.exp2(jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_tile.LOG2_E) - lse2[:, None])
+        p = jnp.exp2(jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_tile.LOG2_E) - lse2)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
 
-    dp = _dot(d_out, v, 1, 1)
-    dm = p * (dp - delta[:, None])
+    dm = p * (dp - delta)
     if pullback is None:
         return p, dm
     grad_refs = score_grad_refs if score_grad_refs is not None else [None] * score.num_consts
@@ -356,14 +359,17 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
                 rows = pl.ds(q_start, bm)
                 q = q_ref[g, rows, :]
                 d_out = do_ref[g, rows, :]
-                q_idx, kv_idx = _tile.index_tiles(q_start, kv_start, bm, bn)
-                p, ds = _score_gradient_tile(
-                    q, k, v, d_out, lse2_ref[g, rows], delta_ref[g, rows], b, h, q_idx, kv_idx,
-                    score=score, score_refs=score_refs, mask=mask, mask_refs=mask_refs, masked=masked,
-                    tiling=tiling, score_grad_refs=None,
+                # The tile transposed, S^T = K Q^T [BN, BM], so that P^T and dS^T, the left operands of dV and
+                # dK, come out of their dots as they are (a register tile as the left operand of a transposed
+                # dot would be re-laid out through shared memory at every step).
+                q_idx, kv_idx = _tile.index_tiles(kv_start, q_start, bn, bm)[::-1]
+                p_t, ds_t = _score_gradient_tile(
+                    _dot(k, q, 1, 1), _dot(v, d_out, 1, 1), lse2_ref[g, rows][None, :],
+                    delta_ref[g, rows][None, :], b, h, q_idx, kv_idx, score=score, score_refs=score_refs,
+                    mask=mask, mask_refs=mask_refs, masked=masked, tiling=tiling, score_grad_refs=None,
                 )
-                dv = dv + _dot(p.astype(d_out.dtype), d_out, 0, 0)
-                dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
+                dv = dv + _dot(p_t.astype(d_out.dtype), d_out, 1, 0)
+                dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
                 return dk, dv
 
             return body
@@ -464,8 +470,8 @@ def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_
     q_block = lax.div(q_start, tiling.q_block)
     q = q_ref[...]
     d_out = do_ref[...]
-    lse2 = lse2_ref[...]
-    delta = delta_ref[...]
+    lse2 = lse2_ref[...][:, None]
+    delta = delta_ref[...][:, None]
 
     def visit(masked):
         def body(kv_start, dq):
@@ -473,7 +479,7 @@ def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_
             k = k_ref[cols, :]
             q_idx, kv_idx = _tile.index_tiles(q_start, kv_start, bm, bn)
             _, ds = _score_gradient_tile(
-                q, k, v_ref[cols, :], d_out, lse2, delta, b, h, q_idx, kv_idx,
+                _dot(q, k, 1, 1), _dot(d_out, v_ref[cols, :], 1, 1), lse2, delta, b, h, q_idx, kv_idx,
                 score=score, score_refs=score_refs, mask=mask, mask_refs=mask_refs, masked=masked,
                 tiling=tiling, score_grad_refs=score_grad_refs,
             )

@@ -524,7 +524,7 @@ def attention(
     (score_program, score_consts), (mask_program, mask_consts) = _trace_mods(
         score_mod, mask_mod, dconfig.rows, dconfig.block_n
     )
-    tiles = [(plan.dkdv.block_m, plan.dkdv.block_n), (plan.dq.block_m, plan.dq.block_n)]
+    tiles = _vjp._backward_tiles(plan)
     bwd_score_programs, bwd_score_consts = _captures.trace_for_tiles(score_mod, tiles, score=True)
     bwd_mask_programs, bwd_mask_consts = _captures.trace_for_tiles(mask_mod, tiles, score=False)
     programs = ((None, *bwd_score_programs), (None, *bwd_mask_programs))

@@ -80,6 +80,11 @@ def _padded_length(length: int, block: int, num_blocks: int, tiles) -> int:
     return -(-length // tile) * tile
 
 
+def _backward_tiles(plan) -> list[tuple]:
+    """The tiles the backward kernels trace the mods for: the dK/dV kernel's transposed, the dQ kernel's."""
+    return [(plan.dkdv.block_m, plan.dkdv.block_n, "transposed"), (plan.dq.block_m, plan.dq.block_n)]
+
+
 def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, num_blocks, scale, interpret) -> _Plan:
     q_len = q_shape[2]
     q_padded = _padded_length(q_len, block_size[0], num_blocks[0], (bwd.block_m1, bwd.block_m2))
@@ -237,8 +242,7 @@ def attention(
     # The mods, traced for the forward's, the dK/dV kernel's and the dQ kernel's tiles, with one set of arrays.
     tiles = [
         (fwd_config.block_m, fwd_config.block_n) if forward is None else forward.tile,
-        (plan.dkdv.block_m, plan.dkdv.block_n),
-        (plan.dq.block_m, plan.dq.block_n),
+        *_backward_tiles(plan),
     ]
     if backward_kernels is not None:
         tiles.append(backward_kernels.tile)
