@@ -3,8 +3,8 @@
     python -m benchmarks.ptxas_report [--out DIR]
 
 Compiles the forward (plain walk, overlapped walk, soft-capped causal, head dim 64) and the backward (dQ fused into
-the dK/dV kernel, and the separate dQ kernel) at small sizes, with Mosaic GPU's dump switches on, and prints each
-kernel's ptxas report under the name of the variant that compiled it. A line with "C7513" means ptxas serialized
+the dK/dV kernel, and the separate dQ kernel; causal and soft-capped causal) at small sizes, with Mosaic GPU's dump
+switches on, and prints each kernel's ptxas report under the name of the variant that compiled it. A line with "C7513" means ptxas serialized
 the kernel's wgmmas (benchmarks/NOTES.md section 12). The PTX of every kernel stays in DIR.
 """
 
@@ -41,8 +41,8 @@ def main() -> None:
         return lambda q, k, v: fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                                  implementation="pallas_mosaic", kernel_options=options)
 
-    def gradient(options):
-        attention = forward(block_mask=causal, options=options)
+    def gradient(options, score_mod=None):
+        attention = forward(score_mod, block_mask=causal, options=options)
         return jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
 
     variants = [
@@ -52,6 +52,8 @@ def main() -> None:
         ("forward D=64", forward(), 64),
         ("backward fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}), 128),
         ("backward dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}), 128),
+        ("backward softcap fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}, fa.tanh_softcap(30.0)), 128),
+        ("backward softcap dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}, fa.tanh_softcap(30.0)), 128),
     ]
     seen: set[str] = set()
     for name, fn, head_dim in variants:

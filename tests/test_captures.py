@@ -156,6 +156,37 @@ def test_vjp_accumulates_const_gradients(name):
     assert np.abs(np.asarray(want_d_const)).sum() > 0
 
 
+@pytest.mark.parametrize("case", [c for c in MOD_CASES if c.build(B, H, L, S, 0)[1] is not None], ids=repr)
+def test_derivative_is_the_scores_gradient(case):
+    """The forward-mode derivative (inside a kernel, consts read through refs) against the reference mod's gradient
+    at each score alone: the diagonal Jacobian that the Mosaic backward multiplies into P."""
+    _, score_mod = case.build(B, H, L, S, 0)
+    program, consts = _captures.trace_score_mod(score_mod, BM, BN)
+    s, b, h, q_idx, kv_idx = _tile_args(seed=3)
+    n = len(consts)
+
+    def kernel(*refs):
+        const_refs, s_ref, out_ref, derivative_ref = refs[:n], refs[n], refs[n + 1], refs[n + 2]
+        tile_q = jnp.minimum(Q_START + lax.broadcasted_iota(jnp.int32, (BM, 1), 0), L - 1)
+        tile_kv = jnp.minimum(KV_START + lax.broadcasted_iota(jnp.int32, (1, BN), 1), S - 1)
+        args = (jnp.int32(B_AT), jnp.int32(H_AT), tile_q, tile_kv)
+        out, derivative = program.derivative(const_refs, s_ref[...], *args)
+        out_ref[...] = jnp.broadcast_to(out, (BM, BN)).astype(jnp.float32)
+        derivative_ref[...] = jnp.broadcast_to(derivative, (BM, BN)).astype(jnp.float32)
+
+    tile = jax.ShapeDtypeStruct((BM, BN), jnp.float32)
+    out, derivative = pl.pallas_call(kernel, out_shape=(tile, tile), interpret=True)(*consts, s)
+
+    def at_one_score(score, qi, kvi):
+        return score_mod(score, b, h, qi, kvi)
+
+    grid = lambda f: jax.vmap(jax.vmap(f, (0, None, 0)), (0, 0, None))  # noqa: E731
+    want_out = grid(at_one_score)(s, q_idx[:, 0], kv_idx[0])
+    want = grid(jax.grad(at_one_score))(s, q_idx[:, 0], kv_idx[0])
+    np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(derivative, want, rtol=1e-5, atol=1e-6)
+
+
 def test_differentiable_marks_floating_consts():
     mask_mod = fa.document_mask(jnp.zeros((L,), jnp.int32))
     assert _captures.trace_mask_mod(mask_mod, BM, BN)[0].differentiable == (False,)

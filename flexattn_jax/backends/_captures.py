@@ -180,6 +180,19 @@ class ModProgram:
 
         return out, pullback
 
+    def derivative(self, const_refs: Sequence[Any], *args, ones=None, load: Callable | None = None):
+        """Evaluates the mod and its derivative with respect to ``args[0]``: ``(out, d out / d args[0])``.
+
+        A score_mod is a function of each score alone (the reference applies it to one score at a time), so its
+        Jacobian on a tile is diagonal and one forward-mode pass with a tangent of ones gives the whole of it: the
+        score's cotangent is then ``derivative * d_out``, a product that can be formed before ``d_out`` is known.
+        No gradient reaches the consts. ``ones``: the tangent, where a kernel needs it built in its own layout
+        (default ``ones_like(args[0])``); ``load`` as for ``__call__``.
+        """
+        interpreter = _Interpreter(const_refs, load or _plain_load)
+        tangent = jnp.ones_like(args[0]) if ones is None else ones
+        return jax.jvp(lambda first: interpreter(self.jaxpr, (first, *args[1:])), (args[0],), (tangent,))
+
 
 def _plain_load(const: int, ref, index):
     return ref[...] if index is None else ref[index]

@@ -19,8 +19,9 @@ shared-memory slots, two compute warpgroups multiply with wgmma.
   (Q, dO, lse, delta resident) and walks its key blocks (``kv_num_blocks`` / ``kv_indices`` and the full pair); the
   memory warpgroup streams K and V tiles of 64 keys. S = Q K^T and dP = dO V^T, then dQ += dS K.
 
-The mods run on whole [64, 64] index tiles, transposed in the dK/dV kernel (q_idx along the columns); the score_mod's
-derivative is JAX autodiff of the traced mod. Arrays the mods close over are read as in the forward
+The mods run on whole [64, 64] index tiles, transposed in the dK/dV kernel (q_idx along the columns). A score_mod is
+a function of each score alone, so its derivative is one forward-mode pass of JAX autodiff over the traced mod (a
+tangent of ones), multiplied into P before the wgmmas that produce dP: dS = (P dm/ds) (dP - delta). Arrays the mods close over are read as in the forward
 (``forward.site_load``). Gradients with respect to those arrays need an atomic scatter into a float32 buffer, which
 these kernels do not have: when one is wanted the caller runs the Triton backward instead.
 
@@ -54,6 +55,11 @@ HEAD_DIMS = (64, 128)
 _LOG2_E = math.log2(math.e)
 
 
+# Registers per thread of each warpgroup (3 x 128 threads share 64K): the memory warpgroup only issues copies, and
+# the dK/dV kernel's compute warpgroups hold two [64, D] float32 accumulators beside the step's tiles (ptxas spilled
+# them at 232; NOTES.md section 17).
+COMPUTE_REGISTERS = 240
+MEMORY_REGISTERS = 24
 DQ_COLUMNS = 64  # columns of dQ one warpgroup forms per step in the fused kernel
 _F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # 128-byte rows of float32
 
@@ -122,19 +128,23 @@ def _split(refs, plan: _Plan, num_lists: int):
 
 def _probabilities(s, lse2, q_idx, kv_idx, b, h, *, plan: _Plan, mods, const_refs, masked: bool, q_start, kv_start,
                    transposed: bool):
-    """P of one tile from the raw scores ``s`` = q.k (float32 [64, 64] in the wgmma layout), with what the score
-    gradient needs: ``(p, pullback, allowed)``.
+    """P of one tile from the raw scores ``s`` = q.k (float32 [64, 64] in the wgmma layout), and the factor that
+    turns dP - delta into dS: ``(p, p_grad)``, both zero wherever the position is masked or out of bounds.
 
-    ``lse2`` is broadcast to the tile (+inf where a row attends nowhere). P is zero wherever the position is masked
-    or out of bounds (``allowed``, None when nothing is masked); ``pullback`` is the score_mod's (None for none).
+    ``lse2`` is broadcast to the tile (+inf where a row attends nowhere). ``p_grad`` is P times the score_mod's
+    derivative, dm/ds (P itself for no score_mod): dS = (dm/ds) P (dP - delta). It is formed here, before the
+    wgmmas that produce dP, so that what stays live across them is one float32 tile, not P and whatever the mod's
+    derivative would keep (soft-capping's tanh, the mask): the dK/dV kernel's registers are that tight.
     """
     score_mod, mask_mod = mods
     score_refs, mask_refs = const_refs
     shape = s.shape
-    pullback = None
+    derivative = None
     if plan.apply_score_mod:
         load = _forward.site_load(plan.score_sites, q_start, kv_start, shape, transposed=transposed)
-        m, pullback = score_mod.vjp(score_refs, s * jnp.float32(plan.scale), b, h, q_idx, kv_idx, load=load)
+        ones = plgpu.layout_cast(jnp.full(shape, 1.0, jnp.float32), plgpu.Layout.WGMMA)
+        m, derivative = score_mod.derivative(score_refs, s * jnp.float32(plan.scale), b, h, q_idx, kv_idx,
+                                             ones=ones, load=load)
         s2 = jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_LOG2_E)
     else:
         s2 = s * jnp.float32(plan.scale * _LOG2_E)
@@ -149,19 +159,11 @@ def _probabilities(s, lse2, q_idx, kv_idx, b, h, *, plan: _Plan, mods, const_ref
         allowed = kv_idx < plan.kv_len if allowed is None else allowed & (kv_idx < plan.kv_len)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
-    return p, pullback, allowed
-
-
-def _score_gradient(p, dp_minus_delta, pullback, allowed, plan: _Plan):
-    """dS = (dm/ds)^T (P * (dP - delta)), zero wherever the position is masked or out of bounds."""
-    dm = p * dp_minus_delta
-    if pullback is None:
-        return dm
-    ds = jnp.broadcast_to(pullback(dm, [None] * plan.num_score_consts).astype(jnp.float32), p.shape)
-    if allowed is not None:
-        # Where a position was never used the mod's derivative may be infinite (sqrt at 0): keep 0 * inf out.
-        ds = jnp.where(allowed, ds, 0.0)
-    return ds
+    if derivative is None:
+        return p, p
+    p_grad = p * jnp.broadcast_to(derivative.astype(jnp.float32), shape)
+    # Where a position was never used the mod's derivative may be infinite (sqrt at 0): keep 0 * inf out.
+    return p, (p_grad if allowed is None else jnp.where(allowed, p_grad, 0.0))
 
 
 def _copy_resident(sources, buffers, index: tuple, barriers, wg):
@@ -207,7 +209,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             own = pl.ds(wg * TILE, TILE)
             k_own, v_own = k_all.at[own], v_all.at[own]
             kv_base = kv_tile * PROGRAM_ROWS + wg * TILE
@@ -236,7 +238,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                     lse2 = lax.broadcast_in_dim(plgpu.load(lse_ring.at[slot], layout=column), (TILE, TILE), (1,))
                     q_idx = q_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
                     kv_idx = kv_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
-                    p_t, pullback, allowed = _probabilities(
+                    p_t, p_grad_t = _probabilities(
                         s_t, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
                         const_refs=(score_refs, mask_refs), masked=masked, q_start=q_start, kv_start=kv_base,
                         transposed=True,
@@ -253,7 +255,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                     plgpu.barrier_wait(delta_ready.at[slot])
                     delta = plgpu.load(delta_ring.at[slot], layout=column)
                     dp_t = dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,))
-                    ds_t = _score_gradient(p_t, dp_t, pullback, allowed, plan).astype(dtype)
+                    ds_t = (p_grad_t * dp_t).astype(dtype)
                     if fuse_dq:
                         parity = lax.rem(count, jnp.int32(2))
                         ds_all.at[parity, own][...] = ds_t
@@ -294,7 +296,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
             def for_head(h, lists, base):
                 @pl.loop(0, lists.num_steps)
@@ -402,7 +404,7 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             q_own, do_own = q_own2.at[wg], do_own2.at[wg]
             q_base = q_tile * PROGRAM_ROWS + wg * TILE
             rows = pl.ds(q_base, TILE)
@@ -433,12 +435,12 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 q_idx = q_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
                 kv_idx = kv_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
-                p, pullback, allowed = _probabilities(
+                p, p_grad = _probabilities(
                     s, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
                     const_refs=(score_refs, mask_refs), masked=masked, q_start=q_base, kv_start=kv_start,
                     transposed=False,
                 )
-                ds = _score_gradient(p, dp - delta, pullback, allowed, plan)
+                ds = p_grad * (dp - delta)
 
                 def dq_fn(acc_ref):
                     plgpu.wgmma(acc_ref, ds.astype(dtype), k_ring.at[slot])
@@ -459,7 +461,7 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
             _forward.stream_key_values(
                 k_ref, v_ref, (b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None, stages=stages
             )
