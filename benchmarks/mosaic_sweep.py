@@ -1,6 +1,7 @@
 """Speed of implementation="pallas_mosaic" under its kernel_options (key tile, pipeline depth, backward kernels).
 
     python -m benchmarks.mosaic_sweep [--cases noop causal document] [-D 128] [--mode fwd|fwdbwd]
+    python -m benchmarks.mosaic_sweep --implementation pallas_triton --mode fwdbwd --configs triton bwd_m64_n128_w8_s3
 
 B=2, H=16, S=8192, bf16 by default; the cases of ``benchmarks.cases``. Each output (or gradient, for ``fwdbwd``)
 is checked against pallas_triton's before it is timed. Density-adjusted TFLOP/s (4 B H L S D density, times 3.5
@@ -36,6 +37,16 @@ CONFIGS = {
     "bwd_dq_kernel_s3": dict(mosaic_bwd_fuse_dq=0, mosaic_bwd_num_stages=3),
     "bwd_triton": dict(mosaic_backward=0),
     "bwd_mosaic_overlap": dict(mosaic_fwd_overlap=1),
+    # --implementation pallas_triton: its defaults, and backward tilings (dK/dV query x key tile, warps, stages)
+    "triton": dict(),
+    "bwd_m32_n64_w4_s3": dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, bwd_num_warps=4, bwd_num_stages=3),
+    "bwd_m64_n64_w4_s3": dict(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64, bwd_num_warps=4, bwd_num_stages=3),
+    "bwd_m32_n128_w4_s3": dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, bwd_num_warps=4,
+                               bwd_num_stages=3),
+    "bwd_m64_n128_w8_s3": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=8,
+                               bwd_num_stages=3),
+    "bwd_m64_n128_w4_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=4,
+                               bwd_num_stages=2),
 }
 _MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],
                  "fwdbwd": ["bwd_mosaic", "bwd_dq_kernel", "bwd_triton"]}
@@ -46,6 +57,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["noop", "causal", "document"])
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd")
     parser.add_argument("--configs", nargs="+", default=None, help=f"from {list(CONFIGS)}")
+    parser.add_argument("--implementation", default="pallas_mosaic", choices=("pallas_mosaic", "pallas_triton"))
     parser.add_argument("-B", type=int, default=2)
     parser.add_argument("-H", type=int, default=16)
     parser.add_argument("-S", type=int, default=8192)
@@ -56,7 +68,8 @@ def main() -> None:
     backward = args.mode == "fwdbwd"
     keys = jax.random.split(jax.random.key(0), 6)
     sets = [tuple(jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys[i : i + 3]) for i in (0, 3)]
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}, "
+          f"{args.implementation}")
     print("| case | " + " | ".join(configs) + " |")
     cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
     for name in args.cases:
@@ -89,7 +102,7 @@ def main() -> None:
         check = program("pallas_triton", None)(*sets[0])
         cells = []
         for config in configs:
-            step = program("pallas_mosaic", CONFIGS[config])
+            step = program(args.implementation, CONFIGS[config])
             try:
                 out = step(*sets[0])
             except ValueError as error:  # a configuration this shape cannot take (shared memory)

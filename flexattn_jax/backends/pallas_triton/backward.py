@@ -18,7 +18,9 @@ program and need no atomics:
 * **dK/dV**, gridded over (batch, key/value head, key tile). The program holds one tile of K and V and, for each
   query head of its group (GQA sums the group here, K and V are never repeated), walks the query blocks that visit
   its key block: the partial ones (``q_num_blocks`` / ``q_indices``, mask_mod applied) and the full ones
-  (``full_q_num_blocks`` / ``full_q_indices``, no mask_mod).
+  (``full_q_num_blocks`` / ``full_q_indices``, no mask_mod). It works on the transposed tile, S^T = K Q^T [BN, BM]
+  with q_idx [1, BM] and kv_idx [BN, 1] (the mods are traced for that layout), so that P^T and dS^T are the left
+  operands of dV += P^T dO and dK += dS^T Q as they come out of their dots.
 * **dQ**, gridded over (batch, query head, query tile), walks the key blocks of its query block
   (``kv_num_blocks`` / ``kv_indices`` and the full pair) and adds the gradients of the arrays the score_mod closes
   over (a learned bias table, learned ALiBi slopes) into float32 buffers with ``jax.ref.addupdate``, an atomic add on
