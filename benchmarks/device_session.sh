@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests, the kernels' ptxas reports, then the open
-#                                             questions of NOTES.md (sweeps)
-#   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask and shape)
+#                                             question of NOTES.md (sweeps)
+#   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
+#   bash benchmarks/device_session.sh run64   the same at head dim 64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,17 +21,21 @@ case "${1:-}" in
     timeout 300 python3 -m pytest -m gpu tests -n 4 -p no:benchmark -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
     # What ptxas says of every kernel (a C7513 line: its wgmmas serialized, NOTES.md section 12).
     timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
-    # NOTES.md section 12: the overlapped walk, now that ptxas no longer serializes it; at D=64 the softmax is as
-    # long as the matmuls it should hide behind.
-    sweep 60 --cases noop causal softcap document --configs no_overlap overlap
-    sweep 40 --cases noop causal -D 64 --configs no_overlap overlap
-    # Section 16: whether the second query buffer costs anything at 8K (one sample each said noop -4%, softcap -5%).
-    sweep 60 --cases noop softcap document --configs q_buffers_1 q_buffers_2
+    # NOTES.md section 18: the Triton backward's tiles, chosen when its dK/dV kernel still transposed P and dS.
+    sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal document \
+      --configs triton bwd_m64_n64_w4_s3 bwd_m32_n128_w4_s3 bwd_m64_n128_w8_s3 bwd_m64_n128_w4_s2
+    sweep 100 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document \
+      --configs triton bwd_m64_n64_w4_s3 bwd_m64_n128_w8_s3
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \
       --runs 10 --budget-s 480 --out "$OUT/run" 2>&1 | grep -v Warning | tail -40
     ;;
+  run64)
+    # Head dim 64, the forward issue's third shape.
+    timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x64 --modes fwd,fwdbwd \
+      --runs 10 --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
+    ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|run" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|run|run64" >&2; exit 2 ;;
 esac
