@@ -47,6 +47,12 @@ CONFIGS = {
                                bwd_num_stages=3),
     "bwd_m64_n128_w4_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=4,
                                bwd_num_stages=2),
+    # Two warpgroups: per thread half the accumulators, no spills in benchmarks.triton_report (NOTES.md section 18)
+    "bwd_m32_n64_w8_s3": dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, bwd_num_warps=8, bwd_num_stages=3),
+    "bwd_m64_n64_w8_s2": dict(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64, bwd_num_warps=8, bwd_num_stages=2),
+    "bwd_m64_n128_w8_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=8,
+                               bwd_num_stages=2),
+    "fwd_w8": dict(num_warps=8),  # the Triton forward with two warpgroups (its default tiles)
 }
 _MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],
                  "fwdbwd": ["bwd_mosaic", "bwd_dq_kernel", "bwd_triton"]}

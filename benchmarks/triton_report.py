@@ -1,0 +1,111 @@
+"""What the pallas_triton kernels compile to for Hopper, without a GPU: registers, spills, and which matmul
+instructions each dot became.
+
+    pip install triton==3.6.0            # the GPU machine's version; not a dependency of the project
+    python -m benchmarks.triton_report [--mask causal] [-D 128] [--options '{"BLOCK_M1": 64, "bwd_num_warps": 8}']
+
+Lowers the forward and the gradient of ``pallas_triton`` for CUDA on the CPU (as the lowering tests do), keeps the
+Triton IR of each kernel, compiles it with the installed ``triton`` for sm_90a and runs the ptxas bundled with it.
+Per kernel it prints ptxas's register and spill line, and counts of ``wgmma`` (Hopper's asynchronous matmul) and
+``mma.sync`` (the Ampere one, which Triton falls back to when a dot's operands do not suit wgmma) in the PTX.
+
+The numbers are indicative: on the GPU, XLA compiles the same IR with the Triton it bundles, which is close to
+but not the same as the release installed here. Speed is only measured on the GPU (``benchmarks.mosaic_sweep
+--implementation pallas_triton``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import pathlib
+import subprocess
+import tempfile
+
+
+def _capture_triton_ir(directory: pathlib.Path):
+    """Makes Pallas' Triton lowering write each kernel's IR text to ``directory`` (a patch of a private function:
+    this tool follows the pinned JAX)."""
+    from jax._src.pallas.triton import lowering
+
+    lower = lowering.lower_jaxpr_to_triton_module
+    names: list[str] = []
+
+    def recording(jaxpr, *args, **kwargs):
+        result = lower(jaxpr, *args, **kwargs)
+        name = jaxpr.debug_info.func_name if jaxpr.debug_info else "kernel"
+        names.append(name)
+        (directory / f"{len(names) - 1}_{name}.ttir").write_text(result.module.operation.get_asm())
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = recording
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mask", choices=("noop", "causal"), default="causal")
+    parser.add_argument("-D", type=int, default=128, help="head dim")
+    parser.add_argument("--options", default="{}", help="kernel_options, as a Python dict literal")
+    parser.add_argument("--out", default=None, help="where the IR and PTX go (default: a temporary directory)")
+    args = parser.parse_args()
+    options = ast.literal_eval(args.options) or None
+    out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="triton_report_"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    import jax
+    import jax.numpy as jnp
+    import triton
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    import flexattn_jax as fa
+    from flexattn_jax.backends import pallas_triton
+    from flexattn_jax.backends.pallas_triton import backward, config
+
+    _capture_triton_ir(out)
+    B, H, S, D = 1, 2, 1024, args.D
+    q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
+    mask_mod = fa.causal_mask if args.mask == "causal" else fa.noop_mask
+    block_mask = fa.create_block_mask(mask_mod, None, None, S, S)
+
+    def loss(q, k, v):
+        out, _ = pallas_triton.attention(
+            q, k, v, score_mod=fa.identity, mask_mod=mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
+            kv_indices=block_mask.kv_indices, full_kv_num_blocks=block_mask.full_kv_num_blocks,
+            full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=D**-0.5,
+            kernel_options=options,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    hopper = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=hopper)):
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+
+    sizes = dict(q_len=S, kv_len=S, mask_block_size=block_mask.BLOCK_SIZE, mask_num_blocks=(S // 128, S // 128))
+    fwd = config.forward_config(options, head_dim=D, dtype=q.dtype, **sizes)
+    bwd = backward.backward_config(options, head_dim=D, dtype=q.dtype, **sizes)
+    launch = {"forward": (fwd.num_warps, fwd.num_stages), "dkdv": (bwd.num_warps, bwd.num_stages),
+              "dq": (bwd.num_warps, bwd.num_stages)}
+    print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}; forward {fwd}; backward {bwd}")
+    ptxas = get_ptxas(90).path
+    for ir in sorted(out.glob("*.ttir")):
+        kind = next((name for name in launch if ir.stem.endswith(name)), None)
+        if kind is None:
+            continue
+        warps, stages = launch[kind]
+        kernel = triton.compile(str(ir), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps, "num_stages": stages})
+        ptx = ir.with_suffix(".ptx")
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"], capture_output=True,
+                                text=True).stderr
+        lines = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "registers" in line or "spill" in line]
+        text = kernel.asm["ptx"]
+        print(f"## {ir.stem} ({warps} warps, {stages} stages): {'; '.join(lines)}; "
+              f"wgmma {text.count('wgmma.mma_async')}, mma.sync {text.count('mma.sync')}")
+
+
+if __name__ == "__main__":
+    main()
