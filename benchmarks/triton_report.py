@@ -2,7 +2,7 @@
 instructions each dot became.
 
     pip install triton==3.6.0            # the GPU machine's version; not a dependency of the project
-    python -m benchmarks.triton_report [--mask causal] [-D 128] [--options '{"BLOCK_M1": 64, "bwd_num_warps": 8}']
+    python -m benchmarks.triton_report [--mask causal] [--softcap] [-D 128] [--options '{"bwd_num_warps": 8}']
 
 Lowers the forward and the gradient of ``pallas_triton`` for CUDA on the CPU (as the lowering tests do), keeps the
 Triton IR of each kernel, compiles it with the installed ``triton`` for sm_90a and runs the ptxas bundled with it.
@@ -45,6 +45,7 @@ def _capture_triton_ir(directory: pathlib.Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mask", choices=("noop", "causal"), default="causal")
+    parser.add_argument("--softcap", action="store_true", help="with tanh soft-capping (30) as the score_mod")
     parser.add_argument("-D", type=int, default=128, help="head dim")
     parser.add_argument("--options", default="{}", help="kernel_options, as a Python dict literal")
     parser.add_argument("--out", default=None, help="where the IR and PTX go (default: a temporary directory)")
@@ -69,10 +70,11 @@ def main() -> None:
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
     mask_mod = fa.causal_mask if args.mask == "causal" else fa.noop_mask
     block_mask = fa.create_block_mask(mask_mod, None, None, S, S)
+    score_mod = fa.tanh_softcap(30.0) if args.softcap else fa.identity
 
     def loss(q, k, v):
         out, _ = pallas_triton.attention(
-            q, k, v, score_mod=fa.identity, mask_mod=mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
+            q, k, v, score_mod=score_mod, mask_mod=mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
             kv_indices=block_mask.kv_indices, full_kv_num_blocks=block_mask.full_kv_num_blocks,
             full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=D**-0.5,
             kernel_options=options,
@@ -88,7 +90,8 @@ def main() -> None:
     bwd = backward.backward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     launch = {"forward": (fwd.num_warps, fwd.num_stages), "dkdv": (bwd.num_warps, bwd.num_stages),
               "dq": (bwd.num_warps, bwd.num_stages)}
-    print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}; forward {fwd}; backward {bwd}")
+    print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}{' softcap' if args.softcap else ''}; "
+          f"forward {fwd}; backward {bwd}")
     ptxas = get_ptxas(90).path
     for ir in sorted(out.glob("*.ttir")):
         kind = next((name for name in launch if ir.stem.endswith(name)), None)
