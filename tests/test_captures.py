@@ -230,6 +230,25 @@ def test_errors_name_the_mod_and_the_fix():
         _captures.trace_score_mod(wrong_shape, BM, BN)
 
 
+def test_transposed_tiles_trace_the_same_mod():
+    """The dK/dV kernels' layout: score [BN, BM], q_idx [1, BM], kv_idx [BN, 1]; the program evaluates the mod on
+    the transposed tile, and a wrong layout or a result for the untransposed tile is refused."""
+    _, score_mod = MOD_CASES_BY_NAME["relative_bias_table"].build(B, H, L, S, 0)
+    s, b, h, q_idx, kv_idx = _tile_args()
+    program, consts = _captures.trace_score_mod(score_mod, BM, BN, "transposed")
+    assert program.out_aval.shape == (BN, BM)
+    np.testing.assert_allclose(program(consts, s.T, b, h, q_idx.T, kv_idx.T), score_mod(s, b, h, q_idx, kv_idx).T,
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="tile layout must be one of"):
+        _captures.tile_avals(BM, BN, score=True, layout="columns")
+
+    def untransposed(score, b, h, q_idx, kv_idx):
+        return jnp.zeros((BM, BN), jnp.float32)
+
+    with pytest.raises(TypeError, match=r"broadcastable to the tile \[16, 32\] for q_idx \[1, 32\]"):
+        _captures.trace_score_mod(untransposed, BM, BN, "transposed")
+
+
 @pytest.mark.parametrize(
     "score_mod, factors, equations",
     [
