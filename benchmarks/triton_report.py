@@ -85,7 +85,7 @@ def main() -> None:
     with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=hopper)):
         jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
 
-    sizes = dict(q_len=S, kv_len=S, mask_block_size=block_mask.BLOCK_SIZE, mask_num_blocks=(S // 128, S // 128))
+    sizes = dict(q_len=S, kv_len=S, mask_block_size=block_mask.BLOCK_SIZE, mask_num_blocks=block_mask.kv_indices.shape[-2:])
     fwd = config.forward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     bwd = backward.backward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     launch = {"forward": (fwd.num_warps, fwd.num_stages), "dkdv": (bwd.num_warps, bwd.num_stages),

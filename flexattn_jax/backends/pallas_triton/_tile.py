@@ -108,7 +108,8 @@ def allowed_tile(
     q_len: int | None = None,
     kv_len: int | None = None,
 ) -> jax.Array | None:
-    """Which positions of the tile attend: bool [BM, BN], or None when all of them do.
+    """Which positions of the tile attend: bool of the tile's shape (the index tiles' broadcast: [BM, BN], or
+    [BN, BM] for transposed ones), or None when all of them do.
 
     Args:
       mask_mod, mask_refs: the traced mask_mod and its consts' refs.
@@ -126,7 +127,7 @@ def allowed_tile(
         allowed = in_bounds if allowed is None else allowed & in_bounds
     if allowed is None:
         return None
-    return jnp.broadcast_to(allowed, (q_idx.shape[0], kv_idx.shape[1]))
+    return jnp.broadcast_to(allowed, jnp.broadcast_shapes(q_idx.shape, kv_idx.shape))
 
 
 def mask_scores(s: jax.Array, allowed: jax.Array | None) -> jax.Array:

@@ -280,12 +280,10 @@ def _score_gradient_tile(
     padded_kv = tiling.kv_len % tiling.kv_block != 0
     mod_q = jnp.minimum(q_idx, tiling.q_len - 1) if padded_q else q_idx
     mod_kv = jnp.minimum(kv_idx, tiling.kv_len - 1) if padded_kv else kv_idx
-    allowed = None if not masked else mask(mask_refs, b, h, mod_q, mod_kv)
+    allowed = _tile.allowed_tile(mask, mask_refs, b, h, mod_q, mod_kv, is_full_block=not masked)
     if padded_q or padded_kv:
-        in_bounds = (q_idx < tiling.q_len) & (kv_idx < tiling.kv_len)
+        in_bounds = jnp.broadcast_to((q_idx < tiling.q_len) & (kv_idx < tiling.kv_len), shape)
         allowed = in_bounds if allowed is None else allowed & in_bounds
-    if allowed is not None:
-        allowed = jnp.broadcast_to(allowed, shape)
 
     # P = exp(m - lse) = exp2(m * LOG2_E - lse2): exp2 is one fast GPU instruction, and the caller passes lse2.
     if score.is_identity:  # no work, and a gradient of one
