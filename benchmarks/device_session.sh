@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
-#   bash benchmarks/device_session.sh sweep   the open question of NOTES.md (the Triton kernels' tiles)
+#   bash benchmarks/device_session.sh sweep   the open question of NOTES.md (the Triton backward's launches)
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -23,16 +23,20 @@ case "${1:-}" in
     timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   sweep)
-    # NOTES.md section 18: the Triton backward's tiles, chosen when its dK/dV kernel still transposed P and dS
-    # (the two-warpgroup ones do not spill in benchmarks.triton_report); then the same at head dim 64.
-    sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal document \
-      --configs triton bwd_m32_n64_w8_s3 bwd_m64_n64_w8_s2 bwd_m64_n128_w8_s3 bwd_m64_n64_w4_s3
-    sweep 100 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document \
-      --configs triton bwd_m32_n64_w8_s3 bwd_m64_n64_w8_s2
-    sweep 120 --implementation pallas_triton --mode fwdbwd -D 64 --cases noop causal document \
-      --configs triton bwd_m64_n128_w8_s2 bwd_m32_n64_w4_s3 bwd_m64_n64_w8_s2
-    # The Triton forward with two warpgroups (its default spills in benchmarks.triton_report).
-    sweep 60 --implementation pallas_triton --cases noop causal document --configs triton fwd_w8 triton fwd_w8
+    # NOTES.md section 19: the Triton backward's two kernels launched apart (old defaults named explicitly). Each kernel's candidates with the
+    # other kernel at its old default (kv32x64w4s3 / q64x32w4s3, head dim 128; kv64x128w4s2 / q128x64w4s2 at 64).
+    sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal document --configs \
+      kv32x64w4s3_q64x32w4s3 kv64x128w8s3_q64x32w4s3 kv64x64w4s3_q64x32w4s3 kv64x128w8s2_q64x32w4s3 \
+      kv32x64w4s3_q128x64w8s3 kv32x64w4s3_q64x64w4s3 kv32x64w4s3_q128x64w8s2 kv64x128w8s3_q128x64w8s3
+    sweep 120 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document --configs \
+      kv32x64w4s3_q64x32w4s3 kv64x128w8s3_q64x32w4s3 kv64x64w4s3_q64x32w4s3 kv32x64w4s3_q64x64w4s3 \
+      kv64x128w8s3_q64x64w4s3
+    sweep 180 --implementation pallas_triton --mode fwdbwd -D 64 --cases noop causal document --configs \
+      kv64x128w4s2_q128x64w4s2 kv32x64w4s3_q64x32w4s3 kv64x128w8s2_q64x32w4s3 kv64x64w4s3_q64x32w4s3 \
+      kv32x64w4s3_q128x64w4s2 kv32x64w4s3_q64x64w4s3 kv64x128w8s3_q64x64w4s3
+    # NOTES.md section 20: the Triton forward's tiles at head dim 64 (old default 128x64, 3 stages; new 64x128, 2).
+    sweep 120 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm document alibi \
+      softcap per_head --configs fwd64x128w4s2 fwd128x64w4s3 fwd64x128w4s3 fwd64x128w4s2
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \

@@ -11,6 +11,7 @@ for forward+backward), medians of bursts of back-to-back calls (``benchmarks.tim
 from __future__ import annotations
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,26 @@ CONFIGS = {
                                bwd_num_stages=2),
     "fwd_w8": dict(num_warps=8),  # the Triton forward with two warpgroups (its default tiles)
 }
+# The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
+# kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).
+_SPLIT_BACKWARD = re.compile(r"kv(\d+)x(\d+)w(\d+)s(\d+)_q(\d+)x(\d+)w(\d+)s(\d+)")
+# The Triton forward's launch: "fwd<M>x<N>w<warps>s<stages>", e.g. fwd128x64w4s3.
+_FORWARD = re.compile(r"fwd(\d+)x(\d+)w(\d+)s(\d+)")
+
+
+def options_of(config: str) -> dict:
+    """kernel_options of a configuration name: an entry of CONFIGS, a forward or split-backward name (above)."""
+    forward = _FORWARD.fullmatch(config)
+    if forward is not None:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, forward.groups())))
+    split = _SPLIT_BACKWARD.fullmatch(config)
+    if split is None:
+        return CONFIGS[config]
+    m1, n1, warps, stages, m2, n2, dq_warps, dq_stages = map(int, split.groups())
+    return dict(BLOCK_M1=m1, BLOCK_N1=n1, bwd_num_warps=warps, bwd_num_stages=stages, BLOCK_M2=m2, BLOCK_N2=n2,
+                bwd_dq_num_warps=dq_warps, bwd_dq_num_stages=dq_stages)
+
+
 _MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],
                  "fwdbwd": ["bwd_mosaic", "bwd_dq_kernel", "bwd_triton"]}
 
@@ -62,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["noop", "causal", "document"])
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd")
-    parser.add_argument("--configs", nargs="+", default=None, help=f"from {list(CONFIGS)}")
+    parser.add_argument("--configs", nargs="+", default=None, help=f"from {list(CONFIGS)} fwd... or kv..._q... (the Triton kernels' launches)")
     parser.add_argument("--implementation", default="pallas_mosaic", choices=("pallas_mosaic", "pallas_triton"))
     parser.add_argument("-B", type=int, default=2)
     parser.add_argument("-H", type=int, default=16)
@@ -108,7 +129,7 @@ def main() -> None:
         check = program("pallas_triton", None)(*sets[0])
         cells = []
         for config in configs:
-            step = program(args.implementation, CONFIGS[config])
+            step = program(args.implementation, options_of(config))
             try:
                 out = step(*sets[0])
             except ValueError as error:  # a configuration this shape cannot take (shared memory)

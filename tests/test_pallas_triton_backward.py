@@ -334,6 +334,8 @@ def test_q_side_block_lists_derived_from_kv_side():
         (dict(BLOCK_N1=64), "BLOCK_N1.*does not divide"),
         (dict(bwd_num_warps=3), "bwd_num_warps"),
         (dict(bwd_num_stages=0), "bwd_num_stages"),
+        (dict(bwd_dq_num_warps=3), "bwd_dq_num_warps"),
+        (dict(bwd_dq_num_stages=9), "bwd_dq_num_stages"),
         (dict(bwd_block=16), "unknown backward key 'bwd_block'"),
         (dict(BLOCK_M2=32.0), "BLOCK_M2.*must be an int"),
     ],
@@ -343,6 +345,38 @@ def test_bad_backward_options_raise_on_the_forward_call(options, match):
     block_mask = _block_mask(fa.causal_mask, None, None, SIZES["L"], SIZES["S"])
     with pytest.raises((ValueError, TypeError), match=match):
         jax.eval_shape(lambda q: _attention("pallas_triton", q, k, v, None, block_mask, kernel_options=options), q)
+
+
+def test_backward_launch_options_reach_each_kernel():
+    """bwd_num_warps / bwd_num_stages launch both kernels; the bwd_dq_ keys override them for the dQ kernel."""
+    shape = dict(head_dim=128, dtype=jnp.bfloat16, q_len=1024, kv_len=1024, mask_block_size=(128, 128),
+                 mask_num_blocks=(8, 8))
+    both = backward.backward_config(dict(bwd_num_warps=2, bwd_num_stages=1), **shape)
+    assert (both.num_warps, both.num_stages, both.dq_num_warps, both.dq_num_stages) == (2, 1, 2, 1)
+    apart = backward.backward_config(dict(bwd_num_warps=2, bwd_dq_num_warps=8, bwd_dq_num_stages=4), **shape)
+    default = backward.default_backward_config(128, jnp.bfloat16)
+    assert (apart.num_warps, apart.num_stages) == (2, default.num_stages)
+    assert (apart.dq_num_warps, apart.dq_num_stages) == (8, 4)
+    plan = vjp._plan(apart, (1, 2, 1024, 128), (1, 2, 1024, 128), 1024, (128, 128), (8, 8), 1.0, False)
+    assert (plan.dkdv.num_warps, plan.dkdv.num_stages) == (2, default.num_stages)
+    assert (plan.dq.num_warps, plan.dq.num_stages) == (8, 4)
+
+
+def test_split_launches_compute_the_same_gradients():
+    """Gradients with the two kernels launched differently match the reference (interpret mode)."""
+    q, k, v = random_qkv(31, **SIZES)
+    block_mask = _block_mask(fa.causal_mask, None, None, SIZES["L"], SIZES["S"])
+    options = dict(TINY_TILES, bwd_num_warps=8, bwd_num_stages=3, bwd_dq_num_warps=4, bwd_dq_num_stages=2)
+
+    def loss(implementation, q, k, v):
+        out = _attention(implementation, q, k, v, fa.tanh_softcap(20.0), block_mask,
+                         kernel_options=options if implementation == "pallas_triton" else None)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+    got = jax.grad(functools.partial(loss, "pallas_triton"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, q.dtype, name=name)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA lowering

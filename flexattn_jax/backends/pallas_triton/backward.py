@@ -65,7 +65,9 @@ __all__ = [
 # kernel_options keys of the backward (PyTorch's names for the tiles): BLOCK_M1 / BLOCK_N1 are the query / key tiles
 # of the dK/dV kernel, BLOCK_M2 / BLOCK_N2 those of the dQ kernel.
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages")
+# bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
+# kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
+BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +77,8 @@ class BackwardConfig:
     Attributes:
       block_m1, block_n1: query and key tiles of the dK/dV kernel (it owns a key tile and walks query tiles).
       block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
-      num_warps, num_stages: Triton's launch parameters, shared by both kernels.
+      num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
+      dq_num_warps, dq_num_stages: those of the dQ kernel.
     """
 
     block_m1: int
@@ -84,25 +87,32 @@ class BackwardConfig:
     block_n2: int
     num_warps: int
     num_stages: int
+    dq_num_warps: int
+    dq_num_stages: int
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
     """Defaults for a (power-of-two padded) head dim and an input dtype.
 
-    The owned tile is the long one (128 keys for dK/dV, 128 queries for dQ) and the walked tile short, as in
-    FlashAttention-2's backward: the owned tile's two float32 accumulators stay in registers. float32 dots run at
+    The owned tile is the longer one (the keys of dK/dV, the queries of dQ) and the walked tile short, as in
+    FlashAttention-2's backward: the owned tile's float32 accumulators stay in registers. float32 dots run at
     full precision and take twice the memory per element, so their tiles are halved.
     """
+    def config(m1, n1, m2, n2, warps, stages, dq_warps=None, dq_stages=None):
+        return BackwardConfig(block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2, num_warps=warps,
+                              num_stages=stages, dq_num_warps=dq_warps or warps, dq_num_stages=dq_stages or stages)
+
     if jnp.dtype(dtype) == jnp.float32:
         if head_dim <= 128:
-            return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=4, num_stages=1)
-        return BackwardConfig(block_m1=16, block_n1=32, block_m2=32, block_n2=16, num_warps=4, num_stages=1)
+            return config(32, 64, 64, 32, 4, 1)
+        return config(16, 32, 32, 16, 4, 1)
+    # Measured on an H200 with each kernel's launch varied apart (benchmarks/NOTES.md section 19).
     if head_dim <= 64:
-        return BackwardConfig(block_m1=64, block_n1=128, block_m2=128, block_n2=64, num_warps=4, num_stages=2)
+        return config(32, 64, 128, 64, 4, 3, dq_stages=2)
     if head_dim <= 128:
-        # Measured on an H100 (benchmarks/NOTES.md): the smallest tiles of the sweep, 4 warps, 3 stages, were fastest.
-        return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=4, num_stages=3)
-    return BackwardConfig(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=8, num_stages=1)
+        # Two warpgroups: the 64 x 128 dK/dV tile and the 128 x 64 dQ tile do not spill on 8 warps.
+        return config(64, 128, 128, 64, 8, 3)
+    return config(32, 64, 64, 32, 8, 1)
 
 
 def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
@@ -120,7 +130,7 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             continue
         if key not in BACKWARD_KEYS:
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
-        kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_")
+        kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_").removeprefix("dq_")
         config_lib.check_option_value(key, value, kind=kind)
         options[key] = value
     return options
@@ -171,6 +181,8 @@ def backward_config(
         block_n2=_fit_tile("BLOCK_N2", options, default.block_n2, *kv_axis),
         num_warps=options.get("bwd_num_warps", default.num_warps),
         num_stages=options.get("bwd_num_stages", default.num_stages),
+        dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
+        dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
     )
 
 

@@ -98,12 +98,12 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         q_len=q_len,
         kv_len=kv_len,
         scale=scale,
-        num_warps=bwd.num_warps,
-        num_stages=bwd.num_stages,
     )
     return _Plan(
-        dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, **common),
-        dq=backward.Tiling(block_m=bwd.block_m2, block_n=bwd.block_n2, **common),
+        dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, num_warps=bwd.num_warps,
+                             num_stages=bwd.num_stages, **common),
+        dq=backward.Tiling(block_m=bwd.block_m2, block_n=bwd.block_n2, num_warps=bwd.dq_num_warps,
+                           num_stages=bwd.dq_num_stages, **common),
         q_padded=q_padded,
         kv_padded=kv_padded,
         head_dim=padded_head_dim(q_shape[3]),
@@ -215,7 +215,8 @@ def attention(
       block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
       scale: multiplies q.k before score_mod.
       kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
-        ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``) kernels.
+        ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``, ``bwd_dq_num_warps``,
+        ``bwd_dq_num_stages``) kernels.
       interpret: run the kernels in interpret mode (on the CPU).
       forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
         kernels only need its (out, lse).
