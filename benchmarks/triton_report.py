@@ -2,7 +2,7 @@
 instructions each dot became.
 
     pip install triton==3.6.0            # the GPU machine's version; not a dependency of the project
-    python -m benchmarks.triton_report [--mask causal] [--softcap] [-D 128] [--options '{"bwd_num_warps": 8}']
+    python -m benchmarks.triton_report [--mask causal] [--score-mod softcap] [-D 128] [--options '{"bwd_num_warps": 8}']
 
 Lowers the forward and the gradient of ``pallas_triton`` for CUDA on the CPU (as the lowering tests do), keeps the
 Triton IR of each kernel, compiles it with the installed ``triton`` for sm_90a and runs the ptxas bundled with it.
@@ -45,7 +45,8 @@ def _capture_triton_ir(directory: pathlib.Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mask", choices=("noop", "causal"), default="causal")
-    parser.add_argument("--softcap", action="store_true", help="with tanh soft-capping (30) as the score_mod")
+    parser.add_argument("--score-mod", choices=("identity", "softcap", "alibi"), default="identity",
+                        help="tanh soft-capping at 30, or ALiBi (slopes computed from h)")
     parser.add_argument("-D", type=int, default=128, help="head dim")
     parser.add_argument("--options", default="{}", help="kernel_options, as a Python dict literal")
     parser.add_argument("--out", default=None, help="where the IR and PTX go (default: a temporary directory)")
@@ -70,7 +71,8 @@ def main() -> None:
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
     mask_mod = fa.causal_mask if args.mask == "causal" else fa.noop_mask
     block_mask = fa.create_block_mask(mask_mod, None, None, S, S)
-    score_mod = fa.tanh_softcap(30.0) if args.softcap else fa.identity
+    score_mod = {"identity": fa.identity, "softcap": fa.tanh_softcap(30.0), "alibi": fa.generate_alibi_bias(H)}[
+        args.score_mod]
 
     def loss(q, k, v):
         out, _ = pallas_triton.attention(
@@ -89,8 +91,8 @@ def main() -> None:
     fwd = config.forward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     bwd = backward.backward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     launch = {"forward": (fwd.num_warps, fwd.num_stages), "dkdv": (bwd.num_warps, bwd.num_stages),
-              "dq": (bwd.num_warps, bwd.num_stages)}
-    print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}{' softcap' if args.softcap else ''}; "
+              "dq": (bwd.dq_num_warps, bwd.dq_num_stages)}
+    print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}, {args.score_mod}; "
           f"forward {fwd}; backward {bwd}")
     ptxas = get_ptxas(90).path
     for ir in sorted(out.glob("*.ttir")):
