@@ -2,6 +2,7 @@
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh sweep   the open question of NOTES.md (the Triton backward's launches)
+#   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel, and its fused dQ
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -34,9 +35,23 @@ case "${1:-}" in
     sweep 180 --implementation pallas_triton --mode fwdbwd -D 64 --cases noop causal document --configs \
       kv64x128w4s2_q128x64w4s2 kv32x64w4s3_q64x32w4s3 kv64x128w8s2_q64x32w4s3 kv64x64w4s3_q64x32w4s3 \
       kv32x64w4s3_q128x64w4s2 kv32x64w4s3_q64x64w4s3 kv64x128w8s3_q64x64w4s3
-    # NOTES.md section 20: the Triton forward's tiles at head dim 64 (old default 128x64, 3 stages; new 64x128, 2).
-    sweep 120 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm document alibi \
-      softcap per_head --configs fwd64x128w4s2 fwd128x64w4s3 fwd64x128w4s3 fwd64x128w4s2
+    # NOTES.md section 20: the Triton forward's tiles at head dim 64 (old default 128x64, 3 stages; new 64x128, 2),
+    # and open lead 2's 128x128 with 3 stages.
+    sweep 150 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm document alibi \
+      softcap per_head --configs fwd64x128w4s2 fwd128x64w4s3 fwd64x128w4s3 fwd128x128w4s3 fwd64x128w4s2
+    ;;
+  split)
+    # NOTES.md open lead 1: where the Triton backward's time goes, in milliseconds: the forward alone, then the
+    # forward with the dQ kernel (gradient of q), with the dK/dV kernel (of k and v), and with both.
+    sweep 60 --implementation pallas_triton --ms --cases noop causal --configs triton
+    for wrt in q kv qkv; do
+      sweep 80 --implementation pallas_triton --mode fwdbwd --wrt "$wrt" --ms --cases noop causal --configs triton
+    done
+    # NOTES.md section 21: dQ added up by the dK/dV kernel (bwd_fuse_dq=1) against the two kernels, twice each.
+    sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal document alibi \
+      --configs triton triton_fuse_dq triton triton_fuse_dq
+    sweep 100 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document \
+      --configs triton triton_fuse_dq
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \
@@ -48,5 +63,5 @@ case "${1:-}" in
       --runs 10 --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|run|run64" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|split|run|run64" >&2; exit 2 ;;
 esac

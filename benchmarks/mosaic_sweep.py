@@ -54,6 +54,7 @@ CONFIGS = {
     "bwd_m64_n128_w8_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=8,
                                bwd_num_stages=2),
     "fwd_w8": dict(num_warps=8),  # the Triton forward with two warpgroups (its default tiles)
+    "triton_fuse_dq": dict(bwd_fuse_dq=1),  # the Triton backward with dQ added up by the dK/dV kernel
 }
 # The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
 # kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).
@@ -89,14 +90,18 @@ def main() -> None:
     parser.add_argument("-H", type=int, default=16)
     parser.add_argument("-S", type=int, default=8192)
     parser.add_argument("-D", type=int, default=128)
+    parser.add_argument("--wrt", choices=("qkv", "q", "kv"), default="qkv",
+                        help="fwdbwd: the gradients taken. XLA drops a kernel whose outputs go unused, so q times the "
+                             "forward and the dQ kernel, kv the forward and the dK/dV kernel")
+    parser.add_argument("--ms", action="store_true", help="print milliseconds instead of TFLOP/s")
     args = parser.parse_args()
     B, H, S, D = args.B, args.H, args.S, args.D
     configs = args.configs or _MODE_CONFIGS[args.mode]
     backward = args.mode == "fwdbwd"
     keys = jax.random.split(jax.random.key(0), 6)
     sets = [tuple(jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys[i : i + 3]) for i in (0, 3)]
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}, "
-          f"{args.implementation}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}"
+          f"{'' if args.wrt == 'qkv' else ' of ' + args.wrt}, {args.implementation}, {'ms' if args.ms else 'TFLOP/s'}")
     print("| case | " + " | ".join(configs) + " |")
     cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
     for name in args.cases:
@@ -117,7 +122,7 @@ def main() -> None:
                 return jax.jit(lambda q, k, v: run(implementation, options, q, k, v))
             return jax.jit(jax.grad(
                 lambda q, k, v: jnp.vdot(run(implementation, options, q, k, v).astype(jnp.float32), cotangent),
-                argnums=(0, 1, 2),
+                argnums={"qkv": (0, 1, 2), "q": (0,), "kv": (1, 2)}[args.wrt],
             ))
 
         def relative_error(got, want):
@@ -138,7 +143,11 @@ def main() -> None:
             error = relative_error(out, check)
             ms = timing.time_jax(step, sets, runs=10)
             tflops = 4 * B * H * S * S * D * density * (3.5 if backward else 1.0) / ms / 1e9
-            cells.append(f"{tflops:.0f}" + ("" if error < 1e-2 else f" (error {error:.1e})"))
+            cell = (f"{ms:.3f}" if args.ms else f"{tflops:.0f}") + ("" if error < 1e-2 else f" (error {error:.1e})")
+            if args.wrt != "qkv":  # the kernels XLA kept, to show which ones the time covers
+                kept = sorted(set(re.findall(r"flex_attention_([a-z]+)", step.lower(*sets[0]).compile().as_text())))
+                cell += f" [{' '.join(kept)}]"
+            cells.append(cell)
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

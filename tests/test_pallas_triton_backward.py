@@ -67,8 +67,9 @@ def _assert_grads_close(grads, ref_grads, dtype, names):
 # ------------------------------------------------------------------------------------------ every library mod
 
 
+@pytest.mark.parametrize("fuse_dq", [0, 1], ids=["dq_kernel", "fused_dq"])
 @pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: c.name)
-def test_gradients_match_reference(case):
+def test_gradients_match_reference(case, fuse_dq):
     s = SIZES
     q, k, v = random_qkv(1, **s)
     mask_mod, score_mod = case.build(s["B"], s["Hq"], s["L"], s["S"], 0)
@@ -76,7 +77,8 @@ def test_gradients_match_reference(case):
     d_out = _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"]))
 
     def loss(implementation, q, k, v):
-        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
+        options = dict(TINY_TILES, bwd_fuse_dq=fuse_dq)
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) * d_out)
 
     grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
@@ -148,6 +150,31 @@ def test_constant_captures_and_mask_arrays_get_no_gradient_buffers():
     assert counts["flex_attention_dq"] == 2  # dq and the table's float32 gradient
 
 
+def test_fused_dq_runs_no_dq_kernel_unless_a_captured_gradient_is_wanted():
+    """bwd_fuse_dq=1: the dK/dV kernel also outputs dQ's float32 buffer and the dQ kernel does not run; where a
+    captured array's gradient is wanted, the dQ kernel runs as without the option (it adds that gradient up)."""
+    s = SIZES
+    q, k, v = random_qkv(7, **s)
+    block_mask = _block_mask(fa.causal_mask, None, None, s["L"], s["S"])
+    options = dict(TINY_TILES, bwd_fuse_dq=1)
+
+    def loss(q, table):
+        score_mod = fa.relative_position_bias(table)
+        return jnp.sum(_attention("pallas_triton", q, k, v, score_mod, block_mask, kernel_options=options))
+
+    table = jax.random.normal(jax.random.key(8), (s["Hq"], 9), jnp.float32)
+    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss))(q, table).jaxpr)
+    assert counts == {"flex_attention_forward": 2, "flex_attention_dkdv": 3}
+    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, table).jaxpr)
+    assert counts == {"flex_attention_forward": 2, "flex_attention_dkdv": 2, "flex_attention_dq": 2}
+    grads = jax.grad(loss, argnums=(0, 1))(q, table)
+    ref_grads = jax.grad(
+        lambda q, table: jnp.sum(_attention("reference", q, k, v, fa.relative_position_bias(table), block_mask)),
+        argnums=(0, 1),
+    )(q, table)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "d_table"))
+
+
 # ----------------------------------------------------------------------------------- lse, masks, GQA, lengths
 
 
@@ -169,9 +196,10 @@ def test_lse_cotangent(use_out):
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
 
 
-def test_fully_masked_rows_have_finite_zero_gradients():
+@pytest.mark.parametrize("fuse_dq", [0, 1], ids=["dq_kernel", "fused_dq"])
+def test_fully_masked_rows_have_finite_zero_gradients(fuse_dq):
     """Queries that attend nowhere: output 0, lse -inf; their dq is 0, nothing is NaN, and keys only they could
-    see get dk = dv = 0."""
+    see get dk = dv = 0. (With the fused dQ the table is not differentiated: its gradient needs the dQ kernel.)"""
     s = SIZES
     q, k, v = random_qkv(11, **s)
 
@@ -185,14 +213,17 @@ def test_fully_masked_rows_have_finite_zero_gradients():
 
     def loss(implementation, q, k, v, table):
         score_mod = fa.relative_position_bias(table)
-        out, lse = _attention(implementation, q, k, v, score_mod, block_mask, True, TINY_TILES)
+        out, lse = _attention(
+            implementation, q, k, v, score_mod, block_mask, True, dict(TINY_TILES, bwd_fuse_dq=fuse_dq)
+        )
         # lse is -inf on the masked rows: take its cotangent where it is finite.
         return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    grads = _grads("pallas_triton", loss, (0, 1, 2, 3), q, k, v, table)
-    ref_grads = _grads("reference", loss, (0, 1, 2, 3), q, k, v, table)
+    argnums = (0, 1, 2) if fuse_dq else (0, 1, 2, 3)
+    grads = _grads("pallas_triton", loss, argnums, q, k, v, table)
+    ref_grads = _grads("reference", loss, argnums, q, k, v, table)
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv", "d_table"))
-    dq, dk, dv, _ = grads
+    dq, dk, dv = grads[:3]
     assert np.all(np.asarray(dq[:, :, 8:20]) == 0)
     assert np.all(np.asarray(dk[:, :, 31:]) == 0) and np.all(np.asarray(dv[:, :, 31:]) == 0)
 
@@ -336,6 +367,7 @@ def test_q_side_block_lists_derived_from_kv_side():
         (dict(bwd_num_stages=0), "bwd_num_stages"),
         (dict(bwd_dq_num_warps=3), "bwd_dq_num_warps"),
         (dict(bwd_dq_num_stages=9), "bwd_dq_num_stages"),
+        (dict(bwd_fuse_dq=2), "bwd_fuse_dq.*0 or 1"),
         (dict(bwd_block=16), "unknown backward key 'bwd_block'"),
         (dict(BLOCK_M2=32.0), "BLOCK_M2.*must be an int"),
     ],
@@ -429,17 +461,19 @@ def test_backward_lowers_to_triton_for_cuda(which):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "name, dtype, head_dim",
+    "name, dtype, head_dim, fuse_dq",
     [
-        ("causal", jnp.bfloat16, 128),
-        ("document_causal", jnp.float32, 64),
-        ("relative_bias_table", jnp.bfloat16, 64),
-        ("alibi_learned_slopes", jnp.float32, 128),
+        ("causal", jnp.bfloat16, 128, 0),
+        ("document_causal", jnp.float32, 64, 0),
+        ("relative_bias_table", jnp.bfloat16, 64, 0),
+        ("alibi_learned_slopes", jnp.float32, 128, 0),
+        ("causal", jnp.bfloat16, 128, 1),
+        ("document_causal", jnp.float32, 64, 1),
     ],
 )
-def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
+def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, fuse_dq):
     """On the GPU with the default tiles: GQA, lengths no tile divides, and the captured arrays' gradients (the
-    atomic adds of many programs into one table)."""
+    atomic adds of many programs into one table); and dQ fused into the dK/dV kernel (atomic adds into dQ)."""
     from tests._helpers import _rel_table, _slopes, MOD_CASES_BY_NAME
 
     B, Hq, Hkv, L, S = 2, 8, 2, 1000, 1100
@@ -455,7 +489,8 @@ def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
 
     def loss(implementation, q, k, v, captured):
         out = fa.flex_attention(
-            q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation
+            q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation,
+            kernel_options={"bwd_fuse_dq": fuse_dq} if implementation == "pallas_triton" else None,
         )
         return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
 

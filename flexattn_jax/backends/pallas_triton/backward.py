@@ -12,8 +12,8 @@ lse (natural log; the caller turns the -inf of a row that attends nowhere into +
     dQ  = scale * dS K                    dK = scale * dS^T Q,    dV = P^T dO
     d(captured array) = (dm / d array)^T dM, added into float32 buffers (in the dQ kernel only)
 
-Two kernels, as in FlashAttention-2 (Dao, 2023, Algorithm 2), so that dQ, dK and dV are each written by exactly one
-program and need no atomics:
+Two kernels by default, as in FlashAttention-2 (Dao, 2023, Algorithm 2), so that dQ, dK and dV are each written by
+exactly one program and need no atomics:
 
 * **dK/dV**, gridded over (batch, key/value head, key tile). The program holds one tile of K and V and, for each
   query head of its group (GQA sums the group here, K and V are never repeated), walks the query blocks that visit
@@ -25,6 +25,11 @@ program and need no atomics:
   (``kv_num_blocks`` / ``kv_indices`` and the full pair) and adds the gradients of the arrays the score_mod closes
   over (a learned bias table, learned ALiBi slopes) into float32 buffers with ``jax.ref.addupdate``, an atomic add on
   the GPU. Arrays the mask_mod closes over (document ids) get no gradient and cost nothing.
+
+With ``kernel_options["bwd_fuse_dq"] = 1`` the dK/dV kernel also forms each tile's dS K and adds it into a float32
+dQ buffer (atomic adds; the order of the sum varies between runs), and the dQ kernel does not run: five dots per
+block pair instead of seven (the dQ kernel recomputes S and dP). Where a captured array's gradient is wanted, the
+dQ kernel runs as without the option.
 
 A kernel tile lies inside one BlockMask block: the mask's block sizes are multiples of the tiles, so each mask block
 is walked as ``block // tile`` consecutive sub-tiles. The caller pads the sequences to whole mask blocks and the head
@@ -67,7 +72,10 @@ __all__ = [
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 # bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
 # kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
-BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages")
+# bwd_fuse_dq=1 adds dQ up in the dK/dV kernel (float32 atomic adds) in place of running the dQ kernel.
+BACKWARD_KEYS = (
+    *_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages", "bwd_fuse_dq"
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +87,9 @@ class BackwardConfig:
       block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
       num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
       dq_num_warps, dq_num_stages: those of the dQ kernel.
+      fuse_dq: the dK/dV kernel also adds dS Q's counterpart dS K into a float32 dQ buffer (atomic adds; the sum's
+        order, so its last bits, vary from run to run), and the dQ kernel does not run. Five dots per block pair
+        instead of seven. Only where no gradient of an array the score_mod closes over is wanted.
     """
 
     block_m1: int
@@ -89,6 +100,7 @@ class BackwardConfig:
     num_stages: int
     dq_num_warps: int
     dq_num_stages: int
+    fuse_dq: bool = False
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
@@ -132,6 +144,8 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
         kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_").removeprefix("dq_")
         config_lib.check_option_value(key, value, kind=kind)
+        if key == "bwd_fuse_dq" and value not in (0, 1):
+            raise ValueError(f"kernel_options['bwd_fuse_dq'] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -183,6 +197,7 @@ def backward_config(
         num_stages=options.get("bwd_num_stages", default.num_stages),
         dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
         dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
+        fuse_dq=bool(options.get("bwd_fuse_dq", default.fuse_dq)),
     )
 
 
@@ -349,11 +364,14 @@ def _split_refs(refs, counts: Sequence[int]):
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
-def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, counts):
+def _dkdv_kernel(
+    *refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, fuse_dq: bool, counts
+):
     score, mask = mods_static
-    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(
+    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, _zeros, outs = _split_refs(
         refs, counts
     )
+    dk_ref, dv_ref, *dq_ref = outs
     b, kv_head, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = tiling.block_m, tiling.block_n
     kv_start = j * bn
@@ -380,8 +398,11 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
                     delta_ref[g, rows][None, :], b, h, q_idx, kv_idx, score=score, score_refs=score_refs,
                     mask=mask, mask_refs=mask_refs, masked=masked, tiling=tiling, score_grad_refs=None,
                 )
+                ds_t = ds_t.astype(q.dtype)
                 dv = dv + _dot(p_t.astype(d_out.dtype), d_out, 1, 0)
-                dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
+                dk = dk + _dot(ds_t, q, 1, 0)
+                if fuse_dq:  # this key tile's share of dQ = dS K, added into the float32 buffer (unscaled)
+                    jax.ref.addupdate(dq_ref[0], (b, h, rows, slice(None)), _dot(ds_t, k, 0, 0))
                 return dk, dv
 
             return body
@@ -400,8 +421,12 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: Tiling, *, interpret: bool):
-    """dK and dV (in k's and v's dtypes) from the padded inputs.
+def dkdv(
+    q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: Tiling, *, fuse_dq: bool = False,
+    interpret: bool,
+):
+    """dK and dV (in k's and v's dtypes) from the padded inputs; with ``fuse_dq``, also dQ / scale as float32
+    (added up with atomic adds, see ``BackwardConfig.fuse_dq``).
 
     Args:
       q: [B, Hq, Lp, E]; k: [B, Hkv, Sp, E]; v: [B, Hkv, Sp, Ev]; d_out: [B, Hq, Lp, Ev]. Lp and Sp are whole
@@ -442,8 +467,17 @@ def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: T
         pl.BlockSpec((None, None, bn, e), lambda b, hk, j: (b, hk, j, 0)),
         pl.BlockSpec((None, None, bn, ev), lambda b, hk, j: (b, hk, j, 0)),
     ]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     lists = q_lists.arrays()
-    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), 2)
+    inputs = [q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts]
+    # The dQ buffer starts as zeros passed in, and every program adds into it.
+    zeros = [jnp.zeros(q.shape, jnp.float32)] if fuse_dq else []
+    in_specs += [pl.no_block_spec] * len(zeros)
+    out_specs += [pl.no_block_spec] * len(zeros)
+    out_shape += [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros]
+    aliases = {len(inputs): 2} if fuse_dq else {}
+    inputs += zeros
+    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), len(zeros), 2 + len(zeros))
     kernel = functools.partial(
         _dkdv_kernel,
         mods_static=(mods.score, mods.mask),
@@ -451,6 +485,7 @@ def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: T
         group=group,
         has_full=has_full,
         mask_per_head=mask_per_head,
+        fuse_dq=fuse_dq,
         counts=counts,
     )
     return pl.pallas_call(
@@ -458,11 +493,12 @@ def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: T
         grid=(batch, kv_heads, kv_padded // bn),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="flex_attention_dkdv",
-    )(q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts)
+    )(*inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- dQ

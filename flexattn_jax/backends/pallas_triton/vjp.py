@@ -69,6 +69,7 @@ class _Plan:
     head_dim: int
     value_dim: int
     interpret: bool
+    fuse_dq: bool = False
 
 
 def _padded_length(length: int, block: int, num_blocks: int, tiles) -> int:
@@ -109,6 +110,7 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         head_dim=padded_head_dim(q_shape[3]),
         value_dim=padded_head_dim(v_shape[3]),
         interpret=interpret,
+        fuse_dq=bwd.fuse_dq,
     )
 
 
@@ -146,6 +148,12 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
     (_, dkdv_score, dq_score, *_), (_, dkdv_mask, dq_mask, *_) = programs
     dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
     dq_mods = backward.Mods(dq_score, score_consts, dq_mask, mask_consts)
+    if plan.fuse_dq and not any(wanted):  # dQ added up by the dK/dV kernel (the dQ kernel adds captured gradients)
+        dk, dv, dq = backward.dkdv(
+            q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, fuse_dq=True, interpret=plan.interpret
+        )
+        dq = (dq * plan.dkdv.scale).astype(q.dtype)
+        return dq[:, :, :q_len, :e], dk[:, :, :kv_len, :e], dv[:, :, :kv_len, :ev], tuple(None for _ in score_consts)
     dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
     dq, grads = backward.dq(
         q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
@@ -216,7 +224,7 @@ def attention(
       scale: multiplies q.k before score_mod.
       kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
         ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``, ``bwd_dq_num_warps``,
-        ``bwd_dq_num_stages``) kernels.
+        ``bwd_dq_num_stages``, ``bwd_fuse_dq``) kernels.
       interpret: run the kernels in interpret mode (on the CPU).
       forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
         kernels only need its (out, lse).
