@@ -414,15 +414,19 @@ def test_split_launches_compute_the_same_gradients():
 # ---------------------------------------------------------------------------------------------- CUDA lowering
 
 
-@pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa"])
+@pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa", "fused_dq"])
 def test_backward_lowers_to_triton_for_cuda(which):
-    """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls."""
+    """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls (with
+    bwd_fuse_dq=1, the forward and the dK/dV kernel with its atomic adds)."""
     B, Hq, Hkv, L, S, D = 1, 4, 2, 256, 384, 64
     sd = jax.ShapeDtypeStruct
     args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16))
     table = sd((Hq, 33), jnp.float32)
+    options = {"bwd_fuse_dq": 1} if which == "fused_dq" else None
     if which == "causal_relative_table":
         mask_mod, make_score_mod = fa.causal_mask, fa.relative_position_bias
+    elif which == "fused_dq":
+        mask_mod, make_score_mod = fa.causal_mask, lambda table: fa.tanh_softcap(30.0)  # noqa: E731
     else:
         ids = jnp.asarray(np.arange(S) // 100, jnp.int32)
         mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids[:L], ids))
@@ -446,6 +450,7 @@ def test_backward_lowers_to_triton_for_cuda(which):
             full_q_indices=block_mask.full_q_indices,
             block_size=block_mask.BLOCK_SIZE,
             scale=D**-0.5,
+            kernel_options=options,
         )
         return jnp.sum(out.astype(jnp.float32))
 
@@ -453,7 +458,7 @@ def test_backward_lowers_to_triton_for_cuda(which):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
         lowered = grad.trace(*args, table).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") >= 3
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == (2 if which == "fused_dq" else 3)
 
 
 # --------------------------------------------------------------------------------------- GPU, realistic sizes
