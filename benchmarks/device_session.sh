@@ -2,7 +2,7 @@
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh sweep   the open question of NOTES.md (the Triton backward's launches)
-#   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel, and its fused dQ
+#   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel; fused dQ, launch order
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -43,15 +43,16 @@ case "${1:-}" in
   split)
     # NOTES.md open lead 1: where the Triton backward's time goes, in milliseconds: the forward alone, then the
     # forward with the dQ kernel (gradient of q), with the dK/dV kernel (of k and v), and with both.
-    sweep 60 --implementation pallas_triton --ms --cases noop causal --configs triton
+    sweep 50 --implementation pallas_triton --ms --cases noop causal --configs triton
     for wrt in q kv qkv; do
-      sweep 80 --implementation pallas_triton --mode fwdbwd --wrt "$wrt" --ms --cases noop causal --configs triton
+      sweep 60 --implementation pallas_triton --mode fwdbwd --wrt "$wrt" --ms --cases noop causal --configs triton
     done
-    # NOTES.md section 21: dQ added up by the dK/dV kernel (bwd_fuse_dq=1) against the two kernels, twice each.
-    sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal document alibi \
-      --configs triton triton_fuse_dq triton triton_fuse_dq
-    sweep 100 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document \
-      --configs triton triton_fuse_dq
+    # NOTES.md sections 21 and 22: dQ added up by the dK/dV kernel (bwd_fuse_dq=1) and the tile-first launch order
+    # (bwd_tiles_first=1), against the defaults (timed first and last).
+    sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal document alibi --configs triton \
+      triton_tiles_first triton_fuse_dq triton_tiles_first_fuse_dq triton
+    sweep 130 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document --configs \
+      triton triton_tiles_first triton_fuse_dq triton_tiles_first_fuse_dq
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \

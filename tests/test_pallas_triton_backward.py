@@ -368,6 +368,7 @@ def test_q_side_block_lists_derived_from_kv_side():
         (dict(bwd_dq_num_warps=3), "bwd_dq_num_warps"),
         (dict(bwd_dq_num_stages=9), "bwd_dq_num_stages"),
         (dict(bwd_fuse_dq=2), "bwd_fuse_dq.*0 or 1"),
+        (dict(bwd_tiles_first=-1), "bwd_tiles_first.*0 or 1"),
         (dict(bwd_block=16), "unknown backward key 'bwd_block'"),
         (dict(BLOCK_M2=32.0), "BLOCK_M2.*must be an int"),
     ],
@@ -394,21 +395,36 @@ def test_backward_launch_options_reach_each_kernel():
     assert (plan.dq.num_warps, plan.dq.num_stages) == (8, 4)
 
 
-def test_split_launches_compute_the_same_gradients():
-    """Gradients with the two kernels launched differently match the reference (interpret mode)."""
-    q, k, v = random_qkv(31, **SIZES)
-    block_mask = _block_mask(fa.causal_mask, None, None, SIZES["L"], SIZES["S"])
-    options = dict(TINY_TILES, bwd_num_warps=8, bwd_num_stages=3, bwd_dq_num_warps=4, bwd_dq_num_stages=2)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(bwd_num_warps=8, bwd_num_stages=3, bwd_dq_num_warps=4, bwd_dq_num_stages=2),
+        dict(bwd_tiles_first=1),
+        dict(bwd_tiles_first=1, bwd_fuse_dq=1),
+    ],
+    ids=["split_launches", "tiles_first", "tiles_first_fused_dq"],
+)
+def test_launch_options_compute_the_same_gradients(options):
+    """Gradients under the launch options match the reference (interpret mode): GQA, a mask and a score_mod that
+    differ per query head and per batch, so that every program id is read right whatever the launch order."""
+    s = SIZES
+    q, k, v = random_qkv(31, **s)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 3, (s["B"], s["S"])).cumsum(axis=1) // 20, jnp.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx <= q_idx + 2 * h)
+
+    block_mask = _block_mask(mask_mod, s["B"], s["Hq"], s["L"], s["S"])
+    score_mod = fa.generate_alibi_bias(s["Hq"])
+    d_out = _cotangent(32, (s["B"], s["Hq"], s["L"], s["Ev"]))
 
     def loss(implementation, q, k, v):
-        out = _attention(implementation, q, k, v, fa.tanh_softcap(20.0), block_mask,
-                         kernel_options=options if implementation == "pallas_triton" else None)
-        return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=dict(TINY_TILES, **options))
+        return jnp.sum(out.astype(jnp.float32) * d_out)
 
-    got = jax.grad(functools.partial(loss, "pallas_triton"), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1, 2))(q, k, v)
-    for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert_close(g, w, q.dtype, name=name)
+    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
 
 
 # ---------------------------------------------------------------------------------------------- CUDA lowering
@@ -417,12 +433,12 @@ def test_split_launches_compute_the_same_gradients():
 @pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa", "fused_dq"])
 def test_backward_lowers_to_triton_for_cuda(which):
     """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls (with
-    bwd_fuse_dq=1, the forward and the dK/dV kernel with its atomic adds)."""
+    bwd_fuse_dq=1, the forward and the dK/dV kernel with its atomic adds, here launched tiles first)."""
     B, Hq, Hkv, L, S, D = 1, 4, 2, 256, 384, 64
     sd = jax.ShapeDtypeStruct
     args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16))
     table = sd((Hq, 33), jnp.float32)
-    options = {"bwd_fuse_dq": 1} if which == "fused_dq" else None
+    options = {"bwd_fuse_dq": 1, "bwd_tiles_first": 1} if which == "fused_dq" else None
     if which == "causal_relative_table":
         mask_mod, make_score_mod = fa.causal_mask, fa.relative_position_bias
     elif which == "fused_dq":
@@ -466,19 +482,21 @@ def test_backward_lowers_to_triton_for_cuda(which):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "name, dtype, head_dim, fuse_dq",
+    "name, dtype, head_dim, options",
     [
-        ("causal", jnp.bfloat16, 128, 0),
-        ("document_causal", jnp.float32, 64, 0),
-        ("relative_bias_table", jnp.bfloat16, 64, 0),
-        ("alibi_learned_slopes", jnp.float32, 128, 0),
-        ("causal", jnp.bfloat16, 128, 1),
-        ("document_causal", jnp.float32, 64, 1),
+        ("causal", jnp.bfloat16, 128, None),
+        ("document_causal", jnp.float32, 64, None),
+        ("relative_bias_table", jnp.bfloat16, 64, None),
+        ("alibi_learned_slopes", jnp.float32, 128, None),
+        ("causal", jnp.bfloat16, 128, {"bwd_fuse_dq": 1}),
+        ("document_causal", jnp.float32, 64, {"bwd_fuse_dq": 1}),
+        ("relative_bias_table", jnp.bfloat16, 128, {"bwd_tiles_first": 1}),
     ],
 )
-def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, fuse_dq):
+def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, options):
     """On the GPU with the default tiles: GQA, lengths no tile divides, and the captured arrays' gradients (the
-    atomic adds of many programs into one table); and dQ fused into the dK/dV kernel (atomic adds into dQ)."""
+    atomic adds of many programs into one table); dQ fused into the dK/dV kernel (atomic adds into dQ); the
+    backward launched tiles first."""
     from tests._helpers import _rel_table, _slopes, MOD_CASES_BY_NAME
 
     B, Hq, Hkv, L, S = 2, 8, 2, 1000, 1100
@@ -495,7 +513,7 @@ def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, fuse_dq):
     def loss(implementation, q, k, v, captured):
         out = fa.flex_attention(
             q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation,
-            kernel_options={"bwd_fuse_dq": fuse_dq} if implementation == "pallas_triton" else None,
+            kernel_options=options if implementation == "pallas_triton" else None,
         )
         return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
 

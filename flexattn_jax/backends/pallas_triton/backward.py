@@ -72,10 +72,10 @@ __all__ = [
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 # bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
 # kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
-# bwd_fuse_dq=1 adds dQ up in the dK/dV kernel (float32 atomic adds) in place of running the dQ kernel.
-BACKWARD_KEYS = (
-    *_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages", "bwd_fuse_dq"
-)
+# bwd_fuse_dq=1 adds dQ up in the dK/dV kernel (float32 atomic adds) in place of running the dQ kernel;
+# bwd_tiles_first=1 launches both kernels with the tile axis varying fastest (the order the forward launches in).
+_FLAG_KEYS = ("bwd_fuse_dq", "bwd_tiles_first")
+BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages", *_FLAG_KEYS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +90,9 @@ class BackwardConfig:
       fuse_dq: the dK/dV kernel also adds dS Q's counterpart dS K into a float32 dQ buffer (atomic adds; the sum's
         order, so its last bits, vary from run to run), and the dQ kernel does not run. Five dots per block pair
         instead of seven. Only where no gradient of an array the score_mod closes over is wanted.
+      tiles_first: launch order. False: the grid is (batch, heads, tiles) with the batch varying fastest, so the
+        programs in flight belong to many (batch, head) pairs. True: (tiles, heads, batch), so they are mostly
+        tiles of one pair and share the query (or key) rows they all stream, in L2. Results are the same.
     """
 
     block_m1: int
@@ -101,6 +104,7 @@ class BackwardConfig:
     dq_num_warps: int
     dq_num_stages: int
     fuse_dq: bool = False
+    tiles_first: bool = False
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
@@ -144,8 +148,8 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
         kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_").removeprefix("dq_")
         config_lib.check_option_value(key, value, kind=kind)
-        if key == "bwd_fuse_dq" and value not in (0, 1):
-            raise ValueError(f"kernel_options['bwd_fuse_dq'] must be 0 or 1, got {value}")
+        if key in _FLAG_KEYS and value not in (0, 1):
+            raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -198,6 +202,7 @@ def backward_config(
         dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
         dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
         fuse_dq=bool(options.get("bwd_fuse_dq", default.fuse_dq)),
+        tiles_first=bool(options.get("bwd_tiles_first", default.tiles_first)),
     )
 
 
@@ -215,6 +220,7 @@ class Tiling:
       q_len, kv_len: the true sequence lengths (the arrays are padded to whole blocks).
       scale: multiplies q.k before the score_mod.
       num_warps, num_stages: Triton's launch parameters.
+      tiles_first: launch the grid (batch, heads, tiles) reversed, the tile axis fastest (``BackwardConfig``).
     """
 
     block_m: int
@@ -226,6 +232,7 @@ class Tiling:
     scale: float
     num_warps: int
     num_stages: int
+    tiles_first: bool = False
 
     def __post_init__(self):
         assert self.q_block % self.block_m == 0 and self.kv_block % self.block_n == 0, self
@@ -361,6 +368,27 @@ def _split_refs(refs, counts: Sequence[int]):
     return out
 
 
+def _grid_ids(tiling: Tiling):
+    """(batch, head, tile) program ids of a kernel launched by ``_launch_order``."""
+    ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    return ids[::-1] if tiling.tiles_first else ids
+
+
+def _launch_order(tiling: Tiling, grid, *spec_lists):
+    """The launch grid and block specs for a grid written as (batch, heads, tiles), with index maps taking their
+    ids in that order: reversed where ``tiling.tiles_first`` (the first axis is launched fastest)."""
+    if not tiling.tiles_first:
+        return (grid, *spec_lists)
+
+    def reorder(spec):
+        if not isinstance(spec, pl.BlockSpec) or spec.index_map is None:
+            return spec
+        index_map = spec.index_map
+        return dataclasses.replace(spec, index_map=lambda *ids: index_map(*ids[::-1]))
+
+    return (tuple(grid[::-1]), *([reorder(spec) for spec in specs] for specs in spec_lists))
+
+
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
@@ -372,7 +400,7 @@ def _dkdv_kernel(
         refs, counts
     )
     dk_ref, dv_ref, *dq_ref = outs
-    b, kv_head, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, kv_head, j = _grid_ids(tiling)
     bm, bn = tiling.block_m, tiling.block_n
     kv_start = j * bn
     kv_block = lax.div(kv_start, tiling.kv_block)
@@ -488,9 +516,10 @@ def dkdv(
         fuse_dq=fuse_dq,
         counts=counts,
     )
+    grid, in_specs, out_specs = _launch_order(tiling, (batch, kv_heads, kv_padded // bn), in_specs, out_specs)
     return pl.pallas_call(
         kernel,
-        grid=(batch, kv_heads, kv_padded // bn),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -512,7 +541,7 @@ def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_
     dq_ref, grad_refs = outs[0], outs[1:]
     # One gradient ref per score const: the buffer of a floating const that needs its gradient, else None.
     score_grad_refs = [None if slot is None else grad_refs[slot] for slot in grad_slots]
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h, i = _grid_ids(tiling)
     bm, bn = tiling.block_m, tiling.block_n
     q_start = i * bm
     q_block = lax.div(q_start, tiling.q_block)
@@ -601,9 +630,10 @@ def dq(
         counts=counts,
         grad_slots=tuple(grad_slots),
     )
+    grid, in_specs, out_specs = _launch_order(tiling, (batch, q_heads, q_padded // bm), in_specs, out_specs)
     dq_out, *grads = pl.pallas_call(
         kernel,
-        grid=(batch, q_heads, q_padded // bm),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,

@@ -99,6 +99,7 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         q_len=q_len,
         kv_len=kv_len,
         scale=scale,
+        tiles_first=bwd.tiles_first,
     )
     return _Plan(
         dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, num_warps=bwd.num_warps,
@@ -224,7 +225,7 @@ def attention(
       scale: multiplies q.k before score_mod.
       kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
         ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``, ``bwd_dq_num_warps``,
-        ``bwd_dq_num_stages``, ``bwd_fuse_dq``) kernels.
+        ``bwd_dq_num_stages``, ``bwd_fuse_dq``, ``bwd_tiles_first``) kernels.
       interpret: run the kernels in interpret mode (on the CPU).
       forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
         kernels only need its (out, lse).
