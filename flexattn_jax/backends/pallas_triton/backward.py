@@ -87,8 +87,8 @@ class BackwardConfig:
       block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
       num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
       dq_num_warps, dq_num_stages: those of the dQ kernel.
-      fuse_dq: the dK/dV kernel also adds dS Q's counterpart dS K into a float32 dQ buffer (atomic adds; the sum's
-        order, so its last bits, vary from run to run), and the dQ kernel does not run. Five dots per block pair
+      fuse_dq: the dK/dV kernel also forms each tile's dS K and adds it into a float32 dQ buffer (atomic adds; the
+        sum's order, so its last bits, vary from run to run), and the dQ kernel does not run. Five dots per block pair
         instead of seven. Only where no gradient of an array the score_mod closes over is wanted.
       tiles_first: launch order. False: the grid is (batch, heads, tiles) with the batch varying fastest, so the
         programs in flight belong to many (batch, head) pairs. True: (tiles, heads, batch), so they are mostly
@@ -126,7 +126,8 @@ def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
     if head_dim <= 64:
         return config(32, 64, 128, 64, 4, 3, dq_stages=2)
     if head_dim <= 128:
-        # Two warpgroups: the 64 x 128 dK/dV tile and the 128 x 64 dQ tile do not spill on 8 warps.
+        # Two warpgroups, as PyTorch FlexAttention's Hopper default: the fastest launch of the sweep, though its
+        # dK/dV kernel spills a little (benchmarks/triton_report.py).
         return config(64, 128, 128, 64, 8, 3)
     return config(32, 64, 64, 32, 8, 1)
 
@@ -399,7 +400,7 @@ def _dkdv_kernel(
     (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, _zeros, outs = _split_refs(
         refs, counts
     )
-    dk_ref, dv_ref, *dq_ref = outs
+    dk_ref, dv_ref, *dq_acc_refs = outs  # the float32 dQ buffer where fuse_dq
     b, kv_head, j = _grid_ids(tiling)
     bm, bn = tiling.block_m, tiling.block_n
     kv_start = j * bn
@@ -430,7 +431,7 @@ def _dkdv_kernel(
                 dv = dv + _dot(p_t.astype(d_out.dtype), d_out, 1, 0)
                 dk = dk + _dot(ds_t, q, 1, 0)
                 if fuse_dq:  # this key tile's share of dQ = dS K, added into the float32 buffer (unscaled)
-                    jax.ref.addupdate(dq_ref[0], (b, h, rows, slice(None)), _dot(ds_t, k, 0, 0))
+                    jax.ref.addupdate(dq_acc_refs[0], (b, h, rows, slice(None)), _dot(ds_t, k, 0, 0))
                 return dk, dv
 
             return body
