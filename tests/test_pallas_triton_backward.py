@@ -397,16 +397,13 @@ def test_backward_launch_options_reach_each_kernel():
 
 @pytest.mark.parametrize(
     "options",
-    [
-        dict(bwd_num_warps=8, bwd_num_stages=3, bwd_dq_num_warps=4, bwd_dq_num_stages=2),
-        dict(bwd_tiles_first=1),
-        dict(bwd_tiles_first=1, bwd_fuse_dq=1),
-    ],
-    ids=["split_launches", "tiles_first", "tiles_first_fused_dq"],
+    [dict(bwd_tiles_first=1), dict(bwd_tiles_first=1, bwd_fuse_dq=1)],
+    ids=["tiles_first", "tiles_first_fused_dq"],
 )
-def test_launch_options_compute_the_same_gradients(options):
-    """Gradients under the launch options match the reference (interpret mode): GQA, a mask and a score_mod that
-    differ per query head and per batch, so that every program id is read right whatever the launch order."""
+def test_launch_order_computes_the_same_gradients(options):
+    """Gradients with the tile-first launch order match the reference (interpret mode): GQA, a mask and a score_mod
+    that differ per query head and per batch, so that every program id is read right. (Warps and stages do not
+    change results; test_backward_launch_options_reach_each_kernel checks that they reach the kernels.)"""
     s = SIZES
     q, k, v = random_qkv(31, **s)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 3, (s["B"], s["S"])).cumsum(axis=1) // 20, jnp.int32)

@@ -150,15 +150,15 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
     dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
     dq_mods = backward.Mods(dq_score, score_consts, dq_mask, mask_consts)
     if plan.fuse_dq and not any(wanted):  # dQ added up by the dK/dV kernel (the dQ kernel adds captured gradients)
-        dk, dv, dq = backward.dkdv(
+        dk, dv, dq_acc = backward.dkdv(
             q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, fuse_dq=True, interpret=plan.interpret
         )
-        dq = (dq * plan.dkdv.scale).astype(q.dtype)
-        return dq[:, :, :q_len, :e], dk[:, :, :kv_len, :e], dv[:, :, :kv_len, :ev], tuple(None for _ in score_consts)
-    dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
-    dq, grads = backward.dq(
-        q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
-    )
+        dq, grads = (dq_acc * plan.dkdv.scale).astype(q.dtype), [None] * len(score_consts)
+    else:
+        dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
+        dq, grads = backward.dq(
+            q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
+        )
     grads = tuple(None if g is None else g.astype(c.dtype) for g, c in zip(grads, score_consts))
     return dq[:, :, :q_len, :e], dk[:, :, :kv_len, :e], dv[:, :, :kv_len, :ev], grads
 
