@@ -2,7 +2,7 @@
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh sweep   the open questions of NOTES.md on the Triton forward's tiles
-#   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel; fused dQ, launch order
+#   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -19,7 +19,9 @@ sweep() {  # mosaic_sweep, its table lines only
 
 case "${1:-}" in
   check)
-    timeout 300 python3 -m pytest -m gpu tests -n 4 -p no:benchmark -q 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    # -v: each result is logged as it comes, so a failure is named even when the time limit cuts the summary off.
+    timeout 300 python3 -m pytest -m gpu tests -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -30
     # What ptxas says of every kernel (a C7513 line: its wgmmas serialized, NOTES.md section 12).
     timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
@@ -35,18 +37,12 @@ case "${1:-}" in
       fwd128x64w8s3 fwd64x128w4s2 fwd128x128w8s2 fwd128x64w4s2
     ;;
   split)
-    # NOTES.md open lead 1: where the Triton backward's time goes, in milliseconds: the forward alone, then the
+    # Where the Triton backward's time goes (NOTES.md section 23), in milliseconds: the forward alone, then the
     # forward with the dQ kernel (gradient of q), with the dK/dV kernel (of k and v), and with both.
     sweep 50 --implementation pallas_triton --ms --cases noop causal --configs triton
     for wrt in q kv qkv; do
       sweep 60 --implementation pallas_triton --mode fwdbwd --wrt "$wrt" --ms --cases noop causal --configs triton
     done
-    # NOTES.md sections 21 and 22: dQ added up by the dK/dV kernel (bwd_fuse_dq=1) and the tile-first launch order
-    # (bwd_tiles_first=1), against the defaults (timed first and last).
-    sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal document alibi --configs triton \
-      triton_tiles_first triton_fuse_dq triton_tiles_first_fuse_dq triton
-    sweep 130 --implementation pallas_triton --mode fwdbwd -B 8 -S 2048 --cases noop causal document --configs \
-      triton triton_tiles_first triton_fuse_dq triton_tiles_first_fuse_dq
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \

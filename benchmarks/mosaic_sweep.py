@@ -54,9 +54,6 @@ CONFIGS = {
     "bwd_m64_n128_w8_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=8,
                                bwd_num_stages=2),
     "fwd_w8": dict(num_warps=8),  # the Triton forward with two warpgroups (its default tiles)
-    "triton_fuse_dq": dict(bwd_fuse_dq=1),  # the Triton backward with dQ added up by the dK/dV kernel
-    "triton_tiles_first": dict(bwd_tiles_first=1),  # the Triton backward launched with the tile axis fastest
-    "triton_tiles_first_fuse_dq": dict(bwd_tiles_first=1, bwd_fuse_dq=1),
 }
 # The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
 # kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).

@@ -2,11 +2,13 @@
 instructions each dot became.
 
     pip install triton==3.6.0            # the GPU machine's version; not a dependency of the project
-    python -m benchmarks.triton_report [--mask causal] [--score-mod softcap] [-D 128] [--options '{"bwd_num_warps": 8}']
+    python -m benchmarks.triton_report [--mask causal] [--score-mod softcap|alibi|relative_table] [-D 128]
+        [--options '{"bwd_num_warps": 8}']
 
 Lowers the forward and the gradient of ``pallas_triton`` for CUDA on the CPU (as the lowering tests do), keeps the
 Triton IR of each kernel, compiles it with the installed ``triton`` for sm_90a and runs the ptxas bundled with it.
-Per kernel it prints ptxas's register and spill line, and counts of ``wgmma`` (Hopper's asynchronous matmul) and
+Per kernel it prints ptxas's register and spill line, the shared memory Triton allocates (Hopper has 227 KiB per
+block), and counts of ``wgmma`` (Hopper's asynchronous matmul) and
 ``mma.sync`` (the Ampere one, which Triton falls back to when a dot's operands do not suit wgmma) in the PTX.
 
 The numbers are indicative: on the GPU, XLA compiles the same IR with the Triton it bundles, which is close to
@@ -45,8 +47,9 @@ def _capture_triton_ir(directory: pathlib.Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mask", choices=("noop", "causal"), default="causal")
-    parser.add_argument("--score-mod", choices=("identity", "softcap", "alibi"), default="identity",
-                        help="tanh soft-capping at 30, or ALiBi (slopes computed from h)")
+    parser.add_argument("--score-mod", choices=("identity", "softcap", "alibi", "relative_table"), default="identity",
+                        help="tanh soft-capping at 30, ALiBi (slopes computed from h), or a learned relative-position "
+                             "bias table (captured and differentiated: the dQ kernel adds its gradient up)")
     parser.add_argument("-D", type=int, default=128, help="head dim")
     parser.add_argument("--options", default="{}", help="kernel_options, as a Python dict literal")
     parser.add_argument("--out", default=None, help="where the IR and PTX go (default: a temporary directory)")
@@ -71,12 +74,14 @@ def main() -> None:
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
     mask_mod = fa.causal_mask if args.mask == "causal" else fa.noop_mask
     block_mask = fa.create_block_mask(mask_mod, None, None, S, S)
-    score_mod = {"identity": fa.identity, "softcap": fa.tanh_softcap(30.0), "alibi": fa.generate_alibi_bias(H)}[
+    table = jnp.zeros((H, 2 * S - 1), jnp.float32)
+    make_score_mod = {"identity": lambda table: fa.identity, "softcap": lambda table: fa.tanh_softcap(30.0),
+                      "alibi": lambda table: fa.generate_alibi_bias(H), "relative_table": fa.relative_position_bias}[
         args.score_mod]
 
-    def loss(q, k, v):
+    def loss(q, k, v, table):
         out, _ = pallas_triton.attention(
-            q, k, v, score_mod=score_mod, mask_mod=mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
+            q, k, v, score_mod=make_score_mod(table), mask_mod=mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
             kv_indices=block_mask.kv_indices, full_kv_num_blocks=block_mask.full_kv_num_blocks,
             full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=D**-0.5,
             kernel_options=options,
@@ -85,7 +90,7 @@ def main() -> None:
 
     hopper = AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="cuda")
     with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=hopper)):
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, table).lower(lowering_platforms=("cuda",))
 
     sizes = dict(q_len=S, kv_len=S, mask_block_size=block_mask.BLOCK_SIZE, mask_num_blocks=block_mask.kv_indices.shape[-2:])
     fwd = config.forward_config(options, head_dim=D, dtype=q.dtype, **sizes)
@@ -109,6 +114,7 @@ def main() -> None:
         lines = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "registers" in line or "spill" in line]
         text = kernel.asm["ptx"]
         print(f"## {ir.stem} ({warps} warps, {stages} stages): {'; '.join(lines)}; "
+              f"shared memory {kernel.metadata.shared} bytes; "
               f"wgmma {text.count('wgmma.mma_async')}, mma.sync {text.count('mma.sync')}")
 
 

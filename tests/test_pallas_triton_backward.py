@@ -8,6 +8,7 @@ output (and of lse where returned), so a gradient that is right only for a sum c
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.extend
@@ -67,9 +68,8 @@ def _assert_grads_close(grads, ref_grads, dtype, names):
 # ------------------------------------------------------------------------------------------ every library mod
 
 
-@pytest.mark.parametrize("fuse_dq", [0, 1], ids=["dq_kernel", "fused_dq"])
 @pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: c.name)
-def test_gradients_match_reference(case, fuse_dq):
+def test_gradients_match_reference(case):
     s = SIZES
     q, k, v = random_qkv(1, **s)
     mask_mod, score_mod = case.build(s["B"], s["Hq"], s["L"], s["S"], 0)
@@ -77,8 +77,7 @@ def test_gradients_match_reference(case, fuse_dq):
     d_out = _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"]))
 
     def loss(implementation, q, k, v):
-        options = dict(TINY_TILES, bwd_fuse_dq=fuse_dq)
-        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=options)
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
         return jnp.sum(out.astype(jnp.float32) * d_out)
 
     grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
@@ -150,31 +149,6 @@ def test_constant_captures_and_mask_arrays_get_no_gradient_buffers():
     assert counts["flex_attention_dq"] == 2  # dq and the table's float32 gradient
 
 
-def test_fused_dq_runs_no_dq_kernel_unless_a_captured_gradient_is_wanted():
-    """bwd_fuse_dq=1: the dK/dV kernel also outputs dQ's float32 buffer and the dQ kernel does not run; where a
-    captured array's gradient is wanted, the dQ kernel runs as without the option (it adds that gradient up)."""
-    s = SIZES
-    q, k, v = random_qkv(7, **s)
-    block_mask = _block_mask(fa.causal_mask, None, None, s["L"], s["S"])
-    options = dict(TINY_TILES, bwd_fuse_dq=1)
-
-    def loss(q, table):
-        score_mod = fa.relative_position_bias(table)
-        return jnp.sum(_attention("pallas_triton", q, k, v, score_mod, block_mask, kernel_options=options))
-
-    table = jax.random.normal(jax.random.key(8), (s["Hq"], 9), jnp.float32)
-    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss))(q, table).jaxpr)
-    assert counts == {"flex_attention_forward": 2, "flex_attention_dkdv": 3}
-    counts = _kernel_output_counts(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, table).jaxpr)
-    assert counts == {"flex_attention_forward": 2, "flex_attention_dkdv": 2, "flex_attention_dq": 2}
-    grads = jax.grad(loss, argnums=(0, 1))(q, table)
-    ref_grads = jax.grad(
-        lambda q, table: jnp.sum(_attention("reference", q, k, v, fa.relative_position_bias(table), block_mask)),
-        argnums=(0, 1),
-    )(q, table)
-    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "d_table"))
-
-
 # ----------------------------------------------------------------------------------- lse, masks, GQA, lengths
 
 
@@ -196,10 +170,9 @@ def test_lse_cotangent(use_out):
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
 
 
-@pytest.mark.parametrize("fuse_dq", [0, 1], ids=["dq_kernel", "fused_dq"])
-def test_fully_masked_rows_have_finite_zero_gradients(fuse_dq):
+def test_fully_masked_rows_have_finite_zero_gradients():
     """Queries that attend nowhere: output 0, lse -inf; their dq is 0, nothing is NaN, and keys only they could
-    see get dk = dv = 0. (With the fused dQ the table is not differentiated: its gradient needs the dQ kernel.)"""
+    see get dk = dv = 0."""
     s = SIZES
     q, k, v = random_qkv(11, **s)
 
@@ -213,13 +186,11 @@ def test_fully_masked_rows_have_finite_zero_gradients(fuse_dq):
 
     def loss(implementation, q, k, v, table):
         score_mod = fa.relative_position_bias(table)
-        out, lse = _attention(
-            implementation, q, k, v, score_mod, block_mask, True, dict(TINY_TILES, bwd_fuse_dq=fuse_dq)
-        )
+        out, lse = _attention(implementation, q, k, v, score_mod, block_mask, True, TINY_TILES)
         # lse is -inf on the masked rows: take its cotangent where it is finite.
         return jnp.sum(out * d_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    argnums = (0, 1, 2) if fuse_dq else (0, 1, 2, 3)
+    argnums = (0, 1, 2, 3)
     grads = _grads("pallas_triton", loss, argnums, q, k, v, table)
     ref_grads = _grads("reference", loss, argnums, q, k, v, table)
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv", "d_table"))
@@ -367,8 +338,6 @@ def test_q_side_block_lists_derived_from_kv_side():
         (dict(bwd_num_stages=0), "bwd_num_stages"),
         (dict(bwd_dq_num_warps=3), "bwd_dq_num_warps"),
         (dict(bwd_dq_num_stages=9), "bwd_dq_num_stages"),
-        (dict(bwd_fuse_dq=2), "bwd_fuse_dq.*0 or 1"),
-        (dict(bwd_tiles_first=-1), "bwd_tiles_first.*0 or 1"),
         (dict(bwd_block=16), "unknown backward key 'bwd_block'"),
         (dict(BLOCK_M2=32.0), "BLOCK_M2.*must be an int"),
     ],
@@ -395,15 +364,9 @@ def test_backward_launch_options_reach_each_kernel():
     assert (plan.dq.num_warps, plan.dq.num_stages) == (8, 4)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(bwd_tiles_first=1), dict(bwd_tiles_first=1, bwd_fuse_dq=1)],
-    ids=["tiles_first", "tiles_first_fused_dq"],
-)
-def test_launch_order_computes_the_same_gradients(options):
-    """Gradients with the tile-first launch order match the reference (interpret mode): GQA, a mask and a score_mod
-    that differ per query head and per batch, so that every program id is read right. (Warps and stages do not
-    change results; test_backward_launch_options_reach_each_kernel checks that they reach the kernels.)"""
+def test_every_program_id_is_read_right():
+    """The grids are (tiles, heads, batch): with GQA, a mask and a score_mod that differ per query head and per
+    batch, the gradients match the reference only if each kernel reads every program id as the axis it is."""
     s = SIZES
     q, k, v = random_qkv(31, **s)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 3, (s["B"], s["S"])).cumsum(axis=1) // 20, jnp.int32)
@@ -416,7 +379,7 @@ def test_launch_order_computes_the_same_gradients(options):
     d_out = _cotangent(32, (s["B"], s["Hq"], s["L"], s["Ev"]))
 
     def loss(implementation, q, k, v):
-        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=dict(TINY_TILES, **options))
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
         return jnp.sum(out.astype(jnp.float32) * d_out)
 
     grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
@@ -427,19 +390,15 @@ def test_launch_order_computes_the_same_gradients(options):
 # ---------------------------------------------------------------------------------------------- CUDA lowering
 
 
-@pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa", "fused_dq"])
+@pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa"])
 def test_backward_lowers_to_triton_for_cuda(which):
-    """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls (with
-    bwd_fuse_dq=1, the forward and the dK/dV kernel with its atomic adds, here launched tiles first)."""
+    """jax.grad of a loss lowers for an (abstract) H100: the forward, dK/dV and dQ kernels become Triton calls."""
     B, Hq, Hkv, L, S, D = 1, 4, 2, 256, 384, 64
     sd = jax.ShapeDtypeStruct
     args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16))
     table = sd((Hq, 33), jnp.float32)
-    options = {"bwd_fuse_dq": 1, "bwd_tiles_first": 1} if which == "fused_dq" else None
     if which == "causal_relative_table":
         mask_mod, make_score_mod = fa.causal_mask, fa.relative_position_bias
-    elif which == "fused_dq":
-        mask_mod, make_score_mod = fa.causal_mask, lambda table: fa.tanh_softcap(30.0)  # noqa: E731
     else:
         ids = jnp.asarray(np.arange(S) // 100, jnp.int32)
         mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids[:L], ids))
@@ -463,7 +422,6 @@ def test_backward_lowers_to_triton_for_cuda(which):
             full_q_indices=block_mask.full_q_indices,
             block_size=block_mask.BLOCK_SIZE,
             scale=D**-0.5,
-            kernel_options=options,
         )
         return jnp.sum(out.astype(jnp.float32))
 
@@ -471,7 +429,39 @@ def test_backward_lowers_to_triton_for_cuda(which):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
         lowered = grad.trace(*args, table).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == (2 if which == "fused_dq" else 3)
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize(
+    "captures, options, stages",
+    [(False, None, 3), (True, None, 2), (True, {"bwd_num_stages": 3}, 3), (True, {"bwd_dq_num_stages": 3}, (2, 3))],
+    ids=["no_captures", "captures", "captures_stages_set", "captures_dq_stages_set"],
+)
+def test_a_score_mod_with_captured_arrays_gets_at_most_two_backward_stages(captures, options, stages):
+    """At D=128 the default's 3 stages ran out of shared memory on the GPU with a bias table's gathers and the dQ
+    kernel's atomic adds (256 KiB asked, 227 available): with captures the defaults drop to 2; set stages stay."""
+    L, D = 256, 128
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 2, L, D), jnp.bfloat16),) * 3
+    table = sd((2, 2 * L - 1), jnp.float32)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, L)
+
+    def loss(q, k, v, table):
+        out, _ = vjp.attention(
+            q, k, v, score_mod=fa.relative_position_bias(table) if captures else fa.identity,
+            mask_mod=block_mask.mask_mod, kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
+            block_size=block_mask.BLOCK_SIZE, scale=D**-0.5, kernel_options=options,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        text = grad.trace(*args, table).lower(lowering_platforms=("cuda",)).as_text()
+    launched = dict(re.findall(r'name = "flex_attention_(dkdv|dq)", num_stages = (\d+)', text))
+    dkdv_stages, dq_stages = stages if isinstance(stages, tuple) else (stages, stages)
+    assert launched == {"dkdv": str(dkdv_stages), "dq": str(dq_stages)}
 
 
 # --------------------------------------------------------------------------------------- GPU, realistic sizes
@@ -479,21 +469,18 @@ def test_backward_lowers_to_triton_for_cuda(which):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "name, dtype, head_dim, options",
+    "name, dtype, head_dim",
     [
-        ("causal", jnp.bfloat16, 128, None),
-        ("document_causal", jnp.float32, 64, None),
-        ("relative_bias_table", jnp.bfloat16, 64, None),
-        ("alibi_learned_slopes", jnp.float32, 128, None),
-        ("causal", jnp.bfloat16, 128, {"bwd_fuse_dq": 1}),
-        ("document_causal", jnp.float32, 64, {"bwd_fuse_dq": 1}),
-        ("relative_bias_table", jnp.bfloat16, 128, {"bwd_tiles_first": 1}),
+        ("causal", jnp.bfloat16, 128),
+        ("document_causal", jnp.float32, 64),
+        ("relative_bias_table", jnp.bfloat16, 64),
+        ("relative_bias_table", jnp.bfloat16, 128),
+        ("alibi_learned_slopes", jnp.float32, 128),
     ],
 )
-def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, options):
+def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
     """On the GPU with the default tiles: GQA, lengths no tile divides, and the captured arrays' gradients (the
-    atomic adds of many programs into one table); dQ fused into the dK/dV kernel (atomic adds into dQ); the
-    backward launched tiles first."""
+    atomic adds of many programs into one table)."""
     from tests._helpers import _rel_table, _slopes, MOD_CASES_BY_NAME
 
     B, Hq, Hkv, L, S = 2, 8, 2, 1000, 1100
@@ -509,8 +496,7 @@ def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim, options):
 
     def loss(implementation, q, k, v, captured):
         out = fa.flex_attention(
-            q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation,
-            kernel_options=options if implementation == "pallas_triton" else None,
+            q, k, v, make_score_mod(captured), block_mask, enable_gqa=True, implementation=implementation
         )
         return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32))
 

@@ -15,21 +15,22 @@ lse (natural log; the caller turns the -inf of a row that attends nowhere into +
 Two kernels by default, as in FlashAttention-2 (Dao, 2023, Algorithm 2), so that dQ, dK and dV are each written by
 exactly one program and need no atomics:
 
-* **dK/dV**, gridded over (batch, key/value head, key tile). The program holds one tile of K and V and, for each
+* **dK/dV**, gridded over (key tile, key/value head, batch). The program holds one tile of K and V and, for each
   query head of its group (GQA sums the group here, K and V are never repeated), walks the query blocks that visit
   its key block: the partial ones (``q_num_blocks`` / ``q_indices``, mask_mod applied) and the full ones
   (``full_q_num_blocks`` / ``full_q_indices``, no mask_mod). It works on the transposed tile, S^T = K Q^T [BN, BM]
   with q_idx [1, BM] and kv_idx [BN, 1] (the mods are traced for that layout), so that P^T and dS^T are the left
   operands of dV += P^T dO and dK += dS^T Q as they come out of their dots.
-* **dQ**, gridded over (batch, query head, query tile), walks the key blocks of its query block
+* **dQ**, gridded over (query tile, query head, batch), walks the key blocks of its query block
   (``kv_num_blocks`` / ``kv_indices`` and the full pair) and adds the gradients of the arrays the score_mod closes
   over (a learned bias table, learned ALiBi slopes) into float32 buffers with ``jax.ref.addupdate``, an atomic add on
   the GPU. Arrays the mask_mod closes over (document ids) get no gradient and cost nothing.
 
-With ``kernel_options["bwd_fuse_dq"] = 1`` the dK/dV kernel also forms each tile's dS K and adds it into a float32
-dQ buffer (atomic adds; the order of the sum varies between runs), and the dQ kernel does not run: five dots per
-block pair instead of seven (the dQ kernel recomputes S and dP). Where a captured array's gradient is wanted, the
-dQ kernel runs as without the option.
+Both grids put the tile axis first, and the Triton lowering launches the first axis fastest: the programs in flight
+are mostly tiles of one (batch, head) and share, in L2, the rows they all stream (the forward's order; 6-10% faster
+forward+backward than batch first, benchmarks/NOTES.md section 22). Adding dQ up in the dK/dV kernel with atomic
+adds instead of running the dQ kernel (five dots per block pair instead of seven) measured twice as slow (section
+21), so each gradient has one writer and needs no atomics.
 
 A kernel tile lies inside one BlockMask block: the mask's block sizes are multiples of the tiles, so each mask block
 is walked as ``block // tile`` consecutive sub-tiles. The caller pads the sequences to whole mask blocks and the head
@@ -59,6 +60,7 @@ __all__ = [
     "Mods",
     "Tiling",
     "backward_config",
+    "cap_stages_for_captures",
     "check_backward_options",
     "default_backward_config",
     "dkdv",
@@ -72,10 +74,7 @@ __all__ = [
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 # bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
 # kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
-# bwd_fuse_dq=1 adds dQ up in the dK/dV kernel (float32 atomic adds) in place of running the dQ kernel;
-# bwd_tiles_first=1 launches both kernels with the tile axis varying fastest (the order the forward launches in).
-_FLAG_KEYS = ("bwd_fuse_dq", "bwd_tiles_first")
-BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages", *_FLAG_KEYS)
+BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,12 +86,6 @@ class BackwardConfig:
       block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
       num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
       dq_num_warps, dq_num_stages: those of the dQ kernel.
-      fuse_dq: the dK/dV kernel also forms each tile's dS K and adds it into a float32 dQ buffer (atomic adds; the
-        sum's order, so its last bits, vary from run to run), and the dQ kernel does not run. Five dots per block pair
-        instead of seven. Only where no gradient of an array the score_mod closes over is wanted.
-      tiles_first: launch order. False: the grid is (batch, heads, tiles) with the batch varying fastest, so the
-        programs in flight belong to many (batch, head) pairs. True: (tiles, heads, batch), so they are mostly
-        tiles of one pair and share the query (or key) rows they all stream, in L2. Results are the same.
     """
 
     block_m1: int
@@ -103,8 +96,6 @@ class BackwardConfig:
     num_stages: int
     dq_num_warps: int
     dq_num_stages: int
-    fuse_dq: bool = False
-    tiles_first: bool = False
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
@@ -149,8 +140,6 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
         kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_").removeprefix("dq_")
         config_lib.check_option_value(key, value, kind=kind)
-        if key in _FLAG_KEYS and value not in (0, 1):
-            raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -202,9 +191,27 @@ def backward_config(
         num_stages=options.get("bwd_num_stages", default.num_stages),
         dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
         dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
-        fuse_dq=bool(options.get("bwd_fuse_dq", default.fuse_dq)),
-        tiles_first=bool(options.get("bwd_tiles_first", default.tiles_first)),
     )
+
+
+# Shared memory is the limit on the stages of a score_mod that reads captured arrays: a gather at tile-shaped
+# indices (a bias table at q_idx - kv_idx) and the dQ kernel's atomic adds of its gradient go through shared memory.
+# With 3 stages the D=128 default's dQ kernel asked for 256 KiB on the H200 (227 KiB available); with 2, the
+# Triton release of benchmarks/triton_report.py gives each kernel about 165 KiB.
+CAPTURES_MAX_STAGES = 2
+
+
+def cap_stages_for_captures(config: BackwardConfig, kernel_options: Mapping[str, Any] | None) -> BackwardConfig:
+    """``config`` for a score_mod that closes over arrays: stages the options did not set capped at
+    ``CAPTURES_MAX_STAGES``."""
+    options = kernel_options or {}
+    stages = config.num_stages
+    dq_stages = config.dq_num_stages
+    if "bwd_num_stages" not in options:
+        stages = min(stages, CAPTURES_MAX_STAGES)
+    if "bwd_dq_num_stages" not in options and "bwd_num_stages" not in options:
+        dq_stages = min(dq_stages, CAPTURES_MAX_STAGES)
+    return dataclasses.replace(config, num_stages=stages, dq_num_stages=dq_stages)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -221,7 +228,6 @@ class Tiling:
       q_len, kv_len: the true sequence lengths (the arrays are padded to whole blocks).
       scale: multiplies q.k before the score_mod.
       num_warps, num_stages: Triton's launch parameters.
-      tiles_first: launch the grid (batch, heads, tiles) reversed, the tile axis fastest (``BackwardConfig``).
     """
 
     block_m: int
@@ -233,7 +239,6 @@ class Tiling:
     scale: float
     num_warps: int
     num_stages: int
-    tiles_first: bool = False
 
     def __post_init__(self):
         assert self.q_block % self.block_m == 0 and self.kv_block % self.block_n == 0, self
@@ -369,39 +374,15 @@ def _split_refs(refs, counts: Sequence[int]):
     return out
 
 
-def _grid_ids(tiling: Tiling):
-    """(batch, head, tile) program ids of a kernel launched by ``_launch_order``."""
-    ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
-    return ids[::-1] if tiling.tiles_first else ids
-
-
-def _launch_order(tiling: Tiling, grid, *spec_lists):
-    """The launch grid and block specs for a grid written as (batch, heads, tiles), with index maps taking their
-    ids in that order: reversed where ``tiling.tiles_first`` (the first axis is launched fastest)."""
-    if not tiling.tiles_first:
-        return (grid, *spec_lists)
-
-    def reorder(spec):
-        if not isinstance(spec, pl.BlockSpec) or spec.index_map is None:
-            return spec
-        index_map = spec.index_map
-        return dataclasses.replace(spec, index_map=lambda *ids: index_map(*ids[::-1]))
-
-    return (tuple(grid[::-1]), *([reorder(spec) for spec in specs] for specs in spec_lists))
-
-
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
-def _dkdv_kernel(
-    *refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, fuse_dq: bool, counts
-):
+def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, counts):
     score, mask = mods_static
-    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, _zeros, outs = _split_refs(
+    (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(
         refs, counts
     )
-    dk_ref, dv_ref, *dq_acc_refs = outs  # the float32 dQ buffer where fuse_dq
-    b, kv_head, j = _grid_ids(tiling)
+    j, kv_head, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = tiling.block_m, tiling.block_n
     kv_start = j * bn
     kv_block = lax.div(kv_start, tiling.kv_block)
@@ -430,8 +411,6 @@ def _dkdv_kernel(
                 ds_t = ds_t.astype(q.dtype)
                 dv = dv + _dot(p_t.astype(d_out.dtype), d_out, 1, 0)
                 dk = dk + _dot(ds_t, q, 1, 0)
-                if fuse_dq:  # this key tile's share of dQ = dS K, added into the float32 buffer (unscaled)
-                    jax.ref.addupdate(dq_acc_refs[0], (b, h, rows, slice(None)), _dot(ds_t, k, 0, 0))
                 return dk, dv
 
             return body
@@ -450,12 +429,8 @@ def _dkdv_kernel(
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def dkdv(
-    q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: Tiling, *, fuse_dq: bool = False,
-    interpret: bool,
-):
-    """dK and dV (in k's and v's dtypes) from the padded inputs; with ``fuse_dq``, also dQ / scale as float32
-    (added up with atomic adds, see ``BackwardConfig.fuse_dq``).
+def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: Tiling, *, interpret: bool):
+    """dK and dV (in k's and v's dtypes) from the padded inputs.
 
     Args:
       q: [B, Hq, Lp, E]; k: [B, Hkv, Sp, E]; v: [B, Hkv, Sp, Ev]; d_out: [B, Hq, Lp, Ev]. Lp and Sp are whole
@@ -476,37 +451,30 @@ def dkdv(
     def list_index(b, hk, *rest):
         return (b if mask_batch > 1 else 0, hk if mask_per_head else 0, *rest)
 
-    num_spec = pl.BlockSpec((None, mask_group, q_lists.num.shape[2]), lambda b, hk, j: list_index(b, hk, 0))
+    num_spec = pl.BlockSpec((None, mask_group, q_lists.num.shape[2]), lambda j, hk, b: list_index(b, hk, 0))
     indices_spec = pl.BlockSpec(
-        (None, mask_group, *q_lists.indices.shape[2:]), lambda b, hk, j: list_index(b, hk, 0, 0)
+        (None, mask_group, *q_lists.indices.shape[2:]), lambda j, hk, b: list_index(b, hk, 0, 0)
     )
     has_full = q_lists.full_num is not None
     list_specs = [num_spec, indices_spec] * (2 if has_full else 1)
     in_specs = [
-        pl.BlockSpec((None, group, q_padded, e), lambda b, hk, j: (b, hk, 0, 0)),
-        pl.BlockSpec((None, None, bn, e), lambda b, hk, j: (b, hk, j, 0)),
-        pl.BlockSpec((None, None, bn, ev), lambda b, hk, j: (b, hk, j, 0)),
-        pl.BlockSpec((None, group, q_padded, ev), lambda b, hk, j: (b, hk, 0, 0)),
-        pl.BlockSpec((None, group, q_padded), lambda b, hk, j: (b, hk, 0)),
-        pl.BlockSpec((None, group, q_padded), lambda b, hk, j: (b, hk, 0)),
+        pl.BlockSpec((None, group, q_padded, e), lambda j, hk, b: (b, hk, 0, 0)),
+        pl.BlockSpec((None, None, bn, e), lambda j, hk, b: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bn, ev), lambda j, hk, b: (b, hk, j, 0)),
+        pl.BlockSpec((None, group, q_padded, ev), lambda j, hk, b: (b, hk, 0, 0)),
+        pl.BlockSpec((None, group, q_padded), lambda j, hk, b: (b, hk, 0)),
+        pl.BlockSpec((None, group, q_padded), lambda j, hk, b: (b, hk, 0)),
         *list_specs,
         *[pl.no_block_spec] * (len(mods.score_consts) + len(mods.mask_consts)),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, bn, e), lambda b, hk, j: (b, hk, j, 0)),
-        pl.BlockSpec((None, None, bn, ev), lambda b, hk, j: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bn, e), lambda j, hk, b: (b, hk, j, 0)),
+        pl.BlockSpec((None, None, bn, ev), lambda j, hk, b: (b, hk, j, 0)),
     ]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     lists = q_lists.arrays()
     inputs = [q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts]
-    # The dQ buffer starts as zeros passed in, and every program adds into it.
-    zeros = [jnp.zeros(q.shape, jnp.float32)] if fuse_dq else []
-    in_specs += [pl.no_block_spec] * len(zeros)
-    out_specs += [pl.no_block_spec] * len(zeros)
-    out_shape += [jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros]
-    aliases = {len(inputs): 2} if fuse_dq else {}
-    inputs += zeros
-    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), len(zeros), 2 + len(zeros))
+    counts = (6, len(lists), len(mods.score_consts), len(mods.mask_consts), 2)
     kernel = functools.partial(
         _dkdv_kernel,
         mods_static=(mods.score, mods.mask),
@@ -514,17 +482,14 @@ def dkdv(
         group=group,
         has_full=has_full,
         mask_per_head=mask_per_head,
-        fuse_dq=fuse_dq,
         counts=counts,
     )
-    grid, in_specs, out_specs = _launch_order(tiling, (batch, kv_heads, kv_padded // bn), in_specs, out_specs)
     return pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(kv_padded // bn, kv_heads, batch),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=interpret,
         name="flex_attention_dkdv",
@@ -542,7 +507,7 @@ def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_
     dq_ref, grad_refs = outs[0], outs[1:]
     # One gradient ref per score const: the buffer of a floating const that needs its gradient, else None.
     score_grad_refs = [None if slot is None else grad_refs[slot] for slot in grad_slots]
-    b, h, i = _grid_ids(tiling)
+    i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = tiling.block_m, tiling.block_n
     q_start = i * bm
     q_block = lax.div(q_start, tiling.q_block)
@@ -596,8 +561,8 @@ def dq(
     def list_index(b, h, *rest):
         return (b if mask_batch > 1 else 0, h if mask_heads > 1 else 0, *rest)
 
-    num_spec = pl.BlockSpec((None, None, kv_lists.num.shape[2]), lambda b, h, i: list_index(b, h, 0))
-    indices_spec = pl.BlockSpec((None, None, *kv_lists.indices.shape[2:]), lambda b, h, i: list_index(b, h, 0, 0))
+    num_spec = pl.BlockSpec((None, None, kv_lists.num.shape[2]), lambda i, h, b: list_index(b, h, 0))
+    indices_spec = pl.BlockSpec((None, None, *kv_lists.indices.shape[2:]), lambda i, h, b: list_index(b, h, 0, 0))
     has_full = kv_lists.full_num is not None
     lists = kv_lists.arrays()
 
@@ -609,16 +574,16 @@ def dq(
     zeros = [jnp.zeros(c.shape, jnp.float32) for c in wanted]
 
     in_specs = [
-        pl.BlockSpec((None, None, bm, e), lambda b, h, i: (b, h, i, 0)),
-        pl.BlockSpec((None, None, kv_padded, e), lambda b, h, i: (b, h // group, 0, 0)),
-        pl.BlockSpec((None, None, kv_padded, ev), lambda b, h, i: (b, h // group, 0, 0)),
-        pl.BlockSpec((None, None, bm, ev), lambda b, h, i: (b, h, i, 0)),
-        pl.BlockSpec((None, None, bm), lambda b, h, i: (b, h, i)),
-        pl.BlockSpec((None, None, bm), lambda b, h, i: (b, h, i)),
+        pl.BlockSpec((None, None, bm, e), lambda i, h, b: (b, h, i, 0)),
+        pl.BlockSpec((None, None, kv_padded, e), lambda i, h, b: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, kv_padded, ev), lambda i, h, b: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, bm, ev), lambda i, h, b: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bm), lambda i, h, b: (b, h, i)),
+        pl.BlockSpec((None, None, bm), lambda i, h, b: (b, h, i)),
         *[num_spec, indices_spec] * (2 if has_full else 1),
         *[pl.no_block_spec] * (len(mods.score_consts) + len(mods.mask_consts) + len(zeros)),
     ]
-    out_specs = [pl.BlockSpec((None, None, bm, e), lambda b, h, i: (b, h, i, 0)), *[pl.no_block_spec] * len(zeros)]
+    out_specs = [pl.BlockSpec((None, None, bm, e), lambda i, h, b: (b, h, i, 0)), *[pl.no_block_spec] * len(zeros)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), *[jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros]]
     inputs = (q, k, v, d_out, lse2, delta, *lists, *mods.score_consts, *mods.mask_consts, *zeros)
     first_zero = len(inputs) - len(zeros)
@@ -631,10 +596,9 @@ def dq(
         counts=counts,
         grad_slots=tuple(grad_slots),
     )
-    grid, in_specs, out_specs = _launch_order(tiling, (batch, q_heads, q_padded // bm), in_specs, out_specs)
     dq_out, *grads = pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(q_padded // bm, q_heads, batch),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,

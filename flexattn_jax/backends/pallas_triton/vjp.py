@@ -69,7 +69,6 @@ class _Plan:
     head_dim: int
     value_dim: int
     interpret: bool
-    fuse_dq: bool = False
 
 
 def _padded_length(length: int, block: int, num_blocks: int, tiles) -> int:
@@ -99,7 +98,6 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         q_len=q_len,
         kv_len=kv_len,
         scale=scale,
-        tiles_first=bwd.tiles_first,
     )
     return _Plan(
         dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, num_warps=bwd.num_warps,
@@ -111,7 +109,6 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         head_dim=padded_head_dim(q_shape[3]),
         value_dim=padded_head_dim(v_shape[3]),
         interpret=interpret,
-        fuse_dq=bwd.fuse_dq,
     )
 
 
@@ -149,16 +146,10 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
     (_, dkdv_score, dq_score, *_), (_, dkdv_mask, dq_mask, *_) = programs
     dkdv_mods = backward.Mods(dkdv_score, score_consts, dkdv_mask, mask_consts)
     dq_mods = backward.Mods(dq_score, score_consts, dq_mask, mask_consts)
-    if plan.fuse_dq and not any(wanted):  # dQ added up by the dK/dV kernel (the dQ kernel adds captured gradients)
-        dk, dv, dq_acc = backward.dkdv(
-            q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, fuse_dq=True, interpret=plan.interpret
-        )
-        dq, grads = (dq_acc * plan.dkdv.scale).astype(q.dtype), [None] * len(score_consts)
-    else:
-        dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
-        dq, grads = backward.dq(
-            q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
-        )
+    dk, dv = backward.dkdv(q, k, v, d_out, lse2, delta, q_lists, dkdv_mods, plan.dkdv, interpret=plan.interpret)
+    dq, grads = backward.dq(
+        q, k, v, d_out, lse2, delta, kv_lists, dq_mods, plan.dq, grad_consts=wanted, interpret=plan.interpret
+    )
     grads = tuple(None if g is None else g.astype(c.dtype) for g, c in zip(grads, score_consts))
     return dq[:, :, :q_len, :e], dk[:, :, :kv_len, :e], dv[:, :, :kv_len, :ev], grads
 
@@ -225,7 +216,7 @@ def attention(
       scale: multiplies q.k before score_mod.
       kernel_options: tiles, warps and stages of the forward (``BLOCK_M`` ...) and backward (``BLOCK_M1``,
         ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``bwd_num_warps``, ``bwd_num_stages``, ``bwd_dq_num_warps``,
-        ``bwd_dq_num_stages``, ``bwd_fuse_dq``, ``bwd_tiles_first``) kernels.
+        ``bwd_dq_num_stages``) kernels.
       interpret: run the kernels in interpret mode (on the CPU).
       forward: another forward kernel to run instead of the Triton one (the Mosaic GPU kernel); the backward
         kernels only need its (out, lse).
@@ -258,6 +249,9 @@ def attention(
         tiles.append(backward_kernels.tile)
     score_programs, score_consts = _captures.trace_for_tiles(score_mod, tiles, score=True)
     mask_programs, mask_consts = _captures.trace_for_tiles(mask_mod, tiles, score=False)
+    if score_consts:  # the stages do not change the tiles the mods were traced for
+        bwd_config = backward.cap_stages_for_captures(bwd_config, kernel_options)
+        plan = _plan(bwd_config, query.shape, value.shape, kv_len, block_size, num_blocks, scale, interpret)
     programs = (score_programs, mask_programs)
     kv_lists = backward.BlockLists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     if q_num_blocks is None:
