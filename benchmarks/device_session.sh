@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
-#   bash benchmarks/device_session.sh sweep   the open questions of NOTES.md on the Triton forward's tiles
+#   bash benchmarks/device_session.sh sweep   the open question of NOTES.md section 25 (index conversions)
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
@@ -26,15 +26,14 @@ case "${1:-}" in
     timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   sweep)
-    # The open questions of NOTES.md on the Triton forward's tiles (section 19's backward sweeps are recorded
-    # there with their configuration names). Head dim 64: the default (64x128, 2 stages) against the old one and
-    # PyTorch FlexAttention's Hopper default, 128x128 with 3 stages (open lead 2).
-    sweep 150 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm document alibi \
-      softcap per_head --configs fwd64x128w4s2 fwd128x64w4s3 fwd128x128w4s3 fwd64x128w4s2
-    # Head dim 128: the default (128x64, 4 warps, 2 stages) against PyTorch's (128x64, 8 warps, 3 stages) and two
-    # others; section 2 chose 4 warps on the H100, on a kernel since rewritten.
-    sweep 120 --implementation pallas_triton --cases noop causal document alibi --configs fwd128x64w4s2 \
-      fwd128x64w8s3 fwd64x128w4s2 fwd128x128w8s2 fwd128x64w4s2
+    # NOTES.md section 25: the index vectors converted before the subtract (the default) against the conversion
+    # per score ("int_indices"), each timed twice, where it should show: ALiBi at D=64 (forward; Triton and
+    # Mosaic) and at D=128 (forward+backward, the one D=128 cell under 0.85x PyTorch in run 12).
+    sweep 130 --implementation pallas_triton -D 64 --cases alibi noop --configs defaults int_indices defaults \
+      int_indices
+    sweep 100 -D 64 --cases alibi --configs defaults int_indices defaults int_indices
+    sweep 200 --implementation pallas_triton --mode fwdbwd --cases alibi --configs defaults int_indices \
+      defaults int_indices
     ;;
   split)
     # Where the Triton backward's time goes (NOTES.md section 23), in milliseconds: the forward alone, then the

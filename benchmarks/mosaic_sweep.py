@@ -11,6 +11,7 @@ for forward+backward), medians of bursts of back-to-back calls (``benchmarks.tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 
 import jax
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import flexattn_jax as fa
 from benchmarks import timing
 from benchmarks.cases import CASES
+from flexattn_jax.backends import _captures
 
 CONFIGS = {
     "n128_s2": dict(mosaic_block_n=128, mosaic_num_stages=2),
@@ -54,6 +56,9 @@ CONFIGS = {
     "bwd_m64_n128_w8_s2": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, bwd_num_warps=8,
                                bwd_num_stages=2),
     "fwd_w8": dict(num_warps=8),  # the Triton forward with two warpgroups (its default tiles)
+    "defaults": dict(),  # any implementation's defaults
+    # The defaults, with the mods' index arithmetic evaluated as written (see _traced_as)
+    "int_indices": dict(),
 }
 # The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
 # kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).
@@ -73,6 +78,21 @@ def options_of(config: str) -> dict:
     m1, n1, warps, stages, m2, n2, dq_warps, dq_stages = map(int, split.groups())
     return dict(BLOCK_M1=m1, BLOCK_N1=n1, bwd_num_warps=warps, bwd_num_stages=stages, BLOCK_M2=m2, BLOCK_N2=n2,
                 bwd_dq_num_warps=dq_warps, bwd_dq_num_stages=dq_stages)
+
+
+@contextlib.contextmanager
+def _traced_as(config: str):
+    """Where ``config`` is "int_indices", the mods are traced without ``ModProgram.with_index_bound`` (NOTES.md
+    section 25: float32(kv_idx - q_idx) converted per score, not per index vector), to time both in one call."""
+    if config != "int_indices":
+        yield
+        return
+    bound = _captures.ModProgram.with_index_bound
+    _captures.ModProgram.with_index_bound = lambda self, index_bound: self
+    try:
+        yield
+    finally:
+        _captures.ModProgram.with_index_bound = bound
 
 
 _MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],
@@ -135,7 +155,8 @@ def main() -> None:
         for config in configs:
             step = program(args.implementation, options_of(config))
             try:
-                out = step(*sets[0])
+                with _traced_as(config):  # the first call traces
+                    out = step(*sets[0])
             except ValueError as error:  # a configuration this shape cannot take (shared memory)
                 cells.append(f"refused: {str(error).splitlines()[0][:60]}")
                 continue

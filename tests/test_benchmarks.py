@@ -4,8 +4,10 @@ import json
 
 import jax
 
-from benchmarks import run
+import flexattn_jax as fa
+from benchmarks import mosaic_sweep, run
 from benchmarks.cases import CASES, document_ids
+from flexattn_jax.backends import _captures
 
 
 def test_tiny_run_writes_results(tmp_path):
@@ -34,3 +36,14 @@ def test_case_densities_match_the_published_anchors():
     assert abs(CASES["prefix_lm"].density(1, 1, S, S) - 0.5313) < 1e-4
     assert abs(CASES["document"].density(1, 1, S, S) - 0.0831) < 1e-4
     assert len(set(document_ids(S).tolist())) == 7
+
+
+def test_sweep_config_int_indices_traces_the_index_arithmetic_as_written():
+    """mosaic_sweep's "int_indices" times the kernels without ModProgram.with_index_bound, and puts it back."""
+    program, _ = _captures.trace_score_mod(fa.generate_alibi_bias(4), 16, 16)
+    with mosaic_sweep._traced_as("int_indices"):
+        assert not program.with_index_bound(64).exact_indices
+    with mosaic_sweep._traced_as("triton"):
+        assert program.with_index_bound(64).exact_indices
+    assert program.with_index_bound(64).exact_indices
+    assert mosaic_sweep.options_of("int_indices") == {}

@@ -284,3 +284,42 @@ def test_fold_scalings_keeps_the_exp_scale_positive():
     assert fold(fa.tanh_softcap(20.0), 0.5) == _captures.SoftmaxScaling(
         True, pytest.approx(0.5 / 20.0), 1.0, pytest.approx(20.0 * log2_e)
     )
+
+
+def _index_mods():
+    slopes = jnp.linspace(0.1, 0.9, H)
+    return {
+        "alibi": fa.generate_alibi_bias(H),
+        "alibi_learned_slopes": fa.alibi_bias(slopes),
+        "sum_of_indices": lambda score, b, h, q_idx, kv_idx: score + (q_idx + kv_idx).astype(jnp.float32) * 0.25,
+        # A difference of something else than two indices is left alone.
+        "scaled_difference": lambda score, b, h, q_idx, kv_idx: score + (2 * kv_idx - q_idx).astype(jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_index_mods()))
+def test_index_bound_converts_index_vectors_with_the_same_bits(name):
+    """with_index_bound: float32(q_idx -/+ kv_idx) is formed from the converted [BM, 1] and [1, BN] index vectors,
+    bit for bit the value of the tile's conversion; gradients alike. The tile-shaped conversion is gone (counted in
+    the evaluation's jaxpr) where the mod converts a sum or difference of the two indices."""
+    mod = _index_mods()[name]
+    program, consts = _captures.trace_score_mod(mod, BM, BN)
+    bounded = program.with_index_bound(1 << 24)
+    assert bounded.exact_indices and not program.with_index_bound((1 << 24) + 1).exact_indices
+    s, b, h, _, _ = _tile_args()
+    # Large indices near the bound, where a float32 ulp is 1: the two evaluations must still agree exactly.
+    q_idx = ((1 << 24) - 1 - jnp.arange(BM, dtype=jnp.int32) * 977)[:, None]
+    kv_idx = jnp.arange(BN, dtype=jnp.int32)[None, :] * 1_000_003 % (1 << 24)
+    for args in [(s, b, h, *_tile_args()[3:]), (s, b, h, q_idx, kv_idx)]:
+        np.testing.assert_array_equal(bounded(consts, *args), program(consts, *args))
+        out, pullback = bounded.vjp(consts, *args)
+        np.testing.assert_array_equal(out, program(consts, *args))
+        np.testing.assert_array_equal(pullback(jnp.ones_like(out), [None] * len(consts)), jnp.ones_like(out))
+
+    def tile_conversions(p):
+        jaxpr = jax.make_jaxpr(lambda *a: p(consts, *a))(*_tile_args()).jaxpr
+        return sum(e.primitive.name == "convert_element_type" and e.outvars[0].aval.shape == (BM, BN)
+                   and jnp.issubdtype(e.invars[0].aval.dtype, jnp.integer) for e in jaxpr.eqns)
+
+    assert tile_conversions(program) == 1
+    assert tile_conversions(bounded) == (1 if name == "scaled_difference" else 0)

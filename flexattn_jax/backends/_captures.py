@@ -122,6 +122,8 @@ class ModProgram:
       num_consts: how many consts the kernel receives (``len(consts)`` from ``trace_mod``).
       const_avals: shape and dtype of each const.
       out_aval: shape and dtype of the mod's result.
+      exact_indices: q_idx and kv_idx (the last two arguments) are known to lie in [0, 2^24), where float32 holds
+        every int32 exactly (``with_index_bound``).
     """
 
     name: str
@@ -129,6 +131,21 @@ class ModProgram:
     num_consts: int
     const_avals: tuple[jax.ShapeDtypeStruct, ...]
     out_aval: jax.ShapeDtypeStruct
+    exact_indices: bool = False
+
+    def with_index_bound(self, bound: int) -> ModProgram:
+        """This program, told that its q_idx and kv_idx lie in [0, bound).
+
+        Below 2^24 the interpreter evaluates ``float32(q_idx - kv_idx)`` (and ``+``) as ``float32(q_idx) -
+        float32(kv_idx)``: the same bits, with one conversion per row or column of the tile instead of one per
+        score. A kernel whose per-score instructions bound it (the Triton forward at head dim 64 with ALiBi,
+        benchmarks/NOTES.md section 25) saves an int-to-float conversion and an integer subtract per score.
+        """
+        return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
+
+    def _interpreter(self, const_refs, load):
+        index_vars = frozenset(self.jaxpr.invars[-2:]) if self.exact_indices else frozenset()
+        return _Interpreter(const_refs, load, index_vars)
 
     @property
     def is_identity(self) -> bool:
@@ -146,7 +163,7 @@ class ModProgram:
         ``load(const, ref, index)`` reads a const (``index`` None: the whole const, else a tuple of int scalars or
         tiles); the default indexes the ref, which suits the Triton lowering.
         """
-        return _Interpreter(const_refs, load or _plain_load)(self.jaxpr, args)
+        return self._interpreter(const_refs, load or _plain_load)(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
@@ -158,12 +175,12 @@ class ModProgram:
         once per read (the differentiated evaluation reuses the values read).
         """
         recorder = _Recorder(load or _plain_load)
-        _Interpreter(const_refs, recorder.load)(self.jaxpr, args)
+        self._interpreter(const_refs, recorder.load)(self.jaxpr, args)
         sites = recorder.sites
 
         def with_reads(first, values):
             substitute = _Substitute(self.differentiable, sites, values)
-            return _Interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
+            return self._interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
 
         differentiable_sites = [site for site in sites if self.differentiable[site.const]]
         out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in differentiable_sites])
@@ -189,7 +206,7 @@ class ModProgram:
         No gradient reaches the consts. ``ones``: the tangent, where a kernel needs it built in its own layout
         (default ``ones_like(args[0])``); ``load`` as for ``__call__``.
         """
-        interpreter = _Interpreter(const_refs, load or _plain_load)
+        interpreter = self._interpreter(const_refs, load or _plain_load)
         tangent = jnp.ones_like(args[0]) if ones is None else ones
         return jax.jvp(lambda first: interpreter(self.jaxpr, (first, *args[1:])), (args[0],), (tangent,))
 
@@ -243,9 +260,10 @@ class _Interpreter:
     (``concatenate`` of broadcast index tiles, 3-D values the Triton lowering would reject) is never materialised:
     a read of a const takes the concatenated pieces directly."""
 
-    def __init__(self, const_refs, load: Callable):
+    def __init__(self, const_refs, load: Callable, index_vars: frozenset = frozenset()):
         self.const_refs = const_refs
         self.load = load
+        self.index_vars = index_vars  # the top-level q_idx and kv_idx vars, where ModProgram.exact_indices
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
 
     def __call__(self, jaxpr, args):
@@ -287,6 +305,10 @@ class _Interpreter:
 
     def eval_eqn(self, eqn, read_raw, producers):
         name = eqn.primitive.name
+        if name == "convert_element_type" and self.index_vars:
+            converted = self.float_index_sum(eqn, read_raw, producers)
+            if converted is not None:
+                return [converted]
         if name in _READS:
             operand = read_raw(eqn.invars[0])
             if isinstance(operand, _ConstRef):
@@ -301,6 +323,24 @@ class _Interpreter:
         args = [self.value(read_raw(v)) for v in eqn.invars]
         outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
         return outs if eqn.primitive.multiple_results else [outs]
+
+    def float_index_sum(self, eqn, read_raw, producers):
+        """``float32(i - j)`` or ``float32(i + j)`` of the index arguments as ``float32(i) -/+ float32(j)``, else None.
+
+        The same bits for indices in [0, 2^24): both convert exactly, neither int32 sum overflows, and both sides
+        round the exact result once. The conversions then act on the [BM, 1] and [1, BN] index vectors, not on the
+        [BM, BN] tile.
+        """
+        (x,) = eqn.invars
+        if eqn.params["new_dtype"] != jnp.float32 or isinstance(x, jex_core.Literal):
+            return None
+        producer = producers.get(x)
+        if producer is None or producer.primitive.name not in ("add", "sub"):
+            return None
+        if not all(isinstance(v, jex_core.Var) and v in self.index_vars for v in producer.invars):
+            return None
+        i, j = (self.value(read_raw(v)).astype(jnp.float32) for v in producer.invars)
+        return i - j if producer.primitive.name == "sub" else i + j
 
     # -------------------------------------------------------------------------------------- reads of consts
 
