@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
-#   bash benchmarks/device_session.sh sweep   the open question of NOTES.md section 25 (index conversions)
+#   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
+#   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
@@ -26,6 +27,16 @@ case "${1:-}" in
     timeout 90 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   sweep)
+    # NOTES.md section 26: with the walks' starts carried, 3 stages overlap a step's copies with the compute; 2 do
+    # not. The forward at 3 stages (4 and 8 warps) against the 2-stage defaults, and the backward's stages.
+    sweep 150 --implementation pallas_triton --cases noop causal document alibi --configs defaults fwd128x64w4s3 \
+      fwd128x64w8s3 fwd128x128w8s3 defaults
+    sweep 150 --implementation pallas_triton -D 64 --cases noop causal sliding_window alibi --configs defaults \
+      fwd64x128w4s3 fwd128x128w4s3 fwd128x64w4s3 defaults
+    sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal alibi --configs defaults \
+      kv64x128w8s2_q128x64w8s2 kv64x128w8s4_q128x64w8s4 defaults
+    ;;
+  indices)
     # NOTES.md section 25: the index vectors converted before the subtract (the default) against the conversion
     # per score ("int_indices"), each timed twice, where it should show: ALiBi at D=64 (forward; Triton and
     # Mosaic) and at D=128 (forward+backward, the one D=128 cell under 0.85x PyTorch in run 12).
@@ -53,5 +64,5 @@ case "${1:-}" in
       --runs 10 --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|split|run|run64" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64" >&2; exit 2 ;;
 esac

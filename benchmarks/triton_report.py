@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import pathlib
+import re
 import subprocess
 import tempfile
 
@@ -42,6 +43,28 @@ def _capture_triton_ir(directory: pathlib.Path):
 
     lowering.lower_jaxpr_to_triton_module = recording
     return names
+
+
+def _loops(sass: str) -> list[str]:
+    """Each loop of a kernel's SASS (a label and the backward branch to it): instructions, local-memory loads and
+    stores (spills), tensor-core and exp2 instructions per iteration, and the copy groups its waits leave in flight."""
+    lines = sass.splitlines()
+    labels = {line.rstrip(":").strip(): n for n, line in enumerate(lines) if re.fullmatch(r"\.L_x_\d+:", line.strip())}
+    loops = []
+    for n, line in enumerate(lines):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if target is None or labels.get(target.group(1), n) >= n:
+            continue
+        body = [x for x in lines[labels[target.group(1)] : n + 1] if re.match(r"\s+/\*[0-9a-f]+\*/", x)]
+        if len(body) < 4:  # the branch-to-self that ends a kernel
+            continue
+        count = lambda pattern: sum(bool(re.search(pattern, x)) for x in body)  # noqa: E731
+        # DEPBAR.LE SB0, n waits until at most n groups of asynchronous copies are in flight: 0 at the top of a loop
+        # means its loads are not overlapped with its own compute (only other programs on the SM hide them).
+        waits = sorted({int(w, 16) for w in re.findall(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", "\n".join(body))})
+        loops.append(f"{len(body)} instructions, {count(r' (STL|LDL)')} local, {count(r' HGMMA')} HGMMA, "
+                     f"{count(r' MUFU.EX2')} MUFU.EX2, copies in flight at its waits {waits}")
+    return loops
 
 
 def main() -> None:
@@ -109,13 +132,19 @@ def main() -> None:
                                 options={"num_warps": warps, "num_stages": stages})
         ptx = ir.with_suffix(".ptx")
         ptx.write_text(kernel.asm["ptx"])
-        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", "/dev/null"], capture_output=True,
+        cubin = ir.with_suffix(".cubin")
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)], capture_output=True,
                                 text=True).stderr
+        sass = subprocess.run([str(pathlib.Path(ptxas).with_name("nvdisasm")), "-c", str(cubin)],
+                              capture_output=True, text=True).stdout
+        ir.with_suffix(".sass").write_text(sass)
         lines = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "registers" in line or "spill" in line]
         text = kernel.asm["ptx"]
         print(f"## {ir.stem} ({warps} warps, {stages} stages): {'; '.join(lines)}; "
               f"shared memory {kernel.metadata.shared} bytes; "
               f"wgmma {text.count('wgmma.mma_async')}, mma.sync {text.count('mma.sync')}")
+        for number, loop in enumerate(_loops(sass)):
+            print(f"   loop {number}: {loop} per iteration")
 
 
 if __name__ == "__main__":

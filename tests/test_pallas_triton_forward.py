@@ -204,6 +204,24 @@ def test_implementation_choice_is_deterministic():
 # ------------------------------------------------------------------------------------------ the tile steps
 
 
+@pytest.mark.parametrize("count", [0, 1, 2, 5])
+def test_walk_starts_visits_each_start_once_in_order(count):
+    """The walks read each next start a step ahead: every listed start is visited once, in order, and a walk of
+    no blocks runs no step (its clamped read of entry 0 is never used)."""
+    starts = jnp.asarray([40, 8, 24, 0, 56], jnp.int32)
+
+    def body(start, carry):
+        position, visited = carry
+        return position + 1, visited.at[position].set(start)
+
+    steps, visited = jax.jit(
+        lambda count: _tile.walk_starts(count, lambda t: starts[t], body, (jnp.int32(0), jnp.full((5,), -1, jnp.int32)))
+    )(jnp.int32(count))
+    assert int(steps) == count
+    np.testing.assert_array_equal(visited[:count], starts[:count])
+    assert np.all(np.asarray(visited[count:]) == -1)
+
+
 def test_online_softmax_matches_one_shot_and_survives_empty_rows():
     key = jax.random.key(13)
     s = jax.random.normal(key, (16, 64), jnp.float32) * 4

@@ -66,6 +66,24 @@ class SoftmaxState(NamedTuple):
     row_sum: jax.Array
 
 
+def walk_starts(count, start_of, body, carry):
+    """Runs ``carry = body(start_of(t), carry)`` for t in [0, count), each step reading the next step's start.
+
+    The start is carried from one step to the next, so the tiles a step loads are addressed by a loop-carried value
+    rather than by a load of the same step. Triton's pipeliner then fetches them ``num_stages - 1`` steps ahead, and
+    with 3 stages the next steps' copies stay in flight through the compute; with the start read in place, the
+    same loop waited for every copy at its top (``benchmarks/triton_report.py`` shows both, NOTES.md section 26).
+    The read after the last step is clamped to it; its value goes unused.
+    """
+    last = jnp.maximum(count - 1, 0)
+
+    def step(t, state):
+        start, carry = state
+        return start_of(jnp.minimum(t + 1, last)), body(start, carry)
+
+    return lax.fori_loop(0, count, step, (start_of(jnp.int32(0)), carry))[1]
+
+
 def index_tiles(q_start, kv_start, block_m: int, block_n: int) -> tuple[jax.Array, jax.Array]:
     """Global positions of a tile: q_idx [BM, 1] and kv_idx [1, BN], int32."""
     q_idx = q_start + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)

@@ -351,18 +351,19 @@ def _score_gradient_tile(
 
 def _walk(num_ref, indices_ref, row: tuple, block: int, tile: int, body, carry):
     """Runs ``body(start, carry)`` over the tiles of every block listed in ``num_ref[row]`` / ``indices_ref[row]``
-    (``row`` a tuple of indices); each block of ``block`` positions is ``block // tile`` consecutive tiles."""
+    (``row`` a tuple of indices); each block of ``block`` positions is ``block // tile`` consecutive tiles.
+
+    Each step reads the next tile's start and carries it (``_tile.walk_starts``), so that Triton's pipeliner can
+    fetch the tiles ahead of the compute."""
     sub_tiles = block // tile
     count = num_ref[row] * sub_tiles
 
-    def step(t, carry):
+    def start_of(t):
         if sub_tiles == 1:
-            start = indices_ref[(*row, t)] * block
-        else:
-            start = indices_ref[(*row, lax.div(t, sub_tiles))] * block + lax.rem(t, sub_tiles) * tile
-        return body(pl.multiple_of(start, tile), carry)
+            return indices_ref[(*row, t)] * block
+        return indices_ref[(*row, lax.div(t, sub_tiles))] * block + lax.rem(t, sub_tiles) * tile
 
-    return lax.fori_loop(0, count, step, carry)
+    return _tile.walk_starts(count, start_of, lambda start, carry: body(pl.multiple_of(start, tile), carry), carry)
 
 
 def _split_refs(refs, counts: Sequence[int]):

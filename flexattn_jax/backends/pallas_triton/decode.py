@@ -249,11 +249,14 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     hi = jnp.minimum(lo + chunk, total)
 
     def visit(state, idx_ref, start, stop, is_full_block: bool):
-        def body(it, state):
+        def start_of(t):
+            # Clamped to the row: a program past the row's last tile runs no step, but the walk still reads one.
+            it = jnp.minimum(start + t, idx_ref.shape[-1] * sub - 1)
             if sub == 1:
-                kv_start = idx_ref[it] * plan.kv_block
-            else:
-                kv_start = idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+                return idx_ref[it] * plan.kv_block
+            return idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+
+        def body(kv_start, state):
             load_start = jnp.minimum(kv_start, plan.kv_pad - block_n) if plan.clamp_kv else kv_start
             rows = pl.ds(pl.multiple_of(load_start, block_n), block_n)
             k = k_ref[rows, :]
@@ -269,7 +272,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
             s = _tile.mask_scores(s, allowed)
             return _tile.softmax_update(state, s, v)
 
-        return lax.fori_loop(start, stop, body, state)
+        return _tile.walk_starts(jnp.maximum(stop - start, 0), start_of, body, state)
 
     state = _tile.softmax_init(plan.rows, v_ref.shape[-1])
     state = visit(state, kv_idx_ref, lo, jnp.minimum(hi, num_partial), is_full_block=False)

@@ -101,11 +101,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     sub = plan.kv_tiles_per_block
 
     def visit(state, num_ref, idx_ref, is_full_block: bool):
-        def body(it, state):
+        def start_of(it):
             if sub == 1:
-                kv_start = idx_ref[it] * plan.kv_block
-            else:
-                kv_start = idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+                return idx_ref[it] * plan.kv_block
+            return idx_ref[_div(it, sub)] * plan.kv_block + _rem(it, sub) * block_n
+
+        def body(kv_start, state):
             load_start = jnp.minimum(kv_start, plan.kv_pad - block_n) if plan.clamp_kv else kv_start
             rows = pl.ds(pl.multiple_of(load_start, block_n), block_n)
             k = k_ref[rows, :]
@@ -127,7 +128,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
             s = _tile.mask_scores(s, allowed)
             return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale)
 
-        return lax.fori_loop(0, num_ref[...] * sub, body, state)
+        return _tile.walk_starts(num_ref[...] * sub, start_of, body, state)
 
     state = _tile.softmax_init(block_m, v_ref.shape[-1])
     state = visit(state, kv_num_ref, kv_idx_ref, is_full_block=False)
