@@ -4,6 +4,8 @@ Lowering catches unsupported primitives, non-power-of-two values and dtype misma
 compilation to PTX, which the gpu-marked tests exercise.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -78,3 +80,74 @@ def test_dense_boolean_mask_lowers_for_cuda():
     dense = jax.random.bernoulli(jax.random.key(3), 0.5, (128, 128))
     block_mask = fa.create_block_mask_from_dense(dense, BLOCK_SIZE=64)
     _lower_for_cuda(q, k, v, block_mask.mask_mod, None, block_size=64)
+
+
+def _loop_bodies(ttir: str) -> list[list[str]]:
+    """The lines of each scf.for body in a Triton IR text (nested loops inside included in their parent's)."""
+    lines = ttir.splitlines()
+    bodies = []
+    for n, line in enumerate(lines):
+        if "scf.for" in line:
+            indent = len(line) - len(line.lstrip())
+            end = next(m for m in range(n + 1, len(lines))
+                       if lines[m].lstrip().startswith("}") and len(lines[m]) - len(lines[m].lstrip()) == indent)
+            bodies.append(lines[n + 1 : end])
+    return bodies
+
+
+def _tile_loads_fed_by_scalar_loads(body: list[str]) -> list[str]:
+    """The tensor loads of a loop body whose address derives from a scalar load of the same iteration."""
+    defs = {}
+    for line in body:
+        match = re.match(r"\s*(%[\w]+)(?::\d+)? = (.*)", line)
+        if match:
+            defs[match.group(1)] = match.group(2)
+
+    def from_scalar_load(value: str, seen: set) -> bool:
+        if value in seen or value not in defs:  # defined outside the body: loop-invariant or carried
+            return False
+        seen.add(value)
+        op = defs[value]
+        if op.startswith("tt.load") and re.search(r": !tt\.ptr<", op):
+            return True
+        return any(from_scalar_load(v.split("#")[0], seen) for v in re.findall(r"%[\w#]+", op))
+
+    return [op for op in defs.values() if op.startswith("tt.load") and ": tensor<" in op
+            and from_scalar_load(re.findall(r"%[\w]+", op)[0], set())]
+
+
+def test_walks_address_their_tiles_by_a_carried_start(monkeypatch):
+    """Triton's pipeliner overlaps a walk's tile loads with the compute only if their addresses do not come from a
+    load of the same step (benchmarks/NOTES.md section 26): in the forward, dK/dV and dQ kernels, every tile load in
+    a loop is addressed by a value carried from the step before (or invariant), never by this step's index load."""
+    from jax._src.pallas.triton import lowering
+
+    captured = {}
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def recording(jaxpr, *args, **kwargs):
+        result = lower(jaxpr, *args, **kwargs)
+        captured[jaxpr.debug_info.func_name] = result.module.operation.get_asm()
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", recording)
+    q, k, v = random_qkv(0, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 512, 512)
+
+    def loss(q, k, v):
+        out, _ = pallas_triton.attention(
+            q, k, v, score_mod=fa.generate_alibi_bias(2), mask_mod=fa.causal_mask,
+            kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
+            block_size=block_mask.BLOCK_SIZE, scale=0.125,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    assert {"flex_attention_forward", "flex_attention_dkdv", "flex_attention_dq"} <= set(captured)
+    for name, ttir in captured.items():
+        bodies = _loop_bodies(ttir)
+        assert bodies and all(any(": tensor<" in line and "tt.load" in line for line in body) for body in bodies), name
+        for body in bodies:
+            assert _tile_loads_fed_by_scalar_loads(body) == [], name
