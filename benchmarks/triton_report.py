@@ -118,6 +118,8 @@ def main() -> None:
     sizes = dict(q_len=S, kv_len=S, mask_block_size=block_mask.BLOCK_SIZE, mask_num_blocks=block_mask.kv_indices.shape[-2:])
     fwd = config.forward_config(options, head_dim=D, dtype=q.dtype, **sizes)
     bwd = backward.backward_config(options, head_dim=D, dtype=q.dtype, **sizes)
+    if args.score_mod == "relative_table":  # the launch pallas_triton gives a score_mod with captured arrays
+        bwd = backward.cap_stages_for_captures(bwd, options)
     launch = {"forward": (fwd.num_warps, fwd.num_stages), "dkdv": (bwd.num_warps, bwd.num_stages),
               "dq": (bwd.dq_num_warps, bwd.dq_num_stages)}
     print(f"triton {triton.__version__}, sm_90a, D={D}, {args.mask}, {args.score_mod}; "
