@@ -44,11 +44,10 @@ case "${1:-}" in
     ;;
   indices)
     # NOTES.md section 25: the index vectors converted before the subtract (the default) against the conversion
-    # per score ("int_indices"), each timed twice, where it should show: ALiBi at D=64 (forward; Triton and
-    # Mosaic) and at D=128 (forward+backward, the one D=128 cell under 0.85x PyTorch in run 12).
+    # per score ("int_indices"), each timed twice, where it should show: ALiBi at D=64 (the Triton forward) and
+    # at D=128 (forward+backward, the one D=128 cell under 0.85x PyTorch in run 12).
     sweep 130 --implementation pallas_triton -D 64 --cases alibi noop --configs defaults int_indices defaults \
       int_indices
-    sweep 100 -D 64 --cases alibi --configs defaults int_indices defaults int_indices
     sweep 200 --implementation pallas_triton --mode fwdbwd --cases alibi --configs defaults int_indices \
       defaults int_indices
     ;;

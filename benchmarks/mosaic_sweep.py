@@ -151,16 +151,14 @@ def main() -> None:
             )
 
         check = program("pallas_triton", None)(*sets[0])
-        cells = []
-        for config in configs:
+
+        def cell_of(config: str) -> str:
             step = program(args.implementation, options_of(config))
             try:
-                with _traced_as(config):  # the first call traces
-                    out = step(*sets[0])
+                out = step(*sets[0])
             except (ValueError, jax.errors.JaxRuntimeError) as error:  # a configuration this shape cannot take
                 # (refused before tracing, or out of shared memory when launched): the row goes on
-                cells.append(f"refused: {str(error).splitlines()[0][:60]}")
-                continue
+                return f"refused: {str(error).splitlines()[0][:60]}"
             error = relative_error(out, check)
             ms = timing.time_jax(step, sets, runs=10)
             tflops = 4 * B * H * S * S * D * density * (3.5 if backward else 1.0) / ms / 1e9
@@ -168,7 +166,12 @@ def main() -> None:
             if args.wrt != "qkv":  # the kernels XLA kept, to show which ones the time covers
                 kept = sorted(set(re.findall(r"flex_attention_([a-z]+)", step.lower(*sets[0]).compile().as_text())))
                 cell += f" [{' '.join(kept)}]"
-            cells.append(cell)
+            return cell
+
+        cells = []
+        for config in configs:
+            with _traced_as(config):  # every trace of this configuration
+                cells.append(cell_of(config))
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

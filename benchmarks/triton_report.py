@@ -160,8 +160,9 @@ def main() -> None:
         cubin = ir.with_suffix(".cubin")
         report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)], capture_output=True,
                                 text=True).stderr
-        sass = subprocess.run([str(pathlib.Path(ptxas).with_name("nvdisasm")), "-c", str(cubin)],
-                              capture_output=True, text=True).stdout
+        nvdisasm = pathlib.Path(ptxas).with_name("nvdisasm")  # bundled with Triton's NVIDIA backend
+        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout \
+            if nvdisasm.exists() else ""
         ir.with_suffix(".sass").write_text(sass)
         lines = [line.split(":", 1)[-1].strip() for line in report.splitlines() if "registers" in line or "spill" in line]
         text = kernel.asm["ptx"]

@@ -300,7 +300,7 @@ def _index_mods():
 @pytest.mark.parametrize("name", list(_index_mods()))
 def test_index_bound_converts_index_vectors_with_the_same_bits(name):
     """with_index_bound: float32(q_idx -/+ kv_idx) is formed from the converted [BM, 1] and [1, BN] index vectors,
-    bit for bit the value of the tile's conversion; gradients alike. The tile-shaped conversion is gone (counted in
+    bit for bit the value of the tile's conversion; the score's cotangent alike. The tile-shaped conversion is gone (counted in
     the evaluation's jaxpr) where the mod converts a sum or difference of the two indices."""
     mod = _index_mods()[name]
     program, consts = _captures.trace_score_mod(mod, BM, BN)

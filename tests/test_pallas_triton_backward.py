@@ -366,8 +366,9 @@ def test_backward_launch_options_reach_each_kernel():
 
 def test_every_program_id_is_read_right():
     """The grids are (tiles, heads, batch): with GQA, a mask and a score_mod that differ per query head and per
-    batch, the gradients match the reference only if each kernel reads every program id as the axis it is."""
-    s = SIZES
+    batch, the gradients match the reference only if each kernel reads every program id as the axis it is. Three
+    batches against two key/value heads, so that no two grid axes have the same extent."""
+    s = dict(SIZES, B=3)
     q, k, v = random_qkv(31, **s)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 3, (s["B"], s["S"])).cumsum(axis=1) // 20, jnp.int32)
 
@@ -437,7 +438,7 @@ def test_backward_lowers_to_triton_for_cuda(which):
     [(False, None, 3), (True, None, 2), (True, {"bwd_num_stages": 3}, 3), (True, {"bwd_dq_num_stages": 3}, (2, 3))],
     ids=["no_captures", "captures", "captures_stages_set", "captures_dq_stages_set"],
 )
-def test_a_score_mod_with_captured_arrays_gets_at_most_two_backward_stages(captures, options, stages):
+def test_captured_arrays_cap_the_default_backward_stages_at_two(captures, options, stages):
     """At D=128 the default's 3 stages ran out of shared memory on the GPU with a bias table's gathers and the dQ
     kernel's atomic adds (256 KiB asked, 227 available): with captures the defaults drop to 2; set stages stay."""
     L, D = 256, 128

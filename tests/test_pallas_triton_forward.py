@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import flexattn_jax as fa
 from flexattn_jax.backends.pallas_triton import _tile, config
@@ -206,17 +207,20 @@ def test_implementation_choice_is_deterministic():
 
 @pytest.mark.parametrize("count", [0, 1, 2, 5])
 def test_walk_starts_visits_each_start_once_in_order(count):
-    """The walks read each next start a step ahead: every listed start is visited once, in order, and a walk of
-    no blocks runs no step (its clamped read of entry 0 is never used)."""
-    starts = jnp.asarray([40, 8, 24, 0, 56], jnp.int32)
+    """The walks read each next start a step ahead: every listed start is visited once, in order; a walk of no
+    blocks runs no step; and no read leaves the list (it has max(count, 1) entries here; checkify raises on a read
+    out of range, such as the step after the last left unclamped)."""
+    starts = jnp.asarray([40, 8, 24, 0, 56][: max(count, 1)], jnp.int32)
 
     def body(start, carry):
         position, visited = carry
         return position + 1, visited.at[position].set(start)
 
-    steps, visited = jax.jit(
-        lambda count: _tile.walk_starts(count, lambda t: starts[t], body, (jnp.int32(0), jnp.full((5,), -1, jnp.int32)))
-    )(jnp.int32(count))
+    def walk(count):
+        return _tile.walk_starts(count, lambda t: starts[t], body, (jnp.int32(0), jnp.full((5,), -1, jnp.int32)))
+
+    error, (steps, visited) = jax.jit(checkify.checkify(walk, errors=checkify.index_checks))(jnp.int32(count))
+    error.throw()
     assert int(steps) == count
     np.testing.assert_array_equal(visited[:count], starts[:count])
     assert np.all(np.asarray(visited[count:]) == -1)

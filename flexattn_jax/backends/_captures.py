@@ -138,8 +138,10 @@ class ModProgram:
 
         Below 2^24 the interpreter evaluates ``float32(q_idx - kv_idx)`` (and ``+``) as ``float32(q_idx) -
         float32(kv_idx)``: the same bits, with one conversion per row or column of the tile instead of one per
-        score. A kernel whose per-score instructions bound it (the Triton forward at head dim 64 with ALiBi,
-        benchmarks/NOTES.md section 25) saves an int-to-float conversion and an integer subtract per score.
+        score, where the kernel passes the indices as vectors ([BM, 1] and [1, BN], as the Triton kernels do; with
+        whole-tile indices it would cost a conversion more). A kernel whose per-score instructions bound it (the
+        Triton forward at head dim 64 with ALiBi, benchmarks/NOTES.md section 25) saves an int-to-float conversion
+        and an integer subtract per score.
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
@@ -328,8 +330,8 @@ class _Interpreter:
         """``float32(i - j)`` or ``float32(i + j)`` of the index arguments as ``float32(i) -/+ float32(j)``, else None.
 
         The same bits for indices in [0, 2^24): both convert exactly, neither int32 sum overflows, and both sides
-        round the exact result once. The conversions then act on the [BM, 1] and [1, BN] index vectors, not on the
-        [BM, BN] tile.
+        round the exact result once. Where the indices are [BM, 1] and [1, BN] vectors, the conversions act on them,
+        not on the [BM, BN] tile.
         """
         (x,) = eqn.invars
         if eqn.params["new_dtype"] != jnp.float32 or isinstance(x, jex_core.Literal):

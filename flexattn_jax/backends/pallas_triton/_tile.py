@@ -73,7 +73,8 @@ def walk_starts(count, start_of, body, carry):
     rather than by a load of the same step. Triton's pipeliner then fetches them ``num_stages - 1`` steps ahead, and
     with 3 stages the next steps' copies stay in flight through the compute; with the start read in place, the
     same loop waited for every copy at its top (``benchmarks/triton_report.py`` shows both, NOTES.md section 26).
-    The read after the last step is clamped to it; its value goes unused.
+    The read after the last step is clamped to it; its value goes unused. ``start_of(0)`` is read even when
+    ``count`` is 0, so it must be a valid read then too.
     """
     last = jnp.maximum(count - 1, 0)
 

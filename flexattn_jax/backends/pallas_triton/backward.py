@@ -27,10 +27,10 @@ exactly one program and need no atomics:
   the GPU. Arrays the mask_mod closes over (document ids) get no gradient and cost nothing.
 
 Both grids put the tile axis first, and the Triton lowering launches the first axis fastest: the programs in flight
-are mostly tiles of one (batch, head) and share, in L2, the rows they all stream (the forward's order; 6-10% faster
-forward+backward than batch first, benchmarks/NOTES.md section 22). Adding dQ up in the dK/dV kernel with atomic
-adds instead of running the dQ kernel (five dots per block pair instead of seven) measured twice as slow (section
-21), so each gradient has one writer and needs no atomics.
+are mostly tiles of one (batch, head) and share, in L2, the rows they all stream (the forward's order; up to 10%
+faster forward+backward than batch first, benchmarks/NOTES.md section 22). Adding dQ up in the dK/dV kernel with
+atomic adds instead of running the dQ kernel (five dots per block pair instead of seven) measured twice as slow
+(section 21), so dQ, dK and dV each have one writer.
 
 A kernel tile lies inside one BlockMask block: the mask's block sizes are multiples of the tiles, so each mask block
 is walked as ``block // tile`` consecutive sub-tiles. The caller pads the sequences to whole mask blocks and the head
@@ -197,7 +197,9 @@ def backward_config(
 # Shared memory is the limit on the stages of a score_mod that reads captured arrays: a gather at tile-shaped
 # indices (a bias table at q_idx - kv_idx) and the dQ kernel's atomic adds of its gradient go through shared memory.
 # With 3 stages the D=128 default's dQ kernel asked for 256 KiB on the H200 (227 KiB available); with 2, the
-# Triton release of benchmarks/triton_report.py gives each kernel about 165 KiB.
+# Triton release of benchmarks/triton_report.py gives each kernel about 165 KiB. The cap is deliberately broad (any
+# captured array, also a scalar read such as slopes[h], and every head dim): what a gather costs in shared memory is
+# only known once Triton has compiled the kernel, and a launch that does not fit fails at run time.
 CAPTURES_MAX_STAGES = 2
 
 

@@ -248,9 +248,14 @@ def attention(
     if backward_kernels is not None:
         tiles.append(backward_kernels.tile)
     score_programs, score_consts = _captures.trace_for_tiles(score_mod, tiles, score=True)
-    # The kernels' indices lie below the padded lengths (ModProgram.with_index_bound).
+    # The Triton kernels' indices lie below the padded lengths (ModProgram.with_index_bound). Not the Mosaic
+    # kernels' programs: their index tiles are whole [BM, BN] tiles, where converting both would cost more.
     index_bound = max(plan.q_padded, plan.kv_padded)
-    score_programs = tuple(program.with_index_bound(index_bound) for program in score_programs)
+    triton_programs = range(0 if forward is None else 1, 3)  # the forward's, the dK/dV kernel's, the dQ kernel's
+    score_programs = tuple(
+        program.with_index_bound(index_bound) if n in triton_programs else program
+        for n, program in enumerate(score_programs)
+    )
     mask_programs, mask_consts = _captures.trace_for_tiles(mask_mod, tiles, score=False)
     if score_consts:  # the stages do not change the tiles the mods were traced for
         bwd_config = backward.cap_stages_for_captures(bwd_config, kernel_options)
