@@ -60,6 +60,18 @@ def _block_mask(mask_mod, B, H, L, S, block=MASK_BLOCK):
     return None if mask_mod is None else fa.create_block_mask(mask_mod, B, H, L, S, BLOCK_SIZE=block)
 
 
+def _assert_qkv_grads_match(q, k, v, score_mod, block_mask, d_out, kernel_options=TINY_TILES):
+    """The gradients of sum(out * d_out) with respect to q, k and v: the kernels' against the reference's."""
+
+    def loss(implementation, q, k, v):
+        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=kernel_options)
+        return jnp.sum(out.astype(jnp.float32) * d_out)
+
+    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
+    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+
+
 def _assert_grads_close(grads, ref_grads, dtype, names):
     for g, r, name in zip(grads, ref_grads, names):
         assert_close(g, r, dtype, name=name)
@@ -74,15 +86,7 @@ def test_gradients_match_reference(case):
     q, k, v = random_qkv(1, **s)
     mask_mod, score_mod = case.build(s["B"], s["Hq"], s["L"], s["S"], 0)
     block_mask = _block_mask(mask_mod, None, None, s["L"], s["S"])
-    d_out = _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"]))
-
-    def loss(implementation, q, k, v):
-        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
-        return jnp.sum(out.astype(jnp.float32) * d_out)
-
-    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
-    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
-    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+    _assert_qkv_grads_match(q, k, v, score_mod, block_mask, _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"])))
 
 
 # ------------------------------------------------------------------------------------ arrays the mods capture
@@ -208,14 +212,7 @@ def test_gqa_with_a_different_mask_per_query_head():
         return (q_idx - kv_idx >= -8 * h) & ((q_idx + b) % 5 != 0)
 
     block_mask = _block_mask(mask_mod, s["B"], s["Hq"], s["L"], s["S"])
-    d_out = _cotangent(15, (s["B"], s["Hq"], s["L"], s["Ev"]))
-
-    def loss(implementation, q, k, v):
-        return jnp.sum(_attention(implementation, q, k, v, fa.rel_bias, block_mask, kernel_options=TINY_TILES) * d_out)
-
-    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
-    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
-    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+    _assert_qkv_grads_match(q, k, v, fa.rel_bias, block_mask, _cotangent(15, (s["B"], s["Hq"], s["L"], s["Ev"])))
 
 
 def test_default_tiles_and_odd_head_dims():
@@ -224,13 +221,7 @@ def test_default_tiles_and_odd_head_dims():
         q, k, v = random_qkv(16, **sizes)
         block_mask = fa.create_block_mask(fa.prefix_lm_mask(8), None, None, sizes["L"], sizes["S"], BLOCK_SIZE=64)
         d_out = _cotangent(17, (sizes["B"], sizes["Hq"], sizes["L"], sizes["Ev"]))
-
-        def loss(implementation, q, k, v):
-            return jnp.sum(_attention(implementation, q, k, v, None, block_mask) * d_out)
-
-        grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
-        ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
-        _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+        _assert_qkv_grads_match(q, k, v, None, block_mask, d_out, kernel_options=None)
 
 
 def test_bfloat16():
@@ -377,15 +368,7 @@ def test_every_program_id_is_read_right():
 
     block_mask = _block_mask(mask_mod, s["B"], s["Hq"], s["L"], s["S"])
     score_mod = fa.generate_alibi_bias(s["Hq"])
-    d_out = _cotangent(32, (s["B"], s["Hq"], s["L"], s["Ev"]))
-
-    def loss(implementation, q, k, v):
-        out = _attention(implementation, q, k, v, score_mod, block_mask, kernel_options=TINY_TILES)
-        return jnp.sum(out.astype(jnp.float32) * d_out)
-
-    grads = _grads("pallas_triton", loss, (0, 1, 2), q, k, v)
-    ref_grads = _grads("reference", loss, (0, 1, 2), q, k, v)
-    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv"))
+    _assert_qkv_grads_match(q, k, v, score_mod, block_mask, _cotangent(32, (s["B"], s["Hq"], s["L"], s["Ev"])))
 
 
 # ---------------------------------------------------------------------------------------------- CUDA lowering
