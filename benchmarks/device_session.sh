@@ -6,6 +6,7 @@
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
+#   bash benchmarks/device_session.sh torch   PyTorch FlexAttention's compiled forward kernels (IR, PTX) at D=64
 # Each step has its own time limit, so that a slow one cannot take the whole call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +69,11 @@ case "${1:-}" in
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x64 --modes fwd,fwdbwd \
       --runs 10 --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
     ;;
+  torch)
+    # NOTES.md section 27: what PyTorch's kernel compiles to, read offline beside triton_report's view of ours.
+    TRITON_CACHE_DIR=/tmp/torch_triton_cache timeout 200 python3 -m benchmarks.torch_flex_artifacts \
+      --cases noop alibi causal -D 64 --out "$OUT/torch_kernels" 2>&1 | grep -v Warning | tail -12
+    ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64|torch" >&2; exit 2 ;;
 esac
