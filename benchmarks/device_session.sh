@@ -7,6 +7,8 @@
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 #   bash benchmarks/device_session.sh torch   PyTorch FlexAttention's compiled forward kernels (IR, PTX) at D=64
+#   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
+#                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,17 @@ case "${1:-}" in
     TRITON_CACHE_DIR=/tmp/torch_triton_cache timeout 200 python3 -m benchmarks.torch_flex_artifacts \
       --cases noop alibi causal -D 64 --out "$OUT/torch_kernels" 2>&1 | grep -v Warning | tail -12
     ;;
+  ncu)
+    # NOTES.md section 27: what the GPU runs for our D=64 forward (its default launch, compiled by XLA) beside
+    # PyTorch's kernel (128x128, 4 warps, 3 stages). --clock-control none: the clocks stay as the machine sets them.
+    # Not yet run: check that ncu reads the counters here (KINDS.md) before planning around it.
+    timeout 240 ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' \
+      --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section InstructionStats --import-source no -o "$OUT/forward64" -f \
+      python3 -m benchmarks.profile_forward --case noop -D 64 --calls 1 2>&1 | grep -v Warning | tail -8
+    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page details 2>&1 | grep -E "flex|triton_tem|Registers|Shared Memory Config|Achieved Occ|Theoretical Occ|Issue Slots|No Eligible|Executed Ipc|Duration|Stall" | tee "$OUT/forward64.txt" | head -80
+    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page source --print-source sass --csv > "$OUT/forward64_sass.csv" 2>&1
+    ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64|torch" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64|torch|ncu" >&2; exit 2 ;;
 esac

@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("-D", type=int, default=128, help="head dim")
     parser.add_argument("--options", default="{}", help="kernel_options, as a Python dict literal")
     parser.add_argument("--out", default=None, help="where the IR and PTX go (default: a temporary directory)")
+    parser.add_argument("--ftz", type=int, choices=(0, 1), default=1,
+                        help="libdevice's flush-to-zero variant of its float32 functions (exp2f): Triton's own "
+                             "default 1; XLA's modules carry nvvm-reflect-ftz 0 unless --xla_gpu_ftz is set")
     args = parser.parse_args()
     options = ast.literal_eval(args.options) or None
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="triton_report_"))
@@ -152,7 +155,7 @@ def main() -> None:
         if kind is None:
             continue
         warps, stages = launch[kind]
-        launch_options = {"num_warps": warps, "num_stages": stages}
+        launch_options = {"num_warps": warps, "num_stages": stages, "enable_reflect_ftz": bool(args.ftz)}
         kernel = triton.compile(str(_as_xla_compiles(ir, launch_options)), target=GPUTarget("cuda", 90, 32),
                                 options=launch_options)
         ptx = ir.with_suffix(".ptx")

@@ -416,6 +416,65 @@ def test_backward_lowers_to_triton_for_cuda(which):
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
 
 
+def _largest_array(hlo_text: str) -> tuple[int, str]:
+    """The element count and type of the largest tensor in a lowered program's text."""
+    shapes = set(re.findall(r"tensor<((?:\d+x)+)[a-z]", hlo_text))
+    return max((int(np.prod([int(d) for d in dims.rstrip("x").split("x")])), dims) for dims in shapes)
+
+
+def test_forward_and_backward_hold_no_array_of_queries_times_keys():
+    """No array of L x S elements anywhere in the program of the forward and all its gradients: the scores and
+    probabilities live only in the kernels' tiles. L x S here is 8 times the largest input."""
+    B, Hq, Hkv, L, S, D = 1, 2, 1, 512, 640, 32
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16),
+            sd((Hq, 2 * S - 1), jnp.float32))
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, S)
+
+    def loss(q, k, v, table):
+        out, lse = vjp.attention(
+            q, k, v, score_mod=fa.relative_position_bias(table), mask_mod=block_mask.mask_mod,
+            kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
+            q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices,
+            full_q_num_blocks=block_mask.full_q_num_blocks, full_q_indices=block_mask.full_q_indices,
+            block_size=block_mask.BLOCK_SIZE, scale=D**-0.5,
+        )
+        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    elements, dims = _largest_array(text)
+    assert elements < L * S // 4, f"an array of shape {dims} ({elements} elements) against L x S = {L * S}"
+    # The check could fail: the reference's program of the same loss holds the [B, H, L, S] scores.
+    reference = jax.jit(jax.grad(
+        lambda q, k, v, table: jnp.sum(fa.flex_attention(
+            q, k, v, fa.relative_position_bias(table), block_mask, enable_gqa=True,
+            implementation="reference").astype(jnp.float32)),
+        argnums=(0, 1, 2, 3))).trace(*args).lower()
+    assert _largest_array(reference.as_text())[0] >= B * Hq * L * S
+
+
+@pytest.mark.gpu
+def test_gpu_forward_and_backward_temporary_memory_holds_no_scores():
+    """On the GPU, the compiled forward+backward's temporary buffers at L = S = 8192 stay under half of one L x S
+    array in bfloat16 (64 MiB; the inputs are 2 MiB each): the scores exist only in the kernels' tiles."""
+    B, H, L, D = 1, 2, 8192, 64
+    q, k, v = random_qkv(41, B=B, Hq=H, Hkv=H, L=L, S=L, E=D, Ev=D, dtype=jnp.bfloat16)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, L)
+
+    def loss(q, k, v):
+        out = fa.flex_attention(q, k, v, block_mask=block_mask, implementation="pallas_triton")
+        return jnp.sum(out.astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+    temporary = compiled.memory_analysis().temp_size_in_bytes
+    assert temporary < L * L * 2 // 2, f"{temporary} bytes of temporaries against {L * L * 2} for L x S bfloat16"
+
+
 @pytest.mark.parametrize(
     "captures, options, stages",
     [(False, None, 3), (True, None, 2), (True, {"bwd_num_stages": 3}, 3), (True, {"bwd_dq_num_stages": 3}, (2, 3))],

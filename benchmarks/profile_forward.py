@@ -1,0 +1,53 @@
+"""A few forward calls of one case, ours and PyTorch FlexAttention's, for a profiler to capture (NOTES.md §27).
+
+    ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' -o prof \
+        python3 -m benchmarks.profile_forward --case noop -D 64
+
+B=2, H=16, S=8192, bf16, the cases of ``benchmarks.cases``. Each implementation is compiled and run once (the
+warm-up), then ``--calls`` more times; nothing is timed here: the profiler reads the kernels' launches
+(registers, shared memory, occupancy), their instruction mix and their SASS.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import jax_impls
+from benchmarks.cases import CASES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="noop", choices=sorted(CASES))
+    parser.add_argument("-D", type=int, default=64)
+    parser.add_argument("-S", type=int, default=8192)
+    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--implementation", default="pallas_triton")
+    parser.add_argument("--no-torch", action="store_true", help="only ours")
+    args = parser.parse_args()
+    B, H, S, D = 2, 16, args.S, args.D
+    case = CASES[args.case]
+    q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
+    forward = jax_impls.flexattn(case, args.implementation, B, H, S, S)
+    for _ in range(1 + args.calls):
+        jax.block_until_ready(forward(q, k, v))
+    print(f"ran {args.implementation} {args.case} D={D} {1 + args.calls} times", flush=True)
+    if args.no_torch:
+        return
+    import torch
+
+    from benchmarks import torch_impls
+
+    qt, kt, vt = (torch_impls.from_jax(x) for x in (q, k, v))
+    flex = torch_impls.flex(case, B, H, S, S)
+    for _ in range(1 + args.calls):
+        flex(qt, kt, vt)
+    torch.cuda.synchronize()
+    print(f"ran torch flex_attention {args.case} D={D} {1 + args.calls} times", flush=True)
+
+
+if __name__ == "__main__":
+    main()
