@@ -3,6 +3,7 @@
 #   bash benchmarks/device_session.sh check   the gpu-marked tests and the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
+#   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
@@ -54,6 +55,16 @@ case "${1:-}" in
     sweep 200 --implementation pallas_triton --mode fwdbwd --cases alibi --configs defaults int_indices \
       defaults int_indices
     ;;
+  exp2)
+    # NOTES.md section 28: the Triton kernels' exp2 as PTX's ex2.approx.ftz.f32 (the default) against libdevice's
+    # __nv_exp2f ("libdevice_exp2"), each timed twice: the D=64 forward, the D=128 forward, forward+backward.
+    sweep 150 --implementation pallas_triton -D 64 --cases noop causal sliding_window alibi --configs defaults \
+      libdevice_exp2 defaults libdevice_exp2
+    sweep 120 --implementation pallas_triton --cases noop causal alibi --configs defaults libdevice_exp2 defaults \
+      libdevice_exp2
+    sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal alibi --configs defaults \
+      libdevice_exp2 defaults libdevice_exp2
+    ;;
   split)
     # Where the Triton backward's time goes (NOTES.md section 23), in milliseconds: the forward alone, then the
     # forward with the dQ kernel (gradient of q), with the dK/dV kernel (of k and v), and with both.
@@ -88,5 +99,5 @@ case "${1:-}" in
     timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page source --print-source sass --csv > "$OUT/forward64_sass.csv" 2>&1
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|split|run|run64|torch|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|split|run|run64|torch|ncu" >&2; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ import flexattn_jax as fa
 from benchmarks import timing
 from benchmarks.cases import CASES
 from flexattn_jax.backends import _captures
+from flexattn_jax.backends.pallas_triton import _tile
 
 CONFIGS = {
     "n128_s2": dict(mosaic_block_n=128, mosaic_num_stages=2),
@@ -59,6 +60,8 @@ CONFIGS = {
     "defaults": dict(),  # any implementation's defaults
     # The defaults, with the mods' index arithmetic evaluated as written (see _traced_as)
     "int_indices": dict(),
+    # The defaults, with every exp2 of the Triton kernels through libdevice (see _traced_as)
+    "libdevice_exp2": dict(),
 }
 # The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
 # kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).
@@ -82,17 +85,25 @@ def options_of(config: str) -> dict:
 
 @contextlib.contextmanager
 def _traced_as(config: str):
-    """Where ``config`` is "int_indices", the mods are traced without ``ModProgram.with_index_bound`` (NOTES.md
-    section 25: float32(kv_idx - q_idx) converted per score, not per index vector), to time both in one call."""
-    if config != "int_indices":
+    """Traces a configuration the way an earlier kernel was, to time both in one call: "int_indices", the mods
+    without ``ModProgram.with_index_bound`` (NOTES.md section 25: float32(kv_idx - q_idx) converted per score, not
+    per index vector); "libdevice_exp2", the Triton kernels' exp2 through libdevice's ``__nv_exp2f``, not PTX's
+    flush-to-zero instruction (section 28)."""
+    if config == "int_indices":
+        patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
+    elif config == "libdevice_exp2":
+        patched, name = _tile, "exp2"
+        fast_exp2 = _tile.exp2
+        replacement = lambda x, *, fast: fast_exp2(x, fast=False)  # noqa: E731
+    else:
         yield
         return
-    bound = _captures.ModProgram.with_index_bound
-    _captures.ModProgram.with_index_bound = lambda self, index_bound: self
+    original = getattr(patched, name)
+    setattr(patched, name, replacement)
     try:
         yield
     finally:
-        _captures.ModProgram.with_index_bound = bound
+        setattr(patched, name, original)
 
 
 _MODE_CONFIGS = {"fwd": ["n128_s2", "n128_s3", "n64_s2", "n64_s3", "n64_s4"],

@@ -47,3 +47,17 @@ def test_sweep_config_int_indices_traces_the_index_arithmetic_as_written():
         assert program.with_index_bound(64).exact_indices
     assert program.with_index_bound(64).exact_indices
     assert mosaic_sweep.options_of("int_indices") == {}
+
+
+def test_sweep_config_libdevice_exp2_routes_exp2_through_jnp_and_puts_it_back():
+    """mosaic_sweep's "libdevice_exp2" times the Triton kernels with jnp.exp2 (libdevice) in place of the
+    flush-to-zero instruction, only while that configuration is traced."""
+    from flexattn_jax.backends.pallas_triton import _tile
+
+    fast = _tile.exp2
+    with mosaic_sweep._traced_as("libdevice_exp2"):
+        assert _tile.exp2 is not fast
+        x = jax.numpy.linspace(-3.0, 3.0, 8)
+        assert jax.numpy.array_equal(_tile.exp2(x, fast=True), jax.numpy.exp2(x))
+    assert _tile.exp2 is fast
+    assert mosaic_sweep.options_of("libdevice_exp2") == {}

@@ -116,23 +116,28 @@ def _tile_loads_fed_by_scalar_loads(body: list[str]) -> list[str]:
             and from_scalar_load(re.findall(r"%[\w]+", op)[0], set())]
 
 
-def test_walks_address_their_tiles_by_a_carried_start(monkeypatch):
-    """Triton's pipeliner overlaps a walk's tile loads with the compute only if their addresses do not come from a
-    load of the same step (benchmarks/NOTES.md section 26): in the forward, dK/dV and dQ kernels, every tile load in
-    a loop is addressed by a value carried from the step before (or invariant), never by this step's index load."""
+def _triton_modules(monkeypatch, fn, *args) -> dict[str, str]:
+    """The Triton IR text of every kernel that lowering ``fn(*args)`` for an (abstract) H100 produces, by name."""
     from jax._src.pallas.triton import lowering
 
     captured = {}
     lower = lowering.lower_jaxpr_to_triton_module
 
-    def recording(jaxpr, *args, **kwargs):
-        result = lower(jaxpr, *args, **kwargs)
+    def recording(jaxpr, *lower_args, **kwargs):
+        result = lower(jaxpr, *lower_args, **kwargs)
         captured[jaxpr.debug_info.func_name] = result.module.operation.get_asm()
         return result
 
     monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", recording)
-    q, k, v = random_qkv(0, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
-    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 512, 512)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    return captured
+
+
+def _alibi_causal_grad(L=512):
+    """jax.grad of a loss through the forward, dK/dV and dQ kernels (ALiBi, causal), and its arguments."""
+    q, k, v = random_qkv(0, B=1, Hq=2, Hkv=2, L=L, S=L, E=64, Ev=64, dtype=jnp.bfloat16)
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, L)
 
     def loss(q, k, v):
         out, _ = pallas_triton.attention(
@@ -143,11 +148,42 @@ def test_walks_address_their_tiles_by_a_carried_start(monkeypatch):
         )
         return jnp.sum(out.astype(jnp.float32))
 
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    return jax.grad(loss, argnums=(0, 1, 2)), (q, k, v)
+
+
+def test_walks_address_their_tiles_by_a_carried_start(monkeypatch):
+    """Triton's pipeliner overlaps a walk's tile loads with the compute only if their addresses do not come from a
+    load of the same step (benchmarks/NOTES.md section 26): in the forward, dK/dV and dQ kernels, every tile load in
+    a loop is addressed by a value carried from the step before (or invariant), never by this step's index load."""
+    grad, args = _alibi_causal_grad()
+    captured = _triton_modules(monkeypatch, grad, *args)
     assert {"flex_attention_forward", "flex_attention_dkdv", "flex_attention_dq"} <= set(captured)
     for name, ttir in captured.items():
         bodies = _loop_bodies(ttir)
         assert bodies and all(any(": tensor<" in line and "tt.load" in line for line in body) for body in bodies), name
         for body in bodies:
             assert _tile_loads_fed_by_scalar_loads(body) == [], name
+
+
+def test_kernels_exponentiate_with_the_flush_to_zero_instruction(monkeypatch):
+    """Every exp2 of a tile in the forward, dK/dV, dQ and decoding kernels is PTX's ex2.approx.ftz.f32, never
+    libdevice's __nv_exp2f, which XLA links without flush-to-zero (three more instructions per score; NOTES.md section 28)."""
+    grad, args = _alibi_causal_grad()
+    captured = _triton_modules(monkeypatch, grad, *args)
+    q, k, v = random_qkv(1, B=2, Hq=4, Hkv=2, L=1, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
+    bm = fa.create_block_mask(fa.noop_mask, None, None, 1, 512)
+
+    def decode(q, k, v):  # one query: the split-KV decoding kernel
+        return pallas_triton.attention(
+            q, k, v, score_mod=fa.identity, mask_mod=fa.noop_mask, kv_num_blocks=bm.kv_num_blocks,
+            kv_indices=bm.kv_indices, full_kv_num_blocks=bm.full_kv_num_blocks, full_kv_indices=bm.full_kv_indices,
+            block_size=bm.BLOCK_SIZE, scale=0.125,
+        )
+
+    captured |= _triton_modules(monkeypatch, decode, q, k, v)
+    assert {"flex_attention_forward", "flex_attention_dkdv", "flex_attention_dq"} <= set(captured)
+    assert any("decode" in name for name in captured), sorted(captured)
+    for name, ttir in captured.items():
+        assert "ex2.approx.ftz.f32" in ttir, name
+        # (ALiBi's own scalar exp2 of its slope stays the user's: only tiles are checked.)
+        assert re.search(r'"__nv_exp2f"\} : \(tensor<', ttir) is None, name

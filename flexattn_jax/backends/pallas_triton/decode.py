@@ -203,6 +203,7 @@ class _Plan:
     mask_kv_bounds: bool
     has_full: bool
     scale: float
+    fast_exp2: bool  # _tile.exp2's fast path (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
 
@@ -270,7 +271,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
                 in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
                 allowed = in_bounds if allowed is None else allowed & in_bounds
             s = _tile.mask_scores(s, allowed)
-            return _tile.softmax_update(state, s, v)
+            return _tile.softmax_update(state, s, v, fast_exp2=plan.fast_exp2)
 
         return _tile.walk_starts(jnp.maximum(stop - start, 0), start_of, body, state)
 
@@ -400,6 +401,7 @@ def flex_decode(
         mask_kv_bounds=visited_end > kv_len,
         has_full=has_full,
         scale=float(scale),
+        fast_exp2=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
     )

@@ -61,6 +61,7 @@ class _Plan:
     mod_q_max: int | None  # clamp q_idx given to the mods (padded queries) to this, or None
     has_full: bool
     scaling: SoftmaxScaling
+    fast_exp2: bool  # _tile.exp2's fast path (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
 
@@ -126,7 +127,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
                 in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
                 allowed = in_bounds if allowed is None else allowed & in_bounds
             s = _tile.mask_scores(s, allowed)
-            return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale)
+            return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale, fast_exp2=plan.fast_exp2)
 
         return _tile.walk_starts(num_ref[...] * sub, start_of, body, state)
 
@@ -219,6 +220,7 @@ def flex_forward(
         mod_q_max=q_len - 1 if q_pad > q_len else None,
         has_full=has_full,
         scaling=scaling,
+        fast_exp2=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
     )
