@@ -95,7 +95,9 @@ case "${1:-}" in
       --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
       --section ComputeWorkloadAnalysis --section InstructionStats --import-source no -o "$OUT/forward64" -f \
       python3 -m benchmarks.profile_forward --case noop -D 64 --calls 1 2>&1 | grep -v Warning | tail -8
-    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page details 2>&1 | grep -E "flex|triton_tem|Registers|Shared Memory Config|Achieved Occ|Theoretical Occ|Issue Slots|No Eligible|Executed Ipc|Duration|Stall" | tee "$OUT/forward64.txt" | head -80
+    wanted="flex|triton_tem|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall"
+    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
+      | tee "$OUT/forward64.txt" | head -80
     timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page source --print-source sass --csv > "$OUT/forward64_sass.csv" 2>&1
     ;;
   *)

@@ -167,7 +167,8 @@ def test_walks_address_their_tiles_by_a_carried_start(monkeypatch):
 
 def test_kernels_exponentiate_with_the_flush_to_zero_instruction(monkeypatch):
     """Every exp2 of a tile in the forward, dK/dV, dQ and decoding kernels is PTX's ex2.approx.ftz.f32, never
-    libdevice's __nv_exp2f, which XLA links without flush-to-zero (three more instructions per score; NOTES.md section 28)."""
+    libdevice's __nv_exp2f, which XLA links without flush-to-zero (three more instructions per score; NOTES.md
+    section 28)."""
     grad, args = _alibi_causal_grad()
     captured = _triton_modules(monkeypatch, grad, *args)
     q, k, v = random_qkv(1, B=2, Hq=4, Hkv=2, L=1, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
