@@ -373,6 +373,29 @@ def test_every_program_id_is_read_right():
 
 # ---------------------------------------------------------------------------------------------- CUDA lowering
 
+_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+
+
+def _kernel_attention(q, k, v, score_mod, block_mask, scale, kernel_options=None):
+    """The Triton kernels' differentiable attention on a BlockMask's arrays (vjp.attention: no platform check, so
+    it lowers for CUDA on a CPU)."""
+    return vjp.attention(
+        q, k, v, score_mod=score_mod, mask_mod=block_mask.mask_mod,
+        kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
+        full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
+        q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices,
+        full_q_num_blocks=block_mask.full_q_num_blocks, full_q_indices=block_mask.full_q_indices,
+        block_size=block_mask.BLOCK_SIZE, scale=scale, kernel_options=kernel_options,
+    )
+
+
+def _grad_lowered_for_cuda(loss, *args) -> str:
+    """The text of jax.grad(loss) with respect to every argument, lowered for an (abstract) H100."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+        return grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 
 @pytest.mark.parametrize("which", ["causal_relative_table", "document_softcap_gqa"])
 def test_backward_lowers_to_triton_for_cuda(which):
@@ -390,30 +413,10 @@ def test_backward_lowers_to_triton_for_cuda(which):
     block_mask = fa.create_block_mask(mask_mod, None, None, L, S)
 
     def loss(q, k, v, table):
-        out, _ = vjp.attention(
-            q,
-            k,
-            v,
-            score_mod=make_score_mod(table),
-            mask_mod=block_mask.mask_mod,
-            kv_num_blocks=block_mask.kv_num_blocks,
-            kv_indices=block_mask.kv_indices,
-            full_kv_num_blocks=block_mask.full_kv_num_blocks,
-            full_kv_indices=block_mask.full_kv_indices,
-            q_num_blocks=block_mask.q_num_blocks,
-            q_indices=block_mask.q_indices,
-            full_q_num_blocks=block_mask.full_q_num_blocks,
-            full_q_indices=block_mask.full_q_indices,
-            block_size=block_mask.BLOCK_SIZE,
-            scale=D**-0.5,
-        )
+        out, _ = _kernel_attention(q, k, v, make_score_mod(table), block_mask, D**-0.5)
         return jnp.sum(out.astype(jnp.float32))
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        lowered = grad.trace(*args, table).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+    assert _grad_lowered_for_cuda(loss, *args, table).count("__gpu$xla.gpu.triton") == 3
 
 
 def _largest_array(hlo_text: str) -> tuple[int, str]:
@@ -432,20 +435,10 @@ def test_forward_and_backward_hold_no_array_of_queries_times_keys():
     block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, S)
 
     def loss(q, k, v, table):
-        out, lse = vjp.attention(
-            q, k, v, score_mod=fa.relative_position_bias(table), mask_mod=block_mask.mask_mod,
-            kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
-            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
-            q_num_blocks=block_mask.q_num_blocks, q_indices=block_mask.q_indices,
-            full_q_num_blocks=block_mask.full_q_num_blocks, full_q_indices=block_mask.full_q_indices,
-            block_size=block_mask.BLOCK_SIZE, scale=D**-0.5,
-        )
+        out, lse = _kernel_attention(q, k, v, fa.relative_position_bias(table), block_mask, D**-0.5)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
+    text = _grad_lowered_for_cuda(loss, *args)
     assert text.count("__gpu$xla.gpu.triton") == 3
     elements, dims = _largest_array(text)
     assert elements < L * S // 4, f"an array of shape {dims} ({elements} elements) against L x S = {L * S}"
@@ -490,18 +483,11 @@ def test_captured_arrays_cap_the_default_backward_stages_at_two(captures, option
     block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, L)
 
     def loss(q, k, v, table):
-        out, _ = vjp.attention(
-            q, k, v, score_mod=fa.relative_position_bias(table) if captures else fa.identity,
-            mask_mod=block_mask.mask_mod, kv_num_blocks=block_mask.kv_num_blocks, kv_indices=block_mask.kv_indices,
-            full_kv_num_blocks=block_mask.full_kv_num_blocks, full_kv_indices=block_mask.full_kv_indices,
-            block_size=block_mask.BLOCK_SIZE, scale=D**-0.5, kernel_options=options,
-        )
+        score_mod = fa.relative_position_bias(table) if captures else fa.identity
+        out, _ = _kernel_attention(q, k, v, score_mod, block_mask, D**-0.5, kernel_options=options)
         return jnp.sum(out.astype(jnp.float32))
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        text = grad.trace(*args, table).lower(lowering_platforms=("cuda",)).as_text()
+    text = _grad_lowered_for_cuda(loss, *args, table)
     launched = dict(re.findall(r'name = "flex_attention_(dkdv|dq)", num_stages = (\d+)', text))
     dkdv_stages, dq_stages = stages if isinstance(stages, tuple) else (stages, stages)
     assert launched == {"dkdv": str(dkdv_stages), "dq": str(dq_stages)}
