@@ -323,3 +323,46 @@ def test_index_bound_converts_index_vectors_with_the_same_bits(name):
 
     assert tile_conversions(program) == 1
     assert tile_conversions(bounded) == (1 if name == "scaled_difference" else 0)
+
+
+def _product_used_twice(score, b, h, q_idx, kv_idx):
+    square = score * score
+    return (square + 1.0) * square
+
+
+def _contraction_mods():
+    return {
+        # x * y + z with the product on either side, and x * y - z: one fma each
+        "alibi": (fa.generate_alibi_bias(H), 1),
+        "product_first": (lambda score, b, h, q_idx, kv_idx: score * 0.5 + kv_idx.astype(jnp.float32), 1),
+        "product_minus": (lambda score, b, h, q_idx, kv_idx: score * 0.5 - q_idx.astype(jnp.float32), 1),
+        # z - x * y and a product used twice are left as they are
+        "product_subtracted": (lambda score, b, h, q_idx, kv_idx: score - 0.5 * kv_idx.astype(jnp.float32), 0),
+        "product_used_twice": (_product_used_twice, 0),
+        "no_product": (fa.identity, 0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_contraction_mods()))
+def test_products_used_by_a_sum_go_through_fma(name):
+    """ModProgram's ``fma``: a float32 product used only by a sum is evaluated as fma(x, y, +-z), with the mod's
+    value; other products are left alone. The Triton kernels pass PTX's fma.rn.f32 here (XLA does not contract
+    their multiplies and adds by itself; benchmarks/NOTES.md section 29)."""
+    mod, expected_calls = _contraction_mods()[name]
+    program, consts = _captures.trace_score_mod(mod, BM, BN)
+    calls = []
+
+    def fma(a, b, c):
+        calls.append((jnp.shape(a), jnp.shape(b), jnp.shape(c)))
+        return a * b + c
+
+    args = _tile_args(seed=3)
+    got = program(consts, *args, fma=fma)
+    assert len(calls) == expected_calls, calls
+    np.testing.assert_allclose(got, mod(*args), rtol=1e-6, atol=1e-6)
+    # Inside a kernel, the Triton forward's own fma (interpret mode: a * b + c) gives the same.
+    from flexattn_jax.backends.pallas_triton import _tile
+
+    in_kernel = _in_kernel(lambda refs, *a: program(refs, *a, fma=functools.partial(_tile.fma, fast=False)),
+                           consts, args, True)
+    np.testing.assert_allclose(in_kernel, jnp.broadcast_to(mod(*args), (BM, BN)), rtol=1e-6, atol=1e-6)

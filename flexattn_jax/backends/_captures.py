@@ -145,9 +145,9 @@ class ModProgram:
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
-    def _interpreter(self, const_refs, load):
+    def _interpreter(self, const_refs, load, fma=None):
         index_vars = frozenset(self.jaxpr.invars[-2:]) if self.exact_indices else frozenset()
-        return _Interpreter(const_refs, load, index_vars)
+        return _Interpreter(const_refs, load, index_vars, fma)
 
     @property
     def is_identity(self) -> bool:
@@ -159,13 +159,17 @@ class ModProgram:
         """For each const, whether it is floating (gets a gradient in the backward pass)."""
         return tuple(bool(jnp.issubdtype(a.dtype, jnp.inexact)) for a in self.const_avals)
 
-    def __call__(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
+    def __call__(self, const_refs: Sequence[Any], *args, load: Callable | None = None, fma: Callable | None = None):
         """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel).
 
         ``load(const, ref, index)`` reads a const (``index`` None: the whole const, else a tuple of int scalars or
-        tiles); the default indexes the ref, which suits the Triton lowering.
+        tiles); the default indexes the ref, which suits the Triton lowering. ``fma(a, b, c)``, if given, computes
+        ``a * b + c`` rounded once: a float32 product used only by a sum (``x * y + z``, ``z + x * y``,
+        ``x * y - z``) is evaluated through it, the contraction that the GPU compiler does not make by itself for
+        the Triton kernels (benchmarks/NOTES.md section 29). Not for differentiation: ``vjp`` and ``derivative``
+        evaluate products and sums apart.
         """
-        return self._interpreter(const_refs, load or _plain_load)(self.jaxpr, args)
+        return self._interpreter(const_refs, load or _plain_load, fma)(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
@@ -262,10 +266,11 @@ class _Interpreter:
     (``concatenate`` of broadcast index tiles, 3-D values the Triton lowering would reject) is never materialised:
     a read of a const takes the concatenated pieces directly."""
 
-    def __init__(self, const_refs, load: Callable, index_vars: frozenset = frozenset()):
+    def __init__(self, const_refs, load: Callable, index_vars: frozenset = frozenset(), fma: Callable | None = None):
         self.const_refs = const_refs
         self.load = load
         self.index_vars = index_vars  # the top-level q_idx and kv_idx vars, where ModProgram.exact_indices
+        self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
 
     def __call__(self, jaxpr, args):
@@ -276,9 +281,16 @@ class _Interpreter:
     def run(self, jaxpr, consts, args):
         env: dict[Any, Any] = {}
         producers = {}
+        uses: dict[Any, int] = {}
         for eqn in jaxpr.eqns:
             for v in eqn.outvars:
                 producers[v] = eqn
+            for v in eqn.invars:
+                if isinstance(v, jex_core.Var):
+                    uses[v] = uses.get(v, 0) + 1
+        for v in jaxpr.outvars:
+            if isinstance(v, jex_core.Var):
+                uses[v] = uses.get(v, 0) + 1
         for v, x in zip(jaxpr.constvars, consts):
             env[v] = x
         for v, x in zip(jaxpr.invars, args):
@@ -290,7 +302,7 @@ class _Interpreter:
                 return v.val
             if v not in env:
                 eqn = producers[v]
-                outs = self.eval_eqn(eqn, read_raw, producers)
+                outs = self.eval_eqn(eqn, read_raw, producers, uses)
                 for o, x in zip(eqn.outvars, outs):
                     env[o] = x
             return env[v]
@@ -305,12 +317,16 @@ class _Interpreter:
             return self.whole[x.const]
         return x
 
-    def eval_eqn(self, eqn, read_raw, producers):
+    def eval_eqn(self, eqn, read_raw, producers, uses):
         name = eqn.primitive.name
         if name == "convert_element_type" and self.index_vars:
             converted = self.float_index_sum(eqn, read_raw, producers)
             if converted is not None:
                 return [converted]
+        if name in ("add", "sub") and self.fma is not None:
+            contracted = self.contract(eqn, read_raw, producers, uses)
+            if contracted is not None:
+                return [contracted]
         if name in _READS:
             operand = read_raw(eqn.invars[0])
             if isinstance(operand, _ConstRef):
@@ -325,6 +341,29 @@ class _Interpreter:
         args = [self.value(read_raw(v)) for v in eqn.invars]
         outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
         return outs if eqn.primitive.multiple_results else [outs]
+
+    def contract(self, eqn, read_raw, producers, uses):
+        """A float32 ``x * y + z``, ``z + x * y`` or ``x * y - z`` as ``fma(x, y, +-z)``, where the product is used
+        by this sum alone (so it is never needed apart); else None."""
+        if eqn.outvars[0].aval.dtype != jnp.float32:
+            return None
+        operands = list(eqn.invars)
+        # For "sub" only the minuend may be the product: z - x * y would need a negated product.
+        candidates = (0,) if eqn.primitive.name == "sub" else (0, 1)
+        for position in candidates:
+            v = operands[position]
+            product = producers.get(v) if isinstance(v, jex_core.Var) else None
+            if (
+                product is None
+                or product.primitive.name != "mul"
+                or uses.get(v) != 1
+                or any(u.aval.dtype != jnp.float32 for u in product.invars)
+            ):
+                continue
+            x, y = (self.value(read_raw(u)) for u in product.invars)
+            z = self.value(read_raw(operands[1 - position]))
+            return self.fma(x, y, -z if eqn.primitive.name == "sub" else z)
+        return None
 
     def float_index_sum(self, eqn, read_raw, producers):
         """``float32(i - j)`` or ``float32(i + j)`` of the index arguments as ``float32(i) -/+ float32(j)``, else None.

@@ -4,10 +4,10 @@ A kernel reads as
 
     q_idx, kv_idx = index_tiles(q_start, kv_start, BM, BN)
     s = score_tile(q, k, scale)                                          # scale * q.k, float32
-    s = apply_score_mod(score_mod, score_refs, s, b, h, q_idx, kv_idx)
+    s = apply_score_mod(score_mod, score_refs, s, b, h, q_idx, kv_idx, fast=...)
     allowed = allowed_tile(mask_mod, mask_refs, b, h, q_idx, kv_idx, is_full_block=..., q_len=..., kv_len=...)
     s = mask_scores(s, allowed)                                          # -inf where not allowed
-    state = softmax_update(state, s, v, fast_exp2=...)                   # online softmax, float32
+    state = softmax_update(state, s, v, inline_ptx=...)                  # online softmax, float32
     ...
     out, lse = softmax_finalize(state)
 
@@ -20,7 +20,9 @@ A row with nothing allowed keeps a running maximum of -inf; subtracting 0 instea
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from typing import NamedTuple, Sequence
 
 import jax
@@ -35,6 +37,7 @@ __all__ = [
     "LN_2",
     "SoftmaxState",
     "exp2",
+    "fma",
     "index_tiles",
     "dot_precision",
     "score_tile",
@@ -111,9 +114,10 @@ def score_tile(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
     return s if scale == 1.0 else s * jnp.float32(scale)
 
 
-def apply_score_mod(score_mod: ModProgram, score_refs: Sequence, s, b, h, q_idx, kv_idx) -> jax.Array:
-    """score_mod(s, b, h, q_idx, kv_idx) on a tile, as float32 [BM, BN]."""
-    out = score_mod(score_refs, s, b, h, q_idx, kv_idx)
+def apply_score_mod(score_mod: ModProgram, score_refs: Sequence, s, b, h, q_idx, kv_idx, *, fast: bool) -> jax.Array:
+    """score_mod(s, b, h, q_idx, kv_idx) on a tile, as float32 [BM, BN]; its float32 products used only by a sum
+    become ``fma``s (``fast`` as ``fma``'s)."""
+    out = score_mod(score_refs, s, b, h, q_idx, kv_idx, fma=functools.partial(fma, fast=fast))
     return jnp.broadcast_to(out, s.shape).astype(jnp.float32)
 
 
@@ -188,18 +192,44 @@ def exp2(x: jax.Array, *, fast: bool) -> jax.Array:
     return y
 
 
+def fma(a, b, c, *, fast: bool) -> jax.Array:
+    """``a * b + c`` of float32 values (arrays broadcasting together, or a Python float ``b``), rounded once.
+
+    ``fast``: PTX's ``fma.rn.f32``, one FFMA per element. Written as ``a * b + c``, the product and the sum stay two
+    instructions on the GPU: XLA compiles Triton kernels without floating-point contraction, so ptxas may not fuse
+    them (benchmarks/NOTES.md section 29). A Python float ``b`` becomes the instruction's immediate operand.
+    Interpret mode cannot run inline assembly: ``fast=False`` there computes ``a * b + c``.
+    """
+    if not fast:
+        return a * (jnp.float32(b) if isinstance(b, float) else b) + c
+    if isinstance(b, float):
+        bits = struct.unpack("<I", struct.pack("<f", b))[0]
+        asm, args, constraints = f"fma.rn.f32 $0, $1, 0f{bits:08X}, $2;", [a, c], "=f,f,f"
+    else:
+        asm, args, constraints = "fma.rn.f32 $0, $1, $2, $3;", [a, b, c], "=f,f,f,f"
+    shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in args))
+    [y] = pl_triton.elementwise_inline_asm(
+        asm,
+        args=[jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in args],
+        constraints=constraints,
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
+    )
+    return y
+
+
 def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale: float = LOG2_E,
-                   fast_exp2: bool) -> SoftmaxState:
-    """Folds one tile into the state: s [BM, BN] float32 scores (-inf where masked), v [BN, Ev]; ``fast_exp2`` as
-    ``exp2``'s ``fast``."""
-    exp_scale = jnp.float32(exp_scale)
+                   inline_ptx: bool) -> SoftmaxState:
+    """Folds one tile into the state: s [BM, BN] float32 scores (-inf where masked), v [BN, Ev]; ``inline_ptx``:
+    ``exp2``'s and ``fma``'s ``fast``."""
+    exp_scale = float(exp_scale)
     row_max = jnp.maximum(state.row_max, jnp.max(s, axis=1))
     # While a row has seen nothing allowed its maximum is -inf; exponentiate against 0 so exp2 gives 0, not NaN.
-    shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max * exp_scale)
-    correction = exp2(state.row_max * exp_scale - shift, fast=fast_exp2)
+    neg_shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max * jnp.float32(-exp_scale))
+    correction = exp2(fma(state.row_max, exp_scale, neg_shift, fast=inline_ptx), fast=inline_ptx)
     # The maximum is taken before scaling, so each score costs one FMA here.
-    p = exp2(s * exp_scale - shift[:, None], fast=fast_exp2)
-    row_sum = state.row_sum * correction + jnp.sum(p, axis=1)
+    p = exp2(fma(s, exp_scale, neg_shift[:, None], fast=inline_ptx), fast=inline_ptx)
+    row_sum = fma(state.row_sum, correction, jnp.sum(p, axis=1), fast=inline_ptx)
     pv = lax.dot_general(
         p.astype(v.dtype),
         v,

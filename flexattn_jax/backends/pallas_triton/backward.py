@@ -230,7 +230,7 @@ class Tiling:
       q_len, kv_len: the true sequence lengths (the arrays are padded to whole blocks).
       scale: multiplies q.k before the score_mod.
       num_warps, num_stages: Triton's launch parameters.
-      fast_exp2: ``_tile.exp2``'s fast path (off in interpret mode).
+      inline_ptx: ``_tile.exp2`` and ``_tile.fma`` as inline PTX (off in interpret mode).
     """
 
     block_m: int
@@ -242,7 +242,7 @@ class Tiling:
     scale: float
     num_warps: int
     num_stages: int
-    fast_exp2: bool
+    inline_ptx: bool
 
     def __post_init__(self):
         assert self.q_block % self.block_m == 0 and self.kv_block % self.block_n == 0, self
@@ -332,13 +332,14 @@ def _score_gradient_tile(
     # P = exp(m - lse) = exp2(m * LOG2_E - lse2): exp2 is one fast GPU instruction, and the caller passes lse2.
     if score.is_identity:  # no work, and a gradient of one
         pullback = None
-        p = _tile.exp2(s * jnp.float32(tiling.scale * _tile.LOG2_E) - lse2, fast=tiling.fast_exp2)
+        p = _tile.exp2(_tile.fma(s, float(tiling.scale * _tile.LOG2_E), -lse2, fast=tiling.inline_ptx),
+                       fast=tiling.inline_ptx)
     else:
         scaled = s if tiling.scale == 1.0 else s * jnp.float32(tiling.scale)
         m, pullback = score.vjp(score_refs, scaled, b, h, mod_q, mod_kv)
         m_shape, m_dtype = m.shape, m.dtype
-        p = _tile.exp2(jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_tile.LOG2_E) - lse2,
-                       fast=tiling.fast_exp2)
+        p = _tile.exp2(_tile.fma(jnp.broadcast_to(m.astype(jnp.float32), shape), _tile.LOG2_E, -lse2,
+                                 fast=tiling.inline_ptx), fast=tiling.inline_ptx)
     if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
 

@@ -203,7 +203,7 @@ class _Plan:
     mask_kv_bounds: bool
     has_full: bool
     scale: float
-    fast_exp2: bool  # _tile.exp2's fast path (not in interpret mode)
+    inline_ptx: bool  # _tile.exp2 and _tile.fma as inline PTX (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
 
@@ -265,13 +265,13 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
             kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
             mod_kv = jnp.minimum(kv_idx, plan.kv_len - 1) if plan.mask_kv_bounds else kv_idx
             s = _tile.score_tile(q, k, plan.scale)
-            s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, q_idx, mod_kv)
+            s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, q_idx, mod_kv, fast=plan.inline_ptx)
             allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, q_idx, mod_kv, is_full_block=is_full_block)
             if plan.mask_kv_bounds:
                 in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
                 allowed = in_bounds if allowed is None else allowed & in_bounds
             s = _tile.mask_scores(s, allowed)
-            return _tile.softmax_update(state, s, v, fast_exp2=plan.fast_exp2)
+            return _tile.softmax_update(state, s, v, inline_ptx=plan.inline_ptx)
 
         return _tile.walk_starts(jnp.maximum(stop - start, 0), start_of, body, state)
 
@@ -401,7 +401,7 @@ def flex_decode(
         mask_kv_bounds=visited_end > kv_len,
         has_full=has_full,
         scale=float(scale),
-        fast_exp2=not interpret,
+        inline_ptx=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
     )

@@ -61,7 +61,7 @@ class _Plan:
     mod_q_max: int | None  # clamp q_idx given to the mods (padded queries) to this, or None
     has_full: bool
     scaling: SoftmaxScaling
-    fast_exp2: bool  # _tile.exp2's fast path (not in interpret mode)
+    inline_ptx: bool  # _tile.exp2 and _tile.fma as inline PTX (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
 
@@ -119,7 +119,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
             scaling = plan.scaling
             s = _tile.score_tile(q, k, scaling.score_scale)
             if scaling.apply_score_mod:
-                s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, mod_q, mod_kv)
+                s = _tile.apply_score_mod(score_mod, score_refs, s, b, h, mod_q, mod_kv, fast=plan.inline_ptx)
             if scaling.value_scale != 1.0:
                 s = s * jnp.float32(scaling.value_scale)
             allowed = _tile.allowed_tile(mask_mod, mask_refs, b, h, mod_q, mod_kv, is_full_block=is_full_block)
@@ -127,7 +127,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
                 in_bounds = jnp.broadcast_to(kv_idx < plan.kv_len, s.shape)
                 allowed = in_bounds if allowed is None else allowed & in_bounds
             s = _tile.mask_scores(s, allowed)
-            return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale, fast_exp2=plan.fast_exp2)
+            return _tile.softmax_update(state, s, v, exp_scale=scaling.exp_scale, inline_ptx=plan.inline_ptx)
 
         return _tile.walk_starts(num_ref[...] * sub, start_of, body, state)
 
@@ -220,7 +220,7 @@ def flex_forward(
         mod_q_max=q_len - 1 if q_pad > q_len else None,
         has_full=has_full,
         scaling=scaling,
-        fast_exp2=not interpret,
+        inline_ptx=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
     )

@@ -98,7 +98,7 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         q_len=q_len,
         kv_len=kv_len,
         scale=scale,
-        fast_exp2=not interpret,
+        inline_ptx=not interpret,
     )
     return _Plan(
         dkdv=backward.Tiling(block_m=bwd.block_m1, block_n=bwd.block_n1, num_warps=bwd.num_warps,
