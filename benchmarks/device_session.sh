@@ -4,6 +4,8 @@
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
+#   bash benchmarks/device_session.sh fma     NOTES.md section 29: multiply-adds as one fma or two instructions
+#   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
@@ -65,6 +67,34 @@ case "${1:-}" in
     sweep 200 --implementation pallas_triton --mode fwdbwd --cases noop causal alibi --configs defaults \
       libdevice_exp2 defaults libdevice_exp2
     ;;
+  fma)
+    # NOTES.md section 29: the Triton kernels' multiply-adds as PTX's fma.rn.f32 (the default) against a multiply
+    # and an add ("separate_mul_add", which XLA compiles to two instructions), each timed twice.
+    triton_files="tests/test_pallas_triton_forward.py tests/test_pallas_triton_backward.py tests/test_decode.py"
+    timeout 150 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    echo "D=64 forward, burst timer" >> "$OUT/sweeps.md"
+    sweep 150 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm alibi \
+      --configs defaults separate_mul_add defaults separate_mul_add
+    echo "D=128 forward, burst timer" >> "$OUT/sweeps.md"
+    sweep 100 --implementation pallas_triton --cases noop causal alibi --configs defaults separate_mul_add \
+      defaults separate_mul_add
+    echo "D=128 forward+backward, burst timer" >> "$OUT/sweeps.md"
+    sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal alibi --configs defaults \
+      separate_mul_add defaults separate_mul_add
+    ;;
+  tiles64)
+    # The D=64 forward's launch, after section 29, and how much of each cell is the host's: the defaults timed with
+    # eight calls in one program (no host work between them) beside the usual bursts, then launches with 128-query
+    # tiles, which read each key tile from L2 half as often, and 3 stages.
+    echo "D=64 forward, unrolled timer" >> "$OUT/sweeps.md"
+    sweep 120 --implementation pallas_triton -D 64 --timer unrolled --cases noop causal sliding_window prefix_lm \
+      alibi document --configs defaults
+    echo "D=64 forward, burst timer" >> "$OUT/sweeps.md"
+    sweep 240 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm alibi \
+      --configs defaults fwd128x64w4s2 fwd128x64w4s3 fwd64x128w4s3 fwd128x128w8s2 fwd64x64w4s3 defaults
+    ;;
   split)
     # Where the Triton backward's time goes (NOTES.md section 23), in milliseconds: the forward alone, then the
     # forward with the dQ kernel (gradient of q), with the dK/dV kernel (of k and v), and with both.
@@ -89,17 +119,24 @@ case "${1:-}" in
     ;;
   ncu)
     # NOTES.md section 27: what the GPU runs for our D=64 forward (its default launch, compiled by XLA) beside
-    # PyTorch's kernel (128x128, 4 warps, 3 stages). --clock-control none: the clocks stay as the machine sets them.
-    # Not yet run: check that ncu reads the counters here (KINDS.md) before planning around it.
-    timeout 240 ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' \
-      --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-      --section ComputeWorkloadAnalysis --section InstructionStats --import-source no -o "$OUT/forward64" -f \
-      python3 -m benchmarks.profile_forward --case noop -D 64 --calls 1 2>&1 | grep -v Warning | tail -8
-    wanted="flex|triton_tem|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall"
-    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
-      | tee "$OUT/forward64.txt" | head -80
-    timeout 60 ncu --import "$OUT/forward64.ncu-rep" --page source --print-source sass --csv > "$OUT/forward64_sass.csv" 2>&1
+    # PyTorch's kernel (128x128, 4 warps, 3 stages), for the identity, ALiBi and the sliding window: each kernel's
+    # duration, occupancy, issue and stall reasons, and its SASS with the times each instruction ran
+    # (SourceCounters). --clock-control none: the clocks stay as the machine sets them. Five files per case would
+    # pass $OUT's limit, so the reports are reduced here to one text file and one SASS file per case.
+    wanted="flex|triton_tem|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves"
+    for case in ${NCU_CASES:-noop alibi sliding_window}; do
+      timeout 150 ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' \
+        --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+        --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
+        --import-source no -o "/tmp/ncu_$case" -f \
+        python3 -m benchmarks.profile_forward --case "$case" -D 64 --calls 0 2>&1 | grep -v Warning | tail -4
+      timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
+        > "$OUT/ncu_$case.txt"
+      head -40 "$OUT/ncu_$case.txt"
+      timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page source --print-source sass --csv 2>&1 \
+        | gzip > "$OUT/ncu_${case}_sass.csv.gz"
+    done
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|split|run|run64|torch|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
 esac

@@ -62,6 +62,8 @@ CONFIGS = {
     "int_indices": dict(),
     # The defaults, with every exp2 of the Triton kernels through libdevice (see _traced_as)
     "libdevice_exp2": dict(),
+    # The defaults, with the Triton kernels' multiply-adds as a multiply and an add (see _traced_as)
+    "separate_mul_add": dict(),
 }
 # The Triton backward's two kernels launched apart: "kv<M1>x<N1>w<warps>s<stages>_q<M2>x<N2>w<warps>s<stages>", e.g.
 # kv64x128w8s3_q64x32w4s3 (dK/dV kernel 64 queries x 128 keys on 8 warps, 3 stages; dQ kernel 64 x 32 on 4, 3).
@@ -88,13 +90,17 @@ def _traced_as(config: str):
     """Traces a configuration the way an earlier kernel was, to time both in one call: "int_indices", the mods
     without ``ModProgram.with_index_bound`` (NOTES.md section 25: float32(kv_idx - q_idx) converted per score, not
     per index vector); "libdevice_exp2", the Triton kernels' exp2 through libdevice's ``__nv_exp2f``, not PTX's
-    flush-to-zero instruction (section 28)."""
+    flush-to-zero instruction (section 28); "separate_mul_add", ``_tile.fma`` as a multiply and an add, which XLA
+    compiles to two instructions (section 29)."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
         patched, name = _tile, "exp2"
         fast_exp2 = _tile.exp2
         replacement = lambda x, *, fast: fast_exp2(x, fast=False)  # noqa: E731
+    elif config == "separate_mul_add":
+        patched, name = _tile, "fma"
+        replacement = lambda a, b, c, *, fast: a * (jnp.float32(b) if isinstance(b, float) else b) + c  # noqa: E731
     else:
         yield
         return
@@ -124,14 +130,22 @@ def main() -> None:
                         help="fwdbwd: the gradients taken. XLA drops a kernel whose outputs go unused, so q times the "
                              "forward and the dQ kernel, kv the forward and the dK/dV kernel")
     parser.add_argument("--ms", action="store_true", help="print milliseconds instead of TFLOP/s")
+    parser.add_argument("--timer", choices=("burst", "unrolled"), default="burst",
+                        help="burst: timing.time_jax (calls dispatched back to back); unrolled: "
+                             "timing.time_jax_unrolled (eight calls in one program, no host work between them)")
     args = parser.parse_args()
     B, H, S, D = args.B, args.H, args.S, args.D
     configs = args.configs or _MODE_CONFIGS[args.mode]
     backward = args.mode == "fwdbwd"
     keys = jax.random.split(jax.random.key(0), 6)
     sets = [tuple(jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys[i : i + 3]) for i in (0, 3)]
+    if args.timer == "unrolled":  # eight different input sets: XLA would merge calls on the same arguments
+        more = jax.random.split(jax.random.key(2), 18)
+        unrolled_sets = sets + [tuple(jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in more[i : i + 3])
+                                for i in range(0, 18, 3)]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}"
-          f"{'' if args.wrt == 'qkv' else ' of ' + args.wrt}, {args.implementation}, {'ms' if args.ms else 'TFLOP/s'}")
+          f"{'' if args.wrt == 'qkv' else ' of ' + args.wrt}, {args.implementation}, {'ms' if args.ms else 'TFLOP/s'}, "
+          f"{args.timer} timer")
     print("| case | " + " | ".join(configs) + " |")
     cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
     for name in args.cases:
@@ -171,7 +185,10 @@ def main() -> None:
                 # (refused before tracing, or out of shared memory when launched): the row goes on
                 return f"refused: {str(error).splitlines()[0][:60]}"
             error = relative_error(out, check)
-            ms = timing.time_jax(step, sets, runs=10)
+            if args.timer == "burst":
+                ms = timing.time_jax(step, sets, runs=10)
+            else:
+                ms = timing.time_jax_unrolled(step, unrolled_sets)
             tflops = 4 * B * H * S * S * D * density * (3.5 if backward else 1.0) / ms / 1e9
             cell = (f"{ms:.3f}" if args.ms else f"{tflops:.0f}") + ("" if error < 1e-2 else f" (error {error:.1e})")
             if args.wrt != "qkv":  # the kernels XLA kept, to show which ones the time covers

@@ -32,6 +32,29 @@ def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: i
     return float(np.median(times)) * 1e3
 
 
+def time_jax_unrolled(fn: Callable, input_sets: Sequence[tuple], runs: int = 10) -> float:
+    """Median milliseconds of fn(*inputs) when one call per input set runs in a single program.
+
+    One dispatch launches every call's kernels back to back, so no host work (dispatch, argument handling) stands
+    between them: what is left is the device's time, as CUDA events would read it. ``time_jax`` against this
+    shows how much of a sub-millisecond cell is the host's. The input sets must differ: XLA merges calls on the
+    same arguments into one.
+    """
+
+    @jax.jit
+    def program(sets):
+        return [fn(*inputs) for inputs in sets]
+
+    sets = list(input_sets)
+    jax.block_until_ready(program(sets))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(program(sets))
+        times.append((time.perf_counter() - start) / len(sets))
+    return float(np.median(times)) * 1e3
+
+
 def time_first_call(fn: Callable, args: tuple) -> float:
     """Seconds of the first call: tracing, compiling and one run."""
     start = time.perf_counter()
