@@ -118,18 +118,21 @@ case "${1:-}" in
       --cases noop alibi causal -D 64 --out "$OUT/torch_kernels" 2>&1 | grep -v Warning | tail -12
     ;;
   ncu)
-    # NOTES.md section 27: what the GPU runs for our D=64 forward (its default launch, compiled by XLA) beside
-    # PyTorch's kernel (128x128, 4 warps, 3 stages), for the identity, ALiBi and the sliding window: each kernel's
-    # duration, occupancy, issue and stall reasons, and its SASS with the times each instruction ran
-    # (SourceCounters). --clock-control none: the clocks stay as the machine sets them. Five files per case would
-    # pass $OUT's limit, so the reports are reduced here to one text file and one SASS file per case.
-    wanted="flex|triton_tem|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves"
+    # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
+    # occupancy, issue and stall reasons, and its SASS with the times each instruction ran (SourceCounters).
+    # --clock-control none: the clocks stay as the machine sets them. Defaults: the Triton forward at D=64 beside
+    # PyTorch FlexAttention on noop, ALiBi and sliding window. For the Mosaic forward beside SDPA's:
+    #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" NCU_KERNELS=. bash ... ncu
+    # (NCU_KERNELS=. profiles every kernel of the calls, at most 8.) The reports are reduced here to one text
+    # file and one SASS file per case, to stay within $OUT's limit.
+    wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves"
     for case in ${NCU_CASES:-noop alibi sliding_window}; do
-      timeout 150 ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' \
-        --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-        --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
-        --import-source no -o "/tmp/ncu_$case" -f \
-        python3 -m benchmarks.profile_forward --case "$case" -D 64 --calls 0 2>&1 | grep -v Warning | tail -4
+      timeout 150 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-flex_attention_forward|triton_tem}" \
+        --launch-count 8 --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
+        --section SourceCounters --import-source no -o "/tmp/ncu_$case" -f \
+        python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" --calls 0 \
+        --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" 2>&1 | grep -v Warning | tail -4
       timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
         > "$OUT/ncu_$case.txt"
       head -40 "$OUT/ncu_$case.txt"

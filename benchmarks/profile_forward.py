@@ -3,8 +3,9 @@
     ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' -o prof \
         python3 -m benchmarks.profile_forward --case noop -D 64
 
-B=2, H=16, S=8192, bf16, the cases of ``benchmarks.cases``. Each implementation is compiled and run once (the
-warm-up), then ``--calls`` more times; nothing is timed here: the profiler reads the kernels' launches
+B=2, H=16, S=8192, bf16, the cases of ``benchmarks.cases``; ours is ``--implementation``'s, PyTorch's is
+FlexAttention's or SDPA's (``--torch``). Each implementation is compiled and run once (the warm-up), then
+``--calls`` more times; nothing is timed here: the profiler reads the kernels' launches
 (registers, shared memory, occupancy), their instruction mix and their SASS.
 """
 
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("-S", type=int, default=8192)
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--implementation", default="pallas_triton")
-    parser.add_argument("--no-torch", action="store_true", help="only ours")
+    parser.add_argument("--torch", choices=("flex", "sdpa", "none"), default="flex",
+                        help="PyTorch's kernel to run beside ours: FlexAttention, SDPA (noop and causal), or none")
     args = parser.parse_args()
     B, H, S, D = 2, 16, args.S, args.D
     case = CASES[args.case]
@@ -35,18 +37,20 @@ def main() -> None:
     for _ in range(1 + args.calls):
         jax.block_until_ready(forward(q, k, v))
     print(f"ran {args.implementation} {args.case} D={D} {1 + args.calls} times", flush=True)
-    if args.no_torch:
+    if args.torch == "none":
         return
     import torch
 
     from benchmarks import torch_impls
 
     qt, kt, vt = (torch_impls.from_jax(x) for x in (q, k, v))
-    flex = torch_impls.flex(case, B, H, S, S)
+    theirs = torch_impls.flex(case, B, H, S, S) if args.torch == "flex" else torch_impls.sdpa(case)
+    if theirs is None:
+        raise SystemExit(f"torch {args.torch} cannot run {args.case}")
     for _ in range(1 + args.calls):
-        flex(qt, kt, vt)
+        theirs(qt, kt, vt)
     torch.cuda.synchronize()
-    print(f"ran torch flex_attention {args.case} D={D} {1 + args.calls} times", flush=True)
+    print(f"ran torch {args.torch} {args.case} D={D} {1 + args.calls} times", flush=True)
 
 
 if __name__ == "__main__":
