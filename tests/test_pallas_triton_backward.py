@@ -533,3 +533,43 @@ def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
     grads = jax.jit(jax.grad(functools.partial(loss, "pallas_triton"), argnums))(q, k, v, captured)
     ref_grads = jax.jit(jax.grad(functools.partial(loss, "reference"), argnums))(q, k, v, captured)
     _assert_grads_close(grads, ref_grads, dtype, ("dq", "dk", "dv", "d_captured"))
+
+
+def test_fast_fma_differentiates_like_a_multiply_add(monkeypatch):
+    """The backward kernels differentiate a contracted score_mod through ``_tile.fma``'s fast path (its JVP rule;
+    the inline PTX itself cannot be differentiated). With the assembly replaced by its arithmetic, so that it runs
+    on the CPU, the gradients of every operand, zero tangents included, are those of a * b + c."""
+    from flexattn_jax.backends.pallas_triton import _tile
+
+    monkeypatch.setattr(_tile, "_inline_fma", lambda asm, constraints, *args: _fma_by_asm_text(asm, *args))
+    a, b, c = (jax.random.normal(key, (8, 16), jnp.float32) for key in jax.random.split(jax.random.key(5), 3))
+    row = jax.random.normal(jax.random.key(6), (8, 1), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(7), (8, 16), jnp.float32)
+
+    def fast(a, b, c):
+        return _tile.fma(a, b, c, fast=True)
+
+    def plain(a, b, c):
+        return a * b + c
+
+    for fn_args, argnums in [((a, b, c), (0, 1, 2)), ((a, row, c), (1, 2)), ((row, b, c), (2,)), ((a, 0.75, c), (0, 2))]:
+        got = jax.vjp(lambda *x: fast(*x), *fn_args)
+        want = jax.vjp(lambda *x: plain(*x), *fn_args)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        got_grads, want_grads = got[1](cotangent), want[1](cotangent)
+        for i in argnums:
+            np.testing.assert_allclose(got_grads[i], want_grads[i], rtol=1e-5, atol=1e-6)
+    # Forward mode with a zero tangent (symbolic) for two of the three operands.
+    _, tangent = jax.jvp(lambda c: fast(a, b, c), (c,), (cotangent,))
+    np.testing.assert_allclose(tangent, cotangent, rtol=1e-6)
+
+
+def _fma_by_asm_text(asm: str, *args):
+    """What ``_tile``'s inline fma computes, from its PTX text: registers $1 $2 $3, or $1, an immediate, $2."""
+    immediate = re.search(r"0f([0-9A-F]{8})", asm)
+    if immediate is None:
+        a, b, c = args
+        return a * b + c
+    b = np.frombuffer(bytes.fromhex(immediate.group(1))[::-1], np.float32)[0]
+    a, c = args
+    return a * b + c
