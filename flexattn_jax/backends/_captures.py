@@ -271,7 +271,7 @@ class _Interpreter:
         self.const_refs = const_refs
         self.load = load
         self.index_vars = index_vars  # the top-level q_idx and kv_idx vars, where ModProgram.exact_indices
-        self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
+        self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__, vjp)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
 
     def __call__(self, jaxpr, args):
