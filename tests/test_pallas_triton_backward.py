@@ -552,7 +552,8 @@ def test_fast_fma_differentiates_like_a_multiply_add(monkeypatch):
     def plain(a, b, c):
         return a * b + c
 
-    for fn_args, argnums in [((a, b, c), (0, 1, 2)), ((a, row, c), (1, 2)), ((row, b, c), (2,)), ((a, 0.75, c), (0, 2))]:
+    cases = [((a, b, c), (0, 1, 2)), ((a, row, c), (1, 2)), ((row, b, c), (2,)), ((a, 0.75, c), (0, 2))]
+    for fn_args, argnums in cases:
         got = jax.vjp(lambda *x: fast(*x), *fn_args)
         want = jax.vjp(lambda *x: plain(*x), *fn_args)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
