@@ -119,17 +119,19 @@ case "${1:-}" in
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
-    # occupancy, issue and stall reasons, and its SASS with the times each instruction ran (SourceCounters).
+    # occupancy, issue and stall reasons, L2 and DRAM throughput (NOTES.md section 29 suspects L2 for the D=64
+    # forward on 64-query tiles), and its SASS with the times each instruction ran (SourceCounters).
     # --clock-control none: the clocks stay as the machine sets them. Defaults: the Triton forward at D=64 beside
     # PyTorch FlexAttention on noop, ALiBi and sliding window. For the Mosaic forward beside SDPA's:
     #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" NCU_KERNELS=. bash ... ncu
     # (NCU_KERNELS=. profiles every kernel of the calls, at most 8.) The reports are reduced here to one text
     # file and one SASS file per case, to stay within $OUT's limit.
-    wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves"
+    wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
     for case in ${NCU_CASES:-noop alibi sliding_window}; do
       timeout 150 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-flex_attention_forward|triton_tem}" \
         --launch-count 8 --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
         --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
+        --section MemoryWorkloadAnalysis \
         --section SourceCounters --import-source no -o "/tmp/ncu_$case" -f \
         python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" --calls 0 \
         --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" 2>&1 | grep -v Warning | tail -4
