@@ -166,28 +166,27 @@ class ModProgram:
         tiles); the default indexes the ref, which suits the Triton lowering. ``fma(a, b, c)``, if given, computes
         ``a * b + c`` rounded once: a float32 product used only by a sum (``x * y + z``, ``z + x * y``,
         ``x * y - z``) is evaluated through it, the contraction that the GPU compiler does not make by itself for
-        the Triton kernels (benchmarks/NOTES.md section 29).
+        the Triton kernels (benchmarks/NOTES.md section 29). Not for differentiation: ``vjp`` and ``derivative``
+        evaluate products and sums apart.
         """
         return self._interpreter(const_refs, load or _plain_load, fma)(self.jaxpr, args)
 
-    def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None, fma: Callable | None = None):
+    def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
 
         ``pullback(d_out, grad_refs)`` returns the cotangent of ``args[0]`` (the score tile) and adds the cotangents
         of the floating consts into ``grad_refs`` (one float32 ref per const, of the const's shape, or None to skip
         it) with ``jax.ref.addupdate``. ``d_out`` must be zero at positions that are masked or out of bounds: their
         indices may repeat real positions' indices (they are clamped). ``load`` as for ``__call__``; it is called
-        once per read (the differentiated evaluation reuses the values read). ``fma`` as for ``__call__``; it must
-        be differentiable by ``jax.vjp``.
+        once per read (the differentiated evaluation reuses the values read).
         """
         recorder = _Recorder(load or _plain_load)
-        # Both evaluations contract alike: an fma reads its operands in another order than a product and a sum.
-        self._interpreter(const_refs, recorder.load, fma)(self.jaxpr, args)
+        self._interpreter(const_refs, recorder.load)(self.jaxpr, args)
         sites = recorder.sites
 
         def with_reads(first, values):
             substitute = _Substitute(self.differentiable, sites, values)
-            return self._interpreter(const_refs, substitute.load, fma)(self.jaxpr, (first, *args[1:]))
+            return self._interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
 
         differentiable_sites = [site for site in sites if self.differentiable[site.const]]
         out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in differentiable_sites])
@@ -271,7 +270,7 @@ class _Interpreter:
         self.const_refs = const_refs
         self.load = load
         self.index_vars = index_vars  # the top-level q_idx and kv_idx vars, where ModProgram.exact_indices
-        self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__, vjp)
+        self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
 
     def __call__(self, jaxpr, args):

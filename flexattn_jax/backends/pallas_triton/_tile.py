@@ -197,71 +197,25 @@ def fma(a, b, c, *, fast: bool) -> jax.Array:
 
     ``fast``: PTX's ``fma.rn.f32``, one FFMA per element. Written as ``a * b + c``, the product and the sum stay two
     instructions on the GPU: XLA compiles Triton kernels without floating-point contraction, so ptxas may not fuse
-    them (benchmarks/NOTES.md section 29). A Python float ``b`` becomes the instruction's immediate operand. The
-    fast path is differentiable (its JVP is ``da * b + a * db + dc``, zero tangents skipped), so a score_mod
-    contracted through it can go through ``jax.vjp`` in the backward kernels. Interpret mode cannot run inline
-    assembly: ``fast=False`` there computes ``a * b + c``.
+    them (benchmarks/NOTES.md section 29). A Python float ``b`` becomes the instruction's immediate operand.
+    Interpret mode cannot run inline assembly: ``fast=False`` there computes ``a * b + c``.
     """
     if not fast:
         return a * (jnp.float32(b) if isinstance(b, float) else b) + c
-    operands = [a, c] if isinstance(b, float) else [a, b, c]
-    shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in operands))
-    operands = [jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in operands]
     if isinstance(b, float):
-        return _fma_immediate(b, *operands)
-    return _fma_registers(*operands)
-
-
-def _inline_fma(asm: str, constraints: str, *args) -> jax.Array:
+        bits = struct.unpack("<I", struct.pack("<f", b))[0]
+        asm, args, constraints = f"fma.rn.f32 $0, $1, 0f{bits:08X}, $2;", [a, c], "=f,f,f"
+    else:
+        asm, args, constraints = "fma.rn.f32 $0, $1, $2, $3;", [a, b, c], "=f,f,f,f"
+    shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in args))
     [y] = pl_triton.elementwise_inline_asm(
         asm,
-        args=list(args),
+        args=[jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in args],
         constraints=constraints,
         pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)],
     )
     return y
-
-
-def _tangent_sum(terms, like) -> jax.Array:
-    """The sum of the non-zero terms (None for a zero tangent), or zeros like ``like``."""
-    terms = [t for t in terms if t is not None]
-    return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(like)
-
-
-def _nonzero(tangent) -> bool:
-    return not isinstance(tangent, jax.custom_derivatives.SymbolicZero)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _fma_immediate(b: float, a, c):
-    bits = struct.unpack("<I", struct.pack("<f", b))[0]
-    return _inline_fma(f"fma.rn.f32 $0, $1, 0f{bits:08X}, $2;", "=f,f,f", a, c)
-
-
-def _fma_immediate_jvp(b, primals, tangents):
-    a, c = primals
-    da, dc = tangents
-    terms = [da * jnp.float32(b) if _nonzero(da) else None, dc if _nonzero(dc) else None]
-    return _fma_immediate(b, a, c), _tangent_sum(terms, a)
-
-
-_fma_immediate.defjvp(_fma_immediate_jvp, symbolic_zeros=True)
-
-
-@jax.custom_jvp
-def _fma_registers(a, b, c):
-    return _inline_fma("fma.rn.f32 $0, $1, $2, $3;", "=f,f,f,f", a, b, c)
-
-
-def _fma_registers_jvp(primals, tangents):
-    a, b, c = primals
-    da, db, dc = tangents
-    terms = [da * b if _nonzero(da) else None, a * db if _nonzero(db) else None, dc if _nonzero(dc) else None]
-    return _fma_registers(a, b, c), _tangent_sum(terms, a)
-
-
-_fma_registers.defjvp(_fma_registers_jvp, symbolic_zeros=True)
 
 
 def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale: float = LOG2_E,

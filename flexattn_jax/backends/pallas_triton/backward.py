@@ -336,8 +336,7 @@ def _score_gradient_tile(
                        fast=tiling.inline_ptx)
     else:
         scaled = s if tiling.scale == 1.0 else s * jnp.float32(tiling.scale)
-        m, pullback = score.vjp(score_refs, scaled, b, h, mod_q, mod_kv,
-                                fma=functools.partial(_tile.fma, fast=tiling.inline_ptx))
+        m, pullback = score.vjp(score_refs, scaled, b, h, mod_q, mod_kv)
         m_shape, m_dtype = m.shape, m.dtype
         p = _tile.exp2(_tile.fma(jnp.broadcast_to(m.astype(jnp.float32), shape), _tile.LOG2_E, -lse2,
                                  fast=tiling.inline_ptx), fast=tiling.inline_ptx)
