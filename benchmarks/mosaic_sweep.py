@@ -100,7 +100,8 @@ def _traced_as(config: str):
         replacement = lambda x, *, fast: fast_exp2(x, fast=False)  # noqa: E731
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
-        replacement = lambda a, b, c, *, fast: a * (jnp.float32(b) if isinstance(b, float) else b) + c  # noqa: E731
+        fast_fma = _tile.fma
+        replacement = lambda a, b, c, *, fast: fast_fma(a, b, c, fast=False)  # noqa: E731
     else:
         yield
         return
