@@ -5,6 +5,7 @@
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
 #   bash benchmarks/device_session.sh fma     NOTES.md section 29: multiply-adds as one fma or two instructions
+#   bash benchmarks/device_session.sh copywarps NOTES.md section 31: the Mosaic kernels' copy loops in one warp or four
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
@@ -84,6 +85,19 @@ case "${1:-}" in
     sweep 150 --implementation pallas_triton --mode fwdbwd --cases noop causal alibi --configs defaults \
       separate_mul_add defaults separate_mul_add
     ;;
+  copywarps)
+    # NOTES.md section 31: the Mosaic GPU tests (every mod, forward and gradients; the options), then the memory
+    # warpgroups' copy loops in one warp against all four (forward and backward alike), each timed twice.
+    timeout 300 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "every_supported or options or fully_masked or vmap_of_grad" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    echo "D=128 forward" >> "$OUT/sweeps.md"
+    sweep 100 --cases noop causal softcap --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
+    echo "D=128 forward+backward" >> "$OUT/sweeps.md"
+    sweep 150 --mode fwdbwd --cases noop causal --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
+    echo "B=8, S=2048 forward" >> "$OUT/sweeps.md"
+    sweep 80 -B 8 -S 2048 --cases noop causal --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
+    ;;
   tiles64)
     # The D=64 forward's launch, after section 29, and how much of each cell is the host's: the defaults timed with
     # eight calls in one program (no host work between them) beside the usual bursts, then launches with 128-query
@@ -124,17 +138,17 @@ case "${1:-}" in
     # --clock-control none: the clocks stay as the machine sets them. Defaults: the Triton forward at D=64 beside
     # PyTorch FlexAttention on noop, ALiBi and sliding window. For the Mosaic forward beside SDPA's:
     #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" NCU_KERNELS=. bash ... ncu
-    # (NCU_KERNELS=. profiles every kernel of the calls, at most 8.) The reports are reduced here to one text
+    # (NCU_KERNELS=. profiles every kernel of the calls, at most 8; NCU_MODE=fwdbwd runs the gradients too.) The reports are reduced here to one text
     # file and one SASS file per case, to stay within $OUT's limit.
     wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
     for case in ${NCU_CASES:-noop alibi sliding_window}; do
       timeout 150 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-flex_attention_forward|triton_tem}" \
-        --launch-count 8 --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        --launch-count "${NCU_LAUNCHES:-8}" --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
         --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
         --section MemoryWorkloadAnalysis \
         --section SourceCounters --import-source no -o "/tmp/ncu_$case" -f \
         python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" --calls 0 \
-        --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" 2>&1 | grep -v Warning | tail -4
+        --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" --mode "${NCU_MODE:-fwd}" 2>&1 | grep -v Warning | tail -4
       timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
         > "$OUT/ncu_$case.txt"
       head -40 "$OUT/ncu_$case.txt"
@@ -143,5 +157,5 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|copywarps|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
 esac

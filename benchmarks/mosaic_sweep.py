@@ -33,6 +33,11 @@ CONFIGS = {
     "no_overlap": dict(mosaic_fwd_overlap=0),
     "q_buffers_1": dict(mosaic_fwd_q_buffers=1),  # one query tile per warpgroup: fetched at each item's start
     "q_buffers_2": dict(mosaic_fwd_q_buffers=2),
+    # the memory warpgroups' copy loops in one warp or in all four, forward and backward alike (NOTES.md section 31)
+    "copy_warps_1": dict(mosaic_fwd_copy_warps=1, mosaic_bwd_copy_warps=1),
+    "copy_warps_4": dict(mosaic_fwd_copy_warps=4, mosaic_bwd_copy_warps=4),
+    "bwd_copy_warps_1": dict(mosaic_bwd_copy_warps=1),
+    "bwd_copy_warps_4": dict(mosaic_bwd_copy_warps=4),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

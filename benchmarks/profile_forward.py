@@ -1,4 +1,4 @@
-"""A few forward calls of one case, ours and PyTorch FlexAttention's, for a profiler to capture (NOTES.md §27).
+"""A few forward (or forward and backward) calls of one case, ours and PyTorch FlexAttention's, for a profiler to capture (NOTES.md §27).
 
     ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' -o prof \
         python3 -m benchmarks.profile_forward --case noop -D 64
@@ -29,14 +29,19 @@ def main() -> None:
     parser.add_argument("--implementation", default="pallas_triton")
     parser.add_argument("--torch", choices=("flex", "sdpa", "none"), default="flex",
                         help="PyTorch's kernel to run beside ours: FlexAttention, SDPA (noop and causal), or none")
+    parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
+                        help="fwdbwd: the forward and the gradients w.r.t. q, k, v, so the backward's kernels run too")
     args = parser.parse_args()
     B, H, S, D = 2, 16, args.S, args.D
     case = CASES[args.case]
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
     forward = jax_impls.flexattn(case, args.implementation, B, H, S, S)
+    cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.float32)
+    gradients = jax_impls.forward_backward(forward)
+    ours = forward if args.mode == "fwd" else lambda q, k, v: gradients(q, k, v, cotangent)
     for _ in range(1 + args.calls):
-        jax.block_until_ready(forward(q, k, v))
-    print(f"ran {args.implementation} {args.case} D={D} {1 + args.calls} times", flush=True)
+        jax.block_until_ready(ours(q, k, v))
+    print(f"ran {args.implementation} {args.case} D={D} {args.mode} {1 + args.calls} times", flush=True)
     if args.torch == "none":
         return
     import torch
@@ -47,10 +52,15 @@ def main() -> None:
     theirs = torch_impls.flex(case, B, H, S, S) if args.torch == "flex" else torch_impls.sdpa(case)
     if theirs is None:
         raise SystemExit(f"torch {args.torch} cannot run {args.case}")
+    if args.mode == "fwdbwd":
+        qt, kt, vt = (x.detach().requires_grad_() for x in (qt, kt, vt))
+        dot = torch_impls.from_jax(cotangent.astype(q.dtype))
     for _ in range(1 + args.calls):
-        theirs(qt, kt, vt)
+        out = theirs(qt, kt, vt)
+        if args.mode == "fwdbwd":
+            out.backward(dot)
     torch.cuda.synchronize()
-    print(f"ran torch {args.torch} {args.case} D={D} {1 + args.calls} times", flush=True)
+    print(f"ran torch {args.torch} {args.case} D={D} {args.mode} {1 + args.calls} times", flush=True)
 
 
 if __name__ == "__main__":

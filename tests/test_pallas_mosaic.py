@@ -59,6 +59,7 @@ def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None):
         lowered = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "mosaic_gpu" in text
+    assert "flex_attention_forward_mosaic" in text  # the name profilers list the kernel by
     return text
 
 
@@ -75,8 +76,8 @@ def test_every_supported_mod_lowers_for_cuda(case):
     [(128, jnp.float16, None), (256, jnp.bfloat16, None),
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
-     (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1})],
-    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer"],
+     (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4})],
+    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -126,7 +127,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
 @pytest.mark.parametrize(
     "options, error",
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
-     ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError)],
+     ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
+     ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -197,8 +199,11 @@ def test_gpu_every_supported_mod_matches_reference(case):
     [(64, jnp.bfloat16, None), (256, jnp.float16, None),
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1}), (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0}),
-     (128, jnp.bfloat16, {"mosaic_bwd_num_stages": 3})],
-    ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages"],
+     (128, jnp.bfloat16, {"mosaic_bwd_num_stages": 3}),
+     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 1}),
+     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0})],
+    ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
+         "other-copy-warps-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -337,17 +342,19 @@ def test_every_supported_mod_lowers_the_mosaic_backward(case):
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
+@pytest.mark.parametrize("copy_warps", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("fuse_dq", [0, 1])
-def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
+def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq, copy_warps):
     """dQ fused into the dK/dV kernel (reduce-adds; at head dim 64 the warpgroups alternate, at 128 they split the
-    columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod."""
+    columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod; the copy loops in one
+    warp or in four."""
     B, Hq, Hkv, L, S = 1, 4, 2, 300, 200
     q, k, v = random_qkv(12, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     ids = jnp.arange(L, dtype=jnp.int32) // 70
     mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids, ids[:S]))
     text = _lower_gradient_for_cuda(q, k, v, mask_mod, fa.tanh_softcap(30.0),
-                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq})
+                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, "mosaic_bwd_copy_warps": copy_warps})
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
@@ -480,6 +487,7 @@ def test_vmap_and_grad_lower_for_cuda():
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
+    assert "flex_attention_dkdv_mosaic" in text
 
 
 @pytest.mark.gpu

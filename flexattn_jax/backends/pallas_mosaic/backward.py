@@ -67,10 +67,12 @@ _F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)) 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring; ``fuse_dq``:
-    dQ accumulated by the dK/dV kernel (True) or computed by a kernel of its own (False, deterministic)."""
+    dQ accumulated by the dK/dV kernel (True) or computed by a kernel of its own (False, deterministic);
+    ``copy_warps``: warps of the memory warpgroup that run its copy loop (``forward.in_copy_warps``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
+    copy_warps: int = 4
 
 
 def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
@@ -105,6 +107,7 @@ class _Plan:
     num_score_consts: int
     num_mask_consts: int
     num_stages: int
+    copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple
     mask_sites: tuple
@@ -317,7 +320,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
                 return base + lists.num_steps
 
-            over_heads(for_head, jnp.int32(0))
+            _forward.in_copy_warps(lambda: over_heads(for_head, jnp.int32(0)), plan.copy_warps)
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     tile = (TILE, head_dim)
@@ -462,8 +465,12 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
-            _forward.stream_key_values(
-                k_ref, v_ref, (b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None, stages=stages
+            _forward.in_copy_warps(
+                lambda: _forward.stream_key_values(
+                    k_ref, v_ref, (b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None,
+                    stages=stages,
+                ),
+                plan.copy_warps,
             )
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -546,6 +553,7 @@ def flex_backward(
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         num_stages=config.num_stages,
+        copy_warps=config.copy_warps,
         dtype=jnp.dtype(q.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
@@ -569,6 +577,7 @@ def flex_backward(
         out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         grid=(kv_padded // PROGRAM_ROWS, kv_heads, batch),
         grid_names=("kv", "heads", "batch"),
+        kernel_name="flex_attention_dkdv_mosaic",  # what profilers list it as
         **common,
     )
     if config.fuse_dq:
@@ -585,6 +594,7 @@ def flex_backward(
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(q_padded // PROGRAM_ROWS, q_heads, batch),
         grid_names=("q", "heads", "batch"),
+        kernel_name="flex_attention_dq_mosaic",
         **common,
     )(*dense, *kv_side, *consts)
     return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +74,14 @@ class Config:
       num_stages: shared-memory slots of the key/value ring (at least 2).
       q_buffers: query tiles in shared memory: 2 fetches the next item's queries during the current one.
       overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
+      copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
     """
 
     block_n: int
     num_stages: int
     q_buffers: int = 1
     overlap: bool = False
+    copy_warps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +248,7 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
+    copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
     mask_sites: tuple[ReadSite, ...]
@@ -281,6 +284,25 @@ class BlockWalk:
         partial = self._listed(self.idx_ref, jnp.where(in_partial, step, 0))
         full = self._listed(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
         return jnp.where(in_partial, partial, full)
+
+
+def in_copy_warps(loop: Callable[[], object], copy_warps: int) -> None:
+    """Runs a memory warpgroup's copy ``loop`` in its first warp alone (``copy_warps`` 1) or in all four (4).
+
+    One thread issues each copy either way. With all four warps, the three others repeat the loop's index
+    arithmetic and barrier waits, one warp on each of the SM's four schedulers, where they take issue slots from
+    the compute warps: in the forward at head dim 128 that was 9% of the instructions the SM issued
+    (benchmarks/NOTES.md section 31).
+    """
+    if copy_warps == 4:
+        loop()
+        return
+
+    @plgpu.warp_map
+    def _(warp):
+        @pl.when(warp == 0)
+        def _():
+            loop()  # its value (a loop's carry) is dropped: pl.when's branch returns nothing
 
 
 def stream_key_values(k_ref, v_ref, head: tuple, k_ring, v_ring, ready, consumed, *, walk: BlockWalk, base,
@@ -648,7 +670,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     walk=it.walk, base=base, stages=stages,
                 )
 
-            lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+            in_copy_warps(lambda: lax.fori_loop(0, num_items, run_item, jnp.int32(0)), plan.copy_warps)
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     pl.run_scoped(
@@ -776,6 +798,7 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=config.overlap,
+        copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
@@ -800,6 +823,7 @@ def flex_forward(
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="flex_attention_forward_mosaic",  # what profilers list it as
     )(*inputs)
     if q_pad != q_len:
         out, lse = out[:, :, :q_len], lse[:, :, :q_len]
