@@ -6,6 +6,8 @@
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
 #   bash benchmarks/device_session.sh fma     NOTES.md section 29: multiply-adds as one fma or two instructions
 #   bash benchmarks/device_session.sh copywarps NOTES.md section 31: the Mosaic kernels' copy loops in one warp or four
+#   bash benchmarks/device_session.sh clocks  NOTES.md section 31: clocks and power, one launch at a time or back to back;
+#                                             the B=8, S=2048 backward's dQ paths
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
@@ -98,6 +100,14 @@ case "${1:-}" in
     echo "B=8, S=2048 forward" >> "$OUT/sweeps.md"
     sweep 80 -B 8 -S 2048 --cases noop causal --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
     ;;
+  clocks)
+    # NOTES.md section 31, lead 0: is a forward slower back to back than alone, and does the SM clock say why?
+    timeout 120 python3 -m benchmarks.clocks --case noop 2>&1 | grep -E "^\||H200|H100|rror" | tee "$OUT/clocks.md"
+    # Lead 1 at B=8, S=2048 (the default there is the dQ kernel of its own, 2 stages): dQ fused, or 3 stages.
+    echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
+    sweep 170 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_mosaic bwd_fused_dq bwd_dq_kernel_s3 \
+      bwd_mosaic bwd_fused_dq bwd_dq_kernel_s3
+    ;;
   tiles64)
     # The D=64 forward's launch, after section 29, and how much of each cell is the host's: the defaults timed with
     # eight calls in one program (no host work between them) beside the usual bursts, then launches with 128-query
@@ -157,5 +167,5 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|copywarps|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|copywarps|clocks|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
 esac

@@ -61,3 +61,16 @@ def test_sweep_config_libdevice_exp2_routes_exp2_through_jnp_and_puts_it_back():
         assert jax.numpy.array_equal(_tile.exp2(x, fast=True), jax.numpy.exp2(x))
     assert _tile.exp2 is fast
     assert mosaic_sweep.options_of("libdevice_exp2") == {}
+
+
+def test_clock_readings_summarised_per_window(capsys):
+    from benchmarks import clocks
+
+    sampler = clocks.Sampler.__new__(clocks.Sampler)  # the readings without nvidia-smi
+    sampler.samples = [(1.0, ["1980", "650", "60", "0x0"]), (2.0, ["1755", "700", "71", "0x4"]),
+                       (5.0, ["345", "90", "30", "0x1"])]
+    assert sampler.between(0.5, 2.5) == "1868 MHz, 675 W, 71 C, reasons 0x0 0x4 (2 samples)"
+    assert sampler.between(2.5, 4.0) == "no samples"
+    clocks.measure("f", lambda: None, lambda: None, 2e9, sampler, seconds=0.01, gap_ms=0.0, alone=3)
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split(" | ")[1] for row in rows] == ["alone", "back to back"]
