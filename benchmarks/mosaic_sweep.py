@@ -42,8 +42,6 @@ CONFIGS = {
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
     "bwd_fused_dq": dict(mosaic_bwd_fuse_dq=1),
-    "bwd_fused_dq_stagger": dict(mosaic_bwd_fuse_dq=1, mosaic_bwd_stagger=1),  # NOTES.md section 31
-    "bwd_stagger": dict(mosaic_bwd_stagger=1),
     "bwd_dq_kernel": dict(mosaic_bwd_fuse_dq=0),
     "bwd_dq_kernel_s3": dict(mosaic_bwd_fuse_dq=0, mosaic_bwd_num_stages=3),
     "bwd_triton": dict(mosaic_backward=0),

@@ -7,7 +7,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import flexattn_jax as fa
@@ -202,11 +201,9 @@ def test_gpu_every_supported_mod_matches_reference(case):
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1}), (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0}),
      (128, jnp.bfloat16, {"mosaic_bwd_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 1}),
-     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0}),
-     (128, jnp.bfloat16, {"mosaic_bwd_stagger": 1, "mosaic_bwd_fuse_dq": 1}),
-     (64, jnp.bfloat16, {"mosaic_bwd_stagger": 1, "mosaic_bwd_fuse_dq": 0})],
+     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
-         "other-copy-warps-dq-kernel", "staggered", "staggered-dq-kernel"],
+         "other-copy-warps-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -345,40 +342,19 @@ def test_every_supported_mod_lowers_the_mosaic_backward(case):
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
-@pytest.mark.parametrize("has_full", [False, True])
-def test_a_staggered_walk_visits_each_list_in_rotated_order(has_full):
-    from flexattn_jax.backends.pallas_mosaic.forward import BlockWalk
-
-    # One row of a BlockMask's lists (128-row blocks, walked as 64-row tiles): partial blocks 3 and 5, full 0, 1, 7.
-    num, indices = np.array([[[2]]]), np.array([[[[3, 5, 0, 0, 0, 0, 0, 0]]]])
-    full_num, full_indices = np.array([[[3]]]), np.array([[[[0, 1, 7, 0, 0, 0, 0, 0]]]])
-    refs = (num, indices, full_num, full_indices) if has_full else (num, indices, None, None)
-
-    def starts(offset):
-        walk = BlockWalk(refs, 0, 0, 0, block=128, tile=64, has_full=has_full, offset=offset)
-        return [int(walk.start(jnp.int32(t))) for t in range(int(walk.num_steps))]
-
-    partial = [384, 448, 640, 704]
-    full = [0, 64, 128, 192, 896, 960] if has_full else []
-    assert starts(None) == partial + full
-    # Offset 5: the partial list (4 tiles) from its tile 1 on, the full list (6 tiles) from its tile 5 on.
-    assert starts(jnp.int32(5)) == partial[1:] + partial[:1] + (full[5:] + full[:5] if has_full else [])
-
-
-@pytest.mark.parametrize("copy_warps, stagger", [(1, 1), (4, 0)])
+@pytest.mark.parametrize("copy_warps", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("fuse_dq", [0, 1])
-def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq, copy_warps, stagger):
+def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq, copy_warps):
     """dQ fused into the dK/dV kernel (reduce-adds; at head dim 64 the warpgroups alternate, at 128 they split the
     columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod; the copy loops in one
-    warp or in four; the dK/dV walk staggered or not."""
+    warp or in four."""
     B, Hq, Hkv, L, S = 1, 4, 2, 300, 200
     q, k, v = random_qkv(12, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     ids = jnp.arange(L, dtype=jnp.int32) // 70
     mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids, ids[:S]))
     text = _lower_gradient_for_cuda(q, k, v, mask_mod, fa.tanh_softcap(30.0),
-                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, "mosaic_bwd_copy_warps": copy_warps,
-                                                    "mosaic_bwd_stagger": stagger})
+                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, "mosaic_bwd_copy_warps": copy_warps})
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
@@ -484,8 +460,7 @@ def test_the_choice_says_which_backward_runs():
         assert said.startswith(start), said
 
 
-@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3},
-                                     {"mosaic_bwd_stagger": 2}])
+@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3}])
 def test_bad_backward_options_raise(options):
     q = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mosaic_b"):

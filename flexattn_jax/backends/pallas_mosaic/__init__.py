@@ -24,10 +24,7 @@ scatter-add, which only the Triton dQ kernel has).
   always);
 * ``mosaic_fwd_copy_warps`` (1, the default, or 4) and ``mosaic_bwd_copy_warps`` (4, the default, or 1): warps of
   the memory warpgroup that run its copy loop, in the forward and in the backward kernels. One warp measured 1-3%
-  faster in the forward, and 9% slower on the fused backward of full attention (section 31);
-* ``mosaic_bwd_stagger`` (0, the default, or 1): each dK/dV program starts its walk over the query tiles at an
-  offset given by its key tile, so that programs of one head do not add into the same dQ rows together (section
-  31).
+  faster in the forward, and 9% slower on the fused backward of full attention (section 31).
 
 The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
@@ -56,10 +53,9 @@ __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is
 OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
-    "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_stagger",
+    "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps",
 )
 HEAD_DIMS = (64, 128, 256)
-_FLAG_KEYS = ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_stagger")  # 0 or 1
 _BLOCK_NS = (64, 128)
 _MAX_STAGES = 4
 _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
@@ -93,7 +89,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
-        if key in _FLAG_KEYS and value not in (0, 1):
+        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap") and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
             raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
@@ -247,8 +243,7 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
         else:
             long_walks = q_len >= FUSE_DQ_MIN_QUERIES
         fuse_dq = fits and long_walks
-    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq), copy_warps=options.get("mosaic_bwd_copy_warps", 4),
-                            stagger=bool(options.get("mosaic_bwd_stagger", 0)))
+    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq), copy_warps=options.get("mosaic_bwd_copy_warps", 4))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,14 +68,11 @@ _F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)) 
 class Config:
     """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring; ``fuse_dq``:
     dQ accumulated by the dK/dV kernel (True) or computed by a kernel of its own (False, deterministic);
-    ``copy_warps``: warps of the memory warpgroup that run its copy loop (``forward.in_copy_warps``); ``stagger``:
-    each dK/dV program walks its query tiles from the one its key tile's index selects on, so that the programs of
-    one head (which start together) do not reduce-add into the same dQ rows at the same time."""
+    ``copy_warps``: warps of the memory warpgroup that run its copy loop (``forward.in_copy_warps``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
     copy_warps: int = 4
-    stagger: bool = False
 
 
 def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
@@ -111,7 +108,6 @@ class _Plan:
     num_mask_consts: int
     num_stages: int
     copy_warps: int
-    stagger: bool
     dtype: jnp.dtype
     score_sites: tuple
     mask_sites: tuple
@@ -199,8 +195,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
     def head(g):
         h = kv_head * plan.group + g
         mh = h if plan.mask_heads > 1 else jnp.int32(0)
-        return h, _forward.BlockWalk(list_refs, mb, mh, kv_row, block=plan.q_block, tile=TILE, has_full=plan.has_full,
-                                     offset=kv_tile if plan.stagger else None)
+        return h, _forward.BlockWalk(list_refs, mb, mh, kv_row, block=plan.q_block, tile=TILE, has_full=plan.has_full)
 
     def over_heads(fn, carry):
         """fn(h, lists, carry) for each query head of the group; a group of one is no loop."""
@@ -559,7 +554,6 @@ def flex_backward(
         num_mask_consts=len(mask_consts),
         num_stages=config.num_stages,
         copy_warps=config.copy_warps,
-        stagger=config.stagger,
         dtype=jnp.dtype(q.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,

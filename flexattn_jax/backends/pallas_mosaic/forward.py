@@ -256,26 +256,19 @@ class _Plan:
 
 class BlockWalk:
     """The tiles a program visits along one row of the BlockMask's lists: the partial blocks (``num`` / ``indices``),
-    then the full ones, each block of ``block`` rows walked as ``block // tile`` consecutive tiles. With an
-    ``offset`` (a traced int32), each of the two lists is walked from its ``offset``-th tile on, wrapping around.
+    then the full ones, each block of ``block`` rows walked as ``block // tile`` consecutive tiles.
 
     ``refs`` are the (num, indices, full_num, full_indices) refs, the full pair None when absent; ``mb``, ``mh`` and
     ``row`` select the row. ``start(step)`` is the first row of tile ``step``.
     """
 
-    def __init__(self, refs, mb, mh, row, *, block: int, tile: int, has_full: bool, offset=None):
+    def __init__(self, refs, mb, mh, row, *, block: int, tile: int, has_full: bool):
         num_ref, self.idx_ref, full_num_ref, self.full_idx_ref = refs
-        self.mb, self.mh, self.row, self.offset = mb, mh, row, offset
+        self.mb, self.mh, self.row = mb, mh, row
         self.block, self.tile, self.sub, self.has_full = block, tile, block // tile, has_full
         self.num_partial = num_ref[mb, mh, row] * self.sub
-        self.num_full = full_num_ref[mb, mh, row] * self.sub if has_full else jnp.int32(0)
-        self.num_steps = self.num_partial + self.num_full
-
-    def _rotated(self, t, count):
-        """With an ``offset``, each list is walked from its ``offset % count``-th tile on, wrapping around."""
-        if self.offset is None:
-            return t
-        return lax.rem(t + self.offset, jnp.maximum(count, 1))
+        num_full = full_num_ref[mb, mh, row] * self.sub if has_full else jnp.int32(0)
+        self.num_steps = self.num_partial + num_full
 
     def _listed(self, ref, t):
         sub = self.sub
@@ -285,12 +278,11 @@ class BlockWalk:
 
     def start(self, step):
         if not self.has_full:
-            return self._listed(self.idx_ref, self._rotated(step, self.num_steps))
+            return self._listed(self.idx_ref, step)
         in_partial = step < self.num_partial
         # Both reads are in range: the index arrays are [..., C] and each t is clamped to 0 when unused.
-        partial = self._listed(self.idx_ref, jnp.where(in_partial, self._rotated(step, self.num_partial), 0))
-        full_step = self._rotated(step - self.num_partial, self.num_full)
-        full = self._listed(self.full_idx_ref, jnp.where(in_partial, 0, full_step))
+        partial = self._listed(self.idx_ref, jnp.where(in_partial, step, 0))
+        full = self._listed(self.full_idx_ref, jnp.where(in_partial, 0, step - self.num_partial))
         return jnp.where(in_partial, partial, full)
 
 
