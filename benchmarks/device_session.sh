@@ -147,9 +147,12 @@ case "${1:-}" in
     # forward on 64-query tiles), and its SASS with the times each instruction ran (SourceCounters).
     # --clock-control none: the clocks stay as the machine sets them. Defaults: the Triton forward at D=64 beside
     # PyTorch FlexAttention on noop, ALiBi and sliding window. For the Mosaic forward beside SDPA's:
-    #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" NCU_KERNELS=. bash ... ncu
-    # (NCU_KERNELS=. profiles every kernel of the calls, at most 8; NCU_MODE=fwdbwd runs the gradients too.) The reports are reduced here to one text
-    # file and one SASS file per case, to stay within $OUT's limit.
+    #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" \
+    #     NCU_KERNELS="flex_attention|flash|fmha|cudnn|sdpa" bash ... ncu
+    # (NCU_KERNELS is a regular expression over kernel names; "." also takes the input generation's kernels, which
+    # come first; NCU_LAUNCHES caps the launches profiled, 8 by default; NCU_MODE=fwdbwd runs the gradients too.)
+    # The reports are reduced here to one text file and one SASS file per case, to stay within $OUT's limit; read
+    # the SASS files back here with python -m benchmarks.ncu_sass ncu_<case>_sass.csv.gz.
     wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
     for case in ${NCU_CASES:-noop alibi sliding_window}; do
       timeout 150 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-flex_attention_forward|triton_tem}" \

@@ -74,3 +74,25 @@ def test_clock_readings_summarised_per_window(capsys):
     clocks.measure("f", lambda: None, lambda: None, 2e9, sampler, seconds=0.01, gap_ms=0.0, alone=3)
     rows = capsys.readouterr().out.splitlines()
     assert [row.split(" | ")[1] for row in rows] == ["alone", "back to back"]
+
+
+def test_sass_counters_summarised_per_kernel():
+    from benchmarks import ncu_sass
+
+    header = '"Address","Source","Instructions Executed","stall_wait","stall_barrier","stall_wait (Not Issued)"'
+    text = "\n".join([
+        '"Kernel Name","attention_kernel"', header,
+        '"0x0","      MOV R1, c[0x0][0x28]","4","1","0","9"',  # setup, run once per warp
+        '"0x10","      MUFU.EX2 R2, R2","64","30","0","9"',  # the loop body: 64 executions each
+        '"0x20","@!P1  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24","64","10","0","9"',
+        '"0x30","      WARPGROUP.DEPBAR.LE gsb0, 0x0","64","0","60","9"',
+        '"Kernel Name","attention_kernel"', header, '"0x0","      NOP","1","0","0","0"',  # a second launch: ignored
+    ])
+    kernels = ncu_sass.read(text)
+    assert list(kernels) == ["attention_kernel"] and len(kernels["attention_kernel"]) == 4
+    loop = [i for i in kernels["attention_kernel"] if i.executed == ncu_sass.loop_count(kernels["attention_kernel"])]
+    assert [i.opcode for i in loop] == ["MUFU", "HGMMA", "WARPGROUP"]
+    assert ncu_sass.shares(loop) == [("barrier", 0.6), ("wait", 0.4)]
+    report = ncu_sass.report("attention_kernel", kernels["attention_kernel"], top=3)
+    assert "loop: 3 instructions executed 64 times each" in report
+    assert "wait, by opcode: MUFU 75%, HGMMA 25%" in report
