@@ -1,4 +1,4 @@
-"""A few forward (or forward and backward) calls of one case, ours and PyTorch FlexAttention's, for a profiler to capture (NOTES.md §27).
+"""A few calls of one case (forward, or forward and backward), ours and PyTorch's, for a profiler (NOTES.md §27).
 
     ncu --clock-control none --kernel-name regex:'flex_attention_forward|triton_tem' -o prof \
         python3 -m benchmarks.profile_forward --case noop -D 64

@@ -342,20 +342,43 @@ def test_every_supported_mod_lowers_the_mosaic_backward(case):
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
 
 
-@pytest.mark.parametrize("copy_warps", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("fuse_dq", [0, 1])
-def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq, copy_warps):
+def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
     """dQ fused into the dK/dV kernel (reduce-adds; at head dim 64 the warpgroups alternate, at 128 they split the
-    columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod; the copy loops in one
-    warp or in four."""
+    columns) or in a kernel of its own; one mask_mod with a captured array and a score_mod."""
     B, Hq, Hkv, L, S = 1, 4, 2, 300, 200
     q, k, v = random_qkv(12, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     ids = jnp.arange(L, dtype=jnp.int32) // 70
     mask_mod = fa.and_masks(fa.causal_mask, fa.document_mask(ids, ids[:S]))
     text = _lower_gradient_for_cuda(q, k, v, mask_mod, fa.tanh_softcap(30.0),
-                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, "mosaic_bwd_copy_warps": copy_warps})
+                                    kernel_options={"mosaic_bwd_fuse_dq": fuse_dq})
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
+
+
+@pytest.mark.parametrize("fuse_dq", [0, 1])
+def test_copy_warp_options_reach_the_kernels(fuse_dq, monkeypatch):
+    """Each copy-warp option decides which kernels run their copy loop in one warp (``plgpu.warp_map``): by
+    default the forward's alone; the dK/dV kernel's, and the dQ kernel's where it runs, with
+    ``mosaic_bwd_copy_warps`` 1."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    one_warp_loops = []
+    warp_map = plgpu.warp_map
+    monkeypatch.setattr(plgpu, "warp_map", lambda f: (one_warp_loops.append(f), warp_map(f))[1])
+    q, k, v = random_qkv(13, B=1, Hq=2, Hkv=2, L=256, S=256, E=128, Ev=128, dtype=jnp.bfloat16)
+
+    def count(**options):
+        one_warp_loops.clear()
+        _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_bwd_fuse_dq": fuse_dq,
+                                                                                 **options})
+        return len(one_warp_loops)
+
+    backward_kernels = 1 if fuse_dq else 2
+    assert count() == 1
+    assert count(mosaic_fwd_copy_warps=4) == 0
+    assert count(mosaic_bwd_copy_warps=1) == 1 + backward_kernels
+    assert count(mosaic_fwd_copy_warps=4, mosaic_bwd_copy_warps=1) == backward_kernels
 
 
 def test_second_query_buffer_where_it_fits():

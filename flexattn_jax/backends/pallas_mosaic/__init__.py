@@ -243,7 +243,8 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
         else:
             long_walks = q_len >= FUSE_DQ_MIN_QUERIES
         fuse_dq = fits and long_walks
-    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq), copy_warps=options.get("mosaic_bwd_copy_warps", 4))
+    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq),
+                            copy_warps=options.get("mosaic_bwd_copy_warps", 4))
 
 
 @dataclasses.dataclass(frozen=True)
