@@ -6,6 +6,9 @@
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
 #   bash benchmarks/device_session.sh fma     NOTES.md section 29: multiply-adds as one fma or two instructions
 #   bash benchmarks/device_session.sh copywarps NOTES.md section 31: the Mosaic kernels' copy loops in one warp or four
+#   bash benchmarks/device_session.sh overlap NOTES.md section 33: the backward's products overlapped, fewer barriers
+#   bash benchmarks/device_session.sh overlap2k the same at B=8, S=2048 and at head dim 64
+#   bash benchmarks/device_session.sh bwdrun  the backward's gpu tests, then forward+backward beside the anchors
 #   bash benchmarks/device_session.sh clocks  NOTES.md section 31: clocks and power, one launch at a time or back to back;
 #                                             the B=8, S=2048 backward's dQ paths
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
@@ -99,6 +102,41 @@ case "${1:-}" in
     sweep 150 --mode fwdbwd --cases noop causal --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
     echo "B=8, S=2048 forward" >> "$OUT/sweeps.md"
     sweep 80 -B 8 -S 2048 --cases noop causal --configs copy_warps_1 copy_warps_4 copy_warps_1 copy_warps_4
+    ;;
+  overlap)
+    # NOTES.md section 33: the backward kernels' products overlapped with the softmax and dS (mosaic_bwd_overlap 1,
+    # 2), and the dK/dV kernel without Pallas's automatic barriers: the gpu tests of those paths for every mod, what
+    # ptxas says of them (spills), then forward+backward timed against the defaults.
+    timeout 330 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "backward_schedules or head_dims_and_options" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    timeout 60 python3 -m benchmarks.ptxas_report --only "backward softcap" "overlap" 2>&1 | grep -E "^##|ptxas|rror" \
+      | tee "$OUT/ptxas.txt"
+    echo "D=128 forward+backward" >> "$OUT/sweeps.md"
+    sweep 180 --mode fwdbwd --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
+      bwd_no_auto_barriers bwd_overlap_2_nab bwd_mosaic
+    ;;
+  overlap2k)
+    # The same at B=8, S=2048 (dQ kernel of its own by default, and fused), and at head dim 64.
+    echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
+    sweep 200 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
+      bwd_overlap_2_nab bwd_fused_dq bwd_mosaic
+    echo "D=64 forward+backward" >> "$OUT/sweeps.md"
+    sweep 150 --mode fwdbwd -D 64 --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
+      bwd_overlap_2_nab bwd_mosaic
+    timeout 60 python3 -m benchmarks.ptxas_report --only "backward fused" "backward overlap 1 fused" \
+      "backward overlap 2 fused" 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    ;;
+  bwdrun)
+    # NOTES.md section 33, with its schedule the default: the gpu tests of every backward schedule, then forward+
+    # backward of pallas_mosaic beside the anchors at both D=128 shapes (RUN_SHAPES; the forward is unchanged).
+    timeout 260 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "every_supported or backward_schedules or head_dims_and_options or fully_masked or vmap_of_grad" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    timeout 320 python3 -m benchmarks.run --suite prefill --shapes "${RUN_SHAPES:-2x16x8192x128,8x16x2048x128}" \
+      --modes fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 280 --out "$OUT/run" 2>&1 \
+      | grep -v Warning | tail -30
     ;;
   clocks)
     # NOTES.md section 31, lead 0: is a forward slower back to back than alone, and does the SM clock say why?

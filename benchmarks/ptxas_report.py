@@ -19,6 +19,7 @@ import tempfile
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="where the dumps go (default: a temporary directory)")
+    parser.add_argument("--only", nargs="+", default=None, help="the variants whose names contain one of these")
     args = parser.parse_args()
     dump = pathlib.Path(args.out or tempfile.mkdtemp(prefix="mosaic_dump_"))
     dump.mkdir(parents=True, exist_ok=True)
@@ -54,9 +55,19 @@ def main() -> None:
         ("backward dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}), 128),
         ("backward softcap fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}, fa.tanh_softcap(30.0)), 128),
         ("backward softcap dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}, fa.tanh_softcap(30.0)), 128),
+        ("backward overlap 1 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}), 128),
+        ("backward overlap 2 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 2}), 128),
+        ("backward overlap 1 softcap fused dQ",
+         gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}, fa.tanh_softcap(30.0)), 128),
+        ("backward overlap 2 softcap fused dQ",
+         gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 2}, fa.tanh_softcap(30.0)), 128),
+        ("backward overlap 2 softcap dQ kernel",
+         gradient({"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 2}, fa.tanh_softcap(30.0)), 128),
     ]
     seen: set[str] = set()
     for name, fn, head_dim in variants:
+        if args.only and not any(word in name for word in args.only):
+            continue
         jax.block_until_ready(jax.jit(fn)(*inputs(head_dim)))
         reports = sorted(set(p.name for p in dump.glob("*.ptxas")) - seen)
         seen.update(reports)

@@ -193,6 +193,29 @@ def test_gpu_every_supported_mod_matches_reference(case):
     _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_bwd_fuse_dq": 1})
 
 
+_SCHEDULE_CASES = [case for case in _SUPPORTED
+                   if case.name in ("noop", "causal", "dilated", "document_causal", "alibi_learned_slopes",
+                                    "softcap_causal")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "options",
+    [{"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1},
+     {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1},
+     {"mosaic_bwd_fuse_dq": 0}],
+    ids=["overlap0-fused-auto-barriers", "overlap1-fused", "dq-kernel"],
+)
+@pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
+def test_gpu_backward_schedules_match_reference(case, options):
+    """The backward schedules beside the default ones that ``test_gpu_every_supported_mod_matches_reference`` runs
+    for every mod (dQ fused; overlap 2 without automatic barriers, or overlap 0 with them for soft-capping)."""
+    B, Hq, Hkv, L, S = 1, 4, 2, 700, 900
+    q, k, v = random_qkv(14, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 14)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=options)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "head_dim, dtype, options",
@@ -201,9 +224,11 @@ def test_gpu_every_supported_mod_matches_reference(case):
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1}), (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0}),
      (128, jnp.bfloat16, {"mosaic_bwd_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 1}),
-     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0})],
+     (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0}),
+     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_auto_barriers": 1}),
+     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
-         "other-copy-warps-dq-kernel"],
+         "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -357,6 +382,64 @@ def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
 
 
 @pytest.mark.parametrize("fuse_dq", [0, 1])
+def test_backward_schedule_options_reach_the_kernels(fuse_dq, monkeypatch):
+    """``mosaic_bwd_overlap`` decides where the backward kernels read an accumulator with a product still in flight
+    (``wgmma_accumulator_load(..., wait_n=1)``: none at 0; in the dK/dV kernel one per traced step at 1, two at 2;
+    in the dQ kernel one at 1 and 2), and ``mosaic_bwd_auto_barriers`` 0 compiles the dK/dV kernel, and it alone,
+    without Pallas's automatic barriers; unset, both follow the score_mod (``default_schedule``)."""
+    from flexattn_jax.backends.pallas_mosaic import backward
+
+    early_reads, no_auto_barriers = [], []
+    load, kernel = backward.plgpu.wgmma_accumulator_load, backward.plgpu.kernel
+
+    def counting_load(acc, *, wait_n=0):
+        early_reads.append(wait_n == 1)
+        return load(acc, wait_n=wait_n)
+
+    def recording_kernel(*args, compiler_params, kernel_name, **kwargs):
+        if compiler_params.unsafe_no_auto_barriers:
+            no_auto_barriers.append(kernel_name)
+        return kernel(*args, compiler_params=compiler_params, kernel_name=kernel_name, **kwargs)
+
+    monkeypatch.setattr(backward.plgpu, "wgmma_accumulator_load", counting_load)
+    monkeypatch.setattr(backward.plgpu, "kernel", recording_kernel)
+
+    def lower(head_dim, score_mod=None, **options):
+        early_reads.clear()
+        no_auto_barriers.clear()
+        q, k, v = random_qkv(13, B=1, Hq=2, Hkv=2, L=256, S=256, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+        _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod,
+                                 kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, **options})
+        return sum(early_reads), list(no_auto_barriers)
+
+    steps = 2  # the causal walk's step is traced twice: partial blocks, then full ones
+    dq_kernel = 0 if fuse_dq else steps
+    assert lower(128, mosaic_bwd_overlap=0, mosaic_bwd_auto_barriers=1) == (0, [])
+    assert lower(128, mosaic_bwd_overlap=1, mosaic_bwd_auto_barriers=1) == (steps + dq_kernel, [])
+    assert lower(64) == (2 * steps + dq_kernel, ["flex_attention_dkdv_mosaic"])  # the defaults
+    assert lower(64, fa.tanh_softcap(30.0)) == (0, [])  # the defaults for a score_mod whose derivative is not 1
+    assert lower(64, fa.tanh_softcap(30.0), mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=0) == (
+        2 * steps + dq_kernel, ["flex_attention_dkdv_mosaic"])
+
+
+def test_the_default_backward_schedule_follows_the_score_mods_derivative():
+    """Overlap 2 without automatic barriers where the score_mod's derivative is 1; overlap 0 with them otherwise
+    (soft-capping measured slower with the first: NOTES.md section 33)."""
+    from flexattn_jax.backends import _captures
+    from flexattn_jax.backends.pallas_mosaic import backward
+
+    def schedule(score_mod):
+        (program,), consts = _captures.trace_for_tiles(score_mod, [(64, 64, "full")], score=True)
+        return backward.default_schedule(program, consts)
+
+    for adds_to_the_score in (fa.identity, fa.generate_alibi_bias(4), fa.alibi_bias(jnp.linspace(0.1, 1.0, 4)),
+                              fa.rel_bias, fa.relative_position_bias(jnp.ones((4, 33)))):
+        assert schedule(adds_to_the_score) == (2, False)
+    for other in (fa.tanh_softcap(30.0), fa.causal, lambda score, b, h, q_idx, kv_idx: score * 2.0):
+        assert schedule(other) == (0, True)
+
+
+@pytest.mark.parametrize("fuse_dq", [0, 1])
 def test_copy_warp_options_reach_the_kernels(fuse_dq, monkeypatch):
     """Each copy-warp option decides which kernels run their copy loop in one warp (``plgpu.warp_map``): by
     default the forward's alone; the dK/dV kernel's, and the dQ kernel's where it runs, with
@@ -483,7 +566,8 @@ def test_the_choice_says_which_backward_runs():
         assert said.startswith(start), said
 
 
-@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3}])
+@pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3},
+                                     {"mosaic_bwd_overlap": 3}, {"mosaic_bwd_auto_barriers": 2}])
 def test_bad_backward_options_raise(options):
     q = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mosaic_b"):

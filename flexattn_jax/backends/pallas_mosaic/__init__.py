@@ -24,7 +24,12 @@ scatter-add, which only the Triton dQ kernel has).
   always);
 * ``mosaic_fwd_copy_warps`` (1, the default, or 4) and ``mosaic_bwd_copy_warps`` (4, the default, or 1): warps of
   the memory warpgroup that run its copy loop, in the forward and in the backward kernels. One warp measured 1-3%
-  faster in the forward, and 9% slower on the fused backward of full attention (section 31).
+  faster in the forward, and 9% slower on the fused backward of full attention (section 31);
+* ``mosaic_bwd_overlap`` (0, 1 or 2): how far the backward kernels overlap a step's matmuls with its softmax and
+  dS (``backward.Config.overlap``); ``mosaic_bwd_auto_barriers`` (0 or 1): 1 compiles the dK/dV kernel with
+  Pallas's automatic warpgroup barriers around its stores to shared memory. Unset, both follow the score_mod:
+  overlap 2 without the barriers where its derivative is 1 (none, ALiBi, a bias), overlap 0 with them otherwise
+  (``backward.default_schedule``; section 33).
 
 The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
@@ -53,7 +58,7 @@ __all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is
 OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
-    "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps",
+    "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -89,12 +94,15 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
-        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap") and value not in (0, 1):
+        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers") \
+                and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
             raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
             raise ValueError(f"kernel_options[{key!r}] must be 1 or 4, got {value}")
+        if key == "mosaic_bwd_overlap" and value not in (0, 1, 2):
+            raise ValueError(f"kernel_options['mosaic_bwd_overlap'] must be 0, 1 or 2, got {value}")
         options[key] = value
     return options
 
@@ -244,7 +252,10 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
             long_walks = q_len >= FUSE_DQ_MIN_QUERIES
         fuse_dq = fits and long_walks
     return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq),
-                            copy_warps=options.get("mosaic_bwd_copy_warps", 4))
+                            copy_warps=options.get("mosaic_bwd_copy_warps", 4),
+                            overlap=options.get("mosaic_bwd_overlap"),
+                            auto_barriers=None if "mosaic_bwd_auto_barriers" not in options
+                            else bool(options["mosaic_bwd_auto_barriers"]))
 
 
 @dataclasses.dataclass(frozen=True)

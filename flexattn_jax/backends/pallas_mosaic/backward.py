@@ -68,11 +68,43 @@ _F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)) 
 class Config:
     """Static launch configuration: ``num_stages`` shared-memory slots of each kernel's streamed ring; ``fuse_dq``:
     dQ accumulated by the dK/dV kernel (True) or computed by a kernel of its own (False, deterministic);
-    ``copy_warps``: warps of the memory warpgroup that run its copy loop (``forward.in_copy_warps``)."""
+    ``copy_warps``: warps of the memory warpgroup that run its copy loop (``forward.in_copy_warps``);
+    ``overlap``: 0, each product of a step waited for before the next is issued (dV's and dP^T's together); 1, the
+    dK/dV kernel forms dS^T while dV's product runs and issues dK's behind it, and the dQ kernel forms P while dP's
+    product runs; 2, also the dK/dV kernel's dP^T issued beside S^T, running during the softmax;
+    ``auto_barriers``: False compiles the dK/dV kernel without the warpgroup barriers Pallas puts around every
+    store to shared memory and before every copy out of it (its own barriers order what needs ordering: see
+    ``_dkdv_kernel``). None, for either: chosen by the score_mod (``default_schedule``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
     copy_warps: int = 4
+    overlap: int | None = None
+    auto_barriers: bool | None = None
+
+
+def derivative_is_one(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> bool:
+    """The score_mod's derivative with respect to the score is 1 everywhere: no score_mod, or one that adds to the
+    score (ALiBi, a relative bias), whose forward-mode tangent passes through unchanged."""
+    if score_mod.is_identity:
+        return True
+    tile = jax.ShapeDtypeStruct((TILE, TILE), jnp.float32)
+    indices = jax.ShapeDtypeStruct((TILE, TILE), jnp.int32)
+
+    def derivative(consts, score, ones, q_idx, kv_idx):
+        return score_mod.derivative(consts, score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, ones=ones)[1]
+
+    consts = [jax.ShapeDtypeStruct(jnp.shape(c), c.dtype) for c in score_consts]
+    jaxpr = jax.make_jaxpr(derivative)(consts, tile, tile, indices, indices).jaxpr
+    return jaxpr.outvars[0] is jaxpr.invars[len(consts) + 1]
+
+
+def default_schedule(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> tuple[int, bool]:
+    """(overlap, auto_barriers) where the options leave them unset. Overlap 2 without automatic barriers measured
+    0-9% faster than overlap 0 with them on full, causal, ALiBi and document attention, but 10% slower on
+    soft-capping, whose derivative (from tanh) the dK/dV kernel keeps beside P, and where ptxas spilled 40% more
+    (benchmarks/NOTES.md section 33): a score_mod whose derivative is not 1 keeps the earlier schedule."""
+    return (2, False) if derivative_is_one(score_mod, score_consts) else (0, True)
 
 
 def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
@@ -108,6 +140,7 @@ class _Plan:
     num_mask_consts: int
     num_stages: int
     copy_warps: int
+    overlap: int
     dtype: jnp.dtype
     score_sites: tuple
     mask_sites: tuple
@@ -129,10 +162,11 @@ def _split(refs, plan: _Plan, num_lists: int):
     return lists, score_refs, mask_refs, refs[plan.num_score_consts + plan.num_mask_consts :]
 
 
-def _probabilities(s, lse2, q_idx, kv_idx, b, h, *, plan: _Plan, mods, const_refs, masked: bool, q_start, kv_start,
+def _probabilities(s, lse2, b, h, *, plan: _Plan, mods, const_refs, masked: bool, q_start, kv_start,
                    transposed: bool):
-    """P of one tile from the raw scores ``s`` = q.k (float32 [64, 64] in the wgmma layout), and the factor that
-    turns dP - delta into dS: ``(p, p_grad)``, both zero wherever the position is masked or out of bounds.
+    """P of one tile from the raw scores ``s`` = q.k (float32 [64, 64] in the wgmma layout, [keys, queries] when
+    ``transposed``; its first query ``q_start``, first key ``kv_start``), and the factor that turns dP - delta into
+    dS: ``(p, p_grad)``, both zero wherever the position is masked or out of bounds.
 
     ``lse2`` is broadcast to the tile (+inf where a row attends nowhere). ``p_grad`` is P times the score_mod's
     derivative, dm/ds (P itself for no score_mod): dS = (dm/ds) P (dP - delta). It is formed here, before the
@@ -142,6 +176,9 @@ def _probabilities(s, lse2, q_idx, kv_idx, b, h, *, plan: _Plan, mods, const_ref
     score_mod, mask_mod = mods
     score_refs, mask_refs = const_refs
     shape = s.shape
+    q_axis = 1 if transposed else 0
+    q_idx = q_start + plgpu.broadcasted_iota(jnp.int32, shape, q_axis, layout=plgpu.Layout.WGMMA)
+    kv_idx = kv_start + plgpu.broadcasted_iota(jnp.int32, shape, 1 - q_axis, layout=plgpu.Layout.WGMMA)
     derivative = None
     if plan.apply_score_mod:
         load = _forward.site_load(plan.score_sites, q_start, kv_start, shape, transposed=transposed)
@@ -182,6 +219,18 @@ def _copy_resident(sources, buffers, index: tuple, barriers, wg):
 
 
 def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num_lists: int, fuse_dq: bool):
+    """The dK/dV kernel, dQ fused or not.
+
+    Compiled without Pallas's automatic barriers by default (``Config.auto_barriers``), which would put a warpgroup
+    barrier before and after each store to shared memory and before each copy out of it: with dQ fused, eight per
+    step. What they would order is ordered here otherwise. Shared memory that a store overwrites is read only by
+    wgmmas and TMA copies, never by plain loads: the dS^T buffer of a parity was last read by the dQ products of
+    two steps back, which both warpgroups waited for before arriving on the other parity's ``ds_ready``, which
+    this warpgroup has since waited on; a warpgroup's dQ staging tile was last read by its previous reduce-add,
+    which ``wait_smem_to_gmem`` awaits (with a barrier) before the store; K and V are overwritten by the gradients
+    only after the ``done`` barrier. Each store is followed by ``commit_smem``, whose proxy fence and barrier make
+    it visible to the wgmma or the copy that reads it.
+    """
     q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, *refs = refs
     list_refs, score_refs, mask_refs, outs = _split(refs, plan, num_lists)
     dq_ref, dk_ref, dv_ref = outs if fuse_dq else (None, *outs)
@@ -230,45 +279,81 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                     count = base + step
                     slot = lax.rem(count, jnp.int32(stages))
                     q_start = lists.start(step)
+                    parity = lax.rem(count, jnp.int32(2))
                     plgpu.barrier_wait(q_ready.at[slot])
 
-                    def st(acc_ref):
-                        plgpu.wgmma(acc_ref, k_own, q_ring.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
+                    def issue_s_t(s_ref):
+                        plgpu.wgmma(s_ref, k_own, q_ring.at[slot].transpose((1, 0)))
 
-                    s_t = pl.run_scoped(st, plgpu.ACC((TILE, TILE), jnp.float32))
-                    plgpu.barrier_wait(lse_ready.at[slot])
-                    lse2 = lax.broadcast_in_dim(plgpu.load(lse_ring.at[slot], layout=column), (TILE, TILE), (1,))
-                    q_idx = q_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
-                    kv_idx = kv_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
-                    p_t, p_grad_t = _probabilities(
-                        s_t, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
-                        const_refs=(score_refs, mask_refs), masked=masked, q_start=q_start, kv_start=kv_base,
-                        transposed=True,
-                    )
-                    plgpu.barrier_wait(do_ready.at[slot])
-
-                    def dv_dp(refs):
-                        # Two wgmmas, one wait.
-                        dv_ref, dp_ref = refs
-                        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_ring.at[slot])
+                    def issue_dp_t(dp_ref):
                         plgpu.wgmma(dp_ref, v_own, do_ring.at[slot].transpose((1, 0)))
 
-                    dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile)))
-                    plgpu.barrier_wait(delta_ready.at[slot])
-                    delta = plgpu.load(delta_ring.at[slot], layout=column)
-                    dp_t = dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,))
-                    ds_t = (p_grad_t * dp_t).astype(dtype)
-                    if fuse_dq:
-                        parity = lax.rem(count, jnp.int32(2))
-                        ds_all.at[parity, own][...] = ds_t
-                        plgpu.commit_smem()
-                        plgpu.barrier_arrive(ds_ready.at[parity])
+                    def issue_dv(dv_ref, p_t):
+                        plgpu.wgmma(dv_ref, p_t.astype(dtype), do_ring.at[slot])
 
-                    def dk_fn(acc_ref):
-                        plgpu.wgmma(acc_ref, ds_t, q_ring.at[slot])
+                    def probabilities(s_t):
+                        plgpu.barrier_wait(lse_ready.at[slot])
+                        lse2 = lax.broadcast_in_dim(plgpu.load(lse_ring.at[slot], layout=column), (TILE, TILE), (1,))
+                        return _probabilities(
+                            s_t, lse2, b, h, plan=plan, mods=(score_mod, mask_mod),
+                            const_refs=(score_refs, mask_refs), masked=masked, q_start=q_start, kv_start=kv_base,
+                            transposed=True,
+                        )
 
-                    dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+                    def gradient_of_scores(p_grad_t, dp_t):
+                        """dS^T in the input dtype; with dQ fused, also put in shared memory for both warpgroups."""
+                        plgpu.barrier_wait(delta_ready.at[slot])
+                        delta = plgpu.load(delta_ring.at[slot], layout=column)
+                        ds_t = (p_grad_t * (dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,)))).astype(dtype)
+                        if fuse_dq:
+                            ds_all.at[parity, own][...] = ds_t
+                            plgpu.commit_smem()
+                            plgpu.barrier_arrive(ds_ready.at[parity])
+                        return ds_t
+
+                    if plan.overlap == 0:
+                        # Each product waited for before the next step: S^T; dV and dP^T (two wgmmas, one wait); dK.
+                        def st(s_ref):
+                            issue_s_t(s_ref)
+                            return s_ref[...]
+
+                        p_t, p_grad_t = probabilities(pl.run_scoped(st, plgpu.ACC((TILE, TILE), jnp.float32)))
+                        plgpu.barrier_wait(do_ready.at[slot])
+
+                        def dv_dp(refs):
+                            dv_ref, dp_ref = refs
+                            issue_dv(dv_ref, p_t)
+                            issue_dp_t(dp_ref)
+
+                        dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile)))
+                        ds_t = gradient_of_scores(p_grad_t, dp_t)
+
+                        def dk_fn(acc_ref):
+                            plgpu.wgmma(acc_ref, ds_t, q_ring.at[slot])
+
+                        dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+                    else:
+                        # Each product waited for only where its result is needed (wgmma groups complete in the
+                        # order issued): dV's product runs while dS^T is formed, and dK's is issued behind it.
+                        # With overlap 2, dP^T is also issued beside S^T and runs during the softmax.
+                        def products(refs):
+                            s_ref, dp_ref, dv_ref, dk_ref = refs
+                            issue_s_t(s_ref)
+                            if plan.overlap == 2:
+                                plgpu.barrier_wait(do_ready.at[slot])
+                                issue_dp_t(dp_ref)
+                                p_t, p_grad_t = probabilities(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+                                issue_dv(dv_ref, p_t)
+                            else:
+                                p_t, p_grad_t = probabilities(plgpu.wgmma_accumulator_load(s_ref, wait_n=0))
+                                plgpu.barrier_wait(do_ready.at[slot])
+                                issue_dp_t(dp_ref)
+                                issue_dv(dv_ref, p_t)
+                            ds_t = gradient_of_scores(p_grad_t, plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
+                            plgpu.wgmma(dk_ref, ds_t, q_ring.at[slot])
+
+                        accumulators = (zeros_tile, zeros_tile, dv, dk)
+                        _, _, dv, dk = pl.run_state(products)(tuple(map(plgpu.ACC.init, accumulators)))
                     plgpu.barrier_arrive(consumed.at[slot])
                     if fuse_dq:
                         plgpu.barrier_wait(ds_ready.at[parity])
@@ -428,21 +513,29 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
 
-                def s_dp(refs):
-                    # Two wgmmas, one wait.
-                    s_ref, dp_ref = refs
+                def probabilities(s):
+                    return _probabilities(
+                        s, lse2, b, h, plan=plan, mods=(score_mod, mask_mod),
+                        const_refs=(score_refs, mask_refs), masked=masked, q_start=q_base, kv_start=kv_start,
+                        transposed=False,
+                    )
+
+                def s_dp(s_ref, dp_ref):
+                    # Two wgmmas; with overlap, P is formed while the second (dP) runs.
                     plgpu.wgmma(s_ref, q_own, k_ring.at[slot].transpose((1, 0)))
                     plgpu.wgmma(dp_ref, do_own, v_ring.at[slot].transpose((1, 0)))
+                    if plan.overlap:
+                        p, p_grad = probabilities(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+                        return p, p_grad, dp_ref[...]
+                    return s_ref[...], dp_ref[...]
 
-                s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros_tile), plgpu.ACC.init(zeros_tile)))
+                accumulator = plgpu.ACC((TILE, TILE), jnp.float32)
+                if plan.overlap:
+                    p, p_grad, dp = pl.run_scoped(s_dp, accumulator, accumulator)
+                else:
+                    s, dp = pl.run_scoped(s_dp, accumulator, accumulator)
+                    p, p_grad = probabilities(s)
                 plgpu.barrier_arrive(v_consumed.at[slot])
-                q_idx = q_base + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 0, layout=wgmma_layout)
-                kv_idx = kv_start + plgpu.broadcasted_iota(jnp.int32, (TILE, TILE), 1, layout=wgmma_layout)
-                p, p_grad = _probabilities(
-                    s, lse2, q_idx, kv_idx, b, h, plan=plan, mods=(score_mod, mask_mod),
-                    const_refs=(score_refs, mask_refs), masked=masked, q_start=q_base, kv_start=kv_start,
-                    transposed=False,
-                )
                 ds = p_grad * (dp - delta)
 
                 def dq_fn(acc_ref):
@@ -536,6 +629,9 @@ def flex_backward(
     score_consts = _forward.pad_walked(score_consts, score_sites, q_padded, kv_padded)
     mask_consts = _forward.pad_walked(mask_consts, mask_sites, q_padded, kv_padded)
     has_full = kv_lists.full_num is not None
+    overlap, auto_barriers = default_schedule(score_mod, score_consts)
+    overlap = overlap if config.overlap is None else config.overlap
+    auto_barriers = auto_barriers if config.auto_barriers is None else config.auto_barriers
     plan = _Plan(
         group=q_heads // kv_heads,
         mask_batch=kv_lists.num.shape[0],
@@ -554,6 +650,7 @@ def flex_backward(
         num_mask_consts=len(mask_consts),
         num_stages=config.num_stages,
         copy_warps=config.copy_warps,
+        overlap=overlap,
         dtype=jnp.dtype(q.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
@@ -567,8 +664,7 @@ def flex_backward(
     v = pad_axis(v, 2, kv_padded)
     dense = (q, k, v, d_out, lse2, delta)
     consts = (*score_consts, *mask_consts)
-    params = plgpu.CompilerParams(approx_math=True)
-    common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg", compiler_params=params)
+    common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
 
     q_side = tuple(a.astype(jnp.int32) for a in q_lists.arrays())
     dkdv = plgpu.kernel(
@@ -578,6 +674,7 @@ def flex_backward(
         grid=(kv_padded // PROGRAM_ROWS, kv_heads, batch),
         grid_names=("kv", "heads", "batch"),
         kernel_name="flex_attention_dkdv_mosaic",  # what profilers list it as
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
         **common,
     )
     if config.fuse_dq:
@@ -595,6 +692,7 @@ def flex_backward(
         grid=(q_padded // PROGRAM_ROWS, q_heads, batch),
         grid_names=("q", "heads", "batch"),
         kernel_name="flex_attention_dq_mosaic",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         **common,
     )(*dense, *kv_side, *consts)
     return dq[:, :, :q_len], dk[:, :, :kv_len], dv[:, :, :kv_len]
