@@ -113,19 +113,19 @@ case "${1:-}" in
     timeout 60 python3 -m benchmarks.ptxas_report --only "backward softcap" "overlap" 2>&1 | grep -E "^##|ptxas|rror" \
       | tee "$OUT/ptxas.txt"
     echo "D=128 forward+backward" >> "$OUT/sweeps.md"
-    sweep 180 --mode fwdbwd --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
-      bwd_no_auto_barriers bwd_overlap_2_nab bwd_mosaic
+    sweep 180 --mode fwdbwd --cases noop causal --configs bwd_overlap_0 bwd_overlap_1 bwd_overlap_2 \
+      bwd_no_auto_barriers bwd_overlap_2_nab bwd_overlap_0
     ;;
   overlap2k)
     # The same at B=8, S=2048 (dQ kernel of its own by default, and fused), and at head dim 64.
     echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
-    sweep 200 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
-      bwd_overlap_2_nab bwd_fused_dq bwd_mosaic
+    sweep 200 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_overlap_0 bwd_overlap_1 bwd_overlap_2 \
+      bwd_overlap_2_nab bwd_fused_dq bwd_overlap_0
     echo "D=64 forward+backward" >> "$OUT/sweeps.md"
-    sweep 150 --mode fwdbwd -D 64 --cases noop causal --configs bwd_mosaic bwd_overlap_1 bwd_overlap_2 \
-      bwd_overlap_2_nab bwd_mosaic
-    timeout 60 python3 -m benchmarks.ptxas_report --only "backward fused" "backward overlap 1 fused" \
-      "backward overlap 2 fused" 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    sweep 150 --mode fwdbwd -D 64 --cases noop causal --configs bwd_overlap_0 bwd_overlap_1 bwd_overlap_2 \
+      bwd_overlap_2_nab bwd_overlap_0
+    timeout 60 python3 -m benchmarks.ptxas_report --only "backward fused" "backward overlap 0 fused" \
+      "backward overlap 1 fused" 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   bwdrun)
     # NOTES.md section 33, with its schedule the default: the gpu tests of every backward schedule, then forward+

@@ -36,9 +36,11 @@ def main() -> None:
     case = CASES[args.case]
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
     forward = jax_impls.flexattn(case, args.implementation, B, H, S, S)
-    cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.float32)
-    gradients = jax_impls.forward_backward(forward)
-    ours = forward if args.mode == "fwd" else lambda q, k, v: gradients(q, k, v, cotangent)
+    ours = forward
+    if args.mode == "fwdbwd":
+        cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.float32)
+        gradients = jax_impls.forward_backward(forward)
+        ours = lambda q, k, v: gradients(q, k, v, cotangent)  # noqa: E731
     for _ in range(1 + args.calls):
         jax.block_until_ready(ours(q, k, v))
     print(f"ran {args.implementation} {args.case} D={D} {args.mode} {1 + args.calls} times", flush=True)

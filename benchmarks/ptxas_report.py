@@ -55,8 +55,10 @@ def main() -> None:
         ("backward dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}), 128),
         ("backward softcap fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}, fa.tanh_softcap(30.0)), 128),
         ("backward softcap dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}, fa.tanh_softcap(30.0)), 128),
+        # The defaults above follow the score_mod (overlap 2 on the causal mask, 0 with soft-capping): the others.
+        ("backward overlap 0 fused dQ",
+         gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1}), 128),
         ("backward overlap 1 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}), 128),
-        ("backward overlap 2 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 2}), 128),
         ("backward overlap 1 softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}, fa.tanh_softcap(30.0)), 128),
         ("backward overlap 2 softcap fused dQ",

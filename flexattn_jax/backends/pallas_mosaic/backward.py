@@ -629,9 +629,11 @@ def flex_backward(
     score_consts = _forward.pad_walked(score_consts, score_sites, q_padded, kv_padded)
     mask_consts = _forward.pad_walked(mask_consts, mask_sites, q_padded, kv_padded)
     has_full = kv_lists.full_num is not None
-    overlap, auto_barriers = default_schedule(score_mod, score_consts)
-    overlap = overlap if config.overlap is None else config.overlap
-    auto_barriers = auto_barriers if config.auto_barriers is None else config.auto_barriers
+    overlap, auto_barriers = config.overlap, config.auto_barriers
+    if overlap is None or auto_barriers is None:
+        default_overlap, default_auto_barriers = default_schedule(score_mod, score_consts)
+        overlap = default_overlap if overlap is None else overlap
+        auto_barriers = default_auto_barriers if auto_barriers is None else auto_barriers
     plan = _Plan(
         group=q_heads // kv_heads,
         mask_batch=kv_lists.num.shape[0],
