@@ -16,6 +16,11 @@
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 #   bash benchmarks/device_session.sh torch   PyTorch FlexAttention's compiled forward kernels (IR, PTX) at D=64
+#   bash benchmarks/device_session.sh pipes   Nsight Compute's pipe, shared-memory and stall metrics for the Mosaic
+#                                             forward at D=64 and the dK/dV kernel (NOTES.md section 34)
+#   bash benchmarks/device_session.sh l2      where the backward kernels' memory traffic goes: L2 sectors by operation, hits, DRAM
+#   bash benchmarks/device_session.sh order   the backward's programs launched head by head against batch and heads innermost
+#   bash benchmarks/device_session.sh fusedq  with that order, where fusing dQ pays: shorter walks (causal, document, window)
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -179,6 +184,75 @@ case "${1:-}" in
     # NOTES.md section 27: what PyTorch's kernel compiles to, read offline beside triton_report's view of ours.
     TRITON_CACHE_DIR=/tmp/torch_triton_cache timeout 200 python3 -m benchmarks.torch_flex_artifacts \
       --cases noop alibi causal -D 64 --out "$OUT/torch_kernels" 2>&1 | grep -v Warning | tail -12
+    ;;
+  pipes)
+    # NOTES.md section 34: which unit bounds each kernel. Per configuration, one text file: the details page and the
+    # raw metrics of the pipes (tensor, FMA, ALU, XU: exp2), shared memory (wavefronts, bank conflicts, MIO) and
+    # the stall reasons, of ours and, where given, SDPA's or FlexAttention's kernel run beside it.
+    wanted_raw="pipe_|mio|lsu|mem_shared|stalled|issue_active|sm__inst_executed.avg|throughput.avg.pct|gpu__time_duration.sum|launch__grid_size|launch__registers|smsp__cycles_active.avg |sm__cycles_elapsed.avg "
+    pipes_case() {  # name, kernel regex, launches, profile_forward's arguments
+      local name=$1 kernels=$2 launches=$3; shift 3
+      timeout 110 ncu --clock-control none --kernel-name regex:"$kernels" --launch-count "$launches" \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
+        --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables -o "/tmp/ncu_$name" -f \
+        python3 -m benchmarks.profile_forward --calls 0 --implementation pallas_mosaic "$@" 2>&1 \
+        | grep -v Warning | tail -3
+      { timeout 40 ncu --import "/tmp/ncu_$name.ncu-rep" --page details 2>&1 | grep -E "$wanted|Pipe|Shared|Bank"
+        echo "## raw"
+        timeout 40 ncu --import "/tmp/ncu_$name.ncu-rep" --page raw 2>&1 | grep -E "flex|triton|flash|fmha|cudnn|$wanted_raw"
+      } > "$OUT/pipes_$name.txt"
+      grep -E "Duration|pipe_tensor.*pct|pipe_xu.*pct|pipe_fma.*pct|mem_shared.*pct|Issue Slots Busy" \
+        "$OUT/pipes_$name.txt" | head -24
+    }
+    wanted="flex|triton_tem|flash|fmha|cudnn|kernel|Registers|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Grid Size|L2|L1|DRAM|Memory Throughput"
+    pipes_case fwd64_noop "flex_attention_forward|flash|fmha|cudnn" 2 --case noop -D 64 --torch sdpa
+    pipes_case fwd64_alibi "flex_attention_forward|triton_tem" 2 --case alibi -D 64 --torch flex
+    pipes_case bwd64_noop "flex_attention_dkdv|bwd|dgrad" 4 --case noop -D 64 --mode fwdbwd --torch sdpa
+    pipes_case bwd128_noop "flex_attention_dkdv|bwd|dgrad" 4 --case noop -D 128 --mode fwdbwd --torch sdpa
+    pipes_case bwd128_2k_fused "flex_attention_dkdv" 1 --case noop -D 128 -B 8 -S 2048 --mode fwdbwd --torch none \
+      --kernel-options '{"mosaic_bwd_fuse_dq": 1}'
+    ;;
+  l2)
+    # NOTES.md section 34: the fused dK/dV kernel at B=8, S=2048 ran at 74% of DRAM bandwidth with 19% L2 hits (70% at
+    # 8K). Per kernel: L2 sectors by operation (loads, stores, TMA reduce-adds) and their hits, DRAM bytes read and
+    # written, the long-scoreboard stall; ours (fused, unfused) and SDPA's backward beside them.
+    l2_case() {  # name, launches, profile_forward's arguments
+      local name=$1 launches=$2; shift 2
+      timeout 150 ncu --clock-control none --launch-count "$launches" \
+        --kernel-name regex:"flex_attention_(dkdv|dq)|sdpa|flash|fmha|bprop|dgrad|cudnn" \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis_Chart --section MemoryWorkloadAnalysis_Tables \
+        --section WarpStateStats -o "/tmp/l2_$name" -f \
+        python3 -m benchmarks.profile_forward --calls 0 --implementation pallas_mosaic --mode fwdbwd "$@" 2>&1 \
+        | grep -v Warning | tail -2
+      timeout 40 ncu --import "/tmp/l2_$name.ncu-rep" --page raw 2>&1 \
+        | grep -E "\(.*\)x\(|lts__t_sectors_op|lts__t_sector_op|lts__t_sector_hit|dram__bytes|gpu__time_duration.sum|tensor_cycles_active.avg.pct|stalled_long_scoreboard_per_issue|lts__t_sectors.sum |lts__t_sectors_srcunit_tex.sum " \
+        | grep -vE "\.(min|max)\." > "$OUT/l2_$name.txt"
+      grep -E "\(.*\)x\(|dram__bytes_(read|write).sum |duration" "$OUT/l2_$name.txt"
+    }
+    l2_case 2k_fused 1 --case noop -D 128 -B 8 -S 2048 --torch none --kernel-options '{"mosaic_bwd_fuse_dq": 1}'
+    l2_case 2k_unfused 8 --case noop -D 128 -B 8 -S 2048 --torch sdpa
+    l2_case 8k_fused 8 --case noop -D 128 --torch sdpa
+    ;;
+  order)
+    # NOTES.md section 34: the backward's programs launched head by head (the default now) against the batch and
+    # heads innermost (mosaic_bwd_heads_inner 1, the earlier order): gpu tests, then forward+backward.
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "head_dims_and_options or fully_masked" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
+    sweep 190 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_heads_inner bwd_mosaic \
+      bwd_heads_inner_fused bwd_fused_dq_default_order bwd_mosaic
+    echo "D=128 forward+backward" >> "$OUT/sweeps.md"
+    sweep 150 --mode fwdbwd --cases noop causal --configs bwd_heads_inner bwd_mosaic bwd_heads_inner bwd_mosaic
+    ;;
+  fusedq)
+    # NOTES.md section 34: with the programs launched head by head, dQ fused against its kernel of its own on the
+    # walks the threshold (FUSE_DQ_MIN_KEY_TILES) decides between.
+    echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
+    sweep 110 --mode fwdbwd -B 8 -S 2048 --cases causal sliding_window document --configs bwd_dq_kernel bwd_fused_dq
+    echo "D=128 forward+backward" >> "$OUT/sweeps.md"
+    sweep 80 --mode fwdbwd --cases document --configs bwd_dq_kernel bwd_fused_dq
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -14,14 +14,16 @@ from benchmarks.cases import SLIDING_WINDOW, Case
 MAX_DENSE_ELEMENTS = 1 << 31
 
 
-def flexattn(case: Case, implementation: str, B: int, H: int, L: int, S: int, block_size: int = 128):
+def flexattn(case: Case, implementation: str, B: int, H: int, L: int, S: int, block_size: int = 128,
+             kernel_options=None):
     mask_mod, score_mod, by_head = case.mods(B, H, L, S)
     block_mask = None
     if mask_mod is not None:
         block_mask = fa.create_block_mask(mask_mod, None, H if by_head else None, L, S, BLOCK_SIZE=block_size)
 
     def forward(q, k, v):
-        return fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, implementation=implementation)
+        return fa.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, implementation=implementation,
+                                 kernel_options=kernel_options)
 
     return jax.jit(forward)
 

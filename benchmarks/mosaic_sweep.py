@@ -45,6 +45,11 @@ CONFIGS = {
     "bwd_overlap_2": dict(mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=1),
     "bwd_no_auto_barriers": dict(mosaic_bwd_overlap=0, mosaic_bwd_auto_barriers=0),
     "bwd_overlap_2_nab": dict(mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=0),
+    # NOTES.md section 34: the backward's programs launched head by head (the default) or with the batch and heads
+    # innermost (the earlier order).
+    "bwd_heads_inner": dict(mosaic_bwd_heads_inner=1),
+    "bwd_heads_inner_fused": dict(mosaic_bwd_heads_inner=1, mosaic_bwd_fuse_dq=1),
+    "bwd_fused_dq_default_order": dict(mosaic_bwd_fuse_dq=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

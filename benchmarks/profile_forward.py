@@ -12,6 +12,7 @@ FlexAttention's or SDPA's (``--torch``). Each implementation is compiled and run
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="noop", choices=sorted(CASES))
     parser.add_argument("-D", type=int, default=64)
+    parser.add_argument("-B", type=int, default=2)
     parser.add_argument("-S", type=int, default=8192)
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--implementation", default="pallas_triton")
@@ -31,11 +33,13 @@ def main() -> None:
                         help="PyTorch's kernel to run beside ours: FlexAttention, SDPA (noop and causal), or none")
     parser.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwd",
                         help="fwdbwd: the forward and the gradients w.r.t. q, k, v, so the backward's kernels run too")
+    parser.add_argument("--kernel-options", type=json.loads, default=None,
+                        help='kernel_options for ours, as JSON: \'{"mosaic_bwd_fuse_dq": 1}\'')
     args = parser.parse_args()
-    B, H, S, D = 2, 16, args.S, args.D
+    B, H, S, D = args.B, 16, args.S, args.D
     case = CASES[args.case]
     q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
-    forward = jax_impls.flexattn(case, args.implementation, B, H, S, S)
+    forward = jax_impls.flexattn(case, args.implementation, B, H, S, S, kernel_options=args.kernel_options)
     ours = forward
     if args.mode == "fwdbwd":
         cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.float32)

@@ -226,9 +226,12 @@ def test_gpu_backward_schedules_match_reference(case, options):
      (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 1}),
      (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_auto_barriers": 1}),
-     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1})],
+     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1}),
+     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_heads_inner": 1}),
+     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
-         "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel"],
+         "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel", "heads-inner-fused",
+         "heads-inner-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -422,6 +425,38 @@ def test_backward_schedule_options_reach_the_kernels(fuse_dq, monkeypatch):
         2 * steps + dq_kernel, ["flex_attention_dkdv_mosaic"])
 
 
+@pytest.mark.parametrize("fuse_dq", [0, 1])
+def test_backward_programs_launch_head_by_head(fuse_dq, monkeypatch):
+    """Pallas runs a grid's last axis fastest: by default the backward kernels put their tiles there, so that the
+    programs in flight at once share one head's streamed tiles in L2 (NOTES.md section 34);
+    ``mosaic_bwd_heads_inner`` 1 puts the batch there instead, the earlier order."""
+    from flexattn_jax.backends.pallas_mosaic import backward
+
+    launches = {}
+    kernel = backward.plgpu.kernel
+
+    def recording_kernel(*args, grid, grid_names, kernel_name, **kwargs):
+        launches[kernel_name] = dict(zip(grid_names, grid)), grid_names[-1]
+        return kernel(*args, grid=grid, grid_names=grid_names, kernel_name=kernel_name, **kwargs)
+
+    monkeypatch.setattr(backward.plgpu, "kernel", recording_kernel)
+    B, Hq, Hkv, L, S = 3, 4, 2, 256, 384
+    q, k, v = random_qkv(13, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=64, Ev=64, dtype=jnp.bfloat16)
+
+    def lower(**options):
+        launches.clear()
+        _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_bwd_fuse_dq": fuse_dq,
+                                                                                 **options})
+        launches.pop("flex_attention_forward_mosaic")  # the forward's persistent grid, recorded too
+        return dict(launches)
+
+    expected = {"flex_attention_dkdv_mosaic": ({"batch": B, "heads": Hkv, "kv": S // 128}, "kv")}
+    if not fuse_dq:
+        expected["flex_attention_dq_mosaic"] = ({"batch": B, "heads": Hq, "q": L // 128}, "q")
+    assert lower() == expected
+    assert lower(mosaic_bwd_heads_inner=1) == {name: (sizes, "batch") for name, (sizes, _) in expected.items()}
+
+
 def test_the_default_backward_schedule_follows_the_score_mods_derivative():
     """Overlap 2 without automatic barriers where the score_mod's derivative is 1; overlap 0 with them otherwise
     (soft-capping measured slower with the first: NOTES.md section 33)."""
@@ -503,6 +538,8 @@ def test_fusing_dq_follows_the_walk_length_when_the_mask_is_known():
     assert _backward_config({}, 128, S, tiles["causal"]).fuse_dq
     assert not _backward_config({}, 128, S, tiles["document"]).fuse_dq  # long, but sparse: measured slower fused
     assert _backward_config({}, 128, 4096, 32.0).fuse_dq  # a dense 4096 x 4096 walk
+    # At 2048 queries: full attention (16 tiles) measured faster fused, causal (8.5) slower (NOTES.md section 34).
+    assert _backward_config({}, 128, 2048, 16.0).fuse_dq and not _backward_config({}, 128, 2048, 8.5).fuse_dq
 
     @jax.jit
     def traced(kv_num_blocks):
@@ -567,7 +604,8 @@ def test_the_choice_says_which_backward_runs():
 
 
 @pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3},
-                                     {"mosaic_bwd_overlap": 3}, {"mosaic_bwd_auto_barriers": 2}])
+                                     {"mosaic_bwd_overlap": 3}, {"mosaic_bwd_auto_barriers": 2},
+                                     {"mosaic_bwd_heads_inner": 2}])
 def test_bad_backward_options_raise(options):
     q = jnp.zeros((1, 2, 128, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="mosaic_b"):

@@ -29,7 +29,9 @@ scatter-add, which only the Triton dQ kernel has).
   dS (``backward.Config.overlap``); ``mosaic_bwd_auto_barriers`` (0 or 1): 1 compiles the dK/dV kernel with
   Pallas's automatic warpgroup barriers around its stores to shared memory. Unset, both follow the score_mod:
   overlap 2 without the barriers where its derivative is 1 (none, ALiBi, a bias), overlap 0 with them otherwise
-  (``backward.default_schedule``; section 33).
+  (``backward.default_schedule``; section 33);
+* ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
+  varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against.
 
 The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
@@ -59,6 +61,7 @@ OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
+    "mosaic_bwd_heads_inner",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -69,7 +72,7 @@ _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 _SMEM_RESERVE = 4 * 1024
 # Where the backward fuses dQ into the dK/dV kernel by default: from this many 128-key tiles per query block on
 # average when the BlockMask's contents are known while tracing, else from this query length.
-FUSE_DQ_MIN_KEY_TILES = 24
+FUSE_DQ_MIN_KEY_TILES = 16
 FUSE_DQ_MIN_QUERIES = 8192
 
 
@@ -94,7 +97,8 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_block_n'] must be one of {_BLOCK_NS}, got {value}")
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
-        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers") \
+        if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
+                   "mosaic_bwd_heads_inner") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
@@ -102,7 +106,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
             raise ValueError(f"kernel_options[{key!r}] must be 1 or 4, got {value}")
         if key == "mosaic_bwd_overlap" and value not in (0, 1, 2):
-            raise ValueError(f"kernel_options['mosaic_bwd_overlap'] must be 0, 1 or 2, got {value}")
+            raise ValueError(f"kernel_options[{key!r}] must be 0, 1 or 2, got {value}")
         options[key] = value
     return options
 
@@ -239,9 +243,10 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
     the walks are long: ``FUSE_DQ_MIN_KEY_TILES`` 128-key tiles or more per query block on average when
     ``key_tiles`` (``attended_key_tiles``) is known, else ``FUSE_DQ_MIN_QUERIES`` queries or more. Fusing saves the
     dQ kernel's recomputation of S and dP, but adds a float32 dQ buffer to clear and convert and ties the two
-    warpgroups together at every step: it measured 2-10% faster on full and causal attention at 8192 queries (64
-    and 32 tiles), 9-16% slower at 2048 (16 and 8) and on a document mask at 8192 (about 5)
-    (benchmarks/NOTES.md section 11)."""
+    warpgroups together at every step. It measured 2-10% faster on full and causal attention at 8192 queries (64
+    and 32 tiles; NOTES.md section 11); with the programs launched head by head (section 34) 14% faster on full
+    attention at 2048 (16 tiles), but 2-4% slower on causal (8.5) and sliding-window masks there and 5-20% slower
+    on document masks (about 5 tiles at 8192, fewer at 2048)."""
     stages = options.get("mosaic_bwd_num_stages", 2)
     fuse_dq = options.get("mosaic_bwd_fuse_dq")
     if fuse_dq is None:
@@ -255,7 +260,8 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
                             copy_warps=options.get("mosaic_bwd_copy_warps", 4),
                             overlap=options.get("mosaic_bwd_overlap"),
                             auto_barriers=None if "mosaic_bwd_auto_barriers" not in options
-                            else bool(options["mosaic_bwd_auto_barriers"]))
+                            else bool(options["mosaic_bwd_auto_barriers"]),
+                            heads_inner=bool(options.get("mosaic_bwd_heads_inner", 0)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,10 @@ tangent of ones), multiplied into P before the wgmmas that produce dP: dS = (P d
 (``forward.site_load``). Gradients with respect to those arrays need an atomic scatter into a float32 buffer, which
 these kernels do not have: when one is wanted the caller runs the Triton backward instead.
 
+Both kernels are launched head by head (the tiles on the grid's fastest axis), so that the programs in flight at
+once are mostly one head's and read the tiles they stream, and add into the dQ rows, in L2 rather than in DRAM
+(benchmarks/NOTES.md section 34).
+
 Sequences are padded to whole 128-row tiles (or mask blocks); queries and keys past the true lengths are masked by
 bounds wherever the padding is visited, so that their values (zeros, or a mod's output there) never reach a gradient.
 """
@@ -74,13 +78,18 @@ class Config:
     product runs; 2, also the dK/dV kernel's dP^T issued beside S^T, running during the softmax;
     ``auto_barriers``: False compiles the dK/dV kernel without the warpgroup barriers Pallas puts around every
     store to shared memory and before every copy out of it (its own barriers order what needs ordering: see
-    ``_dkdv_kernel``). None, for either: chosen by the score_mod (``default_schedule``)."""
+    ``_dkdv_kernel``). None, for either: chosen by the score_mod (``default_schedule``);
+    ``heads_inner``: the launch order of the programs. False (the default): the tiles of one head are consecutive,
+    so that the programs running at once share that head's streamed tiles in L2; True: the batch and the heads vary
+    fastest, each program running at once on a different head (the earlier order, kept to measure against:
+    benchmarks/NOTES.md section 34)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
     copy_warps: int = 4
     overlap: int | None = None
     auto_barriers: bool | None = None
+    heads_inner: bool = False
 
 
 def derivative_is_one(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> bool:
@@ -668,13 +677,20 @@ def flex_backward(
     consts = (*score_consts, *mask_consts)
     common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
 
+    def launch(tiles: int, heads: int, tile_name: str) -> dict:
+        """The grid: Pallas runs its last axis fastest. With the tiles last, the programs in flight at once are
+        mostly one head's, and each tile they stream (Q, dO or K, V, and the dQ rows) is read from DRAM once and
+        then from L2; with the batch last, each is a different head's and every program streams its own."""
+        if config.heads_inner:
+            return dict(grid=(tiles, heads, batch), grid_names=(tile_name, "heads", "batch"))
+        return dict(grid=(batch, heads, tiles), grid_names=("batch", "heads", tile_name))
+
     q_side = tuple(a.astype(jnp.int32) for a in q_lists.arrays())
     dkdv = plgpu.kernel(
         functools.partial(_dkdv_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(q_side),
                           fuse_dq=config.fuse_dq),
         out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(kv_padded // PROGRAM_ROWS, kv_heads, batch),
-        grid_names=("kv", "heads", "batch"),
+        **launch(kv_padded // PROGRAM_ROWS, kv_heads, "kv"),
         kernel_name="flex_attention_dkdv_mosaic",  # what profilers list it as
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
         **common,
@@ -691,8 +707,7 @@ def flex_backward(
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(kv_side)),
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(q_padded // PROGRAM_ROWS, q_heads, batch),
-        grid_names=("q", "heads", "batch"),
+        **launch(q_padded // PROGRAM_ROWS, q_heads, "q"),
         kernel_name="flex_attention_dq_mosaic",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **common,
