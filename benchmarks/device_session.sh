@@ -242,7 +242,7 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
     echo "B=8, S=2048 forward+backward" >> "$OUT/sweeps.md"
     sweep 190 --mode fwdbwd -B 8 -S 2048 --cases noop causal --configs bwd_heads_inner bwd_mosaic \
-      bwd_heads_inner_fused bwd_fused_dq_default_order bwd_mosaic
+      bwd_heads_inner_fused bwd_fused_dq bwd_mosaic
     echo "D=128 forward+backward" >> "$OUT/sweeps.md"
     sweep 150 --mode fwdbwd --cases noop causal --configs bwd_heads_inner bwd_mosaic bwd_heads_inner bwd_mosaic
     ;;

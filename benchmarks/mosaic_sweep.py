@@ -49,7 +49,6 @@ CONFIGS = {
     # innermost (the earlier order).
     "bwd_heads_inner": dict(mosaic_bwd_heads_inner=1),
     "bwd_heads_inner_fused": dict(mosaic_bwd_heads_inner=1, mosaic_bwd_fuse_dq=1),
-    "bwd_fused_dq_default_order": dict(mosaic_bwd_fuse_dq=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
