@@ -26,8 +26,8 @@ tangent of ones), multiplied into P before the wgmmas that produce dP: dS = (P d
 these kernels do not have: when one is wanted the caller runs the Triton backward instead.
 
 Both kernels are launched head by head (the tiles on the grid's fastest axis), so that the programs in flight at
-once are mostly one head's and read the tiles they stream, and add into the dQ rows, in L2 rather than in DRAM
-(benchmarks/NOTES.md section 34).
+once are those of one or a few heads and read the tiles they stream, and add into the dQ rows, in L2 rather than
+in DRAM (benchmarks/NOTES.md section 34).
 
 Sequences are padded to whole 128-row tiles (or mask blocks); queries and keys past the true lengths are masked by
 bounds wherever the padding is visited, so that their values (zeros, or a mod's output there) never reach a gradient.
@@ -679,8 +679,8 @@ def flex_backward(
 
     def launch(tiles: int, heads: int, tile_name: str) -> dict:
         """The grid: Pallas runs its last axis fastest. With the tiles last, the programs in flight at once are
-        mostly one head's, and each tile they stream (Q, dO or K, V, and the dQ rows) is read from DRAM once and
-        then from L2; with the batch last, each is a different head's and every program streams its own."""
+        those of one or a few heads, and each tile they stream (Q, dO or K, V, and the dQ rows) is read from DRAM
+        once and then from L2; with the batch last, each is a different head's and every program streams its own."""
         if config.heads_inner:
             return dict(grid=(tiles, heads, batch), grid_names=(tile_name, "heads", "batch"))
         return dict(grid=(batch, heads, tiles), grid_names=("batch", "heads", tile_name))
