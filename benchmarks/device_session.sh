@@ -189,6 +189,7 @@ case "${1:-}" in
     # NOTES.md section 34: which unit bounds each kernel. Per configuration, one text file: the details page and the
     # raw metrics of the pipes (tensor, FMA, ALU, XU: exp2), shared memory (wavefronts, bank conflicts, MIO) and
     # the stall reasons, of ours and, where given, SDPA's or FlexAttention's kernel run beside it.
+    wanted="flex|triton_tem|flash|fmha|cudnn|kernel|Registers|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Grid Size|L2|L1|DRAM|Memory Throughput"
     wanted_raw="pipe_|mio|lsu|mem_shared|stalled|issue_active|sm__inst_executed.avg|throughput.avg.pct|gpu__time_duration.sum|launch__grid_size|launch__registers|smsp__cycles_active.avg |sm__cycles_elapsed.avg "
     pipes_case() {  # name, kernel regex, launches, profile_forward's arguments
       local name=$1 kernels=$2 launches=$3; shift 3
@@ -205,7 +206,6 @@ case "${1:-}" in
       grep -E "Duration|pipe_tensor.*pct|pipe_xu.*pct|pipe_fma.*pct|mem_shared.*pct|Issue Slots Busy" \
         "$OUT/pipes_$name.txt" | head -24
     }
-    wanted="flex|triton_tem|flash|fmha|cudnn|kernel|Registers|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Grid Size|L2|L1|DRAM|Memory Throughput"
     pipes_case fwd64_noop "flex_attention_forward|flash|fmha|cudnn" 2 --case noop -D 64 --torch sdpa
     pipes_case fwd64_alibi "flex_attention_forward|triton_tem" 2 --case alibi -D 64 --torch flex
     pipes_case bwd64_noop "flex_attention_dkdv|bwd|dgrad" 4 --case noop -D 64 --mode fwdbwd --torch sdpa
