@@ -9,6 +9,7 @@
 #   bash benchmarks/device_session.sh overlap NOTES.md section 33: the backward's products overlapped, fewer barriers
 #   bash benchmarks/device_session.sh overlap2k the same at B=8, S=2048 and at head dim 64
 #   bash benchmarks/device_session.sh bwdrun  the backward's gpu tests, then forward+backward beside the anchors
+#   bash benchmarks/device_session.sh fused2k the backward's gpu tests, then B=8, S=2048 with the default mask's walks known
 #   bash benchmarks/device_session.sh clocks  NOTES.md section 31: clocks and power, one launch at a time or back to back;
 #                                             the B=8, S=2048 backward's dQ paths
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
@@ -143,6 +144,16 @@ case "${1:-}" in
     timeout 300 python3 -m benchmarks.run --suite prefill --shapes "${RUN_SHAPES:-2x16x8192x128,8x16x2048x128}" \
       --modes fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 260 --out "$OUT/run" 2>&1 \
       | grep -v Warning | tail -30
+    ;;
+  fused2k)
+    # NOTES.md section 35: the gpu tests of every backward schedule with section 34's launch order, then the B=8,
+    # S=2048 cells that run 20 did not reach or that the default mask's walk length changes (noop, alibi: dQ fused).
+    timeout 285 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "every_supported or backward_schedules or head_dims_and_options or fully_masked or vmap_of_grad" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    timeout 270 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128 --cases noop,alibi,softcap,per_head \
+      --modes fwd,fwdbwd --runs 10 --budget-s 230 --out "$OUT/run" 2>&1 | grep -v Warning | tail -14
     ;;
   clocks)
     # NOTES.md section 31, lead 0: is a forward slower back to back than alone, and does the SM clock say why?

@@ -20,9 +20,13 @@ IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 
 
 def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
-    """A BlockMask visiting every position: one full block covering the whole matrix."""
-    one = jnp.ones((1, 1, 1, 1), jnp.bool_)
-    return BlockMask.from_block_maps(~one, one, BLOCK_SIZE=(q_len, kv_len), seq_lengths=(q_len, kv_len))
+    """A BlockMask visiting every position: one full block covering the whole matrix.
+
+    Built as constants even under ``jit``, so that a backend can read its walk lengths while tracing (the Mosaic
+    backward fuses dQ on long walks, ``pallas_mosaic.attended_key_tiles``)."""
+    with jax.ensure_compile_time_eval():
+        one = jnp.ones((1, 1, 1, 1), jnp.bool_)
+        return BlockMask.from_block_maps(~one, one, BLOCK_SIZE=(q_len, kv_len), seq_lengths=(q_len, kv_len))
 
 
 class Choice(NamedTuple):
