@@ -245,8 +245,8 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
     dQ kernel's recomputation of S and dP, but adds a float32 dQ buffer to clear and convert and ties the two
     warpgroups together at every step. It measured 2-10% faster on full and causal attention at 8192 queries (64
     and 32 tiles; NOTES.md section 11); with the programs launched head by head (section 34) 8-9% faster on full
-    attention at 2048 (16 tiles; section 35), but 2-4% slower on causal (8.5) and sliding-window masks there and 5-20% slower
-    on document masks (about 5 tiles at 8192, fewer at 2048)."""
+    attention at 2048 (16 tiles; section 35), but 2-4% slower on causal (8.5) and sliding-window masks there and
+    5-20% slower on document masks (about 5 tiles at 8192, fewer at 2048)."""
     stages = options.get("mosaic_bwd_num_stages", 2)
     fuse_dq = options.get("mosaic_bwd_fuse_dq")
     if fuse_dq is None:
