@@ -16,6 +16,7 @@ column of a length that is not a multiple of the block size is never full.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable
@@ -363,6 +364,13 @@ def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
         )
 
 
+def _closes_over_traced_values(mask_mod: MaskMod) -> bool:
+    """Whether mask_mod reads a value being traced (an argument of an enclosing ``jit``, or an array computed from
+    one), so that its BlockMask differs from call to call."""
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    return any(isinstance(c, jax.core.Tracer) for c in jax.make_jaxpr(mask_mod)(i32, i32, i32, i32).consts)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _block_maps_from_mask_mod(mask_mod, B, H, q_len, kv_len, q_block, kv_block):
     """Evaluates mask_mod block row by block row; returns (any, all) maps [B, H, QB, KVB].
@@ -419,7 +427,11 @@ def create_block_mask(
       A BlockMask whose fully allowed blocks are full and whose other visited blocks are partial.
 
     mask_mod is evaluated a few block rows at a time, so a 131072 x 131072 mask needs memory for its block map, not
-    for its 17 billion positions. Usable under ``jax.jit`` (the lengths are static).
+    for its 17 billion positions. Usable under ``jax.jit`` (the lengths are static). There, a mask_mod that reads
+    no traced value (``causal_mask``, a fixed window, document ids computed outside the ``jit``) is evaluated while
+    tracing, and its BlockMask is a constant of the compiled program: it is not rebuilt at every call, and a
+    backend can read its walk lengths (``pallas_mosaic`` chooses its dQ path by them). A mask_mod that reads a
+    traced array (ids passed to the ``jit`` as an argument) is built by the program itself.
 
     >>> import flexattn_jax as fa
     >>> bm = fa.create_block_mask(fa.causal_mask, None, None, 256, 256, BLOCK_SIZE=128)
@@ -433,10 +445,15 @@ def create_block_mask(
             raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
     check_mask_mod(mask_mod)
-    any_map, all_map = _block_maps_from_mask_mod(mask_mod, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block)
-    return BlockMask.from_block_maps(
-        any_map & ~all_map, all_map, (q_block, kv_block), mask_mod, (int(Q_LEN), int(KV_LEN))
-    )
+    # The same mask on every call unless mask_mod reads a traced value: then built once, while tracing.
+    building = contextlib.nullcontext() if _closes_over_traced_values(mask_mod) else jax.ensure_compile_time_eval()
+    with building:
+        any_map, all_map = _block_maps_from_mask_mod(
+            mask_mod, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block
+        )
+        return BlockMask.from_block_maps(
+            any_map & ~all_map, all_map, (q_block, kv_block), mask_mod, (int(Q_LEN), int(KV_LEN))
+        )
 
 
 def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int) -> jax.Array:

@@ -177,6 +177,33 @@ def test_create_block_mask_under_jit():
     np.testing.assert_array_equal(np.asarray(bm.full_kv_indices), np.asarray(eager.full_kv_indices))
 
 
+def test_create_block_mask_under_jit_is_a_constant_unless_the_mask_reads_a_traced_value():
+    ids_outside = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 25)
+    kinds = {}
+
+    @jax.jit
+    def build(ids_argument):
+        masks = {
+            "causal": fa.causal_mask,
+            "ids closed over": fa.document_mask(ids_outside),
+            "ids passed in": fa.document_mask(ids_argument),
+        }
+        built = {}
+        for name, mask_mod in masks.items():
+            block_mask = fa.create_block_mask(mask_mod, None, None, 100, 100, BLOCK_SIZE=16)
+            kinds[name] = isinstance(block_mask.kv_num_blocks, jax.core.Tracer)
+            built[name] = jax.tree.leaves(block_mask)  # the arrays (the mask_mod may hold a tracer)
+        return built
+
+    built = build(ids_outside)
+    assert kinds == {"causal": False, "ids closed over": False, "ids passed in": True}
+    for name, mask_mod in [("causal", fa.causal_mask), ("ids closed over", fa.document_mask(ids_outside)),
+                           ("ids passed in", fa.document_mask(ids_outside))]:
+        eager = fa.create_block_mask(mask_mod, None, None, 100, 100, BLOCK_SIZE=16)
+        for got, want in zip(built[name], jax.tree.leaves(eager), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_block_mask_is_a_pytree():
     bm = fa.create_block_mask(fa.causal_mask, None, None, 32, 32, BLOCK_SIZE=8)
     leaves, treedef = jax.tree_util.tree_flatten(bm)
