@@ -15,6 +15,7 @@
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
 #   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
+#   bash benchmarks/device_session.sh run2k   the B=8, S=2048 shape alone (every mask; run 20 did not reach the last three)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 #   bash benchmarks/device_session.sh torch   PyTorch FlexAttention's compiled forward kernels (IR, PTX) at D=64
 #   bash benchmarks/device_session.sh pipes   Nsight Compute's pipe, shared-memory and stall metrics for the Mosaic
@@ -185,6 +186,11 @@ case "${1:-}" in
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \
       --runs 10 --budget-s 480 --out "$OUT/run" 2>&1 | grep -v Warning | tail -40
+    ;;
+  run2k)
+    # The B=8, S=2048 shape alone: `run` spends most of its budget at 8K and skipped the last masks here (run 20).
+    timeout 560 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128 --modes fwd,fwdbwd \
+      --runs 10 --budget-s 480 --out "$OUT/run2k" 2>&1 | grep -v Warning | tail -25
     ;;
   run64)
     # Head dim 64, the forward issue's third shape.
