@@ -56,9 +56,12 @@ def _backward_of(choice: Choice, query, score_mod, mask_mod, block_mask, kernel_
     )
     if why is not None:
         return f"pallas_triton's dK/dV and dQ kernels: {why}"
+    key_tiles = pallas_mosaic.attended_key_tiles(block_mask.kv_num_blocks, block_mask.full_kv_num_blocks,
+                                                 block_mask.BLOCK_SIZE[1])
+    dq = pallas_mosaic.dq_path(kernel_options, query.shape[-1], query.shape[-2], key_tiles)
     return (
-        "pallas_mosaic: its dK/dV and dQ kernels (pallas_triton's when a gradient with respect to an array the "
-        "score_mod closes over is taken: that needs the Triton dQ kernel's atomic scatter-add)"
+        f"pallas_mosaic: its dK/dV kernel, {dq}; pallas_triton's kernels when a gradient with respect to an "
+        "array the score_mod closes over is taken (that needs the Triton dQ kernel's atomic scatter-add)"
     )
 
 

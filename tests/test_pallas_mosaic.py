@@ -615,13 +615,33 @@ def test_the_choice_says_which_backward_runs():
     block_mask = fa.create_block_mask(fa.causal_mask, None, None, 512, 512)
     chosen = fa.Choice("pallas_mosaic", {})
     for head_dim, options, start in [
-        (128, None, "pallas_mosaic: its dK/dV and dQ kernels"),
+        (128, None, "pallas_mosaic: its dK/dV kernel, dQ by a kernel of its own (a query block attends 2.5 128-key "
+                    "tiles on average; fused from 16)"),
+        (128, {"mosaic_bwd_fuse_dq": 1},
+         "pallas_mosaic: its dK/dV kernel, dQ accumulated in the dK/dV kernel (kernel_options['mosaic_bwd_fuse_dq']"),
+        (128, {"mosaic_bwd_num_stages": 3}, "pallas_mosaic: its dK/dV kernel, dQ by a kernel of its own (fused, it "
+                                            "would not fit in shared memory at head dim 128 with 3 stages)"),
         (256, None, "pallas_triton's dK/dV and dQ kernels: the pallas_mosaic backward supports head dims"),
         (128, {"mosaic_backward": 0}, "pallas_triton's dK/dV and dQ kernels: kernel_options['mosaic_backward'] is 0"),
     ]:
         q = jax.ShapeDtypeStruct((1, 2, 512, head_dim), jnp.bfloat16)
         said = api._backward_of(chosen, q, fa.identity, fa.causal_mask, block_mask, options)
         assert said.startswith(start), said
+    # Full attention (no BlockMask) over 2048 keys: 16 tiles, fused; a BlockMask traced inside jit: the length rule.
+    q = jax.ShapeDtypeStruct((1, 2, 2048, 128), jnp.bfloat16)
+    said = api._backward_of(chosen, q, fa.identity, fa.noop_mask, api._full_attention_block_mask(2048, 2048), None)
+    assert "dQ accumulated in the dK/dV kernel (a query block attends 16.0 128-key tiles" in said, said
+
+    @jax.jit
+    def traced(block_mask):
+        said.append(api._backward_of(chosen, q, fa.identity, fa.causal_mask, block_mask, None))
+        return block_mask.kv_num_blocks
+
+    said = []
+    traced(fa.create_block_mask(fa.causal_mask, None, None, 2048, 2048))
+    assert said == ["pallas_mosaic: its dK/dV kernel, dQ by a kernel of its own (the BlockMask is traced; fused from "
+                    "8192 queries, here 2048); pallas_triton's kernels when a gradient with respect to an array the "
+                    "score_mod closes over is taken (that needs the Triton dQ kernel's atomic scatter-add)"]
 
 
 @pytest.mark.parametrize("options", [{"mosaic_backward": 2}, {"mosaic_bwd_num_stages": 1}, {"mosaic_bwd_fuse_dq": 3},

@@ -264,6 +264,23 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
                             heads_inner=bool(options.get("mosaic_bwd_heads_inner", 0)))
 
 
+def dq_path(kernel_options: Mapping[str, Any] | None, head_dim: int, q_len: int, key_tiles: float | None) -> str:
+    """How the Mosaic backward computes dQ for these inputs, and why (``_backward_config``'s choice, in words);
+    ``key_tiles`` as ``attended_key_tiles`` gives it."""
+    options = _options(kernel_options)
+    fused = _backward_config(options, head_dim, q_len, key_tiles).fuse_dq
+    path = "dQ accumulated in the dK/dV kernel" if fused else "dQ by a kernel of its own"
+    if "mosaic_bwd_fuse_dq" in options:
+        return f"{path} (kernel_options['mosaic_bwd_fuse_dq'] is {options['mosaic_bwd_fuse_dq']})"
+    stages = options.get("mosaic_bwd_num_stages", 2)
+    if _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE > _SMEM_BYTES:
+        return f"{path} (fused, it would not fit in shared memory at head dim {head_dim} with {stages} stages)"
+    if key_tiles is not None:
+        return (f"{path} (a query block attends {key_tiles:.1f} 128-key tiles on average; fused from "
+                f"{FUSE_DQ_MIN_KEY_TILES})")
+    return f"{path} (the BlockMask is traced; fused from {FUSE_DQ_MIN_QUERIES} queries, here {q_len})"
+
+
 @dataclasses.dataclass(frozen=True)
 class _MosaicBackward:
     """The Mosaic GPU dK/dV and dQ kernels as the backward of the Triton ``custom_vjp``."""
