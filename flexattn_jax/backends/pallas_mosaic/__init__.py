@@ -19,7 +19,7 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_bwd_num_stages`` (2 to 4): slots of the backward kernels' rings;
 * ``mosaic_bwd_fuse_dq``: 1, dQ accumulated by the dK/dV kernel with float32 reduce-adds, whose order, and so dQ's
   last bits, vary from run to run; 0, a dQ kernel of its own, deterministic; unset, fused where the walks are long,
-  where it measured faster (``_backward_config``);
+  where it measured faster (``_fuse_dq_choice``);
 * ``mosaic_backward`` (1, the default: the Mosaic GPU backward where it serves the inputs; 0: the Triton backward
   always);
 * ``mosaic_fwd_copy_warps`` (1, the default, or 4) and ``mosaic_bwd_copy_warps`` (4, the default, or 1): warps of
@@ -236,10 +236,10 @@ def attended_key_tiles(kv_num_blocks, full_kv_num_blocks, kv_block: int) -> floa
     return blocks * kv_block / 128
 
 
-def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
-                     key_tiles: float | None = None) -> _backward.Config:
-    """The options' backward configuration. Unless ``mosaic_bwd_fuse_dq`` is given, dQ is fused into the dK/dV
-    kernel where its buffers fit in shared memory beside the rings (head dim 128 with 3 or 4 stages does not) and
+def _fuse_dq_choice(options: Mapping[str, int], head_dim: int, q_len: int,
+                    key_tiles: float | None) -> tuple[bool, str]:
+    """Whether the backward fuses dQ into the dK/dV kernel, and why. Unless ``mosaic_bwd_fuse_dq`` is given, it
+    does where its buffers fit in shared memory beside the rings (head dim 128 with 3 or 4 stages does not) and
     the walks are long: ``FUSE_DQ_MIN_KEY_TILES`` 128-key tiles or more per query block on average when
     ``key_tiles`` (``attended_key_tiles``) is known, else ``FUSE_DQ_MIN_QUERIES`` queries or more. Fusing saves the
     dQ kernel's recomputation of S and dP, but adds a float32 dQ buffer to clear and convert and ties the two
@@ -247,16 +247,24 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
     and 32 tiles; NOTES.md section 11); with the programs launched head by head (section 34) 8-9% faster on full
     attention at 2048 (16 tiles; section 35), but 2-4% slower on causal (8.5) and sliding-window masks there and
     5-20% slower on document masks (about 5 tiles at 8192, fewer at 2048)."""
+    if "mosaic_bwd_fuse_dq" in options:
+        value = options["mosaic_bwd_fuse_dq"]
+        return bool(value), f"kernel_options['mosaic_bwd_fuse_dq'] is {value}"
     stages = options.get("mosaic_bwd_num_stages", 2)
-    fuse_dq = options.get("mosaic_bwd_fuse_dq")
-    if fuse_dq is None:
-        fits = _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE <= _SMEM_BYTES
-        if key_tiles is not None:
-            long_walks = key_tiles >= FUSE_DQ_MIN_KEY_TILES
-        else:
-            long_walks = q_len >= FUSE_DQ_MIN_QUERIES
-        fuse_dq = fits and long_walks
-    return _backward.Config(num_stages=stages, fuse_dq=bool(fuse_dq),
+    if _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE > _SMEM_BYTES:
+        return False, f"fused, it would not fit in shared memory at head dim {head_dim} with {stages} stages"
+    if key_tiles is not None:
+        return key_tiles >= FUSE_DQ_MIN_KEY_TILES, (
+            f"a query block attends {key_tiles:.1f} 128-key tiles on average; fused from {FUSE_DQ_MIN_KEY_TILES}")
+    return q_len >= FUSE_DQ_MIN_QUERIES, (
+        f"the BlockMask is traced; fused from {FUSE_DQ_MIN_QUERIES} queries, here {q_len}")
+
+
+def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
+                     key_tiles: float | None = None) -> _backward.Config:
+    """The options' backward configuration; dQ fused or not as ``_fuse_dq_choice`` says."""
+    fuse_dq, _ = _fuse_dq_choice(options, head_dim, q_len, key_tiles)
+    return _backward.Config(num_stages=options.get("mosaic_bwd_num_stages", 2), fuse_dq=fuse_dq,
                             copy_warps=options.get("mosaic_bwd_copy_warps", 4),
                             overlap=options.get("mosaic_bwd_overlap"),
                             auto_barriers=None if "mosaic_bwd_auto_barriers" not in options
@@ -265,20 +273,10 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
 
 
 def dq_path(kernel_options: Mapping[str, Any] | None, head_dim: int, q_len: int, key_tiles: float | None) -> str:
-    """How the Mosaic backward computes dQ for these inputs, and why (``_backward_config``'s choice, in words);
-    ``key_tiles`` as ``attended_key_tiles`` gives it."""
-    options = _options(kernel_options)
-    fused = _backward_config(options, head_dim, q_len, key_tiles).fuse_dq
-    path = "dQ accumulated in the dK/dV kernel" if fused else "dQ by a kernel of its own"
-    if "mosaic_bwd_fuse_dq" in options:
-        return f"{path} (kernel_options['mosaic_bwd_fuse_dq'] is {options['mosaic_bwd_fuse_dq']})"
-    stages = options.get("mosaic_bwd_num_stages", 2)
-    if _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE > _SMEM_BYTES:
-        return f"{path} (fused, it would not fit in shared memory at head dim {head_dim} with {stages} stages)"
-    if key_tiles is not None:
-        return (f"{path} (a query block attends {key_tiles:.1f} 128-key tiles on average; fused from "
-                f"{FUSE_DQ_MIN_KEY_TILES})")
-    return f"{path} (the BlockMask is traced; fused from {FUSE_DQ_MIN_QUERIES} queries, here {q_len})"
+    """How the Mosaic backward computes dQ for these inputs, and why, in words; ``key_tiles`` as
+    ``attended_key_tiles`` gives it."""
+    fused, why = _fuse_dq_choice(_options(kernel_options), head_dim, q_len, key_tiles)
+    return f"{'dQ accumulated in the dK/dV kernel' if fused else 'dQ by a kernel of its own'} ({why})"
 
 
 @dataclasses.dataclass(frozen=True)
