@@ -23,6 +23,9 @@
 #   bash benchmarks/device_session.sh l2      where the backward kernels' memory traffic goes: L2 sectors by operation, hits, DRAM
 #   bash benchmarks/device_session.sh order   the backward's programs launched head by head against batch and heads innermost
 #   bash benchmarks/device_session.sh fusedq  with that order, where fusing dQ pays: shorter walks (causal, document, window)
+#   bash benchmarks/device_session.sh indices36 NOTES.md section 36: the forward's float index tiles: their gpu tests,
+#                                             sweeps at three shapes, ptxas
+#   bash benchmarks/device_session.sh alibi36 the same beside the anchors: D=64 four masks, ALiBi at both D=128 shapes
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -270,6 +273,32 @@ case "${1:-}" in
     sweep 110 --mode fwdbwd -B 8 -S 2048 --cases causal sliding_window document --configs bwd_dq_kernel bwd_fused_dq
     echo "D=128 forward+backward" >> "$OUT/sweeps.md"
     sweep 80 --mode fwdbwd --cases document --configs bwd_dq_kernel bwd_fused_dq
+    ;;
+  indices36)
+    # NOTES.md section 36. The forward's gpu tests (every mod, with the index tiles and without), then ALiBi (index
+    # conversions) and soft-capping under each, at head dim 64, 128 and B=8, S=2048; last, what ptxas says of the
+    # kernels (spills). The section's two calls also swept exp2 partly on the FMA units and the forward without
+    # its ping-pong, both slower and since taken out.
+    timeout 200 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "forward_variants or fully_masked" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -10
+    echo "D=64 forward" >> "$OUT/sweeps.md"
+    sweep 120 -D 64 --cases alibi softcap noop causal --configs defaults fwd_int_indices defaults fwd_int_indices
+    echo "D=128 forward" >> "$OUT/sweeps.md"
+    sweep 90 --cases alibi softcap noop --configs defaults fwd_int_indices defaults fwd_int_indices
+    echo "B=8 S=2048 D=128 forward" >> "$OUT/sweeps.md"
+    sweep 80 -B 8 -S 2048 --cases alibi softcap causal --configs defaults fwd_int_indices defaults fwd_int_indices
+    timeout 80 python3 -m benchmarks.ptxas_report --out "$OUT/dump" --only alibi 2>&1 \
+      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    tar czf "$OUT/dump.tgz" --exclude "*.mlir-passes.log" -C "$OUT" dump 2>/dev/null && rm -rf "$OUT/dump"
+    ;;
+  alibi36)
+    # NOTES.md section 36 beside the anchors: head dim 64 (full, causal, ALiBi, soft-capping), then ALiBi at both
+    # D=128 shapes, with the index tiles the default.
+    timeout 300 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x64 --cases noop,causal,alibi,softcap \
+      --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 250 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -14
+    timeout 200 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128 --cases alibi \
+      --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 150 --out "$OUT/runalibi" 2>&1 | grep -v Warning | tail -8
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -49,6 +49,9 @@ CONFIGS = {
     # innermost (the earlier order).
     "bwd_heads_inner": dict(mosaic_bwd_heads_inner=1),
     "bwd_heads_inner_fused": dict(mosaic_bwd_heads_inner=1, mosaic_bwd_fuse_dq=1),
+    # NOTES.md section 36: the score_mod's index conversions from float index tiles (the default) or score by score
+    "fwd_float_indices": dict(mosaic_fwd_float_indices=1),
+    "fwd_int_indices": dict(mosaic_fwd_float_indices=0),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

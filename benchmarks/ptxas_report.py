@@ -51,6 +51,12 @@ def main() -> None:
         ("forward overlapped", forward(options={"mosaic_fwd_overlap": 1}), 128),
         ("forward softcap causal", forward(fa.tanh_softcap(30.0), causal), 128),
         ("forward D=64", forward(), 64),
+        # NOTES.md section 36: ALiBi's index conversion score by score or from float index tiles
+        ("forward alibi D=64", forward(fa.generate_alibi_bias(H), options={"mosaic_fwd_float_indices": 0}), 64),
+        ("forward alibi float indices D=64",
+         forward(fa.generate_alibi_bias(H), options={"mosaic_fwd_float_indices": 1}), 64),
+        ("forward alibi float indices", forward(fa.generate_alibi_bias(H), options={"mosaic_fwd_float_indices": 1}),
+         128),
         ("backward fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}), 128),
         ("backward dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}), 128),
         ("backward softcap fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}, fa.tanh_softcap(30.0)), 128),

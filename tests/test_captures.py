@@ -325,6 +325,48 @@ def test_index_bound_converts_index_vectors_with_the_same_bits(name):
     assert tile_conversions(bounded) == (1 if name == "scaled_difference" else 0)
 
 
+def _float_index_mods():
+    return {
+        **_index_mods(),
+        "kv_idx_alone": lambda score, b, h, q_idx, kv_idx: score + kv_idx.astype(jnp.float32) * 0.5,
+        "q_minus_kv": lambda score, b, h, q_idx, kv_idx: score - (q_idx - kv_idx).astype(jnp.float32) * 0.125,
+    }
+
+
+_FLOAT_INDEX_USES = {
+    "alibi": {(-1, 1)}, "alibi_learned_slopes": {(-1, 1)}, "sum_of_indices": {(1, 1)}, "scaled_difference": set(),
+    "kv_idx_alone": {(0, 1)}, "q_minus_kv": {(1, -1)},
+}
+
+
+@pytest.mark.parametrize("name", list(_float_index_mods()))
+def test_float_index_hook_serves_the_conversions_of_index_expressions(name):
+    """With whole-tile indices (the Mosaic GPU kernels' layout), a ``float_indices`` hook builds float32(q_idx),
+    float32(kv_idx), their sum or either difference as a converted corner plus float offsets within the tile (as
+    ``pallas_mosaic.forward.IndexTiles`` does): bit for bit the tile's own conversion, near 2^23 too; other
+    conversions are left to the program."""
+    mod = _float_index_mods()[name]
+    program, consts = _captures.trace_score_mod(mod, BM, BN, layout="full")
+    assert program.float_index_uses() == frozenset()  # not without the bound
+    bounded = program.with_index_bound(1 << 23)
+    assert bounded.float_index_uses() == _FLOAT_INDEX_USES[name]
+    s = jax.random.normal(jax.random.key(3), (BM, BN), jnp.float32)
+    rows = lax.broadcasted_iota(jnp.int32, (BM, BN), 0)
+    columns = lax.broadcasted_iota(jnp.int32, (BM, BN), 1)
+    for q_base, first_key in [(Q_START, KV_START), ((1 << 23) - BM, (1 << 23) - 3 * BN), (0, (1 << 23) - BN)]:
+        asked = []
+
+        def float_indices(q_sign, kv_sign):
+            asked.append((q_sign, kv_sign))
+            offsets = (q_sign * rows + kv_sign * columns).astype(jnp.float32)
+            return jnp.float32(q_sign * q_base + kv_sign * first_key) + offsets
+
+        args = (s, jnp.int32(B_AT), jnp.int32(H_AT), q_base + rows, first_key + columns)
+        got = bounded(consts, *args, float_indices=float_indices)
+        np.testing.assert_array_equal(got, program(consts, *args))
+        assert set(asked) == _FLOAT_INDEX_USES[name]
+
+
 def _product_used_twice(score, b, h, q_idx, kv_idx):
     square = score * score
     return (square + 1.0) * square

@@ -76,12 +76,35 @@ def test_every_supported_mod_lowers_for_cuda(case):
     [(128, jnp.float16, None), (256, jnp.bfloat16, None),
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
-     (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4})],
-    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps"],
+     (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4}),
+     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0})],
+    ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
+         "int-indices"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), kernel_options=options)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
+    """ALiBi's float32(kv_idx - q_idx) comes from the index tiles built once per program (IndexTiles, with the
+    pattern (-1, 1)), unless mosaic_fwd_float_indices is 0."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    built = []
+
+    class Recorded(forward.IndexTiles):
+        def __init__(self, signs, block_n):
+            built.append(set(signs))
+            super().__init__(signs, block_n)
+
+    monkeypatch.setattr(forward, "IndexTiles", Recorded)
+    q, k, v = random_qkv(2, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), kernel_options={"mosaic_fwd_float_indices": 0})
+    assert built == []
+    _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2))
+    assert built == [{(-1, 1)}]
 
 
 @pytest.mark.parametrize("name", sorted(_GATHERING))
@@ -128,7 +151,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
     "options, error",
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
-     ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError)],
+     ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
+     ({"mosaic_fwd_float_indices": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -238,15 +262,33 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
     _compare_on_gpu(q, k, v, fa.sliding_window_mask(300), fa.tanh_softcap(30.0), kernel_options=options)
 
 
+_FORWARD_VARIANTS = {
+    "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
+    "int-indices": {"mosaic_fwd_float_indices": 0},
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("variant", list(_FORWARD_VARIANTS))
 @pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
-def test_gpu_both_forward_schedules_match_reference(case, overlap):
-    # Forward only, at a length no tile divides and with GQA: the intra-warpgroup overlapped walk and the plain one.
+def test_gpu_forward_variants_match_reference(case, variant):
+    # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
+    # the index conversions score by score (the default builds them from float index tiles).
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_overlap": overlap}, grads=False)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=_FORWARD_VARIANTS[variant], grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "options", [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}],
+    ids=["defaults", "int-indices", "bn64"],
+)
+def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
+    # No mask and lengths the key tile divides (no bounds to mask): ALiBi's indices.
+    q, k, v = random_qkv(9, B=2, Hq=4, Hkv=4, L=1024, S=1024, E=64, Ev=64, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, None, fa.generate_alibi_bias(4), kernel_options=options, grads=False)
 
 
 @pytest.mark.gpu
@@ -260,10 +302,11 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap", [0, 1])
-def test_gpu_fully_masked_rows_give_zero_and_minus_inf(overlap):
+@pytest.mark.parametrize(
+    "options", [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}], ids=["plain", "overlap"],
+)
+def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
-    options = {"mosaic_fwd_overlap": overlap}
 
     def upper_half_attends_nowhere(b, h, q_idx, kv_idx):
         return (q_idx < 256) & (kv_idx <= q_idx)

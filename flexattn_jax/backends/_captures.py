@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,9 +145,24 @@ class ModProgram:
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
-    def _interpreter(self, const_refs, load, fma=None):
-        index_vars = frozenset(self.jaxpr.invars[-2:]) if self.exact_indices else frozenset()
-        return _Interpreter(const_refs, load, index_vars, fma)
+    def _interpreter(self, const_refs, load, fma=None, float_indices=None):
+        index_vars = tuple(self.jaxpr.invars[-2:]) if self.exact_indices else ()
+        return _Interpreter(const_refs, load, index_vars, fma, float_indices)
+
+    def float_index_uses(self) -> frozenset[tuple[int, int]]:
+        """The (q_sign, kv_sign) of each float32 conversion of an index expression at the program's top level that
+        a ``float_indices`` hook would serve (``float_index_signs``); empty unless ``exact_indices``."""
+        if not self.exact_indices:
+            return frozenset()
+        index_vars = tuple(self.jaxpr.invars[-2:])
+        producers = {v: eqn for eqn in self.jaxpr.eqns for v in eqn.outvars}
+        uses = set()
+        for eqn in self.jaxpr.eqns:
+            if eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.float32:
+                signs = float_index_signs(eqn.invars[0], index_vars, producers)
+                if signs is not None:
+                    uses.add(signs)
+        return frozenset(uses)
 
     @property
     def is_identity(self) -> bool:
@@ -159,7 +174,14 @@ class ModProgram:
         """For each const, whether it is floating (gets a gradient in the backward pass)."""
         return tuple(bool(jnp.issubdtype(a.dtype, jnp.inexact)) for a in self.const_avals)
 
-    def __call__(self, const_refs: Sequence[Any], *args, load: Callable | None = None, fma: Callable | None = None):
+    def __call__(
+        self,
+        const_refs: Sequence[Any],
+        *args,
+        load: Callable | None = None,
+        fma: Callable | None = None,
+        float_indices: Callable | None = None,
+    ):
         """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel).
 
         ``load(const, ref, index)`` reads a const (``index`` None: the whole const, else a tuple of int scalars or
@@ -168,8 +190,13 @@ class ModProgram:
         ``x * y - z``) is evaluated through it, the contraction that the GPU compiler does not make by itself for
         the Triton kernels (benchmarks/NOTES.md section 29). Not for differentiation: ``vjp`` and ``derivative``
         evaluate products and sums apart.
+
+        ``float_indices(q_sign, kv_sign)``, if given (and ``exact_indices``), returns the float32 tile of ``q_sign *
+        q_idx + kv_sign * kv_idx`` (each sign -1, 0 or 1), built as the kernel finds cheapest: a conversion to
+        float32 of ``q_idx``, ``kv_idx``, their sum or either difference is taken from it instead of converting
+        the integer tile score by score (``float_index_signs``).
         """
-        return self._interpreter(const_refs, load or _plain_load, fma)(self.jaxpr, args)
+        return self._interpreter(const_refs, load or _plain_load, fma, float_indices)(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
@@ -252,6 +279,28 @@ class _Substitute:
 # --------------------------------------------------------------------------------------------- the interpreter
 
 
+def float_index_signs(x, index_vars: tuple, producers: Mapping) -> tuple[int, int] | None:
+    """Whether integer var ``x`` is ``q_sign * q_idx + kv_sign * kv_idx`` with each sign -1, 0 or 1 (one index, the
+    sum of the two or a difference, written directly on the mod's arguments): the signs, else None. ``index_vars``
+    is (q_idx, kv_idx), or empty where the indices may not convert to float32 exactly."""
+    if not index_vars or isinstance(x, jex_core.Literal):
+        return None
+    q_var, kv_var = index_vars
+    if x is q_var:
+        return 1, 0
+    if x is kv_var:
+        return 0, 1
+    producer = producers.get(x)
+    if producer is None or producer.primitive.name not in ("add", "sub"):
+        return None
+    first, second = producer.invars
+    if {id(first), id(second)} != {id(q_var), id(kv_var)}:
+        return None
+    sign = -1 if producer.primitive.name == "sub" else 1
+    return (1, sign) if first is q_var else (sign, 1)
+
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _ConstRef:
     """An environment entry standing for const number ``const``, read through ``ref``."""
@@ -266,11 +315,19 @@ class _Interpreter:
     (``concatenate`` of broadcast index tiles, 3-D values the Triton lowering would reject) is never materialised:
     a read of a const takes the concatenated pieces directly."""
 
-    def __init__(self, const_refs, load: Callable, index_vars: frozenset = frozenset(), fma: Callable | None = None):
+    def __init__(
+        self,
+        const_refs,
+        load: Callable,
+        index_vars: tuple = (),
+        fma: Callable | None = None,
+        float_indices: Callable | None = None,
+    ):
         self.const_refs = const_refs
         self.load = load
-        self.index_vars = index_vars  # the top-level q_idx and kv_idx vars, where ModProgram.exact_indices
+        self.index_vars = index_vars  # the top-level (q_idx, kv_idx) vars, where ModProgram.exact_indices
         self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
+        self.float_indices = float_indices  # (q_sign, kv_sign) -> float32 tile (ModProgram.__call__)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
 
     def __call__(self, jaxpr, args):
@@ -370,11 +427,15 @@ class _Interpreter:
 
         The same bits for indices in [0, 2^24): both convert exactly, neither int32 sum overflows, and both sides
         round the exact result once. Where the indices are [BM, 1] and [1, BN] vectors, the conversions act on them,
-        not on the [BM, BN] tile.
+        not on the [BM, BN] tile. With a ``float_indices`` hook, that conversion and the bare ``float32(i)`` come
+        from the hook.
         """
         (x,) = eqn.invars
         if eqn.params["new_dtype"] != jnp.float32 or isinstance(x, jex_core.Literal):
             return None
+        if self.float_indices is not None:
+            signs = float_index_signs(x, self.index_vars, producers)
+            return None if signs is None else self.float_indices(*signs)
         producer = producers.get(x)
         if producer is None or producer.primitive.name not in ("add", "sub"):
             return None

@@ -19,7 +19,8 @@ The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``til
 they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx themselves
 (``ids[q_idx]``: one vector load of the tile's slice, broadcast across it; ``analyze_reads``). Mosaic GPU has no
 gather from registers, so ``unsupported_reason`` refuses any other read (``table[h, q_idx - kv_idx]``) and the
-caller falls back to the Triton kernels.
+caller falls back to the Triton kernels. A float32 conversion of an index, or of the sum or difference of the two
+(ALiBi), is built from float index tiles converted once per program (``IndexTiles``).
 
 Softmax in base 2, as in ``pallas_triton._tile``, with the row maximum taken before scaling and the score_mod's
 literal factors folded into the exponent (``_captures.SoftmaxScaling``): a row with nothing allowed keeps a running
@@ -75,6 +76,8 @@ class Config:
       q_buffers: query tiles in shared memory: 2 fetches the next item's queries during the current one.
       overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
+      float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
+        float index tiles computed once per program (``IndexTiles``), not converted score by score.
     """
 
     block_n: int
@@ -82,6 +85,7 @@ class Config:
     q_buffers: int = 1
     overlap: bool = False
     copy_warps: int = 1
+    float_indices: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +256,7 @@ class _Plan:
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
     mask_sites: tuple[ReadSite, ...]
+    float_index_signs: frozenset  # the (q_sign, kv_sign) the score_mod converts to float32 (IndexTiles)
 
 
 class BlockWalk:
@@ -357,6 +362,37 @@ class _Item:
         self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
 
 
+class IndexTiles:
+    """The float32 index tiles a score_mod converts (``ModProgram.__call__``'s ``float_indices``), for one
+    warpgroup's [BLOCK_M, block_n] tile in the wgmma layout.
+
+    A conversion of ``kv_idx - q_idx`` (ALiBi) on the integer tiles costs an integer add and subtract and an
+    int-to-float conversion per score. Here the offsets within the tile (column minus row, and the like) are
+    converted once per program, so each key tile pays one float add per score of a per-tile scalar: exact, as every
+    index lies below 2^24 (``ModProgram.with_index_bound``). ``signs``: the (q_sign, kv_sign) patterns to prepare.
+    """
+
+    def __init__(self, signs, block_n: int):
+        shape = (BLOCK_M, block_n)
+        rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+        columns = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+
+        def offsets(q_sign, kv_sign):
+            terms = [t if sign == 1 else -t for sign, t in ((q_sign, rows), (kv_sign, columns)) if sign]
+            return functools.reduce(jnp.add, terms).astype(jnp.float32)
+
+        self.offsets = {pattern: offsets(*pattern) for pattern in signs}
+
+    def at(self, q_base, first_key):
+        """The hook for the tile whose first row is query ``q_base`` and first column key ``first_key``."""
+
+        def float_indices(q_sign, kv_sign):
+            corner = q_sign * q_base + kv_sign * first_key
+            return corner.astype(jnp.float32) + self.offsets[q_sign, kv_sign]
+
+        return float_indices
+
+
 def persistent_schedule(program, total: int, num_programs: int):
     """Which work items persistent program ``program`` runs: (how many, the item number of its i-th).
 
@@ -415,6 +451,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
+            index_tiles = IndexTiles(plan.float_index_signs, block_n) if plan.float_index_signs else None
 
             # With two query buffers, item i's queries land in buffer i % 2 while item i - 1 runs; with one, at
             # the start of item i. Each item's output is staged back through its query buffer.
@@ -481,7 +518,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         if scaling.score_scale != 1.0:
                             y = y * jnp.float32(scaling.score_scale)
                         load = site_load(plan.score_sites, q_base, first_key, (BLOCK_M, block_n))
-                        y = score_mod(score_refs, y, b, h, q_idx, kv_idx, load=load).astype(jnp.float32)
+                        float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
+                        y = score_mod(
+                            score_refs, y, b, h, q_idx, kv_idx, load=load, float_indices=float_indices
+                        ).astype(jnp.float32)
                     if scaling.value_scale != 1.0:
                         y = y * jnp.float32(scaling.value_scale)
                     if needs_mask:
@@ -768,6 +808,11 @@ def flex_forward(
         kv_pad = num_kv_blocks * mask_kv_block
     # Literal factors around the score_mod (soft-capping's cap and 1 / cap) join the kernel's own multiplies.
     score_mod, scaling = fold_scalings(score_mod, scale)
+    float_index_signs = frozenset()
+    # Sums of two indices stay below 2^24, where float32 holds every integer.
+    if config.float_indices and max(q_pad, kv_pad) <= 2**23:
+        score_mod = score_mod.with_index_bound(max(q_pad, kv_pad))
+        float_index_signs = score_mod.float_index_uses()
     score_sites, problem = analyze_reads(score_mod, block_n)
     assert problem is None, problem
     mask_sites, problem = analyze_reads(mask_mod, block_n)
@@ -802,6 +847,7 @@ def flex_forward(
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
+        float_index_signs=float_index_signs,
     )
     num_q_tiles = q_pad // Q_TILE
     inputs = [query, key, value, kv_num_blocks.astype(jnp.int32), kv_indices.astype(jnp.int32)]
