@@ -300,7 +300,6 @@ def float_index_signs(x, index_vars: tuple, producers: Mapping) -> tuple[int, in
     return (1, sign) if first is q_var else (sign, 1)
 
 
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _ConstRef:
     """An environment entry standing for const number ``const``, read through ``ref``."""
