@@ -368,8 +368,9 @@ class IndexTiles:
 
     A conversion of ``kv_idx - q_idx`` (ALiBi) on the integer tiles costs an integer add and subtract and an
     int-to-float conversion per score. Here the offsets within the tile (column minus row, and the like) are
-    converted once per program, so each key tile pays one float add per score of a per-tile scalar: exact, as every
-    index lies below 2^24 (``ModProgram.with_index_bound``). ``signs``: the (q_sign, kv_sign) patterns to prepare.
+    converted once per program, so each key tile pays one float add per score of a per-tile scalar. Exact where
+    every index lies below 2^23 (``flex_forward`` checks the padded lengths): the corner and the offsets then convert
+    exactly, and their sum, below 2^24 in magnitude, is rounded once. ``signs``: the (q_sign, kv_sign) patterns.
     """
 
     def __init__(self, signs, block_n: int):
@@ -809,7 +810,7 @@ def flex_forward(
     # Literal factors around the score_mod (soft-capping's cap and 1 / cap) join the kernel's own multiplies.
     score_mod, scaling = fold_scalings(score_mod, scale)
     float_index_signs = frozenset()
-    # Sums of two indices stay below 2^24, where float32 holds every integer.
+    # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
         score_mod = score_mod.with_index_bound(max(q_pad, kv_pad))
         float_index_signs = score_mod.float_index_uses()
