@@ -4,7 +4,7 @@ Write an attention variant as a ``score_mod(score, b, h, q_idx, kv_idx)`` or a `
 ``flex_attention`` runs it as a block-sparse fused kernel on GPU and as a dense reference elsewhere.
 """
 
-from flexattn_jax.api import IMPLEMENTATIONS, Choice, explain_implementation, flex_attention
+from flexattn_jax.api import IMPLEMENTATIONS, AuxOutput, AuxRequest, Choice, explain_implementation, flex_attention
 from flexattn_jax.block_mask import (
     DEFAULT_BLOCK_SIZE,
     BlockMask,
@@ -41,6 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "AuxOutput",
+    "AuxRequest",
     "Choice",
     "explain_implementation",
     "flex_attention",

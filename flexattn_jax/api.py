@@ -13,7 +13,7 @@ from flexattn_jax.backends import pallas_mosaic, pallas_triton, reference
 from flexattn_jax.block_mask import BlockMask, noop_mask
 from flexattn_jax.mods import identity
 
-__all__ = ["flex_attention", "explain_implementation", "Choice", "IMPLEMENTATIONS"]
+__all__ = ["flex_attention", "explain_implementation", "AuxOutput", "AuxRequest", "Choice", "IMPLEMENTATIONS"]
 
 # Every value `implementation=` accepts; None picks the best one available for the platform and inputs.
 IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
@@ -27,6 +27,58 @@ def _full_attention_block_mask(q_len: int, kv_len: int) -> BlockMask:
     with jax.ensure_compile_time_eval():
         one = jnp.ones((1, 1, 1, 1), jnp.bool_)
         return BlockMask.from_block_maps(~one, one, BLOCK_SIZE=(q_len, kv_len), seq_lengths=(q_len, kv_len))
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs ``flex_attention(..., return_aux=AuxRequest(...))`` returns, as in PyTorch.
+
+    Attributes:
+      lse: the log-sum-exp of each query's modified scores.
+      max_scores: each query's largest modified score.
+    """
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """The auxiliary outputs of ``flex_attention``: each field an array [B, Hq, L] float32 where its
+    ``AuxRequest`` field asked for it, else None. A NamedTuple, so a pytree that ``jit`` can return.
+
+    Attributes:
+      lse: natural log of the sum of exp(score) over the keys a query attends (the score after scale and
+        score_mod); -inf where it attends none. Differentiable.
+      max_scores: the largest of those scores; -inf where it attends none. It carries no gradient (PyTorch marks
+        it non-differentiable too): it is returned through ``jax.lax.stop_gradient``.
+    """
+
+    lse: jax.Array | None = None
+    max_scores: jax.Array | None = None
+
+
+def check_return_aux(return_aux, return_lse) -> None:
+    """``return_aux`` is None or an ``AuxRequest`` of two bools, and not given together with ``return_lse``."""
+    if return_aux is None:
+        return
+    if not isinstance(return_aux, AuxRequest):
+        raise TypeError(f"return_aux must be None or a flexattn_jax.AuxRequest, got {type(return_aux).__name__}")
+    for field, value in zip(return_aux._fields, return_aux):
+        if not isinstance(value, bool):
+            raise TypeError(f"return_aux.{field} must be a bool, got {type(value).__name__} {value!r}")
+    if return_lse:
+        raise ValueError(
+            "pass return_lse=True or return_aux, not both: return_aux=AuxRequest(lse=True) returns the lse in its "
+            "AuxOutput"
+        )
+
+
+def attention_results(out, lse, *max_scores, return_lse: bool, return_aux: AuxRequest | None):
+    """What ``flex_attention`` returns, from its out, lse and (when asked for) max_scores: out, (out, lse), or
+    (out, AuxOutput) with max_scores through ``stop_gradient``. The sharded and paged entry points return the same."""
+    if return_aux is None:
+        return (out, lse) if return_lse else out
+    max_scores = jax.lax.stop_gradient(max_scores[0]) if return_aux.max_scores else None
+    return out, AuxOutput(lse=lse if return_aux.lse else None, max_scores=max_scores)
 
 
 class Choice(NamedTuple):
@@ -180,6 +232,8 @@ def flex_attention(
     implementation: str | None = None,
     interpret: bool = False,
     kernel_options: Mapping[str, Any] | None = None,
+    *,
+    return_aux: AuxRequest | None = None,
 ):
     """Scaled dot-product attention with a user-defined score_mod and a block-sparse mask.
 
@@ -197,20 +251,32 @@ def flex_attention(
         when it supports them, else ``"reference"``; ``explain_implementation`` says which and why.
       interpret: run a Pallas implementation in interpret mode (on the CPU).
       kernel_options: kernel tunables (tile sizes, warps, stages); the reference ignores them.
+      return_aux: an ``AuxRequest`` naming the auxiliary outputs to return (lse, max_scores), as PyTorch's
+        ``return_aux``; not together with ``return_lse``.
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype, and with ``return_lse`` also lse [B, Hq, L] float32 (natural log;
-      -inf for a query that attends nowhere, whose output is 0).
+      -inf for a query that attends nowhere, whose output is 0). With ``return_aux``, ``(out, AuxOutput)`` whose
+      fields are the requested arrays [B, Hq, L] float32 and None elsewhere.
 
     >>> import jax, jax.numpy as jnp, flexattn_jax as fa
     >>> q = k = v = jax.random.normal(jax.random.key(0), (1, 2, 256, 64))
     >>> mask = fa.create_block_mask(fa.causal_mask, None, None, 256, 256)
     >>> fa.flex_attention(q, k, v, block_mask=mask).shape
     (1, 2, 256, 64)
+    >>> out, aux = fa.flex_attention(q, k, v, block_mask=mask, return_aux=fa.AuxRequest(max_scores=True))
+    >>> aux.max_scores.shape, aux.lse is None
+    ((1, 2, 256), True)
     """
+    check_return_aux(return_aux, return_lse)
     score_mod, block_mask, mask_mod, scale = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
+    with_max_scores = return_aux is not None and return_aux.max_scores
+
+    def finish(*results):
+        return attention_results(*results, return_lse=return_lse, return_aux=return_aux)
+
     implementation = _choose(
         implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
@@ -230,14 +296,13 @@ def flex_attention(
             block_size=block_mask.BLOCK_SIZE,
             scale=float(scale),
             kernel_options=kernel_options,
+            with_max_scores=with_max_scores,
         )
         if implementation == "pallas_mosaic":
-            out, lse = pallas_mosaic.attention(query, key, value, **kernel_args)
-        else:
-            out, lse = pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args)
-        return (out, lse) if return_lse else out
+            return finish(*pallas_mosaic.attention(query, key, value, **kernel_args))
+        return finish(*pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args))
     partial_blocks, full_blocks = block_mask.block_maps()
-    out, lse = reference.attention(
+    return finish(*reference.attention(
         query,
         key,
         value,
@@ -247,5 +312,5 @@ def flex_attention(
         full_blocks=full_blocks,
         block_size=block_mask.BLOCK_SIZE,
         scale=float(scale),
-    )
-    return (out, lse) if return_lse else out
+        with_max_scores=with_max_scores,
+    ))

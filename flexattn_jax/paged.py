@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from flexattn_jax.api import flex_attention
+from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
 from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, noop_mask
 from flexattn_jax.mods import identity
@@ -340,13 +340,20 @@ class PagedKVCache:
         implementation: str | None = None,
         interpret: bool = False,
         kernel_options: Mapping[str, Any] | None = None,
+        *,
+        return_aux: AuxRequest | None = None,
     ):
         """flex attention of query [B, Hq, L, E] over each sequence's cached keys (GQA allowed).
 
         ``block_mask`` is over logical positions: Q_LEN = L, KV_LEN = max_length, KV_BLOCK = page_size (None
         attends to every position up to max_length: give a mask_mod limiting kv_idx to ``lengths[b]``). score_mod
         and the mask see logical positions. Arguments otherwise as ``flex_attention``.
+
+        Returns:
+          as ``flex_attention``: out [B, Hq, L, Ev]; with ``return_lse`` also lse [B, Hq, L]; with ``return_aux``,
+          ``(out, AuxOutput)`` holding the requested lse and max_scores [B, Hq, L].
         """
+        check_return_aux(return_aux, return_lse)
         batch, q_heads, q_len, head_dim = query.shape
         if batch != self.batch_size or q_heads % self.key_pool.shape[0] or head_dim != self.key_pool.shape[2]:
             raise ValueError(
@@ -360,7 +367,8 @@ class PagedKVCache:
             )
         if self._use_decode_kernel(query, block_mask, implementation, interpret, kernel_options):
             physical = self.convert_logical_block_mask(block_mask)
-            out, lse = _decode.flex_decode(
+            with_max_scores = return_aux is not None and return_aux.max_scores
+            out, lse, *max_scores = _decode.flex_decode(
                 query.astype(self.key_pool.dtype),
                 self.key_pool[None],
                 self.value_pool[None],
@@ -374,8 +382,9 @@ class PagedKVCache:
                 scale=float(1.0 / math.sqrt(head_dim) if scale is None else scale),
                 kernel_options=kernel_options,
                 interpret=interpret,
+                with_max_scores=with_max_scores,
             )
-            return (out, lse) if return_lse else out
+            return attention_results(out, lse, *max_scores, return_lse=return_lse, return_aux=return_aux)
         key, value = self.gather()
         return flex_attention(
             query.astype(self.key_pool.dtype),
@@ -389,6 +398,7 @@ class PagedKVCache:
             implementation=implementation,
             interpret=interpret,
             kernel_options=kernel_options,
+            return_aux=return_aux,
         )
 
     def _use_decode_kernel(self, query, block_mask, implementation, interpret, kernel_options) -> bool:

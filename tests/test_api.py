@@ -42,6 +42,9 @@ BAD_INPUTS = [
     ("block_mask heads", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, 2, 16, 24, BLOCK_SIZE=8)), ValueError, "2 heads; expected 1 or the query's head count Hq=4"),
     ("implementation", dict(implementation="cuda"), ValueError, "implementation must be None or one of"),
     ("kernel_options", dict(kernel_options=[("BLOCK_M", 64)]), TypeError, "kernel_options must be a dict"),
+    ("return_aux type", dict(return_aux=(True, True)), TypeError, "return_aux must be None or a flexattn_jax.AuxRequest, got tuple"),
+    ("return_aux field", dict(return_aux=fa.AuxRequest(lse=1)), TypeError, "return_aux.lse must be a bool, got int 1"),
+    ("return_aux with return_lse", dict(return_aux=fa.AuxRequest(lse=True), return_lse=True), ValueError, "return_lse=True or return_aux, not both"),
 ]
 
 
@@ -89,3 +92,35 @@ def test_implementations_lists_the_reference():
     assert "reference" in fa.IMPLEMENTATIONS
     out = fa.flex_attention(Q, K, V, enable_gqa=True, implementation="reference", kernel_options={"BLOCK_M": 64})
     assert out.shape == (2, 4, 16, 8)
+
+
+def test_return_aux_returns_what_it_asks_for():
+    """As PyTorch's: (out, AuxOutput) with the requested fields, None for the others; lse as return_lse gives it."""
+    out, lse = fa.flex_attention(Q, K, V, block_mask=CAUSAL_16_24, enable_gqa=True, return_lse=True)
+    for lse_wanted, max_wanted in ((False, False), (True, False), (False, True), (True, True)):
+        request = fa.AuxRequest(lse=lse_wanted, max_scores=max_wanted)
+        got, aux = fa.flex_attention(Q, K, V, block_mask=CAUSAL_16_24, enable_gqa=True, return_aux=request)
+        assert isinstance(aux, fa.AuxOutput)
+        assert jnp.array_equal(got, out)
+        assert (aux.lse is not None) == lse_wanted and (aux.max_scores is not None) == max_wanted
+        if lse_wanted:
+            assert jnp.array_equal(aux.lse, lse)
+        if max_wanted:
+            assert aux.max_scores.shape == lse.shape and aux.max_scores.dtype == jnp.float32
+
+
+def test_max_scores_under_jit_carry_no_gradient():
+    """AuxOutput is a pytree jit returns; max_scores is stopped (PyTorch marks it non-differentiable), lse is not."""
+    request = fa.AuxRequest(lse=True, max_scores=True)
+
+    def attend(q):
+        return fa.flex_attention(q, K, V, block_mask=CAUSAL_16_24, enable_gqa=True, return_aux=request)
+
+    out, aux = jax.jit(attend)(Q)
+    eager_out, eager_aux = attend(Q)
+    assert jnp.array_equal(out, eager_out) and jnp.array_equal(aux.max_scores, eager_aux.max_scores)
+    through_max = jax.grad(lambda q: jnp.sum(attend(q)[1].max_scores))(Q)
+    assert not jnp.any(through_max)
+    through_lse = jax.grad(lambda q: jnp.sum(attend(q)[1].lse))(Q)
+    assert jnp.all(jnp.isfinite(through_lse)) and jnp.any(through_lse)
+

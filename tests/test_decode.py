@@ -26,7 +26,8 @@ def _compare(q, k, v, mask_mod=None, score_mod=None, *, block_size=32, mask_head
         block_mask = fa.create_block_mask(
             mask_mod, q.shape[0], mask_heads, q.shape[2], k.shape[2], BLOCK_SIZE=block_size
         )
-    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True, **kw)
+    request = fa.AuxRequest(lse=True, max_scores=True)
+    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_aux=request, **kw)
 
     def run(q, k, v):
         return fa.flex_attention(
@@ -34,11 +35,13 @@ def _compare(q, k, v, mask_mod=None, score_mod=None, *, block_size=32, mask_head
         )
 
     assert _uses_decode_kernel(run, q, k, v)
-    out, lse = run(q, k, v)
-    ref_out, ref_lse = fa.flex_attention(q, k, v, implementation="reference", **common)
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    out, (lse, max_scores) = run(q, k, v)
+    ref_out, (ref_lse, ref_max) = fa.flex_attention(q, k, v, implementation="reference", **common)
+    assert out.dtype == q.dtype and lse.dtype == max_scores.dtype == jnp.float32
     assert_close(out, ref_out, q.dtype, "out")
     assert_close(lse, ref_lse, q.dtype, "lse")
+    # The largest of the splits' maxima; -inf from a split that saw nothing.
+    assert_close(max_scores, ref_max, q.dtype, "max_scores")
     return out, lse
 
 

@@ -134,6 +134,54 @@ def test_paged_attention_matches_contiguous(case, implementation):
     assert_close(lse, ref_lse, jnp.float32, "lse")
 
 
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_paged_return_aux_matches_contiguous(implementation):
+    # The decode kernel (pallas_triton) and the gathered reference path; rows with (q_idx + h + b) % 3 == 0 attend
+    # nowhere, so their max_scores are -inf.
+    cache, _, _ = _filled_cache()
+    B, Hq, L = 3, 4, 2
+    lengths = cache.lengths
+
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx < lengths[b]) & ((q_idx + h + b) % 3 != 0)
+
+    logical = fa.create_block_mask(mask, B, Hq, L, cache.max_length, BLOCK_SIZE=(128, PS))
+    request = fa.AuxRequest(lse=True, max_scores=True)
+    kwargs = dict(score_mod=fa.rel_bias, block_mask=logical, return_aux=request)
+    q = _random(62, (B, Hq, L, 16))
+    out, aux = cache.attention(q, **kwargs, implementation=implementation, interpret=implementation != "reference",
+                               kernel_options={"decode_num_splits": 3})
+    key, value = cache.gather()
+    ref_out, ref_aux = fa.flex_attention(q, key, value, **kwargs, enable_gqa=True, implementation="reference")
+    assert_close(out, ref_out, jnp.float32, "out")
+    assert_close(aux.lse, ref_aux.lse, jnp.float32, "lse")
+    assert_close(aux.max_scores, ref_aux.max_scores, jnp.float32, "max_scores")
+    b, h, q_idx = np.meshgrid(np.arange(B), np.arange(Hq), np.arange(L), indexing="ij")
+    masked_rows = (q_idx + h + b) % 3 == 0
+    assert np.all(np.asarray(aux.max_scores)[masked_rows] == -np.inf)
+    assert np.isfinite(np.asarray(aux.max_scores)[~masked_rows]).all()
+    if implementation == "reference":  # the decode kernel is for inference; the gathered path is differentiable
+        ct = _random(63, out.shape)
+
+        def loss(attend, q):
+            out, aux = attend(q)
+            return jnp.sum(out * ct) + jnp.sum(jnp.where(jnp.isfinite(aux.lse), aux.lse, 0.0))
+
+        grad = jax.grad(loss, argnums=1)(lambda q: cache.attention(q, **kwargs, implementation="reference"), q)
+        ref_grad = jax.grad(loss, argnums=1)(
+            lambda q: fa.flex_attention(q, key, value, **kwargs, enable_gqa=True, implementation="reference"), q
+        )
+        assert np.isfinite(np.asarray(grad)).all()
+        assert_close(grad, ref_grad, jnp.float32, "dq")
+
+
+def test_paged_return_aux_with_return_lse_is_refused():
+    cache = PagedKVCache.create(1, num_pages=2, page_size=PS, max_pages_per_seq=2, num_kv_heads=1, head_dim=8)
+    q = _random(64, (1, 2, 1, 8))
+    with pytest.raises(ValueError, match="return_lse=True or return_aux, not both"):
+        cache.attention(q, return_lse=True, return_aux=fa.AuxRequest(lse=True))
+
+
 def test_paged_decode_kernel_reads_the_pool_directly():
     cache, _, _ = _filled_cache()
     q = _random(61, (3, 4, 1, 16))

@@ -33,7 +33,7 @@ def _lists(q, k, block_mask):
     return block_mask
 
 
-def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None):
+def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_scores=False):
     block_mask = _lists(q, k, _block_mask(mask_mod, q.shape[0], q.shape[2], k.shape[2]))
     mask_mod = block_mask.mask_mod or fa.noop_mask
 
@@ -51,6 +51,7 @@ def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None):
             block_size=block_mask.BLOCK_SIZE,
             scale=0.125,
             kernel_options=kernel_options,
+            with_max_scores=with_max_scores,
         )
 
     args = (q, k, v, block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
@@ -105,6 +106,19 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     assert built == []
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2))
     assert built == [{(-1, 1)}]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_max_scores_are_a_third_output_only_when_asked_for(head_dim):
+    """With ``with_max_scores`` the kernel stages each row's maximum through shared memory as it does the lse, and
+    the lowered program returns it; without, the program is as before."""
+    q, k, v = random_qkv(2, B=1, Hq=2, Hkv=1, L=200, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+
+    def results(text):
+        return re.search(r"func.func public @main\(.*?\) -> \((.*)\)", text).group(1).count("tensor<")
+
+    assert results(_lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), with_max_scores=True)) == 3
+    assert results(_lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0))) == 2
 
 
 @pytest.mark.parametrize("name", sorted(_GATHERING))
@@ -317,6 +331,32 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
                                  kernel_options=options)
     assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
+
+
+_MAX_SCORES_CASES = [case for case in _SUPPORTED
+                     if case.name in ("noop", "causal", "document_causal", "alibi", "softcap_causal", "composed")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _MAX_SCORES_CASES, ids=repr)
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64}])
+def test_gpu_max_scores_match_reference(case, options):
+    """return_aux's max_scores from the Mosaic forward: lengths no tile divides, and a row of each of the first
+    query tiles that attends nowhere (max -inf there)."""
+    B, Hq, Hkv, L, S = 2, 4, 2, 1000, 777
+    q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 8)
+    mask_mod = fa.and_masks(mask_mod or fa.noop_mask, lambda b, h, q_idx, kv_idx: q_idx % 97 != 5)
+    block_mask = _block_mask(mask_mod, B, L, S)
+    request = fa.AuxRequest(lse=True, max_scores=True)
+    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_aux=request)
+    assert fa.explain_implementation(q, k, v, score_mod, block_mask, enable_gqa=True).implementation == "pallas_mosaic"
+    out, aux = jax.jit(lambda *a: fa.flex_attention(*a, kernel_options=options, **common))(q, k, v)
+    ref_out, ref_aux = fa.flex_attention(q, k, v, implementation="reference", **common)
+    assert_close(out, ref_out, q.dtype, "out")
+    assert_close(aux.lse, ref_aux.lse, q.dtype, "lse")
+    assert_close(aux.max_scores, ref_aux.max_scores, q.dtype, "max_scores")
+    assert bool(jnp.all(aux.max_scores[:, :, 5::97] == -jnp.inf))
 
 
 def _program(mod, score=False):

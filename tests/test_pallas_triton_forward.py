@@ -17,18 +17,21 @@ SMALL_TILES = {"BLOCK_M": 32, "BLOCK_N": 32}
 
 
 def _compare(q, k, v, mask_mod=None, score_mod=None, *, block_size=32, kernel_options=None, enable_gqa=True, **kw):
-    """Runs the kernel and the reference on the same inputs; asserts the error contract on out and lse."""
+    """Runs the kernel and the reference on the same inputs; asserts the error contract on out, lse and
+    max_scores."""
     block_mask = None
     if mask_mod is not None:
         block_mask = fa.create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], BLOCK_SIZE=block_size)
-    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa, return_lse=True, **kw)
-    out, lse = fa.flex_attention(
+    request = fa.AuxRequest(lse=True, max_scores=True)
+    common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa, return_aux=request, **kw)
+    out, (lse, max_scores) = fa.flex_attention(
         q, k, v, implementation="pallas_triton", interpret=INTERPRET, kernel_options=kernel_options, **common
     )
-    ref_out, ref_lse = fa.flex_attention(q, k, v, implementation="reference", **common)
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    ref_out, (ref_lse, ref_max) = fa.flex_attention(q, k, v, implementation="reference", **common)
+    assert out.dtype == q.dtype and lse.dtype == max_scores.dtype == jnp.float32
     assert_close(out, ref_out, q.dtype, "out")
     assert_close(lse, ref_lse, q.dtype, "lse")
+    assert_close(max_scores, ref_max, q.dtype, "max_scores")
     return out, lse
 
 

@@ -87,6 +87,14 @@ def numpy_attention(q, k, v, allowed, score_fn, scale):
     return out, lse
 
 
+def numpy_max_scores(q, k, allowed, score_fn, scale):
+    """float64 max_scores [B,Hq,L]: each query's largest allowed score, -inf where none is allowed."""
+    q, k = (np.asarray(x, np.float64) for x in (q, k))
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    scores = score_fn(np.einsum("bhle,bhse->bhls", q, k) * scale)
+    return np.where(allowed, scores, -np.inf).max(-1)
+
+
 def _build(case, B, H, L, S, seed, block_size=16):
     mask_mod, score_mod = case.build(B, H, L, S, seed)
     block_mask = None if mask_mod is None else fa.create_block_mask(mask_mod, B, H, L, S, BLOCK_SIZE=block_size)
@@ -99,16 +107,18 @@ def test_reference_matches_float64_numpy(case):
     seed = hash(case.name) % 1000
     q, k, v = random_qkv(seed, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=16, Ev=8)
     block_mask, score_mod = _build(case, B, Hq, L, S, seed, block_size=16)
-    out, lse = fa.flex_attention(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True,
-        implementation="reference",
+    out, (lse, max_scores) = fa.flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=True, implementation="reference",
+        return_aux=fa.AuxRequest(lse=True, max_scores=True),
     )
     allowed, score_fn = _numpy_mods(case.name, B, Hq, L, S, seed)
     expected_out, expected_lse = numpy_attention(q, k, v, allowed, score_fn, scale=1 / np.sqrt(16))
-    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-    assert out.shape == (B, Hq, L, 8) and lse.shape == (B, Hq, L)
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32 and max_scores.dtype == jnp.float32
+    assert out.shape == (B, Hq, L, 8) and lse.shape == max_scores.shape == (B, Hq, L)
     assert_close(out, expected_out, jnp.float32, "out")
     assert_close(lse, expected_lse, jnp.float32, "lse")
+    expected_max = numpy_max_scores(q, k, allowed, score_fn, scale=1 / np.sqrt(16))
+    assert_close(max_scores, expected_max, jnp.float32, "max_scores")
 
 
 @pytest.mark.parametrize("L,S", [(1, 1), (17, 113), (113, 17), (64, 64)])
@@ -175,6 +185,14 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_finite_gradients()
         assert np.all(np.isfinite(np.asarray(g)))
     assert np.all(np.asarray(grads[0][:, :, :4]) == 0)
     assert np.all(np.asarray(grads[0][1, 0]) == 0)
+
+
+def test_fully_masked_rows_have_max_scores_minus_inf():
+    q, k, v, block_mask = _fully_masked_setup()
+    _, aux = fa.flex_attention(q, k, v, block_mask=block_mask, return_aux=fa.AuxRequest(max_scores=True))
+    max_scores = np.asarray(aux.max_scores)
+    assert np.all(max_scores[:, :, :4] == -np.inf) and np.all(max_scores[1, 0] == -np.inf)
+    assert np.all(np.isfinite(max_scores[0, 0, 4:]))
 
 
 def test_gradients_of_lse_of_fully_masked_rows_are_finite():

@@ -79,6 +79,35 @@ def _assert_matches(got, want, dtype):
         assert_close(g, ref, dtype, name)
 
 
+def _aux_values_and_grads(attention, q, k, v, seed):
+    """jit(attention) with return_aux -> (out, AuxOutput), and the gradients in q, k, v of <out, random cotangent>
+    + <finite lse, random> + <finite max_scores, random> (max_scores carries no gradient, so adds nothing)."""
+    lse_shape = q.shape[:3]
+    rng = np.random.default_rng(seed + 200)
+    ct_out = jnp.asarray(rng.standard_normal((*lse_shape, v.shape[-1]), np.float32))
+    ct_lse, ct_max = (jnp.asarray(rng.standard_normal(lse_shape, np.float32)) for _ in range(2))
+
+    def finite_term(x, ct):
+        return jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) * ct)
+
+    def loss(q, k, v):
+        out, aux = attention(q, k, v)
+        total = jnp.sum(out.astype(jnp.float32) * ct_out) + finite_term(aux.lse, ct_lse)
+        return total + finite_term(aux.max_scores, ct_max), (out, aux)
+
+    (_, (out, aux)), grads = _run(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), q, k, v)
+    return out, aux, grads
+
+
+def _assert_aux_matches(got, want, dtype, masked_rows):
+    """out, lse and max_scores (-inf exactly on `masked_rows`, the queries attending nowhere) and the gradients."""
+    (out, aux, grads), (ref_out, ref_aux, ref_grads) = got, want
+    _assert_matches((out, aux.lse, grads), (ref_out, ref_aux.lse, ref_grads), dtype)
+    assert_close(aux.max_scores, ref_aux.max_scores, dtype, "max_scores")
+    max_scores = np.asarray(aux.max_scores)
+    assert np.all(max_scores[..., masked_rows] == -np.inf) and np.isfinite(max_scores[..., ~masked_rows]).all()
+
+
 def _assert_sharded(x, mesh, spec):
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim), (x.sharding, spec)
 
@@ -125,6 +154,25 @@ def test_sharded_batch_and_heads_match_reference(case):
     _assert_matches(got, want, jnp.float32)
     _assert_sharded(got[0], mesh, P("data", "model"))
     _assert_sharded(got[1], mesh, P("data", "model"))
+
+
+def test_sharded_return_aux_matches_reference():
+    # max_scores and lse sharded like out, -inf on the fully masked rows; the gradients unchanged by return_aux.
+    mesh = _mesh((2, 2), ("data", "model"))
+    q, k, v = random_qkv(15, B=2, Hq=4, Hkv=2, L=40, S=24)
+    block_mask = _block_mask(_gappy_causal_mask, None, None, 40, 24, 8)
+    kwargs = dict(score_mod=fa.generate_alibi_bias(4), block_mask=block_mask, enable_gqa=True,
+                  return_aux=fa.AuxRequest(lse=True, max_scores=True))
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, P("data", "model"))) for x in (q, k, v))
+    got = _aux_values_and_grads(
+        lambda q, k, v: sharded_flex_attention(q, k, v, **kwargs, mesh=mesh, batch_axis="data", head_axis="model"),
+        q, k, v, seed=15,
+    )
+    want = _aux_values_and_grads(
+        lambda q, k, v: fa.flex_attention(q, k, v, **kwargs, implementation="reference"), q, k, v, seed=15
+    )
+    _assert_aux_matches(got, want, jnp.float32, masked_rows=np.arange(40) % 5 == 3)
+    _assert_sharded(got[1].max_scores, mesh, P("data", "model"))
 
 
 def test_sharded_over_a_tuple_of_mesh_axes_sees_global_batch_indices():
@@ -209,6 +257,24 @@ def test_ring_fully_masked_rows_give_zero_output_and_minus_inf_lse():
     masked_rows = np.arange(40) % 5 == 3
     assert np.all(np.asarray(got[1])[..., masked_rows] == -np.inf)
     assert np.all(np.asarray(got[0])[..., masked_rows, :] == 0)
+
+
+def test_ring_return_aux_matches_reference():
+    # Zig-zag over 4 devices: skipped (future) chunk pairs and fully masked rows both give max -inf, merged NaN-free.
+    mesh = _mesh((4,), ("seq",))
+    q, k, v = random_qkv(16, B=1, Hq=4, Hkv=2, L=40, S=40)
+    block_mask = _block_mask(_gappy_causal_mask, None, None, 40, 40, 5)
+    kwargs = dict(score_mod=fa.generate_alibi_bias(4), block_mask=block_mask, enable_gqa=True,
+                  return_aux=fa.AuxRequest(lse=True, max_scores=True))
+    q, k, v = (jax.device_put(x, NamedSharding(mesh, P(None, None, "seq"))) for x in (q, k, v))
+    got = _aux_values_and_grads(
+        lambda q, k, v: ring_flex_attention(q, k, v, **kwargs, mesh=mesh, seq_axis="seq"), q, k, v, seed=16
+    )
+    want = _aux_values_and_grads(
+        lambda q, k, v: fa.flex_attention(q, k, v, **kwargs, implementation="reference"), q, k, v, seed=16
+    )
+    _assert_aux_matches(got, want, jnp.float32, masked_rows=np.arange(40) % 5 == 3)
+    _assert_sharded(got[1].max_scores, mesh, P(None, None, "seq"))
 
 
 def test_ring_in_bfloat16_learns_the_bias_table():
@@ -296,6 +362,10 @@ BAD_INPUTS = [
     ("sharded", {"batch_axis": 3}, TypeError, ["batch_axis", "3"]),
     ("sharded", {"mesh": "mesh"}, TypeError, ["mesh", "jax.sharding.Mesh", "str"]),
     ("sharded", {"enable_gqa": False}, ValueError, ["Hq=4", "Hkv=2", "enable_gqa"]),
+    ("sharded", {"return_lse": True, "return_aux": fa.AuxRequest(lse=True)}, ValueError, ["return_lse", "return_aux"]),
+    ("sharded", {"return_aux": (True, True)}, TypeError, ["return_aux", "AuxRequest", "tuple"]),
+    ("ring", {"return_lse": True, "return_aux": fa.AuxRequest(max_scores=True)}, ValueError, ["return_lse", "return_aux"]),
+    ("ring", {"return_aux": fa.AuxRequest(lse=1)}, TypeError, ["return_aux.lse", "bool"]),
 ]
 
 

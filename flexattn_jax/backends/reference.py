@@ -10,6 +10,7 @@ For query q of batch b and head h, with keys 0 <= s < S:
     allowed[s] = full_block(q, s) or (partial_block(q, s) and mask_mod(b, h, q, s))
     lse        = log(sum over allowed s of exp(score[s]))          (-inf when nothing is allowed)
     out        = sum over allowed s of exp(score[s] - lse) v[s]    (0 when nothing is allowed)
+    max_scores = max over allowed s of score[s]                    (-inf when nothing is allowed)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["attention"]
 
 
 def _one_head(q, k, v, b, h, partial_blocks, full_blocks, *, score_mod, mask_mod, block_size, scale):
-    """q [L, E], k [S, E], v [S, Ev]; partial/full_blocks [QB, KVB] bool. Returns out [L, Ev] f32, lse [L] f32."""
+    """q [L, E], k [S, E], v [S, Ev]; partial/full_blocks [QB, KVB] bool. Returns out [L, Ev], lse [L] and
+    max_scores [L], float32."""
     q_len, kv_len = q.shape[0], k.shape[0]
     q_idx = jnp.arange(q_len, dtype=jnp.int32)
     kv_idx = jnp.arange(kv_len, dtype=jnp.int32)
@@ -40,6 +42,7 @@ def _one_head(q, k, v, b, h, partial_blocks, full_blocks, *, score_mod, mask_mod
 
     scores = jnp.where(allowed, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
+    max_scores = row_max[:, 0]
     # A row with nothing allowed has max -inf; subtracting 0 instead keeps exp(-inf) = 0 and gradients finite.
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     weights = jnp.exp(scores - jax.lax.stop_gradient(row_max))
@@ -48,7 +51,7 @@ def _one_head(q, k, v, b, h, partial_blocks, full_blocks, *, score_mod, mask_mod
     safe_denominator = jnp.where(has_any, denominator, 1.0)
     out = jnp.einsum("ls,sd->ld", weights, v, precision=jax.lax.Precision.HIGHEST) / safe_denominator[:, None]
     lse = jnp.where(has_any, jnp.log(safe_denominator) + jax.lax.stop_gradient(row_max[:, 0]), -jnp.inf)
-    return out, lse
+    return out, lse, max_scores
 
 
 def attention(
@@ -62,7 +65,8 @@ def attention(
     full_blocks: jax.Array,
     block_size: tuple[int, int],
     scale: float,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """Dense flex attention.
 
     Args:
@@ -72,9 +76,11 @@ def attention(
       partial_blocks, full_blocks: bool block maps [B or 1, Hq or 1, QB, KVB].
       block_size: (Q_BLOCK, KV_BLOCK) of the maps.
       scale: multiplies q.k before score_mod.
+      with_max_scores: also return each query's maximum modified score.
 
     Returns:
-      out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32.
+      out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32; with ``with_max_scores`` also max_scores
+      [B, Hq, L] float32 (differentiable here, as a maximum is; ``flex_attention`` stops its gradient).
     """
     batch, q_heads = query.shape[:2]
     group = q_heads // key.shape[1]
@@ -105,11 +111,12 @@ def attention(
         heads, batches = layout.vector(heads, 1), layout.vector(batches, 0)
     over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None, 0, 0, 0))
     over_batch = jax.vmap(over_heads, in_axes=(0, 0, 0, 0, None, 0, 0))
-    out, lse = over_batch(query.astype(f32), key, value, batches, heads, partial_blocks, full_blocks)
+    out, lse, max_scores = over_batch(query.astype(f32), key, value, batches, heads, partial_blocks, full_blocks)
     out = out.astype(query.dtype)
+    results = (out, lse, max_scores) if with_max_scores else (out, lse)
     if layout is not None:
-        out, lse = layout.restore(out), layout.restore(lse)
-    return out, lse
+        results = tuple(layout.restore(x) for x in results)
+    return results
 
 
 class _ExplicitLayout:

@@ -14,7 +14,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from flexattn_jax import _validation
-from flexattn_jax.api import flex_attention
+from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
 from flexattn_jax.block_mask import BlockMask
 from flexattn_jax.mods import identity
 from flexattn_jax.sharding import _common
@@ -35,6 +35,7 @@ def sharded_flex_attention(
     interpret: bool = False,
     kernel_options: Mapping[str, Any] | None = None,
     *,
+    return_aux: AuxRequest | None = None,
     mesh: Mesh,
     batch_axis: str | tuple[str, ...] | None = None,
     head_axis: str | tuple[str, ...] | None = None,
@@ -49,7 +50,7 @@ def sharded_flex_attention(
 
     Args:
       query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, implementation, interpret,
-        kernel_options: as for ``flex_attention``.
+        kernel_options, return_aux: as for ``flex_attention``.
       mesh: the ``jax.sharding.Mesh``. Mesh axes named in neither argument replicate the computation.
       batch_axis: the mesh axis (or tuple of axes) sharding B, or None. B must be divisible by its size.
       head_axis: the mesh axis (or tuple of axes) sharding the heads, or None. Hq and Hkv must both be divisible by
@@ -57,7 +58,8 @@ def sharded_flex_attention(
 
     Returns:
       out [B, Hq, L, Ev] sharded as PartitionSpec(batch_axis, head_axis), and with ``return_lse`` also lse
-      [B, Hq, L] sharded the same way.
+      [B, Hq, L] sharded the same way. With ``return_aux``, ``(out, AuxOutput)`` whose requested lse and max_scores
+      [B, Hq, L] are sharded the same way.
 
     >>> import jax, numpy as np, flexattn_jax as fa
     >>> from flexattn_jax.sharding import sharded_flex_attention
@@ -68,6 +70,8 @@ def sharded_flex_attention(
     (2, 4, 64, 16)
     """
     _common.check_mesh(mesh)
+    check_return_aux(return_aux, return_lse)
+    with_max_scores = return_aux is not None and return_aux.max_scores
     batch_axes = _common.normalize_axes(mesh, batch_axis, "batch_axis")
     head_axes = _common.normalize_axes(mesh, head_axis, "head_axis")
     _common.check_disjoint(batch_axis=batch_axes, head_axis=head_axes)
@@ -98,7 +102,7 @@ def sharded_flex_attention(
             local_mask = dataclasses.replace(
                 local_mask, mask_mod=_common.global_mask_mod(local_mask.mask_mod, b_offset, h_offset)
             )
-        return flex_attention(
+        out, aux = flex_attention(
             q,
             k,
             v,
@@ -106,17 +110,19 @@ def sharded_flex_attention(
             block_mask=local_mask,
             scale=scale,
             enable_gqa=enable_gqa,
-            return_lse=True,
             implementation=implementation,
             interpret=interpret,
             kernel_options=kernel_options,
+            return_aux=AuxRequest(lse=True, max_scores=with_max_scores),
         )
+        return (out, aux.lse, aux.max_scores) if with_max_scores else (out, aux.lse)
 
     in_specs = (qkv_spec, qkv_spec, qkv_spec, mask_specs)
     args = _common.place(mesh, (query, key, value, block_mask), in_specs)
     # check_vma=False: a pallas_call's outputs carry no record of the mesh axes they vary over, which shard_map's
     # check would demand. Each shard's result depends on its own inputs only, so nothing is lost.
-    out, lse = jax.shard_map(
-        per_shard, mesh=mesh, in_specs=in_specs, out_specs=(qkv_spec, lse_spec), check_vma=False
+    out_specs = (qkv_spec, lse_spec, lse_spec) if with_max_scores else (qkv_spec, lse_spec)
+    out, lse, *max_scores = jax.shard_map(
+        per_shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )(*args)
-    return (out, lse) if return_lse else out
+    return attention_results(out, lse, *max_scores, return_lse=return_lse, return_aux=return_aux)

@@ -7,7 +7,9 @@ before the attention so the transfer can overlap it). Partial results combine ex
 
     lse = log(exp(lse_1) + exp(lse_2)),    out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2
 
-(Liu et al., "Ring Attention with Blockwise Transformers for Near-Infinite Context", 2023).
+(Liu et al., "Ring Attention with Blockwise Transformers for Near-Infinite Context", 2023). A query's largest score
+(``return_aux``'s max_scores) is the largest of its per-chunk maxima; a chunk pair that is skipped or attends
+nothing contributes -inf.
 
 The mods see global positions: for the pair (query chunk at offset q0, key chunk at offset k0) flex_attention runs
 with ``mask_mod(b, h, q, kv) -> mask_mod(b, h, q + q0, kv + k0)`` (likewise score_mod), and with the block map of that
@@ -29,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from flexattn_jax import _validation
-from flexattn_jax.api import flex_attention
+from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
 from flexattn_jax.block_mask import BlockMask, noop_mask
 from flexattn_jax.mods import identity
 from flexattn_jax.sharding import _common
@@ -50,6 +52,7 @@ def ring_flex_attention(
     interpret: bool = False,
     kernel_options: Mapping[str, Any] | None = None,
     *,
+    return_aux: AuxRequest | None = None,
     mesh: Mesh,
     seq_axis: str | tuple[str, ...],
     batch_axis: str | tuple[str, ...] | None = None,
@@ -63,7 +66,7 @@ def ring_flex_attention(
 
     Args:
       query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, implementation, interpret,
-        kernel_options: as for ``flex_attention``.
+        kernel_options, return_aux: as for ``flex_attention``.
       mesh: the ``jax.sharding.Mesh``.
       seq_axis: the mesh axis (or tuple of axes) forming the ring, of size N; L and S are sharded over it in
         contiguous pieces.
@@ -74,7 +77,8 @@ def ring_flex_attention(
 
     Returns:
       out [B, Hq, L, Ev] sharded as PartitionSpec(batch_axis, head_axis, seq_axis), and with ``return_lse`` also lse
-      [B, Hq, L] sharded the same way.
+      [B, Hq, L] sharded the same way. With ``return_aux``, ``(out, AuxOutput)`` whose requested lse and max_scores
+      [B, Hq, L] are sharded the same way.
 
     A ring over every device (a causal mask, zig-zag chunks), equal to flex_attention on one device:
 
@@ -93,6 +97,8 @@ def ring_flex_attention(
     True
     """
     _common.check_mesh(mesh)
+    check_return_aux(return_aux, return_lse)
+    with_max_scores = return_aux is not None and return_aux.max_scores
     if seq_axis is None:
         raise ValueError("seq_axis must name the mesh axis (or axes) the sequence is sharded over, got None")
     seq_axes = _common.normalize_axes(mesh, seq_axis, "seq_axis")
@@ -159,7 +165,8 @@ def ring_flex_attention(
         return jnp.stack([device] if not load_balance else [device, 2 * ring_size - 1 - device])
 
     def attend_pair(acc, q, k, v, partial_rows, full_rows, q_chunk_id, kv_chunk_id, b_offset, h_offset):
-        """Folds attention of query chunk q to key chunk (k, v) into acc, unless their block map is empty."""
+        """Folds attention of query chunk q to key chunk (k, v) into acc = (out, lse[, max_scores]), unless their
+        block map is empty."""
         kv_blocks = kv_chunk // kv_block
         partial = jax.lax.dynamic_slice_in_dim(partial_rows, kv_chunk_id * kv_blocks, kv_blocks, axis=3)
         full = jax.lax.dynamic_slice_in_dim(full_rows, kv_chunk_id * kv_blocks, kv_blocks, axis=3)
@@ -173,7 +180,7 @@ def ring_flex_attention(
                 mask_mod=_common.global_mask_mod(mask_mod, b_offset, h_offset, q_offset, kv_offset),
                 seq_lengths=(q_chunk, kv_chunk),
             )
-            out, lse = flex_attention(
+            out, aux = flex_attention(
                 q,
                 k,
                 v,
@@ -181,12 +188,16 @@ def ring_flex_attention(
                 block_mask=pair_mask,
                 scale=scale,
                 enable_gqa=enable_gqa,
-                return_lse=True,
                 implementation=implementation,
                 interpret=interpret,
                 kernel_options=kernel_options,
+                return_aux=AuxRequest(lse=True, max_scores=with_max_scores),
             )
-            return merge_partials(acc, (out, lse))
+            merged = merge_partials(acc[:2], (out, aux.lse))
+            if not with_max_scores:
+                return merged
+            # Maxima of -inf (nothing attended) stay -inf: a maximum, unlike the lse merge, needs no guard.
+            return (*merged, jnp.maximum(acc[2], aux.max_scores))
 
         return jax.lax.cond(jnp.any(partial | full), attend, lambda acc: acc, acc)
 
@@ -202,7 +213,11 @@ def ring_flex_attention(
         full_chunks = _split_chunks(full_rows, chunks_per_device)
         q_ids = chunk_ids(device)
         acc_shape = (chunks_per_device, *q.shape[:2], q_chunk)
-        empty = (jnp.zeros((*acc_shape, v.shape[-1]), jnp.float32), jnp.full(acc_shape, -jnp.inf, jnp.float32))
+        # (out, lse[, max_scores]) of no keys attended.
+        empty = (
+            jnp.zeros((*acc_shape, v.shape[-1]), jnp.float32),
+            *[jnp.full(acc_shape, -jnp.inf, jnp.float32)] * (2 if with_max_scores else 1),
+        )
 
         def step(carry, t):
             (k, v), accs = carry
@@ -213,10 +228,10 @@ def ring_flex_attention(
             def pair(p, accs):
                 i, j = p // chunks_per_device, p % chunks_per_device
                 acc = attend_pair(
-                    (accs[0][i], accs[1][i]), q_chunks[i], k_chunks[j], v_chunks[j], partial_chunks[i],
+                    tuple(a[i] for a in accs), q_chunks[i], k_chunks[j], v_chunks[j], partial_chunks[i],
                     full_chunks[i], q_ids[i], kv_ids[j], b_offset, h_offset,
                 )
-                return accs[0].at[i].set(acc[0]), accs[1].at[i].set(acc[1])
+                return tuple(a.at[i].set(x) for a, x in zip(accs, acc))
 
             if chunks_per_device == 1:
                 accs = pair(0, accs)
@@ -225,20 +240,20 @@ def ring_flex_attention(
             return (next_kv, accs), None
 
         steps = jnp.arange(ring_size, dtype=jnp.int32)
-        (_, (out, lse)), _ = jax.lax.scan(step, ((k, v), empty), steps)
-        out, lse = _join_chunks(out).astype(q.dtype), _join_chunks(lse)
+        (_, (out, *stats)), _ = jax.lax.scan(step, ((k, v), empty), steps)
+        results = (_join_chunks(out).astype(q.dtype), *map(_join_chunks, stats))
         if load_balance:
-            out = _from_zigzag(out, seq_axes, ring_size, device)
-            lse = _from_zigzag(lse, seq_axes, ring_size, device)
-        return out, lse
+            results = tuple(_from_zigzag(x, seq_axes, ring_size, device) for x in results)
+        return results
 
     in_specs = (qkv_spec, qkv_spec, qkv_spec, map_spec, map_spec)
     args = _common.place(mesh, (query, key, value, partial_blocks, full_blocks), in_specs)
+    out_specs = (qkv_spec, lse_spec, lse_spec) if with_max_scores else (qkv_spec, lse_spec)
     # check_vma=False: see sharded_flex_attention.
-    out, lse = jax.shard_map(
-        per_device, mesh=mesh, in_specs=in_specs, out_specs=(qkv_spec, lse_spec), check_vma=False
+    out, lse, *max_scores = jax.shard_map(
+        per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )(*args)
-    return (out, lse) if return_lse else out
+    return attention_results(out, lse, *max_scores, return_lse=return_lse, return_aux=return_aux)
 
 
 def work_per_device(block_mask: BlockMask, ring_size: int, load_balance: bool = True) -> np.ndarray:

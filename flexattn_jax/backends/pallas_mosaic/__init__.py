@@ -326,7 +326,8 @@ class _MosaicForward:
     def tile(self):
         return (_forward.BLOCK_M, self.config.block_n, "full")
 
-    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists: BlockLists, score_program, mask_program):
+    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists: BlockLists, score_program, mask_program, *,
+                 with_max_scores: bool):
         return _forward.flex_forward(
             q,
             k,
@@ -339,6 +340,7 @@ class _MosaicForward:
             config=self.config,
             mask_block_size=self.mask_block_size,
             scale=self.scale,
+            with_max_scores=with_max_scores,
         )
 
 
@@ -360,9 +362,11 @@ def attention(
     block_size: tuple[int, int],
     scale: float,
     kernel_options: Mapping[str, Any] | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """flex attention: out [B, Hq, L, E] and lse [B, Hq, L] float32, differentiable; arguments as
-    ``pallas_triton.attention``. Raises ValueError when ``unsupported_reason`` is not None."""
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
+    """flex attention: out [B, Hq, L, E] and lse [B, Hq, L] float32, differentiable, and with ``with_max_scores``
+    each query's maximum modified score (no gradient); arguments as ``pallas_triton.attention``. Raises ValueError
+    when ``unsupported_reason`` is not None."""
     block_size = tuple(int(b) for b in block_size)
     num_blocks = tuple(kv_indices.shape[-2:])
     reason = unsupported_reason(
@@ -415,6 +419,7 @@ def attention(
         kernel_options=_triton_options(kernel_options),
         forward=_MosaicForward(config, block_size, float(scale)),
         backward_kernels=backward_kernels,
+        with_max_scores=with_max_scores,
     )
 
 

@@ -257,6 +257,7 @@ class _Plan:
     score_sites: tuple[ReadSite, ...]
     mask_sites: tuple[ReadSite, ...]
     float_index_signs: frozenset  # the (q_sign, kv_sign) the score_mod converts to float32 (IndexTiles)
+    with_max_scores: bool  # a third output: each row's maximum modified score
 
 
 class BlockWalk:
@@ -423,7 +424,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         full_num_ref, full_idx_ref, *refs = refs
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
-    out_ref, lse_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
+    out_ref, lse_ref, *max_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
     block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
     value_dim = v_ref.shape[-1]
     head_dim = q_ref.shape[-1]
@@ -440,7 +441,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         return _Item(work_of(i), plan, num_q_tiles, list_refs)
 
     def body(smem, ready, consumed, schedule, turns):
-        q_buffers, k_smem, v_smem, lse_buffers = smem
+        q_buffers, k_smem, v_smem, lse_buffers, *max_buffers = smem
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
         wg = lax.axis_index("wg")
@@ -687,9 +688,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 # The query tile is free again: stage the output through it (the next item waits for the reads).
                 q_smem[...] = out.astype(dtype)
                 lse_smem[...] = lse
+                if plan.with_max_scores:
+                    # The maximum is of the value whose exp2(value * exp_scale) is exp(score) (SoftmaxScaling).
+                    max_scores = row_max * jnp.float32(plan.scaling.exp_scale * _LN_2)
+                    max_buffers[0].at[buffer, wg][...] = jnp.where(has_any, max_scores, _NEG_INF)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
                 plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                if plan.with_max_scores:
+                    plgpu.copy_smem_to_gmem(max_buffers[0].at[buffer, wg], max_ref[0].at[b, h, pl.ds(q_base, BLOCK_M)])
                 return base + num_steps
 
             if plan.overlap:
@@ -720,7 +727,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
-            plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32),
+            *[plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32)] * (2 if plan.with_max_scores else 1),
         ),
         (
             plgpu.Barrier(num_barriers=stages),
@@ -735,8 +742,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
 
 def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int) -> int:
-    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles."""
-    return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + 4 * q_buffers * Q_TILE
+    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles and
+    the max_scores tiles (counted whether or not they are asked for, so that a configuration fits either way)."""
+    row_stats = 2 * 4 * q_buffers * Q_TILE
+    return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
 def _num_sms() -> int:
@@ -774,7 +783,8 @@ def flex_forward(
     config: Config,
     mask_block_size: tuple[int, int],
     scale: float,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """The forward kernel on plain arrays.
 
     Args:
@@ -787,10 +797,11 @@ def flex_forward(
       config: the key tile and pipeline depth.
       mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
       scale: multiplies q.k before score_mod.
+      with_max_scores: also return each query's maximum modified score.
 
     Returns:
       out [B, Hq, L, E] in the query's dtype, lse [B, Hq, L] float32 (natural log; -inf and out 0 where a query
-      attends nowhere).
+      attends nowhere), and with ``with_max_scores`` max_scores [B, Hq, L] float32 (-inf where it attends nowhere).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
@@ -849,6 +860,7 @@ def flex_forward(
         score_sites=score_sites,
         mask_sites=mask_sites,
         float_index_signs=float_index_signs,
+        with_max_scores=with_max_scores,
     )
     num_q_tiles = q_pad // Q_TILE
     inputs = [query, key, value, kv_num_blocks.astype(jnp.int32), kv_indices.astype(jnp.int32)]
@@ -859,11 +871,12 @@ def flex_forward(
     kernel = functools.partial(
         _kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles, num_programs=num_programs
     )
-    out, lse = plgpu.kernel(
+    row_stats = 2 if with_max_scores else 1  # lse, and max_scores when asked for
+    out, lse, *max_scores = plgpu.kernel(
         kernel,
         out_type=[
             jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_dim), query.dtype),
-            jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32),
+            *[jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32)] * row_stats,
         ],
         grid=(num_programs,),
         grid_names=("sm",),
@@ -873,5 +886,5 @@ def flex_forward(
         kernel_name="flex_attention_forward_mosaic",  # what profilers list it as
     )(*inputs)
     if q_pad != q_len:
-        out, lse = out[:, :, :q_len], lse[:, :, :q_len]
-    return out, lse
+        out, lse, *max_scores = (x[:, :, :q_len] for x in (out, lse, *max_scores))
+    return (out, lse, *max_scores)

@@ -76,8 +76,10 @@ def attention(
     scale: float,
     kernel_options: Mapping[str, Any] | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """flex attention: out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32, differentiable.
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
+    """flex attention: out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32, differentiable; with
+    ``with_max_scores`` also each query's maximum modified score [B, Hq, L] float32 (no gradient).
 
     Arguments as ``flexattn_jax.backends.reference.attention``, with the BlockMask given as its index arrays
     (``kv_num_blocks`` [Bm, Hm, QB], ``kv_indices`` [Bm, Hm, QB, KVB], the full pair or None, and the q-side
@@ -116,4 +118,5 @@ def attention(
         scale=scale,
         kernel_options=kernel_options,
         interpret=interpret,
+        with_max_scores=with_max_scores,
     )

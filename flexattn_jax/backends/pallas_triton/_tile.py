@@ -241,6 +241,14 @@ def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale
     return SoftmaxState(acc, row_max, row_sum)
 
 
+def softmax_max_scores(state: SoftmaxState, *, exp_scale: float = LOG2_E) -> jax.Array:
+    """The row maxima of the modified scores [BM] float32, in the score_mod's own units; -inf where nothing is
+    allowed. The state's maximum is of the value whose exp2(value * exp_scale) is exp(score), so the score is
+    value * exp_scale * ln 2."""
+    has_any = state.row_sum > 0
+    return jnp.where(has_any, state.row_max * jnp.float32(exp_scale * LN_2), jnp.float32(_NEG_INF))
+
+
 def softmax_finalize(state: SoftmaxState, *, exp_scale: float = LOG2_E) -> tuple[jax.Array, jax.Array]:
     """(out [BM, Ev] float32, lse [BM] float32 natural log); a row with nothing allowed gets 0 and -inf."""
     has_any = state.row_sum > 0

@@ -206,6 +206,7 @@ class _Plan:
     inline_ptx: bool  # _tile.exp2 and _tile.fma as inline PTX (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
+    with_max_scores: bool  # a third output: each row's maximum score
 
     def batch_group(self, bg):
         return _div(bg, self.head_groups), _rem(bg, self.head_groups)
@@ -234,7 +235,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
         full_num_ref, full_idx_ref, *refs = refs
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
-    o_ref, lse_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
+    o_ref, lse_ref, *max_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
 
     bg, split = pl.program_id(0), pl.program_id(1)
     b, hg = plan.batch_group(bg)
@@ -283,6 +284,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     out, lse = _tile.softmax_finalize(state)
     o_ref[...] = out
     lse_ref[...] = lse
+    if plan.with_max_scores:
+        max_ref[0][...] = _tile.softmax_max_scores(state)
 
 
 def _trace_mods(score_mod: Callable, mask_mod: Callable, rows: int, block_n: int):
@@ -331,7 +334,8 @@ def flex_decode(
     kernel_options: Mapping[str, Any] | None = None,
     interpret: bool = False,
     traced: tuple | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """The decode kernel and the merge of its shares (not differentiable; see ``attention``).
 
     Args:
@@ -340,9 +344,11 @@ def flex_decode(
       score_mod, mask_mod: the user's mods; kv_num_blocks ... full_kv_indices, block_size: the BlockMask (one query
         block); scale, kernel_options, interpret: as ``flex_attention``.
       traced: the mods already traced by ``_trace_mods`` (with their consts), or None to trace them here.
+      with_max_scores: also return each query's maximum modified score.
 
     Returns:
-      out [B, Hq, L, Ev] in the query's dtype, lse [B, Hq, L] float32.
+      out [B, Hq, L, Ev] in the query's dtype, lse [B, Hq, L] float32, and with ``with_max_scores`` max_scores
+      [B, Hq, L] float32 (-inf where a query attends nowhere).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_batch, kv_heads, kv_len, value_dim = key.shape[0], key.shape[1], key.shape[2], value.shape[3]
@@ -404,6 +410,7 @@ def flex_decode(
         inline_ptx=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
+        with_max_scores=with_max_scores,
     )
 
     # Queries packed into row tiles: [B, head groups, heads per tile * L, E], padded to `rows` and `head_pad`.
@@ -454,27 +461,30 @@ def flex_decode(
 
     kernel = functools.partial(_kernel, plan=plan, score_mod=score_program, mask_mod=mask_program)
     splits = config.num_splits
-    out, lse = pl.pallas_call(
+    row_stats = 2 if with_max_scores else 1  # lse, and max_scores when asked for
+    out, lse, *max_scores = pl.pallas_call(
         kernel,
         grid=(batch * head_groups, splits),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, rows, value_pad), out_map),
-            pl.BlockSpec((None, None, None, rows), lse_map),
+            *[pl.BlockSpec((None, None, None, rows), lse_map)] * row_stats,
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, head_groups, splits, rows, value_pad), jnp.float32),
-            jax.ShapeDtypeStruct((batch, head_groups, splits, rows), jnp.float32),
+            *[jax.ShapeDtypeStruct((batch, head_groups, splits, rows), jnp.float32)] * row_stats,
         ],
         compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="flex_attention_decode",
     )(*inputs)
     out, lse = _merge(out, lse)
+    # A share that saw nothing has maximum -inf, so the row's is the largest of its shares'.
+    max_scores = [jnp.max(m, axis=-2) for m in max_scores]
     real = hpt * q_len
     out = out[:, :, :real, :value_dim].reshape(batch, q_heads, q_len, value_dim).astype(query.dtype)
-    lse = lse[:, :, :real].reshape(batch, q_heads, q_len)
-    return out, lse
+    lse, *max_scores = (x[:, :, :real].reshape(batch, q_heads, q_len) for x in (lse, *max_scores))
+    return (out, lse, *max_scores)
 
 
 # ----------------------------------------------------------------------------------- differentiable wrapper
@@ -499,7 +509,8 @@ def attention(
     scale: float,
     kernel_options: Mapping[str, Any] | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """Differentiable decode attention: arguments and results as ``pallas_triton.vjp.attention``.
 
     The forward is ``flex_decode``; the backward runs ``backward.py``'s dK/dV and dQ kernels on its output and lse,
@@ -555,6 +566,7 @@ def attention(
             kernel_options=kernel_options,
             interpret=interpret,
             traced=((score_program, consts[0]), (mask_program, consts[1])),
+            with_max_scores=with_max_scores,
         )
 
     @jax.custom_vjp
@@ -569,13 +581,14 @@ def attention(
         q, k, v, consts, bwd_score_consts, bwd_mask_consts, kv_lists, q_lists = custom_vjp_primal_tree_values(
             (q, k, v, consts, bwd_score_consts, bwd_mask_consts, kv_lists, q_lists)
         )
-        out, lse = run_forward(q, k, v, consts, kv_lists)
-        residuals = (q, k, v, out, lse, bwd_score_consts, bwd_mask_consts, kv_lists, q_lists)
-        return (out, lse), (residuals, _vjp._Static(wanted), consts)
+        outputs = run_forward(q, k, v, consts, kv_lists)
+        residuals = (q, k, v, *outputs[:2], bwd_score_consts, bwd_mask_consts, kv_lists, q_lists)
+        return outputs, (residuals, _vjp._Static(wanted), consts)
 
     def attend_bwd(saved, cotangents):
         residuals, wanted, consts = saved
-        dq, dk, dv, score_grads = _vjp._backward(plan, programs, residuals, cotangents, wanted.value)
+        # max_scores, when returned, has no gradient: its cotangent is dropped.
+        dq, dk, dv, score_grads = _vjp._backward(plan, programs, residuals, cotangents[:2], wanted.value)
         none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
         _, _, _, _, _, _, bwd_mask_consts, kv_lists, q_lists = residuals
         return dq, dk, dv, none(consts), score_grads, none(bwd_mask_consts), none(kv_lists), none(q_lists)

@@ -64,6 +64,7 @@ class _Plan:
     inline_ptx: bool  # _tile.exp2 and _tile.fma as inline PTX (not in interpret mode)
     num_score_consts: int
     num_mask_consts: int
+    with_max_scores: bool  # a third output: each row's maximum modified score
 
     def batch_head(self, bh):
         return _div(bh, self.q_heads), _rem(bh, self.q_heads)
@@ -92,7 +93,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
         full_num_ref, full_idx_ref, *refs = refs
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
-    o_ref, lse_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
+    o_ref, lse_ref, *max_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
 
     i, bh = pl.program_id(0), pl.program_id(1)
     b, h = plan.batch_head(bh)
@@ -138,6 +139,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     out, lse = _tile.softmax_finalize(state, exp_scale=plan.scaling.exp_scale)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
+    if plan.with_max_scores:
+        max_ref[0][...] = _tile.softmax_max_scores(state, exp_scale=plan.scaling.exp_scale)
 
 
 def _whole(x) -> pl.BlockSpec:
@@ -161,7 +164,8 @@ def flex_forward(
     mask_block_size: tuple[int, int],
     scale: float,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """The forward kernel on plain arrays.
 
     Args:
@@ -174,10 +178,11 @@ def flex_forward(
       mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
       scale: multiplies q.k before score_mod.
       interpret: run in Pallas interpret mode (CPU).
+      with_max_scores: also return each query's maximum modified score.
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype, lse [B, Hq, L] float32 (natural log; -inf and out 0 where a query
-      attends nowhere).
+      attends nowhere), and with ``with_max_scores`` max_scores [B, Hq, L] float32 (-inf where it attends nowhere).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
@@ -223,6 +228,7 @@ def flex_forward(
         inline_ptx=not interpret,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
+        with_max_scores=with_max_scores,
     )
 
     def q_map(i, bh):
@@ -259,17 +265,18 @@ def flex_forward(
     inputs += consts
 
     kernel = functools.partial(_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod)
-    out, lse = pl.pallas_call(
+    row_stats = 2 if with_max_scores else 1  # lse, and max_scores when asked for
+    out, lse, *max_scores = pl.pallas_call(
         kernel,
         grid=(q_pad // block_m, batch * q_heads),
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, block_m, value_pad), q_map),
-            pl.BlockSpec((None, None, block_m), lse_map),
+            *[pl.BlockSpec((None, None, block_m), lse_map)] * row_stats,
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_pad), query.dtype),
-            jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32),
+            *[jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32)] * row_stats,
         ],
         compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
@@ -278,5 +285,5 @@ def flex_forward(
     if q_pad != q_len or value_pad != value_dim:
         out = out[:, :, :q_len, :value_dim]
     if q_pad != q_len:
-        lse = lse[:, :, :q_len]
-    return out, lse
+        lse, *max_scores = (x[:, :, :q_len] for x in (lse, *max_scores))
+    return (out, lse, *max_scores)

@@ -34,8 +34,10 @@ class ForwardKernel(Protocol):
 
     tile: tuple  # the tile its mods are traced for, as ``_captures.trace_for_tiles`` takes it
 
-    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists, score_program, mask_program):
-        """(out, lse) as ``flex_forward`` returns them; ``kv_lists`` a ``backward.BlockLists``."""
+    def __call__(self, q, k, v, score_consts, mask_consts, kv_lists, score_program, mask_program, *,
+                 with_max_scores: bool):
+        """(out, lse), and max_scores with ``with_max_scores``, as ``flex_forward`` returns them; ``kv_lists`` a
+        ``backward.BlockLists``."""
 
 
 class BackwardKernels(Protocol):
@@ -205,7 +207,8 @@ def attention(
     interpret: bool = False,
     forward: ForwardKernel | None = None,
     backward_kernels: BackwardKernels | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    with_max_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """Differentiable flex attention on the Pallas Triton kernels.
 
     Args:
@@ -223,10 +226,13 @@ def attention(
         kernels only need its (out, lse).
       backward_kernels: other backward kernels to run instead of the Triton ones when no gradient of a captured
         array is wanted (the Mosaic GPU kernels).
+      with_max_scores: also return each query's maximum modified score.
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype and lse [B, Hq, L] float32 (-inf where a query attends nowhere);
-      differentiable with respect to query, key, value and the floating arrays the score_mod closes over.
+      differentiable with respect to query, key, value and the floating arrays the score_mod closes over. With
+      ``with_max_scores`` also max_scores [B, Hq, L] float32 (-inf where a query attends nowhere), which carries no
+      gradient (its cotangent is dropped, as PyTorch FlexAttention marks it non-differentiable).
 
     Raises:
       ValueError/TypeError: bad ``kernel_options``, or tiles that cannot divide the BlockMask's blocks (raised
@@ -270,7 +276,8 @@ def attention(
 
     def run_forward(q, k, v, score_consts, mask_consts, kv_lists):
         if forward is not None:
-            return forward(q, k, v, score_consts, mask_consts, kv_lists, score_programs[0], mask_programs[0])
+            return forward(q, k, v, score_consts, mask_consts, kv_lists, score_programs[0], mask_programs[0],
+                           with_max_scores=with_max_scores)
         return flex_forward(
             q,
             k,
@@ -284,6 +291,7 @@ def attention(
             mask_block_size=block_size,
             scale=float(scale),
             interpret=interpret,
+            with_max_scores=with_max_scores,
         )
 
     @jax.custom_vjp
@@ -299,13 +307,14 @@ def attention(
         q, k, v, score_consts, mask_consts, kv_lists, q_lists = custom_vjp_primal_tree_values(
             (q, k, v, score_consts, mask_consts, kv_lists, q_lists)
         )
-        out, lse = run_forward(q, k, v, score_consts, mask_consts, kv_lists)
-        residuals = (q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists, _Static(wanted))
-        return (out, lse), residuals
+        outputs = run_forward(q, k, v, score_consts, mask_consts, kv_lists)
+        residuals = (q, k, v, *outputs[:2], score_consts, mask_consts, kv_lists, q_lists, _Static(wanted))
+        return outputs, residuals
 
     def attend_bwd(residuals, cotangents):
         *arrays, wanted = residuals
-        dq, dk, dv, score_grads = _backward(plan, programs, arrays, cotangents, wanted.value, backward_kernels)
+        # max_scores, when returned, has no gradient: its cotangent is dropped.
+        dq, dk, dv, score_grads = _backward(plan, programs, arrays, cotangents[:2], wanted.value, backward_kernels)
         no_gradient = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
         _, _, _, _, _, _, mask_consts, kv_lists, q_lists = arrays
         return dq, dk, dv, score_grads, no_gradient(mask_consts), no_gradient(kv_lists), no_gradient(q_lists)
