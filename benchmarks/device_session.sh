@@ -26,6 +26,9 @@
 #   bash benchmarks/device_session.sh indices36 NOTES.md section 36: the forward's float index tiles: their gpu tests,
 #                                             sweeps at three shapes, ptxas
 #   bash benchmarks/device_session.sh alibi36 the same beside the anchors: D=64 four masks, ALiBi at both D=128 shapes
+#   bash benchmarks/device_session.sh aux     return_aux's max_scores on the GPU: the Mosaic and Triton forwards' gpu tests
+#                                             (with the forward variants and fully masked rows, which no GPU has run
+#                                             on the tree since section 36's second call)
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -300,6 +303,15 @@ case "${1:-}" in
       --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 250 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -14
     timeout 200 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128 --cases alibi \
       --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 150 --out "$OUT/runalibi" 2>&1 | grep -v Warning | tail -8
+    ;;
+  aux)
+    # The forward kernels' max_scores output (a third output only when asked for), against the reference: the
+    # Mosaic forward's, then the Triton forward's and decode kernel's (their gpu tests compare every output).
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "max_scores or forward_variants or fully_masked" >"$OUT/gpu_tests.txt" 2>&1
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_triton_forward.py tests/test_decode.py -n 8 \
+      -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -52,6 +52,35 @@ def noop_mask(b, h, q_idx, kv_idx):
     return jnp.ones_like(q_idx, dtype=jnp.bool_)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SelectedMaskMod:
+    """The mask_mod of a BlockMask whose batches or heads ``BlockMask.__getitem__`` selected.
+
+    Kernels call a mask_mod with the selection's own b and h (0 for its first batch), but the mask_mod was written
+    for the original ones (a document mask reads ``ids[b, q_idx]``): this maps them back, ``start + i * step`` on
+    each axis, ``start`` alone on an axis of one entry (which broadcasts). Hashable by its fields, so that two
+    masks selected alike are one static value to ``jit``.
+    """
+
+    mask_mod: MaskMod
+    batch: tuple[int, int, int]  # (start, step, size) of the selection; (0, 1, n) when the axis was kept whole
+    head: tuple[int, int, int]
+
+    @property
+    def __name__(self) -> str:
+        return getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.mask_mod(_original_index(b, self.batch), _original_index(h, self.head), q_idx, kv_idx)
+
+
+def _original_index(i, selection: tuple[int, int, int]):
+    start, step, size = selection
+    if size == 1:
+        return jnp.zeros_like(i) + start
+    return i * step + start if (start, step) != (0, 1) else i
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -288,7 +317,11 @@ class BlockMask:
     # ------------------------------------------------------------------------------------------------- slicing
 
     def __getitem__(self, index) -> "BlockMask":
-        """Selects batches and heads: ``bm[b]``, ``bm[b, h]``, ``bm[:, 2:4]``. Integers keep their axis (size 1)."""
+        """Selects batches and heads: ``bm[b]``, ``bm[b, h]``, ``bm[:, 2:4]``. Integers keep their axis (size 1).
+
+        The selection's mask_mod sees the original batch and head indices (``_SelectedMaskMod``): ``bm[1]`` applied
+        to a batch of one evaluates ``mask_mod(1, h, q_idx, kv_idx)``, as the rows it keeps were built with.
+        (PyTorch's BlockMask replaces a sliced mask's mask_mod by one that raises instead.)"""
         if not isinstance(index, tuple):
             index = (index,)
         if len(index) > 2:
@@ -305,12 +338,19 @@ class BlockMask:
                 raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__}")
             keep_dims.append(i)
         index = tuple(keep_dims)
+        # (start, step, size) of each axis's selection; (0, 1, n), the whole axis, needs no remapping.
+        ranges = [range(*i.indices(n)) for i, n in zip(index + (slice(None),) * (2 - len(index)), sizes)]
+        selections = [(r.start, r.step, len(r)) for r in ranges]
+        mask_mod = self.mask_mod
+        if any(selection != (0, 1, n) for selection, n in zip(selections, sizes)):
+            mask_mod = _SelectedMaskMod(mask_mod, *selections)
 
         def take(x):
             return None if x is None else x[index]
 
         return dataclasses.replace(
             self,
+            mask_mod=mask_mod,
             kv_num_blocks=take(self.kv_num_blocks),
             kv_indices=take(self.kv_indices),
             full_kv_num_blocks=take(self.full_kv_num_blocks),

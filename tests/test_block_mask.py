@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flexattn_jax as fa
+from tests._helpers import assert_close
 
 
 @st.composite
@@ -163,6 +164,60 @@ def test_getitem_selects_batch_and_heads_keeping_rank():
         bm[5]
     with pytest.raises(IndexError):
         bm[0, 0, 0]
+
+
+def _per_batch_documents_and_per_head_windows(B, H, L, seed):
+    ids = jnp.sort(jax.random.randint(jax.random.key(seed), (B, L), 0, 3), axis=-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (ids[b, q_idx] == ids[b, kv_idx]) & (q_idx - kv_idx <= 8 * (h + 1))
+
+    return mask_mod
+
+
+@pytest.mark.parametrize("index", [1, (2, 3), (slice(None, None, -1), slice(1, 4, 2)), (slice(1, 3), -1)],
+                         ids=["b", "b,h", "reversed,stepped", "slice,last"])
+def test_a_selection_evaluates_its_mask_mod_at_the_original_batches_and_heads(index):
+    """A mask_mod reading b or h (per-batch document ids, per-head windows) sees the batch and head it was built
+    for, not the selection's own numbering."""
+    B, H, L = 3, 4, 64
+    bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(B, H, L, 0), B, H, L, L, BLOCK_SIZE=16)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 16)) for i in range(3))
+    whole = fa.flex_attention(q, k, v, block_mask=bm)
+    index = index if isinstance(index, tuple) else (index,)
+    rows = tuple(slice(i, i + 1 if i != -1 else None) if isinstance(i, int) else i for i in index)
+    select = lambda x: x[rows[0]][:, rows[1]] if len(rows) == 2 else x[rows[0]]  # noqa: E731
+    for implementation, interpret in (("reference", False), ("pallas_triton", True)):
+        got = fa.flex_attention(select(q), select(k), select(v), block_mask=bm[index],
+                                implementation=implementation, interpret=interpret)
+        assert_close(got, select(whole), jnp.float32, implementation)
+
+
+def test_a_selection_of_one_batch_broadcasts_its_mask():
+    B, H, L = 2, 2, 64
+    mask_mod = _per_batch_documents_and_per_head_windows(B, H, L, 1)
+    bm = fa.create_block_mask(mask_mod, B, H, L, L, BLOCK_SIZE=16)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 16)) for i in range(3))
+    second_for_both = fa.create_block_mask(lambda b, h, q_idx, kv_idx: mask_mod(1, h, q_idx, kv_idx), None, H, L, L,
+                                           BLOCK_SIZE=16)
+    expected = fa.flex_attention(q, k, v, block_mask=second_for_both)
+    assert_close(fa.flex_attention(q, k, v, block_mask=bm[1]), expected, jnp.float32)
+
+
+def test_selections_alike_do_not_retrace_jit():
+    bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(2, 2, 64, 2), 2, 2, 64, 64, BLOCK_SIZE=16)
+    traces = []
+
+    @jax.jit
+    def attend(q, block_mask):
+        traces.append(None)
+        return fa.flex_attention(q, q, q, block_mask=block_mask)
+
+    q = jax.random.normal(jax.random.key(0), (1, 2, 64, 16))
+    attend(q, bm[1])
+    attend(q, bm[1])
+    assert len(traces) == 1
+    assert bm[:, :].mask_mod is bm.mask_mod  # the whole mask: nothing to remap
 
 
 def test_create_block_mask_under_jit():
