@@ -122,6 +122,26 @@ def test_captured_array_gradients(which):
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "dk", "dv", "d_table", "d_slopes"))
 
 
+def test_a_captured_value_broadcast_to_the_tile():
+    """``jnp.full_like(score, fill)`` of a learned 0-d array, with a different tile in each kernel: the broadcast
+    stays in the kernels (hoisted, it would be one tile's shape), and fill's gradient flows."""
+    s = SIZES
+    q, k, v = random_qkv(8, **s)
+    d_out = _cotangent(9, (s["B"], s["Hq"], s["L"], s["Ev"]))
+    tiles = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=32)
+
+    def loss(implementation, q, fill):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return jnp.where(kv_idx <= q_idx + 3, score, jnp.full_like(score, fill))
+
+        return jnp.sum(_attention(implementation, q, k, v, score_mod, kernel_options=tiles) * d_out)
+
+    fill = jnp.float32(-0.7)
+    grads = _grads("pallas_triton", loss, (0, 1), q, fill)
+    ref_grads = _grads("reference", loss, (0, 1), q, fill)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "d_fill"))
+
+
 def _kernel_output_counts(jaxpr) -> dict[str, int]:
     """{kernel name: number of outputs} of the pallas_calls in a jaxpr (nested jaxprs included)."""
     counts = {}

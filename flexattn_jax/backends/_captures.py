@@ -637,12 +637,16 @@ def trace_mod(fn: Callable, arg_avals: Sequence[jax.ShapeDtypeStruct], *, name: 
     jaxpr = closed.jaxpr
     label = f"{name} {getattr(fn, '__name__', repr(fn))!r}"
 
-    # Hoist: evaluate, here, the equations whose inputs derive from captured arrays alone.
+    # Hoist: evaluate, here, the equations whose inputs derive from captured arrays alone. Not a broadcast to the
+    # shape of an argument (``jnp.full_like(score, c)``): its result would depend on the tile, which differs from
+    # kernel to kernel, and the kernel broadcasts in registers for free.
+    tile_shapes = {tuple(a.shape) for a in arg_avals if len(a.shape)}
     known: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts))
     kept = []
     for eqn in jaxpr.eqns:
         var_inputs = [v for v in eqn.invars if not isinstance(v, jex_core.Literal)]
-        if var_inputs and all(v in known for v in var_inputs) and not eqn.effects:
+        to_tile = eqn.primitive.name == "broadcast_in_dim" and tuple(eqn.params["shape"]) in tile_shapes
+        if var_inputs and all(v in known for v in var_inputs) and not eqn.effects and not to_tile:
             args = [v.val if isinstance(v, jex_core.Literal) else known[v] for v in eqn.invars]
             outs = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
             for v, x in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
@@ -752,8 +756,13 @@ def trace_for_tiles(mod: Callable, tiles: Sequence[tuple], *, score: bool):
         program, these = trace(mod, block_m, block_n, *layout)
         if consts is None:
             consts = these
-        # Same structure for every tile shape; a mod whose captured work depended on it would be caught here.
-        assert program.const_avals == programs[0].const_avals if programs else True, (program.name, tiles)
+        if programs and program.const_avals != programs[0].const_avals:
+            raise ValueError(
+                f"{program.name} computes, from the arrays it closes over alone, values whose shapes depend on the "
+                f"tile ({[list(a.shape) for a in programs[0].const_avals]} for one kernel's tile, "
+                f"{[list(a.shape) for a in program.const_avals]} for another's); derive such values from the score "
+                "or the indices inside the mod"
+            )
         programs.append(program)
     return tuple(programs), consts
 
