@@ -187,6 +187,58 @@ def test_derivative_is_the_scores_gradient(case):
     np.testing.assert_allclose(derivative, want, rtol=1e-5, atol=1e-6)
 
 
+@jax.custom_jvp
+def _halved_gradient(x):
+    return x
+
+
+_halved_gradient.defjvp(lambda primals, tangents: (primals[0], tangents[0] * 0.5))
+
+
+@jax.custom_vjp
+def _straight_through_clip(x):
+    return jnp.clip(x, -0.5, 0.5)
+
+
+_straight_through_clip.defvjp(lambda x: (jnp.clip(x, -0.5, 0.5), None), lambda _, g: (g,))
+
+
+def test_custom_derivative_rules_are_kept_where_the_mod_is_differentiated():
+    """A jax.custom_jvp or custom_vjp function in a score_mod: its rule gives the gradient (vjp; derivative for a
+    custom_jvp), not the derivative of its primal body (1 and 0 / 1 here); the value is the body's."""
+    bias = jnp.linspace(-1.0, 1.0, BN, dtype=jnp.float32)
+    s, b, h, q_idx, kv_idx = _tile_args(seed=4)
+    cases = {
+        "custom_jvp": (lambda score, b, h, q, kv: _halved_gradient(score) + bias[kv], 0.5),
+        "custom_vjp": (lambda score, b, h, q, kv: _straight_through_clip(score + bias[kv]), 1.0),
+    }
+    for name, (score_mod, slope) in cases.items():
+        program, consts = _captures.trace_score_mod(score_mod, BM, BN)
+        out, pullback = program.vjp(consts, s, b, h, q_idx, kv_idx)
+        np.testing.assert_allclose(out, score_mod(s, b, h, q_idx, kv_idx), rtol=1e-6)
+        d_out = jax.random.normal(jax.random.key(5), s.shape)
+        np.testing.assert_allclose(pullback(d_out, [None] * len(consts)), slope * d_out, rtol=1e-6, err_msg=name)
+    program, consts = _captures.trace_score_mod(cases["custom_jvp"][0], BM, BN)
+    np.testing.assert_allclose(program.derivative(consts, s, b, h, q_idx, kv_idx)[1], 0.5)
+    program, _ = _captures.trace_score_mod(cases["custom_vjp"][0], BM, BN)
+    assert program.calls("custom_vjp_call") and not program.calls("custom_jvp_call")
+
+
+def test_a_captured_array_passed_into_a_custom_rule_is_refused_where_differentiated():
+    table = jnp.linspace(0.0, 1.0, BN, dtype=jnp.float32)
+
+    @jax.custom_jvp
+    def add_row(score, table, kv_idx):
+        return score + table[kv_idx]
+
+    add_row.defjvp(lambda primals, tangents: (add_row(*primals), tangents[0]))
+    program, consts = _captures.trace_score_mod(lambda score, b, h, q, kv: add_row(score, table, kv), BM, BN)
+    s, b, h, q_idx, kv_idx = _tile_args(seed=6)
+    program(consts, s, b, h, q_idx, kv_idx)  # evaluating it inlines the call: the read becomes a load
+    with pytest.raises(ValueError, match=r"passes an array it closes over into a function with a custom derivative"):
+        program.vjp(consts, s, b, h, q_idx, kv_idx)
+
+
 def test_differentiable_marks_floating_consts():
     mask_mod = fa.document_mask(jnp.zeros((L,), jnp.int32))
     assert _captures.trace_mask_mod(mask_mod, BM, BN)[0].differentiable == (False,)

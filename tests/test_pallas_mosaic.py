@@ -121,6 +121,23 @@ def test_max_scores_are_a_third_output_only_when_asked_for(head_dim):
     assert results(_lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0))) == 2
 
 
+def test_a_custom_vjp_rule_in_the_score_mod_takes_the_triton_backward():
+    """The Mosaic backward takes the score_mod's derivative in forward mode, which a jax.custom_vjp refuses; a
+    jax.custom_jvp rule it applies."""
+    from tests.test_captures import _halved_gradient, _straight_through_clip
+
+    q = jax.ShapeDtypeStruct((1, 2, 256, 64), jnp.bfloat16)
+
+    def reason(score_mod):
+        return pallas_mosaic.unsupported_backward_reason(
+            q, score_mod=score_mod, mask_mod=fa.noop_mask, block_size=(128, 128), num_blocks=(2, 2),
+            kernel_options=None,
+        )
+
+    assert "custom_vjp" in reason(lambda score, b, h, q_idx, kv_idx: _straight_through_clip(score))
+    assert reason(lambda score, b, h, q_idx, kv_idx: _halved_gradient(score)) is None
+
+
 @pytest.mark.parametrize("name", sorted(_GATHERING))
 def test_gathering_mods_are_refused_with_the_reason(name):
     case = next(c for c in MOD_CASES if c.name == name)

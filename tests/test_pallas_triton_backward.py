@@ -142,6 +142,19 @@ def test_a_captured_value_broadcast_to_the_tile():
     _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "d_fill"))
 
 
+def test_custom_derivative_rules_in_a_score_mod():
+    """The gradient through a jax.custom_jvp / custom_vjp function in the score_mod follows its rule, as the
+    reference's autodiff does, not the derivative of its body."""
+    from tests.test_captures import _halved_gradient, _straight_through_clip
+
+    s = SIZES
+    q, k, v = random_qkv(10, **s)
+    d_out = _cotangent(11, (s["B"], s["Hq"], s["L"], s["Ev"]))
+    for score_mod in (lambda score, b, h, q_idx, kv_idx: _halved_gradient(score) + 0.1 * jax.nn.relu(score),
+                      lambda score, b, h, q_idx, kv_idx: _straight_through_clip(score)):
+        _assert_qkv_grads_match(q, k, v, score_mod, None, d_out)
+
+
 def _kernel_output_counts(jaxpr) -> dict[str, int]:
     """{kernel name: number of outputs} of the pallas_calls in a jaxpr (nested jaxprs included)."""
     counts = {}

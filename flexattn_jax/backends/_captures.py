@@ -26,7 +26,8 @@ What a mod may do inside a kernel:
 
 * any elementwise ``jnp``/``lax`` arithmetic, comparisons, ``where``, casts, broadcasting of the index tiles;
   ``jax.nn`` functions and ``jnp.clip`` (calls of ``jit``-ed, ``custom_jvp``, ``custom_vjp`` or ``checkpoint``-ed
-  functions are inlined);
+  functions are inlined; where the mod is differentiated, a ``custom_jvp`` or ``custom_vjp`` call is bound whole,
+  so that its rule gives the gradient: pass it the values read from a captured array, not the array);
 * index captured arrays with the indices, in any combination, in one indexing expression each: ``ids[q_idx]``,
   ``ids[b, kv_idx]``, ``table[h, clip(q_idx - kv_idx, ...)]``, ``slopes[h]``, ``mask[b, h, q_idx, kv_idx]``,
   ``jnp.take``; negative indices wrap as in NumPy and out-of-range ones are clamped (``mode="fill"`` reads give the
@@ -76,6 +77,9 @@ _INLINED_CALLS = {
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
 }
+# Calls carrying a user's derivative rule (jax.custom_jvp, jax.custom_vjp): inlined to evaluate, bound whole where
+# the mod is differentiated, so that the rule, not the derivative of the primal body, applies.
+_CUSTOM_RULE_CALLS = ("custom_jvp_call", "custom_vjp_call")
 # Primitives that read a const through integer indices and become ref loads.
 _READS = ("gather", "dynamic_slice")
 
@@ -145,9 +149,19 @@ class ModProgram:
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
-    def _interpreter(self, const_refs, load, fma=None, float_indices=None):
+    def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False):
         index_vars = tuple(self.jaxpr.invars[-2:]) if self.exact_indices else ()
-        return _Interpreter(const_refs, load, index_vars, fma, float_indices)
+        return _Interpreter(const_refs, load, index_vars, fma, float_indices,
+                            custom_rules_of=self.name if differentiated else None)
+
+    def calls(self, primitive_name: str) -> bool:
+        """Whether the program, or a call inlined in it, binds ``primitive_name`` (``"custom_vjp_call"``)."""
+
+        def found(jaxpr) -> bool:
+            return any(eqn.primitive.name == primitive_name or any(found(inner) for inner in _sub_jaxprs(eqn))
+                       or (_body(eqn) is not None and found(_body(eqn)[0])) for eqn in jaxpr.eqns)
+
+        return found(self.jaxpr)
 
     def float_index_uses(self) -> frozenset[tuple[int, int]]:
         """The (q_sign, kv_sign) of each float32 conversion of an index expression at the program's top level that
@@ -213,7 +227,8 @@ class ModProgram:
 
         def with_reads(first, values):
             substitute = _Substitute(self.differentiable, sites, values)
-            return self._interpreter(const_refs, substitute.load)(self.jaxpr, (first, *args[1:]))
+            interpreter = self._interpreter(const_refs, substitute.load, differentiated=True)
+            return interpreter(self.jaxpr, (first, *args[1:]))
 
         differentiable_sites = [site for site in sites if self.differentiable[site.const]]
         out, vjp_fn = jax.vjp(with_reads, args[0], [site.value for site in differentiable_sites])
@@ -239,7 +254,7 @@ class ModProgram:
         No gradient reaches the consts. ``ones``: the tangent, where a kernel needs it built in its own layout
         (default ``ones_like(args[0])``); ``load`` as for ``__call__``.
         """
-        interpreter = self._interpreter(const_refs, load or _plain_load)
+        interpreter = self._interpreter(const_refs, load or _plain_load, differentiated=True)
         tangent = jnp.ones_like(args[0]) if ones is None else ones
         return jax.jvp(lambda first: interpreter(self.jaxpr, (first, *args[1:])), (args[0],), (tangent,))
 
@@ -321,6 +336,7 @@ class _Interpreter:
         index_vars: tuple = (),
         fma: Callable | None = None,
         float_indices: Callable | None = None,
+        custom_rules_of: str | None = None,
     ):
         self.const_refs = const_refs
         self.load = load
@@ -328,6 +344,8 @@ class _Interpreter:
         self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
         self.float_indices = float_indices  # (q_sign, kv_sign) -> float32 tile (ModProgram.__call__)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
+        # The mod's name where it is differentiated: custom derivative rules are kept (_CUSTOM_RULE_CALLS).
+        self.custom_rules_of = custom_rules_of
 
     def __call__(self, jaxpr, args):
         assert len(self.const_refs) <= len(jaxpr.invars)
@@ -390,6 +408,16 @@ class _Interpreter:
                     return [self.gather(eqn, operand, read_raw, producers)]
                 return [self.dynamic_slice(eqn, operand, read_raw)]
         body = _body(eqn)
+        if body is not None and self.custom_rules_of is not None and name in _CUSTOM_RULE_CALLS:
+            args = [read_raw(v) for v in eqn.invars]
+            if any(isinstance(x, _ConstRef) for x in args):
+                raise ValueError(
+                    f"{self.custom_rules_of} passes an array it closes over into a function with a custom derivative "
+                    f"({name}); inside a kernel that array is read through its indices, and the rule cannot see "
+                    "it: pass the values read (table[h]), not the array, into the function"
+                )
+            # Bound whole, so that JAX's autodiff applies the user's rule, not the derivative of the body.
+            return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
         if body is not None:
             jaxpr, consts = body
             args = [read_raw(v) for v in eqn.invars]

@@ -225,6 +225,9 @@ def unsupported_backward_reason(
         reason = _forward.unsupported_mod_reason(program, _backward.TILE)
         if reason is not None:
             return reason
+        if is_score and program.calls("custom_vjp_call"):
+            # The Mosaic kernels take the score_mod's derivative in forward mode, which a custom_vjp rule refuses.
+            return f"{program.name} calls a jax.custom_vjp function, whose rule the pallas_mosaic backward cannot apply"
     return None
 
 
