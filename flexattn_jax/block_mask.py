@@ -407,16 +407,48 @@ def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
 def _closes_over_traced_values(mask_mod: MaskMod) -> bool:
     """Whether mask_mod reads a value being traced (an argument of an enclosing ``jit``, or an array computed from
     one), so that its BlockMask differs from call to call."""
-    i32 = jax.ShapeDtypeStruct((), jnp.int32)
-    return any(isinstance(c, jax.core.Tracer) for c in jax.make_jaxpr(mask_mod)(i32, i32, i32, i32).consts)
+    return any(isinstance(c, jax.core.Tracer) for c in _MaskProgram.trace(mask_mod)[1])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
-def _block_maps_from_mask_mod(mask_mod, B, H, q_len, kv_len, q_block, kv_block):
-    """Evaluates mask_mod block row by block row; returns (any, all) maps [B, H, QB, KVB].
+class _MaskProgram:
+    """A mask_mod as it reads now: its jaxpr for scalar indices, equal to another with the same text.
 
-    Compiled once per (mask_mod, sizes): calling create_block_mask again with the same mask_mod reuses it.
+    ``create_block_mask`` compiles its block-map evaluation once per program and passes the arrays the mask_mod
+    reads as arguments: a mask_mod reading a global that has since been rebound (``doc_ids = batch_ids`` between
+    calls) gets its new block maps, a new array of the same shape costs no compilation, and any callable serves,
+    hashable or not.
     """
+
+    def __init__(self, jaxpr):
+        self.jaxpr = jaxpr
+        self.text = str(jaxpr)
+
+    @classmethod
+    def trace(cls, mask_mod: MaskMod) -> tuple["_MaskProgram", list]:
+        """(program, the arrays it reads)."""
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        # Through a new function: make_jaxpr keeps the trace of a function it has seen, with the arrays it read then.
+        closed = jax.make_jaxpr(lambda *indices: mask_mod(*indices))(i32, i32, i32, i32)
+        return cls(closed.jaxpr), list(closed.consts)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _MaskProgram) and self.text == other.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6, 7))
+def _block_maps_from_mask_program(program: _MaskProgram, consts, B, H, q_len, kv_len, q_block, kv_block):
+    """Evaluates the mask block row by block row; returns (any, all) maps [B, H, QB, KVB].
+
+    Compiled once per (program, sizes); ``consts`` are the arrays the mask_mod reads.
+    """
+    evaluate = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(program.jaxpr, consts))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return evaluate(b, h, q_idx, kv_idx)[0]
+
     num_q_blocks, num_kv_blocks = _cdiv(q_len, q_block), _cdiv(kv_len, kv_block)
     padded_kv = num_kv_blocks * kv_block
     kv_idx = jnp.arange(padded_kv, dtype=jnp.int32)
@@ -485,11 +517,12 @@ def create_block_mask(
             raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
     check_mask_mod(mask_mod)
+    program, consts = _MaskProgram.trace(mask_mod)
     # The same mask on every call unless mask_mod reads a traced value: then built once, while tracing.
-    building = contextlib.nullcontext() if _closes_over_traced_values(mask_mod) else jax.ensure_compile_time_eval()
-    with building:
-        any_map, all_map = _block_maps_from_mask_mod(
-            mask_mod, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block
+    traced = any(isinstance(c, jax.core.Tracer) for c in consts)
+    with contextlib.nullcontext() if traced else jax.ensure_compile_time_eval():
+        any_map, all_map = _block_maps_from_mask_program(
+            program, consts, int(B), int(H), int(Q_LEN), int(KV_LEN), q_block, kv_block
         )
         return BlockMask.from_block_maps(
             any_map & ~all_map, all_map, (q_block, kv_block), mask_mod, (int(Q_LEN), int(KV_LEN))

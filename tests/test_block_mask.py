@@ -1,5 +1,7 @@
 """BlockMask invariants (property tests), constructors, conversions and methods."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +220,49 @@ def test_selections_alike_do_not_retrace_jit():
     attend(q, bm[1])
     assert len(traces) == 1
     assert bm[:, :].mask_mod is bm.mask_mod  # the whole mask: nothing to remap
+
+
+_DOCUMENT_IDS = jnp.repeat(jnp.arange(4), 16)  # rebound by the test below, as a training loop would per batch
+
+
+def _documents_of_the_global_ids(b, h, q_idx, kv_idx):
+    return _DOCUMENT_IDS[q_idx] == _DOCUMENT_IDS[kv_idx]
+
+
+def test_a_mask_mod_reading_a_rebound_global_sees_its_new_value():
+    """As PyTorch evaluates mask_mod at every call: block maps and kernels follow the global the mask_mod reads,
+    and a new array of the same shape compiles nothing new."""
+    from flexattn_jax.block_mask import _block_maps_from_mask_program
+
+    global _DOCUMENT_IDS
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 2, 64, 16)) for i in range(3))
+    first = fa.create_block_mask(_documents_of_the_global_ids, None, None, 64, 64, BLOCK_SIZE=16)
+    assert first.to_dense()[0, 0].tolist() == np.eye(4, dtype=int).tolist()
+    compiled = _block_maps_from_mask_program._cache_size()
+    saved, _DOCUMENT_IDS = _DOCUMENT_IDS, jnp.zeros(64, jnp.int32)  # one document: every block full
+    try:
+        second = fa.create_block_mask(_documents_of_the_global_ids, None, None, 64, 64, BLOCK_SIZE=16)
+        assert np.all(np.asarray(second.to_dense()) == 1)
+        assert _block_maps_from_mask_program._cache_size() == compiled
+        everywhere = fa.flex_attention(q, k, v)
+        for implementation, interpret in (("reference", False), ("pallas_triton", True)):
+            got = fa.flex_attention(q, k, v, block_mask=second, implementation=implementation, interpret=interpret)
+            assert_close(got, everywhere, jnp.float32, implementation)
+    finally:
+        _DOCUMENT_IDS = saved
+
+
+def test_any_callable_serves_as_mask_mod():
+    @dataclasses.dataclass
+    class Window:  # unhashable: a dataclass with eq and no frozen
+        size: int
+
+        def __call__(self, b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < self.size)
+
+    bm = fa.create_block_mask(Window(16), None, None, 64, 64, BLOCK_SIZE=16)
+    assert bm.to_dense()[0, 0].tolist() == fa.create_block_mask(fa.sliding_window_mask(16), None, None, 64, 64,
+                                                                 BLOCK_SIZE=16).to_dense()[0, 0].tolist()
 
 
 def test_create_block_mask_under_jit():

@@ -661,7 +661,9 @@ def trace_mod(fn: Callable, arg_avals: Sequence[jax.ShapeDtypeStruct], *, name: 
     Raises:
       ValueError: the mod does something that cannot run inside a kernel (see the module docstring).
     """
-    closed = jax.make_jaxpr(fn)(*arg_avals)
+    # Through a new function: make_jaxpr keeps the trace of a function it has seen, with the arrays it read then
+    # (a global rebound since, ``doc_ids = batch_ids``, would be missed).
+    closed = jax.make_jaxpr(lambda *args: fn(*args))(*arg_avals)
     jaxpr = closed.jaxpr
     label = f"{name} {getattr(fn, '__name__', repr(fn))!r}"
 
