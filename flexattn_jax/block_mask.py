@@ -310,7 +310,9 @@ class BlockMask:
         return (partial | full).astype(jnp.int32)
 
     def sparsity(self) -> float:
-        """Percentage of blocks skipped, as PyTorch computes it: 100 * (1 - visited blocks / all blocks)."""
+        """Percentage of blocks skipped: 100 * (1 - visited blocks / all blocks). PyTorch's BlockMask counts
+        positions instead (visited blocks' area over Q_LEN x KV_LEN), which is the same where the lengths are
+        multiples of the block size, and can fall below 0 where they are not."""
         dense = np.asarray(self.to_dense())
         return float(100.0 * (1.0 - dense.sum() / dense.size))
 

@@ -190,9 +190,12 @@ def rel_causal(score, b, h, q_idx, kv_idx):
 
 
 def generate_alibi_bias(num_heads: int) -> Callable:
-    """ALiBi with the standard slopes: score + slope_h * (kv_idx - q_idx), slope_h = 2^(-8 (h + 1) / num_heads).
+    """ALiBi: score + slope_h * (kv_idx - q_idx), slope_h = 2^(-8 (h + 1) / num_heads), as PyTorch's flex-attention
+    module and attention-gym define it.
 
-    The slopes are computed from h, so nothing is captured. See Press et al., "Train Short, Test Long" (2022).
+    The slopes are computed from h, so nothing is captured. For a power-of-two num_heads they are those of Press et
+    al., "Train Short, Test Long" (2022); for other head counts the paper interleaves two geometric sequences
+    instead: give such slopes to ``alibi_bias``.
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
@@ -206,7 +209,8 @@ def generate_alibi_bias(num_heads: int) -> Callable:
 
 
 def alibi_slopes(num_heads: int) -> jax.Array:
-    """The standard ALiBi slopes as a float32 array [num_heads]: 2^(-8 (h + 1) / num_heads)."""
+    """``generate_alibi_bias``'s slopes as a float32 array [num_heads]: 2^(-8 (h + 1) / num_heads) (the paper's
+    for a power-of-two num_heads)."""
     return jnp.exp2(-(jnp.arange(num_heads, dtype=jnp.float32) + 1.0) * (8.0 / num_heads))
 
 
