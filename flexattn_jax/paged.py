@@ -37,10 +37,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from flexattn_jax import _validation
 from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
 from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, noop_mask
 from flexattn_jax.mods import identity
+from flexattn_jax.nn._common import mask_axes
 
 __all__ = ["PagedKVCache"]
 
@@ -354,6 +356,8 @@ class PagedKVCache:
           ``(out, AuxOutput)`` holding the requested lse and max_scores [B, Hq, L].
         """
         check_return_aux(return_aux, return_lse)
+        if jnp.ndim(query) != 4:
+            raise ValueError(f"query must have rank 4, [B, Hq, L, E], got shape {jnp.shape(query)}")
         batch, q_heads, q_len, head_dim = query.shape
         if batch != self.batch_size or q_heads % self.key_pool.shape[0] or head_dim != self.key_pool.shape[2]:
             raise ValueError(
@@ -365,6 +369,10 @@ class PagedKVCache:
             block_mask = BlockMask.from_block_maps(
                 ~one, one, BLOCK_SIZE=(max(q_len, 1), self.page_size), seq_lengths=(q_len, self.max_length)
             )
+        else:
+            # As flex_attention checks it on the gather path: the decode kernel would read a mismatched mask silently.
+            keys = jax.ShapeDtypeStruct((batch, self.key_pool.shape[0], self.max_length, head_dim), query.dtype)
+            _validation.check_block_mask(block_mask, query, keys)
         if self._use_decode_kernel(query, block_mask, implementation, interpret, kernel_options):
             physical = self.convert_logical_block_mask(block_mask)
             with_max_scores = return_aux is not None and return_aux.max_scores
@@ -439,10 +447,12 @@ class PagedKVCache:
 
         score_at_absolute_position.__name__ = f"offset_{getattr(user_score, '__name__', 'score_mod')}"
         mask_at_absolute_position.__name__ = f"offset_{getattr(user_mask, '__name__', 'mask_mod')}"
+        # A mask_mod reading h gets a block map per head, named in mask_varies or not (as the layers' own masks).
+        per_head = "head" in set(config.mask_varies) | mask_axes(user_mask)
         block_mask = create_block_mask(
             mask_at_absolute_position,
             batch,
-            config.num_heads if "head" in config.mask_varies else None,
+            config.num_heads if per_head else None,
             q_len,
             self.max_length,
             BLOCK_SIZE=(DEFAULT_BLOCK_SIZE, self.page_size),

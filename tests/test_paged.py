@@ -217,6 +217,39 @@ def test_nnx_layer_decodes_with_the_paged_cache(implementation):
     assert_close(jnp.concatenate(outputs, axis=1), full, jnp.float32)
 
 
+def test_nnx_layer_decodes_a_mask_reading_the_head_with_the_paged_cache():
+    """Head 0 a window of 4, the others causal, without mask_varies: the cache's BlockMask has a block map per
+    head (one built for head 0 alone skipped the first page for every head once the window left it)."""
+
+    def local_or_global(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((h != 0) | (q_idx - kv_idx < 4))
+
+    B, T, F = 2, 24, 16
+    layer = FlexMultiHeadAttention(F, 4, num_kv_heads=2, head_dim=8, mask_mod=local_or_global, rngs=nnx.Rngs(0))
+    x = _random(72, (B, T, F))
+    full = layer(x)
+    layer.init_cache(cache=PagedKVCache.create(B, num_pages=8, page_size=PS, max_pages_per_seq=2, num_kv_heads=2,
+                                               head_dim=8))
+    outputs = [layer(x[:, :8], decode=True)] + [layer(x[:, t : t + 1], decode=True) for t in range(8, T)]
+    assert_close(jnp.concatenate(outputs, axis=1), full, jnp.float32)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_a_mismatched_block_mask_is_refused_on_either_path(implementation):
+    """The decode kernel's path checks the BlockMask as flex_attention does on the gather path."""
+    cache, _, _ = _filled_cache()
+    q = _random(63, (3, 4, 2, 16))
+    run = dict(implementation=implementation, interpret=implementation == "pallas_triton")
+    one_query = fa.create_block_mask(fa.causal_mask, None, None, 1, cache.max_length, BLOCK_SIZE=(1, PS))
+    with pytest.raises(ValueError, match=r"block_mask was built for \(Q_LEN, KV_LEN\) = \(1, "):
+        cache.attention(q, block_mask=one_query, **run)
+    three_heads = fa.create_block_mask(fa.causal_mask, None, 3, 2, cache.max_length, BLOCK_SIZE=(2, PS))
+    with pytest.raises(ValueError, match="block_mask has 3 heads; expected 1 or the query's head count Hq=4"):
+        cache.attention(q, block_mask=three_heads, **run)
+    with pytest.raises(ValueError, match="query must have rank 4"):
+        cache.attention(q[0], **run)
+
+
 def test_ragged_decode_step_matches_each_sequence_alone():
     # One decode step of a batch whose sequences have different lengths: each output equals attention over that
     # sequence's own prefix.
