@@ -452,6 +452,24 @@ def test_backward_lowers_to_triton_for_cuda(which):
     assert _grad_lowered_for_cuda(loss, *args, table).count("__gpu$xla.gpu.triton") == 3
 
 
+def test_custom_derivative_rules_lower_for_cuda():
+    """A score_mod's jax.custom_jvp and custom_vjp rules, applied inside the backward kernels, lower to Triton."""
+    from tests.test_captures import _halved_gradient, _straight_through_clip
+
+    B, Hq, Hkv, L, S, D = 1, 4, 2, 256, 384, 64
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Hq, L, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16), sd((B, Hkv, S, D), jnp.bfloat16))
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, L, S)
+    for score_mod in (lambda score, b, h, q_idx, kv_idx: _halved_gradient(score),
+                      lambda score, b, h, q_idx, kv_idx: _straight_through_clip(score)):
+
+        def loss(q, k, v, table):
+            out, _ = _kernel_attention(q, k, v, score_mod, block_mask, D**-0.5)
+            return jnp.sum(out.astype(jnp.float32))
+
+        assert _grad_lowered_for_cuda(loss, *args, sd((Hq, 33), jnp.float32)).count("__gpu$xla.gpu.triton") == 3
+
+
 def _largest_array(hlo_text: str) -> tuple[int, str]:
     """The element count and type of the largest tensor in a lowered program's text."""
     shapes = set(re.findall(r"tensor<((?:\d+x)+)[a-z]", hlo_text))
