@@ -376,10 +376,11 @@ class PagedKVCache:
         if self._use_decode_kernel(query, block_mask, implementation, interpret, kernel_options):
             physical = self.convert_logical_block_mask(block_mask)
             with_max_scores = return_aux is not None and return_aux.max_scores
+            query, key_pool, value_pool = (_not_differentiated(x) for x in (query, self.key_pool, self.value_pool))
             out, lse, *max_scores = _decode.flex_decode(
                 query.astype(self.key_pool.dtype),
-                self.key_pool[None],
-                self.value_pool[None],
+                key_pool[None],
+                value_pool[None],
                 score_mod=self.convert_logical_score_mod(score_mod),
                 mask_mod=physical.mask_mod,
                 kv_num_blocks=physical.kv_num_blocks,
@@ -467,3 +468,19 @@ class PagedKVCache:
             kernel_options=options["kernel_options"],
         )
         return jnp.swapaxes(out, 1, 2)
+
+
+@jax.custom_jvp
+def _not_differentiated(x):
+    """x itself; differentiating through it raises (the decode kernel on the pool has no backward)."""
+    return x
+
+
+@_not_differentiated.defjvp
+def _not_differentiated_jvp(primals, tangents):
+    raise ValueError(
+        "PagedKVCache.attention on the decode kernel (short queries on a GPU, or interpret=True) is not "
+        "differentiable; for gradients pass implementation='reference', or give cache.gather()'s keys and values to "
+        "flex_attention"
+    )
+

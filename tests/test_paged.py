@@ -250,6 +250,18 @@ def test_a_mismatched_block_mask_is_refused_on_either_path(implementation):
         cache.attention(q[0], **run)
 
 
+def test_gradients_through_the_decode_kernel_are_refused_with_the_way_out():
+    cache, _, _ = _filled_cache()
+    q = _random(65, (3, 4, 1, 16))
+
+    def loss(q, implementation):
+        return jnp.sum(cache.attention(q, implementation=implementation, interpret=True) ** 2)
+
+    with pytest.raises(ValueError, match="decode kernel .* is not differentiable; for gradients pass"):
+        jax.grad(loss)(q, "pallas_triton")
+    assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(q, "reference"))))
+
+
 def test_ragged_decode_step_matches_each_sequence_alone():
     # One decode step of a batch whose sequences have different lengths: each output equals attention over that
     # sequence's own prefix.
