@@ -224,21 +224,6 @@ def test_custom_derivative_rules_are_kept_where_the_mod_is_differentiated():
     assert program.calls("custom_vjp_call") and not program.calls("custom_jvp_call")
 
 
-def test_a_captured_array_passed_into_a_custom_rule_is_refused_where_differentiated():
-    table = jnp.linspace(0.0, 1.0, BN, dtype=jnp.float32)
-
-    @jax.custom_jvp
-    def add_row(score, table, kv_idx):
-        return score + table[kv_idx]
-
-    add_row.defjvp(lambda primals, tangents: (add_row(*primals), tangents[0]))
-    program, consts = _captures.trace_score_mod(lambda score, b, h, q, kv: add_row(score, table, kv), BM, BN)
-    s, b, h, q_idx, kv_idx = _tile_args(seed=6)
-    program(consts, s, b, h, q_idx, kv_idx)  # evaluating it inlines the call: the read becomes a load
-    with pytest.raises(ValueError, match=r"passes an array it closes over into a function with a custom derivative"):
-        program.vjp(consts, s, b, h, q_idx, kv_idx)
-
-
 def test_differentiable_marks_floating_consts():
     mask_mod = fa.document_mask(jnp.zeros((L,), jnp.int32))
     assert _captures.trace_mask_mod(mask_mod, BM, BN)[0].differentiable == (False,)

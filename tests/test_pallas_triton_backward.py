@@ -155,6 +155,38 @@ def test_custom_derivative_rules_in_a_score_mod():
         _assert_qkv_grads_match(q, k, v, score_mod, None, d_out)
 
 
+def test_custom_rules_on_a_scalar_or_a_captured_array_are_inlined():
+    """A custom rule called with a value read at a scalar index (table[h]), or closing over a captured array, is
+    not elementwise on the tile: the kernels inline it (its rules here are the body's derivative, so the gradients
+    are the reference's)."""
+    s = SIZES
+    q, k, v = random_qkv(12, **s)
+    d_out = _cotangent(13, (s["B"], s["Hq"], s["L"], s["Ev"]))
+    table = jnp.linspace(0.5, 1.5, s["Hq"], dtype=jnp.float32)
+
+    @jax.custom_vjp
+    def product(x, y):
+        return x * y
+
+    product.defvjp(lambda x, y: (x * y, (x, y)), lambda saved, g: (g * saved[1], g * saved[0]))
+
+    @jax.custom_jvp
+    def shifted(x):
+        return x + table[0]
+
+    shifted.defjvp(lambda primals, tangents: (shifted(primals[0]), tangents[0]))
+
+    def loss(implementation, q, table):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return product(score, table[h]) + shifted(score)
+
+        return jnp.sum(_attention(implementation, q, k, v, score_mod, kernel_options=TINY_TILES) * d_out)
+
+    grads = _grads("pallas_triton", loss, (0, 1), q, table)
+    ref_grads = _grads("reference", loss, (0, 1), q, table)
+    _assert_grads_close(grads, ref_grads, jnp.float32, ("dq", "d_table"))
+
+
 def _kernel_output_counts(jaxpr) -> dict[str, int]:
     """{kernel name: number of outputs} of the pallas_calls in a jaxpr (nested jaxprs included)."""
     counts = {}

@@ -26,8 +26,9 @@ What a mod may do inside a kernel:
 
 * any elementwise ``jnp``/``lax`` arithmetic, comparisons, ``where``, casts, broadcasting of the index tiles;
   ``jax.nn`` functions and ``jnp.clip`` (calls of ``jit``-ed, ``custom_jvp``, ``custom_vjp`` or ``checkpoint``-ed
-  functions are inlined; where the mod is differentiated, a ``custom_jvp`` or ``custom_vjp`` call is bound whole,
-  so that its rule gives the gradient: pass it the values read from a captured array, not the array);
+  functions are inlined; where the mod is differentiated, a ``custom_jvp`` or ``custom_vjp`` call whose floating
+  arguments are all tile-shaped, and which reads no captured array, is bound whole so that its rule gives the
+  gradient; other such calls are inlined, and their body's derivative is taken);
 * index captured arrays with the indices, in any combination, in one indexing expression each: ``ids[q_idx]``,
   ``ids[b, kv_idx]``, ``table[h, clip(q_idx - kv_idx, ...)]``, ``slopes[h]``, ``mask[b, h, q_idx, kv_idx]``,
   ``jnp.take``; negative indices wrap as in NumPy and out-of-range ones are clamped (``mode="fill"`` reads give the
@@ -151,8 +152,7 @@ class ModProgram:
 
     def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False):
         index_vars = tuple(self.jaxpr.invars[-2:]) if self.exact_indices else ()
-        return _Interpreter(const_refs, load, index_vars, fma, float_indices,
-                            custom_rules_of=self.name if differentiated else None)
+        return _Interpreter(const_refs, load, index_vars, fma, float_indices, keep_custom_rules=differentiated)
 
     def calls(self, primitive_name: str) -> bool:
         """Whether the program, or a call inlined in it, binds ``primitive_name`` (``"custom_vjp_call"``)."""
@@ -336,7 +336,7 @@ class _Interpreter:
         index_vars: tuple = (),
         fma: Callable | None = None,
         float_indices: Callable | None = None,
-        custom_rules_of: str | None = None,
+        keep_custom_rules: bool = False,
     ):
         self.const_refs = const_refs
         self.load = load
@@ -344,8 +344,8 @@ class _Interpreter:
         self.fma = fma  # a * b + c rounded once, for float32 products used only by a sum (ModProgram.__call__)
         self.float_indices = float_indices  # (q_sign, kv_sign) -> float32 tile (ModProgram.__call__)
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
-        # The mod's name where it is differentiated: custom derivative rules are kept (_CUSTOM_RULE_CALLS).
-        self.custom_rules_of = custom_rules_of
+        # Where the mod is differentiated, custom derivative rules are kept (_CUSTOM_RULE_CALLS).
+        self.keep_custom_rules = keep_custom_rules
 
     def __call__(self, jaxpr, args):
         assert len(self.const_refs) <= len(jaxpr.invars)
@@ -408,16 +408,16 @@ class _Interpreter:
                     return [self.gather(eqn, operand, read_raw, producers)]
                 return [self.dynamic_slice(eqn, operand, read_raw)]
         body = _body(eqn)
-        if body is not None and self.custom_rules_of is not None and name in _CUSTOM_RULE_CALLS:
+        if body is not None and self.keep_custom_rules and name in _CUSTOM_RULE_CALLS:
             args = [read_raw(v) for v in eqn.invars]
-            if any(isinstance(x, _ConstRef) for x in args):
-                raise ValueError(
-                    f"{self.custom_rules_of} passes an array it closes over into a function with a custom derivative "
-                    f"({name}); inside a kernel that array is read through its indices, and the rule cannot see "
-                    "it: pass the values read (table[h]), not the array, into the function"
-                )
-            # Bound whole, so that JAX's autodiff applies the user's rule, not the derivative of the body.
-            return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+            # Bound whole, so that JAX's autodiff applies the user's rule, not the derivative of the body; only
+            # where the call is elementwise on the tile: its floating arguments of the result's shape (a rule for a
+            # scalar table[h] would give a tile's cotangent) and no captured array (read through its indices).
+            shape = eqn.outvars[0].aval.shape
+            if not any(isinstance(x, _ConstRef) for x in args) and all(
+                jnp.shape(x) == shape for x in args if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+            ):
+                return eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
         if body is not None:
             jaxpr, consts = body
             args = [read_raw(v) for v in eqn.invars]
