@@ -406,12 +406,6 @@ def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
         )
 
 
-def _closes_over_traced_values(mask_mod: MaskMod) -> bool:
-    """Whether mask_mod reads a value being traced (an argument of an enclosing ``jit``, or an array computed from
-    one), so that its BlockMask differs from call to call."""
-    return any(isinstance(c, jax.core.Tracer) for c in _MaskProgram.trace(mask_mod)[1])
-
-
 class _MaskProgram:
     """A mask_mod as it reads now: its jaxpr for scalar indices, equal to another with the same text.
 

@@ -458,18 +458,17 @@ class _Interpreter:
         from the hook.
         """
         (x,) = eqn.invars
-        if eqn.params["new_dtype"] != jnp.float32 or isinstance(x, jex_core.Literal):
+        if eqn.params["new_dtype"] != jnp.float32:
+            return None
+        signs = float_index_signs(x, self.index_vars, producers)
+        if signs is None:
             return None
         if self.float_indices is not None:
-            signs = float_index_signs(x, self.index_vars, producers)
-            return None if signs is None else self.float_indices(*signs)
-        producer = producers.get(x)
-        if producer is None or producer.primitive.name not in ("add", "sub"):
+            return self.float_indices(*signs)
+        if 0 in signs:  # a bare index: its own conversion is the cheapest
             return None
-        if not all(isinstance(v, jex_core.Var) and v in self.index_vars for v in producer.invars):
-            return None
-        i, j = (self.value(read_raw(v)).astype(jnp.float32) for v in producer.invars)
-        return i - j if producer.primitive.name == "sub" else i + j
+        first, second = (self.value(read_raw(v)).astype(jnp.float32) for v in producers[x].invars)
+        return first - second if producers[x].primitive.name == "sub" else first + second
 
     # -------------------------------------------------------------------------------------- reads of consts
 
