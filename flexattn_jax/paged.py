@@ -283,6 +283,33 @@ class PagedKVCache:
         """A BlockMask over logical positions [0, KV_LEN) of each sequence, with KV_BLOCK == page_size and
         KV_LEN <= max_length, -> the BlockMask over the pool (batch B, KV_LEN = num_pages * page_size) visiting the
         same positions; its mask_mod sees logical kv_idx. Blocks on pages a sequence does not hold are dropped."""
+        held = self.held_block_mask(block_mask)
+        width = self.num_pages
+        mh, qb = held.kv_indices.shape[1:3]
+        table = jnp.broadcast_to(self.page_table[:, None, None, :], (self.batch_size, mh, qb, self.max_pages_per_seq))
+
+        def convert(num, indices):
+            # Listed blocks are on held pages (held_block_mask), so each maps to a physical page.
+            physical = jnp.take_along_axis(table, jnp.clip(indices, 0, self.max_pages_per_seq - 1), axis=-1)
+            listed = jnp.arange(indices.shape[-1], dtype=jnp.int32)[None, None, None, :] < num[..., None]
+            physical = jnp.where(listed, physical, 0)
+            if physical.shape[-1] < width:
+                physical = jnp.pad(physical, [(0, 0)] * 3 + [(0, width - physical.shape[-1])])
+            else:
+                physical = physical[..., :width]
+            return num, physical.astype(jnp.int32)
+
+        return _map_block_lists(
+            held,
+            convert,
+            mask_mod=self.convert_logical_mask_mod(block_mask.mask_mod),
+            seq_lengths=(block_mask.seq_lengths[0], self.num_pages * self.page_size),
+        )
+
+    def held_block_mask(self, block_mask: BlockMask) -> BlockMask:
+        """A BlockMask over logical positions (KV_BLOCK == page_size, KV_LEN <= max_length) without the blocks on
+        pages a sequence does not hold: batch B, still over logical positions. ``attention`` computes with it on
+        every path, so a position no page holds is never attended, whichever kernel runs."""
         q_block, kv_block = block_mask.BLOCK_SIZE
         if kv_block != self.page_size:
             raise ValueError(
@@ -298,36 +325,39 @@ class PagedKVCache:
         mb, mh, qb, _ = block_mask.kv_indices.shape
         if mb not in (1, batch):
             raise ValueError(f"the BlockMask has batch {mb}; expected 1 or {batch}")
+        table = jnp.broadcast_to(self.page_table[:, None, None, :], (batch, mh, qb, self.max_pages_per_seq))
 
-        def convert(num, indices):
+        def drop_unheld(num, indices):
             num = jnp.broadcast_to(num, (batch, mh, qb))
             indices = jnp.broadcast_to(indices, (batch, mh, qb, indices.shape[-1]))
-            table = jnp.broadcast_to(self.page_table[:, None, None, :], (batch, mh, qb, self.max_pages_per_seq))
-            physical = jnp.take_along_axis(table, jnp.clip(indices, 0, self.max_pages_per_seq - 1), axis=-1)
+            page = jnp.take_along_axis(table, jnp.clip(indices, 0, self.max_pages_per_seq - 1), axis=-1)
             listed = jnp.arange(indices.shape[-1], dtype=jnp.int32)[None, None, None, :] < num[..., None]
-            valid = listed & (physical >= 0)
-            order = jnp.argsort(~valid, axis=-1, stable=True)
-            physical = jnp.where(valid, physical, 0)
-            physical = jnp.take_along_axis(physical, order, axis=-1)
-            width = self.num_pages
-            if physical.shape[-1] < width:
-                physical = jnp.pad(physical, [(0, 0)] * 3 + [(0, width - physical.shape[-1])])
-            else:
-                physical = physical[..., :width]
-            return jnp.sum(valid, axis=-1, dtype=jnp.int32), physical.astype(jnp.int32)
+            valid = listed & (page >= 0)
+            order = jnp.argsort(~valid, axis=-1, stable=True)  # held blocks first, in their order
+            indices = jnp.take_along_axis(jnp.where(valid, indices, 0), order, axis=-1)
+            return jnp.sum(valid, axis=-1, dtype=jnp.int32), indices.astype(jnp.int32)
 
-        num, indices = convert(block_mask.kv_num_blocks, block_mask.kv_indices)
-        full_num = full_indices = None
-        if block_mask.full_kv_num_blocks is not None:
-            full_num, full_indices = convert(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-        return BlockMask.from_kv_blocks(
-            num,
-            indices,
-            full_num,
-            full_indices,
-            BLOCK_SIZE=(q_block, kv_block),
-            mask_mod=self.convert_logical_mask_mod(block_mask.mask_mod),
-            seq_lengths=(block_mask.seq_lengths[0], self.num_pages * self.page_size),
+        return _map_block_lists(
+            block_mask, drop_unheld, mask_mod=block_mask.mask_mod, seq_lengths=block_mask.seq_lengths
+        )
+
+    def length_block_mask(self, q_len: int) -> BlockMask:
+        """The BlockMask of ``attention``'s default: query [B, Hq, q_len] attends to each sequence's own
+        ``lengths[b]`` cached positions (pages wholly inside full blocks, the last one partial)."""
+        lengths = self.lengths
+        start = jnp.arange(self.max_pages_per_seq, dtype=jnp.int32)[None, :] * self.page_size
+        full = start + self.page_size <= lengths[:, None]
+        partial = (start < lengths[:, None]) & ~full
+
+        def within_length(b, h, q_idx, kv_idx):
+            return kv_idx < lengths[b]
+
+        return BlockMask.from_block_maps(
+            partial[:, None, None, :],
+            full[:, None, None, :],
+            BLOCK_SIZE=(max(q_len, 1), self.page_size),
+            mask_mod=within_length,
+            seq_lengths=(q_len, self.max_length),
         )
 
     # ---------------------------------------------------------------------------------------------- attention
@@ -347,9 +377,10 @@ class PagedKVCache:
     ):
         """flex attention of query [B, Hq, L, E] over each sequence's cached keys (GQA allowed).
 
-        ``block_mask`` is over logical positions: Q_LEN = L, KV_LEN = max_length, KV_BLOCK = page_size (None
-        attends to every position up to max_length: give a mask_mod limiting kv_idx to ``lengths[b]``). score_mod
-        and the mask see logical positions. Arguments otherwise as ``flex_attention``.
+        ``block_mask`` is over logical positions: Q_LEN = L, KV_LEN = max_length, KV_BLOCK = page_size; None
+        attends to each sequence's ``lengths[b]`` cached positions (``length_block_mask``). A position on a page the
+        sequence does not hold is never attended. score_mod and the mask see logical positions. Arguments otherwise
+        as ``flex_attention``.
 
         Returns:
           as ``flex_attention``: out [B, Hq, L, Ev]; with ``return_lse`` also lse [B, Hq, L]; with ``return_aux``,
@@ -365,22 +396,21 @@ class PagedKVCache:
                 f"{self.key_pool.shape[2]}], got {tuple(query.shape)}"
             )
         if block_mask is None:
-            one = jnp.ones((1, 1, 1, self.max_pages_per_seq), jnp.bool_)
-            block_mask = BlockMask.from_block_maps(
-                ~one, one, BLOCK_SIZE=(max(q_len, 1), self.page_size), seq_lengths=(q_len, self.max_length)
-            )
+            block_mask = self.length_block_mask(q_len)
         else:
             # As flex_attention checks it on the gather path: the decode kernel would read a mismatched mask silently.
             keys = jax.ShapeDtypeStruct((batch, self.key_pool.shape[0], self.max_length, head_dim), query.dtype)
             _validation.check_block_mask(block_mask, query, keys)
+        # Both paths visit the same positions: the decode kernel's pool has no rows for a page nobody holds, and the
+        # gathered keys (zeros there) would otherwise be attended.
+        block_mask = self.held_block_mask(block_mask)
         if self._use_decode_kernel(query, block_mask, implementation, interpret, kernel_options):
             physical = self.convert_logical_block_mask(block_mask)
             with_max_scores = return_aux is not None and return_aux.max_scores
-            query, key_pool, value_pool = (_not_differentiated(x) for x in (query, self.key_pool, self.value_pool))
             out, lse, *max_scores = _decode.flex_decode(
                 query.astype(self.key_pool.dtype),
-                key_pool[None],
-                value_pool[None],
+                self.key_pool[None],
+                self.value_pool[None],
                 score_mod=self.convert_logical_score_mod(score_mod),
                 mask_mod=physical.mask_mod,
                 kv_num_blocks=physical.kv_num_blocks,
@@ -392,6 +422,7 @@ class PagedKVCache:
                 kernel_options=kernel_options,
                 interpret=interpret,
                 with_max_scores=with_max_scores,
+                no_gradient=_NO_DECODE_GRADIENT,
             )
             return attention_results(out, lse, *max_scores, return_lse=return_lse, return_aux=return_aux)
         key, value = self.gather()
@@ -470,17 +501,26 @@ class PagedKVCache:
         return jnp.swapaxes(out, 1, 2)
 
 
-@jax.custom_jvp
-def _not_differentiated(x):
-    """x itself; differentiating through it raises (the decode kernel on the pool has no backward)."""
-    return x
-
-
-@_not_differentiated.defjvp
-def _not_differentiated_jvp(primals, tangents):
-    raise ValueError(
-        "PagedKVCache.attention on the decode kernel (short queries on a GPU, or interpret=True) is not "
-        "differentiable; for gradients pass implementation='reference', or give cache.gather()'s keys and values to "
-        "flex_attention"
+def _map_block_lists(block_mask: BlockMask, convert: Callable, *, mask_mod, seq_lengths) -> BlockMask:
+    """The BlockMask whose partial and full kv lists are ``convert(num, indices)`` of block_mask's."""
+    num, indices = convert(block_mask.kv_num_blocks, block_mask.kv_indices)
+    full_num = full_indices = None
+    if block_mask.full_kv_num_blocks is not None:
+        full_num, full_indices = convert(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    return BlockMask.from_kv_blocks(
+        num,
+        indices,
+        full_num,
+        full_indices,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE,
+        mask_mod=mask_mod,
+        seq_lengths=seq_lengths,
     )
 
+
+# The decode kernel on the pool has no backward (its keys are shared by every batch through the page table).
+_NO_DECODE_GRADIENT = (
+    "PagedKVCache.attention on the decode kernel (short queries on a GPU, or interpret=True) is not "
+    "differentiable; for gradients pass implementation='reference', or give cache.gather()'s keys and values to "
+    "flex_attention"
+)

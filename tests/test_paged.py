@@ -198,6 +198,38 @@ def test_block_mask_with_another_kv_block_is_refused():
     bm = fa.create_block_mask(fa.causal_mask, None, None, 1, cache.max_length, BLOCK_SIZE=(128, 32))
     with pytest.raises(ValueError, match="page size"):
         cache.convert_logical_block_mask(bm)
+    for implementation in ("reference", "pallas_triton"):  # the gathering path as well as the decode kernel's
+        with pytest.raises(ValueError, match="page size"):
+            cache.attention(_random(67, (3, 4, 1, 16)), block_mask=bm, implementation=implementation,
+                            interpret=True)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_every_path_attends_the_same_positions(implementation):
+    # Sequences of 30, 29 and 44 positions hold 2, 2 and 3 of their 6 logical pages. The default (no BlockMask)
+    # attends each sequence's own positions; a mask that does not limit kv_idx to the lengths still never attends a
+    # page nobody holds, whether the decode kernel reads the pool or the keys are gathered (zeros there).
+    cache, ref_k, ref_v = _filled_cache()
+    q = _random(68, (3, 4, 1, 16))
+    run = dict(implementation=implementation, interpret=implementation == "pallas_triton")
+    out = cache.attention(q, score_mod=fa.rel_bias, **run)
+    for b in range(3):
+        k = jnp.asarray(ref_k[b])[None].swapaxes(1, 2)
+        v = jnp.asarray(ref_v[b])[None].swapaxes(1, 2)
+        alone = fa.flex_attention(q[b : b + 1], k, v, score_mod=fa.rel_bias, enable_gqa=True,
+                                  implementation="reference")
+        assert_close(out[b : b + 1], alone, jnp.float32, f"sequence {b}")
+
+    everything = fa.create_block_mask(fa.noop_mask, None, None, 1, cache.max_length, BLOCK_SIZE=(128, PS))
+    out, lse = cache.attention(q, block_mask=everything, return_lse=True, **run)
+    held_rows = (cache.page_table >= 0).sum(axis=1) * PS  # every held page is at the sequence's start here
+    key, value = cache.gather()
+    for b in range(3):
+        n = int(held_rows[b])
+        alone, alone_lse = fa.flex_attention(q[b : b + 1], key[b : b + 1, :, :n], value[b : b + 1, :, :n],
+                                             enable_gqa=True, return_lse=True, implementation="reference")
+        assert_close(out[b : b + 1], alone, jnp.float32, f"sequence {b}")
+        assert_close(lse[b : b + 1], alone_lse, jnp.float32, f"lse of sequence {b}")
 
 
 @pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
@@ -260,6 +292,21 @@ def test_gradients_through_the_decode_kernel_are_refused_with_the_way_out():
     with pytest.raises(ValueError, match="decode kernel .* is not differentiable; for gradients pass"):
         jax.grad(loss)(q, "pallas_triton")
     assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(q, "reference"))))
+
+    # An array the score_mod closes over never passes through attention's arguments: the kernel traces it.
+    def bias_loss(table, implementation):
+        def biased(score, b, h, q_idx, kv_idx):
+            return score + table[h]
+
+        out = cache.attention(q, score_mod=biased, implementation=implementation, interpret=True)
+        return jnp.sum(out**2)
+
+    table = _random(66, (4,))
+    with pytest.raises(ValueError, match="decode kernel .* is not differentiable; for gradients pass"):
+        jax.grad(bias_loss)(table, "pallas_triton")
+    assert bool(jnp.all(jnp.isfinite(jax.grad(bias_loss)(table, "reference"))))
+    # Without a gradient the guard changes nothing.
+    assert_close(bias_loss(table, "pallas_triton"), bias_loss(table, "reference"), jnp.float32, "loss")
 
 
 def test_ragged_decode_step_matches_each_sequence_alone():

@@ -335,6 +335,7 @@ def flex_decode(
     interpret: bool = False,
     traced: tuple | None = None,
     with_max_scores: bool = False,
+    no_gradient: str | None = None,
 ) -> tuple[jax.Array, ...]:
     """The decode kernel and the merge of its shares (not differentiable; see ``attention``).
 
@@ -345,6 +346,8 @@ def flex_decode(
         block); scale, kernel_options, interpret: as ``flex_attention``.
       traced: the mods already traced by ``_trace_mods`` (with their consts), or None to trace them here.
       with_max_scores: also return each query's maximum modified score.
+      no_gradient: for a direct caller, the ValueError's message when a gradient is taken through this call, with
+        respect to query, key, value or an array the mods close over (Pallas would fail on an assertion).
 
     Returns:
       out [B, Hq, L, Ev] in the query's dtype, lse [B, Hq, L] float32, and with ``with_max_scores`` max_scores
@@ -377,6 +380,10 @@ def flex_decode(
     if traced is None:
         traced = _trace_mods(score_mod, mask_mod, config.rows, config.block_n)
     (score_program, score_consts), (mask_program, mask_consts) = traced
+    if no_gradient is not None:
+        query, key, value = (_not_differentiated(x, no_gradient) for x in (query, key, value))
+        score_consts = [_not_differentiated(c, no_gradient) for c in score_consts]
+        mask_consts = [_not_differentiated(c, no_gradient) for c in mask_consts]
 
     hpt = _heads_per_tile(q_heads, kv_heads, mask_heads)
     head_groups = q_heads // hpt
@@ -485,6 +492,18 @@ def flex_decode(
     out = out[:, :, :real, :value_dim].reshape(batch, q_heads, q_len, value_dim).astype(query.dtype)
     lse, *max_scores = (x[:, :, :real].reshape(batch, q_heads, q_len) for x in (lse, *max_scores))
     return (out, lse, *max_scores)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _not_differentiated(x, message):
+    """x itself; differentiating through it raises ValueError(message)."""
+    del message
+    return x
+
+
+@_not_differentiated.defjvp
+def _not_differentiated_jvp(message, primals, tangents):
+    raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------- differentiable wrapper
