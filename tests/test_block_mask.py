@@ -260,9 +260,27 @@ def test_any_callable_serves_as_mask_mod():
         def __call__(self, b, h, q_idx, kv_idx):
             return (q_idx - kv_idx >= 0) & (q_idx - kv_idx < self.size)
 
-    bm = fa.create_block_mask(Window(16), None, None, 64, 64, BLOCK_SIZE=16)
+    window = Window(16)
+    bm = fa.create_block_mask(window, None, None, 64, 64, BLOCK_SIZE=16)
     assert bm.to_dense()[0, 0].tolist() == fa.create_block_mask(fa.sliding_window_mask(16), None, None, 64, 64,
                                                                  BLOCK_SIZE=16).to_dense()[0, 0].tolist()
+    # An unhashable mask_mod's BlockMask passes into jit as an argument (its static data is hashed), and a second
+    # call with the same mask_mod does not trace again.
+    q, k, v = (jax.random.normal(key, (1, 2, 64, 16)) for key in jax.random.split(jax.random.key(3), 3))
+    traces = []
+
+    @jax.jit
+    def attend(q, k, v, block_mask):
+        traces.append(1)
+        return fa.flex_attention(q, k, v, block_mask=block_mask, implementation="reference")
+
+    ref = fa.flex_attention(q, k, v, score_mod=None, implementation="reference",
+                            block_mask=fa.create_block_mask(fa.sliding_window_mask(16), None, None, 64, 64,
+                                                            BLOCK_SIZE=16))
+    assert_close(attend(q, k, v, bm), ref, jnp.float32)
+    attend(q, k, v, bm[:, :1])  # the whole head axis: the same mask_mod
+    attend(q, k, v, fa.create_block_mask(window, None, None, 64, 64, BLOCK_SIZE=16))
+    assert len(traces) == 1
 
 
 def test_create_block_mask_under_jit():
