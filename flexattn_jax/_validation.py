@@ -74,36 +74,78 @@ def check_score_mod(score_mod: Callable) -> None:
 
 
 def check_block_mask(block_mask, query, key) -> None:
-    """The BlockMask must be built for these lengths and broadcast over this batch and these query heads."""
-    from flexattn_jax.block_mask import BlockMask, check_mask_mod
+    """The BlockMask must be built for these lengths and broadcast over this batch and these query heads, its eight
+    index arrays int32 of the shapes those imply (a mask assembled by hand, or changed with ``dataclasses.replace``,
+    is checked as one ``create_block_mask`` built), and its mask_mod must not read b (h) where it holds one block map
+    for several batches (heads): the map was built for batch (head) 0 alone."""
+    from flexattn_jax.block_mask import BlockMask, check_mask_mod, mask_axes
 
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a BlockMask (see create_block_mask), got {type(block_mask).__name__}")
     check_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
     b, hq, q_len, _ = query.shape
     kv_len = key.shape[2]
+    block_size = block_mask.BLOCK_SIZE
+    if not (
+        isinstance(block_size, tuple)
+        and len(block_size) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block_size)
+    ):
+        raise ValueError(
+            f"block_mask.BLOCK_SIZE must be a (Q_BLOCK, KV_BLOCK) tuple of positive ints, got {block_size!r}"
+        )
     if tuple(block_mask.seq_lengths) != (q_len, kv_len):
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN) = {tuple(block_mask.seq_lengths)} but query and key have "
             f"L={q_len}, S={kv_len}; build it with create_block_mask(..., Q_LEN={q_len}, KV_LEN={kv_len})"
+        )
+    if getattr(block_mask.kv_num_blocks, "ndim", None) != 3:
+        raise ValueError(
+            f"block_mask.kv_num_blocks must be [B, H, QB], got {getattr(block_mask.kv_num_blocks, 'shape', None)}"
         )
     mb, mh = block_mask.kv_num_blocks.shape[:2]
     if mb not in (1, b):
         raise ValueError(f"block_mask has batch size {mb}; expected 1 or the query's batch size {b}")
     if mh not in (1, hq):
         raise ValueError(f"block_mask has {mh} heads; expected 1 or the query's head count Hq={hq}")
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    expected = (-(-q_len // q_block), -(-kv_len // kv_block))
-    if tuple(block_mask.kv_indices.shape[2:]) != expected:
+    q_block, kv_block = block_size
+    qb, kvb = -(-q_len // q_block), -(-kv_len // kv_block)
+    if tuple(block_mask.kv_indices.shape[2:]) != (qb, kvb):
         raise ValueError(
             f"block_mask has {tuple(block_mask.kv_indices.shape[2:])} (query, key) blocks; BLOCK_SIZE "
-            f"{block_mask.BLOCK_SIZE} with L={q_len}, S={kv_len} needs {expected}"
+            f"{block_mask.BLOCK_SIZE} with L={q_len}, S={kv_len} needs {(qb, kvb)}"
         )
-    expected_q_side = (mb, mh, expected[1], expected[0])
-    if tuple(block_mask.q_indices.shape) != expected_q_side:
-        raise ValueError(
-            f"block_mask.q_indices has shape {tuple(block_mask.q_indices.shape)}, expected {expected_q_side}"
-        )
+    full_names = ("full_kv_num_blocks", "full_kv_indices", "full_q_num_blocks", "full_q_indices")
+    given = {name: getattr(block_mask, name) is not None for name in full_names}
+    if len(set(given.values())) > 1:
+        got = ", ".join(f"{name}={'an array' if g else 'None'}" for name, g in given.items())
+        raise ValueError(f"block_mask's four full-block arrays must all be arrays or all be None; got {got}")
+    expected = {
+        "kv_num_blocks": (mb, mh, qb),
+        "kv_indices": (mb, mh, qb, kvb),
+        "q_num_blocks": (mb, mh, kvb),
+        "q_indices": (mb, mh, kvb, qb),
+    }
+    if all(given.values()):
+        expected.update({f"full_{name}": expected[name] for name in list(expected)})
+    for name, shape in expected.items():
+        array = getattr(block_mask, name)
+        if tuple(getattr(array, "shape", ())) != shape or jnp.dtype(getattr(array, "dtype", None)) != jnp.int32:
+            got = _describe(array) if hasattr(array, "dtype") else type(array).__name__
+            raise ValueError(f"block_mask.{name} must be int32{list(shape)}, got {got}")
+    # One block map for several batches (heads) was built for batch (head) 0: partial blocks of the others would
+    # evaluate a mask_mod that differs from the one their blocks were classified with.
+    broadcast = {"batch": mb == 1 < b, "head": mh == 1 < hq}
+    if any(broadcast.values()):
+        read = mask_axes(block_mask.mask_mod) & {axis for axis, yes in broadcast.items() if yes}
+        if read:
+            axis = sorted(read)[0]
+            letter, size, arg = ("b", b, "B") if axis == "batch" else ("h", hq, "H")
+            raise ValueError(
+                f"block_mask's mask_mod reads {letter} but the mask holds one block map for all {size} "
+                f"{'batches' if axis == 'batch' else 'heads'} of the query (it was built with {arg}=None or 1, "
+                f"so for {axis} 0 alone); build it with create_block_mask(mask_mod, {arg}={size}, ...)"
+            )
 
 
 def check_scale(scale) -> None:

@@ -22,6 +22,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -404,6 +405,27 @@ def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
         raise TypeError(
             f"{name} must return a boolean scalar for scalar int32 indices (b, h, q_idx, kv_idx), got {got}"
         )
+
+
+def mask_axes(mask_mod: Callable) -> frozenset[str]:
+    """The axes, of ("batch", "head"), whose index ``mask_mod``'s result depends on, read from its jaxpr.
+
+    An equation's outputs depend on everything its inputs depend on (control flow included), so the answer may
+    name an axis the mask ignores in fact, never miss one it uses.
+    """
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    jaxpr = jax.make_jaxpr(mask_mod)(scalar, scalar, scalar, scalar).jaxpr
+    depends = {jaxpr.invars[0]: frozenset({"batch"}), jaxpr.invars[1]: frozenset({"head"})}
+
+    def of(v):
+        return frozenset() if isinstance(v, jax.extend.core.Literal) else depends.get(v, frozenset())
+
+    for eqn in jaxpr.eqns:
+        axes = frozenset().union(*(of(v) for v in eqn.invars))
+        if axes:
+            for v in eqn.outvars:
+                depends[v] = axes
+    return frozenset().union(*(of(v) for v in jaxpr.outvars))
 
 
 class _MaskProgram:

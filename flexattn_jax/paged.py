@@ -40,9 +40,8 @@ import jax.numpy as jnp
 from flexattn_jax import _validation
 from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
 from flexattn_jax.backends.pallas_triton import decode as _decode
-from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, noop_mask
+from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, mask_axes, noop_mask
 from flexattn_jax.mods import identity
-from flexattn_jax.nn._common import mask_axes
 
 __all__ = ["PagedKVCache"]
 

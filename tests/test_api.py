@@ -56,12 +56,49 @@ def test_bad_input_raises_naming_the_argument(name, override, error, message):
         fa.flex_attention(**kwargs)
 
 
-def test_a_tampered_block_mask_is_rejected():
+TAMPERED = [
+    ("q_indices", dict(q_indices=CAUSAL_16_24.q_indices[..., :1]), r"block_mask.q_indices must be int32\[1, 1, 3, 2\], got int32\[1, 1, 3, 1\]"),
+    ("full_kv_indices", dict(full_kv_indices=CAUSAL_16_24.full_kv_indices[..., :2]), r"full_kv_indices must be int32\[1, 1, 2, 3\]"),
+    ("full_kv_num_blocks", dict(full_kv_num_blocks=CAUSAL_16_24.full_kv_num_blocks[..., :1]), r"full_kv_num_blocks must be int32\[1, 1, 2\]"),
+    ("one full array dropped", dict(full_kv_num_blocks=None), "full-block arrays must all be arrays or all be None; got full_kv_num_blocks=None, full_kv_indices=an array"),
+    ("float indices", dict(kv_indices=CAUSAL_16_24.kv_indices.astype(jnp.float32)), r"kv_indices must be int32\[1, 1, 2, 3\], got float32"),
+    ("int BLOCK_SIZE", dict(BLOCK_SIZE=8), r"BLOCK_SIZE must be a \(Q_BLOCK, KV_BLOCK\) tuple of positive ints, got 8"),
+]
+
+
+@pytest.mark.parametrize("name, fields, message", TAMPERED, ids=[t[0] for t in TAMPERED])
+def test_a_tampered_block_mask_is_rejected(name, fields, message):
+    # A BlockMask assembled by hand or changed with dataclasses.replace is checked as one create_block_mask built.
     import dataclasses
 
-    tampered = dataclasses.replace(CAUSAL_16_24, q_indices=CAUSAL_16_24.q_indices[..., :1])
-    with pytest.raises(ValueError, match="q_indices has shape"):
-        fa.flex_attention(Q, K, V, block_mask=tampered, enable_gqa=True)
+    tampered = dataclasses.replace(CAUSAL_16_24, **fields)
+    for implementation in ("reference", "pallas_triton"):
+        with pytest.raises(ValueError, match=message):
+            fa.flex_attention(Q, K, V, block_mask=tampered, enable_gqa=True, implementation=implementation,
+                              interpret=True)
+
+
+def test_a_block_mask_for_one_batch_or_head_whose_mask_mod_reads_it_is_rejected():
+    # B=None builds the block map for batch 0 alone: a document mask with one row of ids per batch would classify
+    # every other batch's blocks with batch 0's documents.
+    ids = jnp.array([[0] * 8 + [1] * 16, [0] * 20 + [1] * 4])
+    per_batch = fa.document_mask(ids)
+    with pytest.raises(ValueError, match=r"mask_mod reads b but .* all 2 batches .* create_block_mask\(mask_mod, B=2"):
+        fa.flex_attention(Q, K[:, :, :16], V[:, :, :16], enable_gqa=True,
+                          block_mask=fa.create_block_mask(per_batch, None, None, 16, 16, BLOCK_SIZE=8))
+
+    def per_head(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + h
+
+    with pytest.raises(ValueError, match=r"mask_mod reads h but .* all 4 heads .* create_block_mask\(mask_mod, H=4"):
+        fa.flex_attention(Q, K, V, enable_gqa=True,
+                          block_mask=fa.create_block_mask(per_head, None, None, 16, 24, BLOCK_SIZE=8))
+    # Built per batch and head, both run; a selection of one batch broadcasts as the rows it kept were built.
+    fa.flex_attention(Q, K, V, enable_gqa=True, block_mask=fa.create_block_mask(per_head, None, 4, 16, 24, BLOCK_SIZE=8))
+    whole = fa.create_block_mask(per_batch, 2, None, 16, 16, BLOCK_SIZE=8)
+    out = fa.flex_attention(Q, K[:, :, :16], V[:, :, :16], enable_gqa=True, block_mask=whole[1])
+    alone = fa.flex_attention(Q[1:], K[1:, :, :16], V[1:, :, :16], enable_gqa=True, block_mask=whole[1])
+    assert jnp.allclose(out[1:], alone, atol=1e-6)
 
 
 def test_a_block_mask_whose_mask_mod_returns_no_boolean_is_rejected():

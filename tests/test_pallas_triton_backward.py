@@ -19,6 +19,7 @@ import pytest
 
 import flexattn_jax as fa
 from flexattn_jax.backends.pallas_triton import backward, vjp
+from flexattn_jax.block_mask import mask_axes
 from tests._helpers import MOD_CASES, assert_close, random_qkv
 
 # Small tiles and blocks: several tiles per mask block in every kernel, and lengths (40, 56) no tile divides.
@@ -60,6 +61,14 @@ def _block_mask(mask_mod, B, H, L, S, block=MASK_BLOCK):
     return None if mask_mod is None else fa.create_block_mask(mask_mod, B, H, L, S, BLOCK_SIZE=block)
 
 
+def _case_block_mask(mask_mod, sizes):
+    """A library case's BlockMask: per batch (head) where its mask_mod reads b (h), broadcast otherwise."""
+    axes = set() if mask_mod is None else mask_axes(mask_mod)
+    B = sizes["B"] if "batch" in axes else None
+    H = sizes["Hq"] if "head" in axes else None
+    return _block_mask(mask_mod, B, H, sizes["L"], sizes["S"])
+
+
 def _assert_qkv_grads_match(q, k, v, score_mod, block_mask, d_out, kernel_options=TINY_TILES):
     """The gradients of sum(out * d_out) with respect to q, k and v: the kernels' against the reference's."""
 
@@ -85,7 +94,7 @@ def test_gradients_match_reference(case):
     s = SIZES
     q, k, v = random_qkv(1, **s)
     mask_mod, score_mod = case.build(s["B"], s["Hq"], s["L"], s["S"], 0)
-    block_mask = _block_mask(mask_mod, None, None, s["L"], s["S"])
+    block_mask = _case_block_mask(mask_mod, s)
     _assert_qkv_grads_match(q, k, v, score_mod, block_mask, _cotangent(2, (s["B"], s["Hq"], s["L"], s["Ev"])))
 
 

@@ -20,13 +20,18 @@ import functools
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
 from flexattn_jax import _validation
 from flexattn_jax.api import IMPLEMENTATIONS, flex_attention
-from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, noop_mask
+from flexattn_jax.block_mask import (
+    DEFAULT_BLOCK_SIZE,
+    BlockMask,
+    create_block_mask,
+    mask_axes,
+    noop_mask,
+)
 from flexattn_jax.mods import identity
 
 __all__ = [
@@ -301,27 +306,6 @@ def resolve_mods(config: LayerConfig, score_mod=None, mask_mod=None, block_mask=
     if mask_mod is None and block_mask is None:
         mask_mod, block_mask = config.mask_mod, config.block_mask
     return Mods(score_mod, mask_mod, block_mask)
-
-
-def mask_axes(mask_mod: Callable) -> frozenset[str]:
-    """The axes, of ("batch", "head"), whose index ``mask_mod``'s result depends on, read from its jaxpr.
-
-    An equation's outputs depend on everything its inputs depend on (control flow included), so the answer may
-    name an axis the mask ignores in fact, never miss one it uses.
-    """
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    jaxpr = jax.make_jaxpr(mask_mod)(scalar, scalar, scalar, scalar).jaxpr
-    depends = {jaxpr.invars[0]: frozenset({"batch"}), jaxpr.invars[1]: frozenset({"head"})}
-
-    def of(v):
-        return frozenset() if isinstance(v, jax.extend.core.Literal) else depends.get(v, frozenset())
-
-    for eqn in jaxpr.eqns:
-        axes = frozenset().union(*(of(v) for v in eqn.invars))
-        if axes:
-            for v in eqn.outvars:
-                depends[v] = axes
-    return frozenset().union(*(of(v) for v in jaxpr.outvars))
 
 
 def _block_mask_for(config: LayerConfig, mask_mod, batch: int, q_len: int, kv_len: int) -> BlockMask:
