@@ -185,6 +185,10 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
         _validation.check_block_mask(block_mask, query, key)
     if kernel_options is not None and not isinstance(kernel_options, Mapping):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    # Every key is checked whichever implementation runs: a misspelt or out-of-range one would otherwise pass where
+    # no kernel reads it (the reference, a CPU) and raise only on a GPU.
+    pallas_triton.check_kernel_options(kernel_options)
+    pallas_mosaic.check_kernel_options(kernel_options)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
@@ -250,7 +254,8 @@ def flex_attention(
         on a Hopper GPU when it supports the inputs, else ``"pallas_triton"`` on a GPU (or with ``interpret=True``)
         when it supports them, else ``"reference"``; ``explain_implementation`` says which and why.
       interpret: run a Pallas implementation in interpret mode (on the CPU).
-      kernel_options: kernel tunables (tile sizes, warps, stages); the reference ignores them.
+      kernel_options: kernel tunables (tile sizes, warps, stages); checked on every implementation, and ignored by
+        the reference.
       return_aux: an ``AuxRequest`` naming the auxiliary outputs to return (lse, max_scores), as PyTorch's
         ``return_aux``; not together with ``return_lse``.
 

@@ -42,6 +42,13 @@ BAD_INPUTS = [
     ("block_mask heads", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, 2, 16, 24, BLOCK_SIZE=8)), ValueError, "2 heads; expected 1 or the query's head count Hq=4"),
     ("implementation", dict(implementation="cuda"), ValueError, "implementation must be None or one of"),
     ("kernel_options", dict(kernel_options=[("BLOCK_M", 64)]), TypeError, "kernel_options must be a dict"),
+    # Checked on the reference too: a key no kernel reads on the CPU would otherwise raise first on a GPU.
+    ("backward tile", dict(kernel_options={"BLOCK_M1": 7}), ValueError, r"kernel_options\['BLOCK_M1'\] must be a power of two"),
+    ("misspelt backward key", dict(kernel_options={"bwd_num_warp": 4}), ValueError, "unknown backward key 'bwd_num_warp'"),
+    ("misspelt decode key", dict(kernel_options={"decode_num_split": 4}), ValueError, "unknown decode key 'decode_num_split'"),
+    ("mosaic value", dict(kernel_options={"mosaic_block_n": 96}), ValueError, r"kernel_options\['mosaic_block_n'\] must be one of \(64, 128\)"),
+    ("misspelt mosaic key", dict(kernel_options={"mosaic_blockn": 64}), ValueError, "unknown key 'mosaic_blockn'; pallas_mosaic reads"),
+    ("unknown key", dict(kernel_options={"BLOCK_MM": 64}), ValueError, "unknown key 'BLOCK_MM'"),
     ("return_aux type", dict(return_aux=(True, True)), TypeError, "return_aux must be None or a flexattn_jax.AuxRequest, got tuple"),
     ("return_aux field", dict(return_aux=fa.AuxRequest(lse=1)), TypeError, "return_aux.lse must be a bool, got int 1"),
     ("return_aux with return_lse", dict(return_aux=fa.AuxRequest(lse=True), return_lse=True), ValueError, "return_lse=True or return_aux, not both"),

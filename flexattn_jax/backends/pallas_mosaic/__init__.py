@@ -59,7 +59,15 @@ from flexattn_jax.backends.pallas_triton import config as _triton_config
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
 from flexattn_jax.backends.pallas_triton.backward import BlockLists
 
-__all__ = ["attention", "unsupported_reason", "unsupported_backward_reason", "is_hopper", "OPTION_KEYS", "HEAD_DIMS"]
+__all__ = [
+    "attention",
+    "check_kernel_options",
+    "unsupported_reason",
+    "unsupported_backward_reason",
+    "is_hopper",
+    "OPTION_KEYS",
+    "HEAD_DIMS",
+]
 
 OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
@@ -87,6 +95,11 @@ def is_hopper() -> bool:
     except RuntimeError:
         return False
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def check_kernel_options(kernel_options: Mapping[str, Any] | None) -> None:
+    """Checks the ``mosaic_*`` keys of ``kernel_options`` (ValueError/TypeError naming the key)."""
+    _options(kernel_options)
 
 
 def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:

@@ -10,13 +10,22 @@ from typing import Any, Callable, Mapping
 
 import jax
 
+from flexattn_jax.backends.pallas_triton import backward as _backward
 from flexattn_jax.backends.pallas_triton import config as _config
 from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.backends.pallas_triton import vjp as _vjp
 
-__all__ = ["attention", "unsupported_reason", "uses_decode_kernel", "MAX_HEAD_DIM"]
+__all__ = ["attention", "check_kernel_options", "unsupported_reason", "uses_decode_kernel", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
+
+
+def check_kernel_options(kernel_options: Mapping[str, Any] | None) -> None:
+    """Checks every key of ``kernel_options`` these kernels read (forward, backward, decode); raises ValueError or
+    TypeError naming the key. Keys of other backends (``mosaic_*``) are left to them."""
+    _config.check_kernel_options(kernel_options)
+    _backward.check_backward_options(kernel_options)
+    _decode.check_decode_options(kernel_options)
 
 
 def unsupported_reason(

@@ -58,6 +58,7 @@ __all__ = [
     "default_num_splits",
     "unsupported_reason",
     "flex_decode",
+    "check_decode_options",
     "attention",
 ]
 
@@ -88,7 +89,8 @@ class DecodeConfig:
     num_stages: int
 
 
-def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
+def check_decode_options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
+    """The ``decode_*`` keys of ``kernel_options``, checked (ValueError/TypeError naming the key)."""
     options = {}
     for key, value in (kernel_options or {}).items():
         if not isinstance(key, str) or not key.startswith("decode_"):
@@ -122,7 +124,7 @@ def unsupported_reason(
     kernel_options: Mapping[str, Any] | None,
 ) -> str | None:
     """None when the decode kernel serves these inputs (the API then prefers it); otherwise why not."""
-    options = _options(kernel_options)
+    options = check_decode_options(kernel_options)
     if not options.get("decode_enable", 1):
         return "kernel_options['decode_enable'] is 0"
     q_len = query_shape[2]
@@ -158,7 +160,7 @@ def decode_config(
     mask_num_blocks: tuple[int, int],
 ) -> DecodeConfig:
     """The decode kernel's configuration: defaults overridden by ``kernel_options``, fitted to the mask."""
-    options = _options(kernel_options)
+    options = check_decode_options(kernel_options)
     half = jnp.dtype(dtype) != jnp.float32
     default_n = 128 if half and head_dim <= 128 else 64
     if "decode_BLOCK_N" in options:
