@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -61,6 +65,7 @@ def check_score_mod(score_mod: Callable) -> None:
     """score_mod(score, b, h, q_idx, kv_idx) must return a floating scalar for scalar float32/int32 arguments."""
     if not callable(score_mod):
         raise TypeError(f"score_mod must be a callable score_mod(score, b, h, q_idx, kv_idx), got {score_mod!r}")
+    check_arity(score_mod, 5, "score_mod", "score_mod(score, b, h, q_idx, kv_idx)")
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     out = jax.eval_shape(score_mod, f32, i32, i32, i32, i32)
@@ -148,8 +153,32 @@ def check_block_mask(block_mask, query, key) -> None:
             )
 
 
-def check_scale(scale) -> None:
+def check_scale(scale) -> float | None:
+    """scale must be None or a finite real number (Python or NumPy; a traced value cannot set a kernel constant);
+    returns it as a Python float."""
     if scale is None:
-        return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {float(scale)}")
+    return float(scale)
+
+
+def check_flags(**flags) -> None:
+    """Each flag must be a bool: ``"no"`` would otherwise count as True."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_arity(fn: Callable, count: int, name: str, signature: str) -> None:
+    """``fn`` must accept ``count`` positional arguments (where Python can tell; some callables have no signature)."""
+    try:
+        parameters = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        parameters.bind(*range(count))
+    except TypeError as e:
+        raise TypeError(f"{name} must be a callable {signature}, taking {count} positional arguments: {e}") from None

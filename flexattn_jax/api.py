@@ -174,7 +174,7 @@ def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, b
 def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options):
     """Validates the arguments and fills in the defaults: (score_mod, block_mask, mask_mod, scale)."""
     _validation.check_qkv(query, key, value, enable_gqa)
-    _validation.check_scale(scale)
+    scale = _validation.check_scale(scale)
     if score_mod is None:
         score_mod = identity
     _validation.check_score_mod(score_mod)
@@ -217,6 +217,7 @@ def explain_implementation(
     >>> fa.explain_implementation(q, q, q).implementation  # on a CPU
     'reference'
     """
+    _validation.check_flags(enable_gqa=enable_gqa, interpret=interpret)
     score_mod, block_mask, mask_mod, _ = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa,
                                                   kernel_options)
     choice = _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
@@ -273,6 +274,7 @@ def flex_attention(
     >>> aux.max_scores.shape, aux.lse is None
     ((1, 2, 256), True)
     """
+    _validation.check_flags(enable_gqa=enable_gqa, return_lse=return_lse, interpret=interpret)
     check_return_aux(return_aux, return_lse)
     score_mod, block_mask, mask_mod, scale = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options

@@ -26,7 +26,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from flexattn_jax import viz
+from flexattn_jax import _validation, viz
 
 __all__ = [
     "BlockMask",
@@ -398,6 +398,7 @@ class BlockMask:
 def check_mask_mod(mask_mod: MaskMod, name: str = "mask_mod") -> None:
     if not callable(mask_mod):
         raise TypeError(f"{name} must be a callable mask_mod(b, h, q_idx, kv_idx) -> bool, got {mask_mod!r}")
+    _validation.check_arity(mask_mod, 4, name, "mask_mod(b, h, q_idx, kv_idx)")
     i32 = jax.ShapeDtypeStruct((), jnp.int32)
     out = jax.eval_shape(mask_mod, i32, i32, i32, i32)
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or out.dtype != jnp.bool_:

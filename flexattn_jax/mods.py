@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from flexattn_jax import _validation
 from flexattn_jax.block_mask import noop_mask
 
 __all__ = [
@@ -47,6 +48,8 @@ def and_masks(*mask_mods: Callable) -> Callable:
     """A mask_mod allowing a position when every one of ``mask_mods`` allows it (``noop_mask`` if none)."""
     if not all(callable(m) for m in mask_mods):
         raise TypeError("and_masks takes mask_mod callables")
+    for mask_mod in mask_mods:
+        _validation.check_arity(mask_mod, 4, f"each argument of and_masks", "mask_mod(b, h, q_idx, kv_idx)")
 
     def and_mask(b, h, q_idx, kv_idx):
         result = noop_mask(b, h, q_idx, kv_idx)
@@ -62,6 +65,8 @@ def or_masks(*mask_mods: Callable) -> Callable:
     """A mask_mod allowing a position when any of ``mask_mods`` allows it (allowing nothing if none)."""
     if not all(callable(m) for m in mask_mods):
         raise TypeError("or_masks takes mask_mod callables")
+    for mask_mod in mask_mods:
+        _validation.check_arity(mask_mod, 4, f"each argument of or_masks", "mask_mod(b, h, q_idx, kv_idx)")
 
     def or_mask(b, h, q_idx, kv_idx):
         result = ~noop_mask(b, h, q_idx, kv_idx)
@@ -160,6 +165,8 @@ def compose(*score_mods: Callable) -> Callable:
         return identity
     if not all(callable(f) for f in score_mods):
         raise TypeError("compose takes score_mod callables")
+    for score_mod in score_mods:
+        _validation.check_arity(score_mod, 5, "each argument of compose", "score_mod(score, b, h, q_idx, kv_idx)")
 
     def compose2(f, g):
         def composed(score, b, h, q_idx, kv_idx):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import flexattn_jax as fa
@@ -33,6 +34,12 @@ BAD_INPUTS = [
     ("gqa not enabled", dict(enable_gqa=False), ValueError, "Hq=4 heads but key/value have Hkv=2; pass enable_gqa=True"),
     ("gqa not a multiple", dict(key=_shape(2, 3, 24, 8), value=_shape(2, 3, 24, 8)), ValueError, r"Hq \(4\) must be a multiple of Hkv \(3\)"),
     ("scale type", dict(scale="0.5"), TypeError, "scale must be a Python float or None, got str"),
+    ("scale not finite", dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),
+    ("enable_gqa not a bool", dict(enable_gqa="yes"), TypeError, "enable_gqa must be a bool, got str 'yes'"),
+    ("return_lse not a bool", dict(return_lse="no"), TypeError, "return_lse must be a bool, got str 'no'"),
+    ("interpret not a bool", dict(interpret=1), TypeError, "interpret must be a bool, got int 1"),
+    ("score_mod arity", dict(score_mod=lambda s, b, h, q: s), TypeError, r"score_mod must be a callable score_mod\(score, b, h, q_idx, kv_idx\), taking 5 positional arguments"),
+    ("mask_mod as score_mod", dict(score_mod=fa.causal_mask), TypeError, "taking 5 positional arguments"),
     ("score_mod not callable", dict(score_mod=3), TypeError, "score_mod must be a callable"),
     ("score_mod returns a vector", dict(score_mod=lambda s, b, h, q, kv: jnp.stack([s, s])), TypeError, r"floating scalar score .* got float32\[2\]"),
     ("score_mod returns a bool", dict(score_mod=lambda s, b, h, q, kv: q >= kv), TypeError, "floating scalar score .* got bool"),
@@ -123,6 +130,22 @@ def test_errors_come_before_tracing_inside_jit():
 
     with pytest.raises(ValueError, match="enable_gqa"):
         run(Q, K, V)
+
+
+def test_a_mask_mod_of_the_wrong_arity_is_named():
+    with pytest.raises(TypeError, match=r"mask_mod must be a callable mask_mod\(b, h, q_idx, kv_idx\), taking 4"):
+        fa.create_block_mask(fa.rel_bias, None, None, 16, 16, BLOCK_SIZE=8)
+    with pytest.raises(TypeError, match="each argument of and_masks must be a callable mask_mod"):
+        fa.and_masks(fa.causal_mask, fa.rel_bias)
+    with pytest.raises(TypeError, match="each argument of compose must be a callable score_mod"):
+        fa.compose(fa.rel_bias, fa.causal_mask)
+
+
+def test_numpy_scalars_serve_as_scale():
+    q, k, v = _qkv(E=16, Hkv=4)
+    expected = fa.flex_attention(q, k, v, scale=0.25)
+    for scale in (np.float32(0.25), np.float64(0.25)):
+        assert jnp.array_equal(fa.flex_attention(q, k, v, scale=scale), expected)
 
 
 def test_defaults_scale_is_inverse_sqrt_head_dim():
