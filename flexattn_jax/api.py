@@ -72,6 +72,12 @@ def check_return_aux(return_aux, return_lse) -> None:
         )
 
 
+def check_implementation(implementation) -> None:
+    """``implementation`` is None or one of ``IMPLEMENTATIONS`` (the paged entry point takes it too)."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
 def attention_results(out, lse, *max_scores, return_lse: bool, return_aux: AuxRequest | None):
     """What ``flex_attention`` returns, from its out, lse and (when asked for) max_scores: out, (out, lse), or
     (out, AuxOutput) with max_scores through ``stop_gradient``. The sharded and paged entry points return the same."""
@@ -119,8 +125,7 @@ def _backward_of(choice: Choice, query, score_mod, mask_mod, block_mask, kernel_
 
 def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options) -> Choice:
     """The implementation to run, decided from the platform and the inputs alone (never by trying one)."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    check_implementation(implementation)
     on_gpu = jax.default_backend() == "gpu"
     sizes = dict(block_size=block_mask.BLOCK_SIZE, num_blocks=block_mask.num_blocks, kernel_options=kernel_options)
     # Invalid kernel_options raise whichever implementation runs.

@@ -17,11 +17,13 @@ be detected under ``jit``: sequences then share the last free pages and corrupt 
 Attention. ``convert_logical_block_mask`` turns a BlockMask over a sequence's logical positions (built with
 KV_BLOCK = page_size) into one over the pool: each listed logical block becomes its physical page, and the mask_mod
 (like ``convert_logical_score_mod`` for a score_mod) is wrapped to see the *logical* kv_idx again, through a
-physical-to-logical page map. ``attention`` runs flex attention on the pool: with the Pallas kernels and at most
+physical-to-logical page map. ``attention`` runs flex attention on the pool: where ``flex_attention`` would run
+pallas_triton (implementation None on a GPU or with interpret=True, or 'pallas_triton') and at most
 ``MAX_DECODE_Q_LEN`` queries it calls the split-KV decode kernel directly on the pool with the physical BlockMask;
-otherwise (the reference implementation, or longer queries) it gathers each sequence's pages into contiguous
-key/value and calls ``flex_attention`` with the logical mask. Both accept any mask_mod and score_mod. The decode
-kernel path is for inference (not differentiable).
+otherwise (the reference implementation, pallas_mosaic, or longer queries) it gathers each sequence's pages into
+contiguous key/value and calls ``flex_attention`` with the logical mask. Both paths check the arguments as
+``flex_attention`` does, before anything runs, and accept any mask_mod and score_mod. The decode kernel path is for
+inference (not differentiable).
 
 ``PagedKVCache`` follows the ``flexattn_jax.nn.KVCache`` protocol (``query_positions`` / ``append`` / ``attend``),
 so a layer takes it through ``init_cache(cache=...)``.
@@ -36,12 +38,15 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexattn_jax import _validation
-from flexattn_jax.api import AuxRequest, attention_results, check_return_aux, flex_attention
+from flexattn_jax.api import AuxRequest, attention_results, check_implementation, check_return_aux, flex_attention
+from flexattn_jax.backends import pallas_mosaic, pallas_triton
 from flexattn_jax.backends.pallas_triton import decode as _decode
 from flexattn_jax.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, create_block_mask, mask_axes, noop_mask
 from flexattn_jax.mods import identity
+from flexattn_jax.nn._common import _check_dtype
 
 __all__ = ["PagedKVCache"]
 
@@ -50,6 +55,27 @@ _NO_PAGE = -1
 
 def _is_positive_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _per_sequence(name: str, x, batch: int, *, kind: str, meaning: str, hint: str = "") -> jax.Array:
+    """x (an array or a list) as an array [batch] of integers (kind "int") or bools (kind "bool"); a TypeError for
+    another dtype (ending in ``hint``) and a ValueError for another shape, naming ``name`` and saying what it holds
+    (``meaning``)."""
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    dtype = jnp.dtype(x.dtype)
+    fits = dtype == jnp.bool_ if kind == "bool" else jnp.issubdtype(dtype, jnp.integer)
+    expected = f"{'a bool mask' if kind == 'bool' else 'an int array'} [B] = [{batch}] ({meaning})"
+    if not fits:
+        raise TypeError(f"{name} must be {expected}, got {dtype.name}{list(jnp.shape(x))}{hint}")
+    if jnp.shape(x) != (batch,):
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(jnp.shape(x))}")
+    return x
+
+
+def _is_concrete(x) -> bool:
+    """Whether x's values can be read on the host (not under jit, vmap or grad)."""
+    return not isinstance(x, jax.core.Tracer)
 
 
 @functools.partial(
@@ -98,7 +124,8 @@ class PagedKVCache:
     ) -> "PagedKVCache":
         """An empty cache: every page free, no page assigned, every length 0.
 
-        page_size must be a power of two of at least 16 (the kernels' tile sizes divide it).
+        page_size must be a power of two of at least 16 (the kernels' tile sizes divide it); dtype float32, bfloat16
+        or float16 (the attention kernels' dtypes).
         """
         value_dim = head_dim if value_dim is None else value_dim
         for name, value in (
@@ -114,6 +141,7 @@ class PagedKVCache:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if page_size < 16 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two of at least 16, got {page_size}")
+        _check_dtype("dtype", dtype, allow_none=False)
         rows = num_pages * page_size
         return cls(
             key_pool=jnp.zeros((num_kv_heads, rows, head_dim), dtype),
@@ -153,9 +181,23 @@ class PagedKVCache:
     # ---------------------------------------------------------------------------------------------- allocation
 
     def reserve(self, new_lengths: jax.Array) -> "PagedKVCache":
-        """Assigns pages so that sequence b can hold ``new_lengths[b]`` positions (int [B]; pages already held
-        stay; lengths are unchanged). Takes the lowest-numbered free pages, sequence 0 first."""
-        new_lengths = jnp.asarray(new_lengths, jnp.int32)
+        """Assigns pages so that sequence b can hold ``new_lengths[b]`` positions (int [B], each from 0 to
+        ``max_length``; pages already held stay; lengths are unchanged). Takes the lowest-numbered free pages,
+        sequence 0 first."""
+        new_lengths = _per_sequence("new_lengths", new_lengths, self.batch_size, kind="int",
+                                    meaning="positions each sequence is to hold")
+        if _is_concrete(new_lengths):
+            values = np.asarray(new_lengths)
+            if values.min() < 0 or values.max() > self.max_length:
+                raise ValueError(
+                    f"new_lengths must be from 0 to max_length={self.max_length} (the positions the cache addresses "
+                    f"per sequence: max_pages_per_seq {self.max_pages_per_seq} x page_size {self.page_size}), got "
+                    f"{values.tolist()}"
+                )
+        return self._reserve(jnp.asarray(new_lengths, jnp.int32))
+
+    def _reserve(self, new_lengths: jax.Array) -> "PagedKVCache":
+        """``reserve`` without the checks (``append`` has made them on its own arguments)."""
         ps, max_pages = self.page_size, self.max_pages_per_seq
         held = jnp.sum(self.page_table >= 0, axis=1, dtype=jnp.int32)
         needed = jnp.minimum((new_lengths + (ps - 1)) // ps, max_pages)
@@ -173,8 +215,15 @@ class PagedKVCache:
 
     def erase(self, sequences: jax.Array) -> "PagedKVCache":
         """Releases the pages of the sequences where ``sequences`` (bool [B]) is True and resets their length to 0.
-        The pages' contents stay in the pool until reused."""
-        sequences = jnp.asarray(sequences, jnp.bool_)
+        The pages' contents stay in the pool until reused.
+
+        A mask, not indices: an int array such as [0, 1] is refused, as casting it would erase sequence 1 alone. To
+        erase by index, pass ``jnp.zeros(B, bool).at[indices].set(True)``."""
+        batch = self.batch_size
+        sequences = _per_sequence(
+            "sequences", sequences, batch, kind="bool", meaning="True where a sequence is erased",
+            hint=f"; to erase sequences by index, pass jnp.zeros({batch}, bool).at[indices].set(True)",
+        )
         release = sequences[:, None] & (self.page_table >= 0)
         freed = jnp.where(release, self.page_table, self.num_pages)
         page_free = self.page_free.at[freed.reshape(-1)].set(True, mode="drop")
@@ -190,9 +239,19 @@ class PagedKVCache:
 
     def append(self, key: jax.Array, value: jax.Array, num_new: jax.Array | None = None) -> "PagedKVCache":
         """Writes key, value [B, L, Hkv, D] at each sequence's positions [lengths[b], lengths[b] + num_new[b]),
-        reserving pages as needed. num_new: int [B] (each at most L; ragged appends), or None for L each."""
-        batch, q_len = key.shape[:2]
+        reserving pages as needed. num_new: int [B] (each from 0 to L; ragged appends), or None for L each.
+
+        Raises ValueError when a sequence would pass ``max_length`` (or num_new is outside [0, L]); the values are
+        checked only where they are known on the host. Under ``jit`` an overflow cannot be detected: the tokens past
+        max_length are dropped (no page addresses them) while lengths still count them."""
+        for name, x in (("key", key), ("value", value)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise TypeError(f"{name} must be an array [B, L, Hkv, D], got {type(x).__name__}")
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"{name} must be a floating array (the pool holds {self.key_pool.dtype.name}), got "
+                                f"{jnp.dtype(x.dtype).name}")
         hkv, _, head_dim = self.key_pool.shape
+        q_len = key.shape[1] if key.ndim == 4 else None
         expected = (self.batch_size, q_len, hkv, head_dim)
         if key.shape != expected or value.shape != expected[:3] + (self.value_pool.shape[-1],):
             raise ValueError(
@@ -200,9 +259,26 @@ class PagedKVCache:
                 f"must be [B, L, Hkv, D] = {expected}, got {tuple(key.shape)} and {tuple(value.shape)}"
             )
         if num_new is None:
-            num_new = jnp.full((batch,), q_len, jnp.int32)
+            num_new = np.full((self.batch_size,), q_len, np.int32)
+        num_new = _per_sequence("num_new", num_new, self.batch_size, kind="int",
+                                meaning="tokens appended to each sequence")
+        # One read of num_new (and of lengths) on the host where both are concrete; nothing is read under jit.
+        if _is_concrete(num_new):
+            counts = np.asarray(num_new)
+            if counts.min() < 0 or counts.max() > q_len:
+                raise ValueError(
+                    f"num_new must be from 0 to L={q_len} (the tokens given) for each sequence, got {counts.tolist()}"
+                )
+            if _is_concrete(self.lengths):
+                lengths = np.asarray(self.lengths)
+                if (lengths + counts).max() > self.max_length:
+                    raise ValueError(
+                        f"the cache addresses max_length={self.max_length} positions per sequence (max_pages_per_seq "
+                        f"{self.max_pages_per_seq} x page_size {self.page_size}); appending num_new="
+                        f"{counts.tolist()} to lengths {lengths.tolist()} would give {(lengths + counts).tolist()}"
+                    )
         num_new = jnp.asarray(num_new, jnp.int32)
-        cache = self.reserve(self.lengths + num_new)
+        cache = self._reserve(self.lengths + num_new)
         ps = self.page_size
         positions = cache.lengths[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]  # [B, L] logical
         logical_page = jnp.clip(positions // ps, 0, self.max_pages_per_seq - 1)
@@ -379,26 +455,43 @@ class PagedKVCache:
         ``block_mask`` is over logical positions: Q_LEN = L, KV_LEN = max_length, KV_BLOCK = page_size; None
         attends to each sequence's ``lengths[b]`` cached positions (``length_block_mask``). A position on a page the
         sequence does not hold is never attended. score_mod and the mask see logical positions. Arguments otherwise
-        as ``flex_attention``.
+        as ``flex_attention``, and checked as it checks them on either path. A query in another floating dtype than
+        the pool's is cast to the pool's. ``implementation='pallas_mosaic'`` runs ``flex_attention`` on the gathered
+        keys (which says why where it cannot run, e.g. without a Hopper GPU); only pallas_triton has a decode
+        kernel reading the pool.
 
         Returns:
           as ``flex_attention``: out [B, Hq, L, Ev]; with ``return_lse`` also lse [B, Hq, L]; with ``return_aux``,
           ``(out, AuxOutput)`` holding the requested lse and max_scores [B, Hq, L].
         """
+        _validation.check_flags(return_lse=return_lse, interpret=interpret)
         check_return_aux(return_aux, return_lse)
-        if jnp.ndim(query) != 4:
-            raise ValueError(f"query must have rank 4, [B, Hq, L, E], got shape {jnp.shape(query)}")
+        check_implementation(implementation)
+        if not hasattr(query, "shape") or not hasattr(query, "dtype"):
+            raise TypeError(f"query must be an array [B, Hq, L, E], got {type(query).__name__}")
+        if query.ndim != 4:
+            raise ValueError(f"query must have rank 4, [B, Hq, L, E], got shape {tuple(query.shape)}")
         batch, q_heads, q_len, head_dim = query.shape
-        if batch != self.batch_size or q_heads % self.key_pool.shape[0] or head_dim != self.key_pool.shape[2]:
+        hkv = self.key_pool.shape[0]
+        if batch != self.batch_size or q_heads % hkv or head_dim != self.key_pool.shape[2]:
             raise ValueError(
-                f"query must be [B={self.batch_size}, Hq (a multiple of {self.key_pool.shape[0]}), L, "
-                f"{self.key_pool.shape[2]}], got {tuple(query.shape)}"
+                f"query must be [B={self.batch_size}, Hq (a multiple of {hkv}), L, {self.key_pool.shape[2]}], got "
+                f"{tuple(query.shape)}"
             )
+        # flex_attention's checks, as it would make them on the gathered keys and values, on both paths: the decode
+        # kernel would otherwise take a bad scale, score_mod or kernel_options, an int query (cast to the pool's
+        # dtype) or an empty one without a word.
+        keys = jax.ShapeDtypeStruct((batch, hkv, self.max_length, head_dim), query.dtype)
+        values = jax.ShapeDtypeStruct((batch, hkv, self.max_length, self.value_pool.shape[-1]), query.dtype)
+        _validation.check_qkv(query, keys, values, enable_gqa=True)
+        _validation.check_scale(scale)
+        _validation.check_score_mod(identity if score_mod is None else score_mod)
+        pallas_triton.check_kernel_options(kernel_options)
+        pallas_mosaic.check_kernel_options(kernel_options)
         if block_mask is None:
             block_mask = self.length_block_mask(q_len)
         else:
             # As flex_attention checks it on the gather path: the decode kernel would read a mismatched mask silently.
-            keys = jax.ShapeDtypeStruct((batch, self.key_pool.shape[0], self.max_length, head_dim), query.dtype)
             _validation.check_block_mask(block_mask, query, keys)
         # Both paths visit the same positions: the decode kernel's pool has no rows for a page nobody holds, and the
         # gathered keys (zeros there) would otherwise be attended.
@@ -441,9 +534,13 @@ class PagedKVCache:
         )
 
     def _use_decode_kernel(self, query, block_mask, implementation, interpret, kernel_options) -> bool:
-        if implementation == "reference":
+        # The decode kernel is pallas_triton's: pallas_mosaic goes to flex_attention on the gathered keys, which runs
+        # it or says why it cannot (it has no interpret mode), as reference does.
+        if implementation not in (None, "pallas_triton"):
             return False
-        if implementation is None and not (jax.default_backend() == "gpu" or interpret):
+        # Off a GPU the Triton kernels run in interpret mode only; without it flex_attention chooses the reference
+        # (implementation None) or says that pallas_triton needs interpret=True.
+        if not (jax.default_backend() == "gpu" or interpret):
             return False
         if query.shape[-1] > 256 or self.value_pool.shape[-1] > 256:
             return False

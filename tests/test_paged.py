@@ -396,3 +396,98 @@ def test_ragged_cache_gives_each_sequence_its_own_rotary_positions():
     rotated = rotary_embedding(x, positions)
     for b in range(3):
         assert_close(rotated[b], rotary_embedding(x[b : b + 1], positions[b])[0], jnp.float32)
+
+
+def _small_cache(filled=20):
+    """Two sequences of ``filled`` positions, one kv head of dim 16, max_length 64."""
+    cache = PagedKVCache.create(2, num_pages=8, page_size=PS, max_pages_per_seq=4, num_kv_heads=1, head_dim=16)
+    kv = _random(100, (2, filled, 1, 16))
+    return cache.append(kv, kv)
+
+
+def test_create_refuses_a_dtype_the_kernels_do_not_take():
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16, float16, got .*int32"):
+        PagedKVCache.create(2, num_pages=8, page_size=PS, max_pages_per_seq=4, num_kv_heads=1, head_dim=16,
+                            dtype=jnp.int32)
+
+
+def test_append_checks_num_new():
+    cache = PagedKVCache.create(2, num_pages=8, page_size=PS, max_pages_per_seq=4, num_kv_heads=1, head_dim=16)
+    kv = _random(101, (2, 20, 1, 16))
+    for bad, error in ((3, ValueError), (jnp.array([3, 5, 1]), ValueError), (jnp.array([3.0, 5.0]), TypeError)):
+        with pytest.raises(error, match=r"num_new must be an int array \[B\] = \[2\]"):
+            cache.append(kv, kv, num_new=bad)
+    # More than the L tokens given would count positions never written; a negative count a negative length.
+    for bad in ([30, 5], [-3, 5]):
+        with pytest.raises(ValueError, match=r"num_new must be from 0 to L=20 .* got \[" + str(bad[0])):
+            cache.append(kv, kv, num_new=jnp.array(bad))
+    with pytest.raises(ValueError, match="the cache addresses max_length=64 positions per sequence"):
+        cache.append(_random(102, (2, 70, 1, 16)), _random(103, (2, 70, 1, 16)))
+    full = cache.append(kv, kv).append(kv, kv).append(kv, kv).append(kv, kv, num_new=jnp.array([4, 0]))
+    assert full.lengths.tolist() == [64, 60]  # up to max_length exactly is fine
+    with pytest.raises(ValueError, match=r"would give \[65, 61\]"):
+        full.append(kv, kv, num_new=[1, 1])
+    with pytest.raises(TypeError, match="key must be a floating array"):
+        cache.append(kv.astype(jnp.int32), kv)
+    # Under jit the values cannot be read: a traced num_new is checked for its shape and dtype only.
+    step = jax.jit(lambda c, k, n: c.append(k, k, num_new=n))
+    assert step(cache, kv, jnp.array([20, 3])).lengths.tolist() == [20, 3]
+    with pytest.raises(TypeError, match="num_new must be an int array"):
+        step(cache, kv, jnp.array([20.0, 3.0]))
+
+
+def test_erase_takes_a_bool_mask_and_reserve_int_lengths():
+    cache = _small_cache()
+    # Indices [0, 1] ("sequences 0 and 1") cast to bool would erase sequence 1 alone.
+    with pytest.raises(TypeError, match=r"sequences must be a bool mask \[B\] = \[2\] .* got int32\[2\]; to erase"):
+        cache.erase(jnp.array([0, 1]))
+    for bad in (True, jnp.array([True, False, True])):
+        with pytest.raises(ValueError, match=r"sequences must be a bool mask \[B\] = \[2\]"):
+            cache.erase(bad)
+    assert cache.erase([True, False]).lengths.tolist() == [0, 20]
+    assert jax.jit(lambda c, s: c.erase(s))(cache, jnp.array([False, True])).lengths.tolist() == [20, 0]
+
+    for bad, error in ((16, ValueError), (jnp.array([16, 16, 16]), ValueError), (jnp.array([16.0, 16.0]), TypeError)):
+        with pytest.raises(error, match=r"new_lengths must be an int array \[B\] = \[2\]"):
+            cache.reserve(bad)
+    with pytest.raises(ValueError, match=r"new_lengths must be from 0 to max_length=64 .* got \[65, 16\]"):
+        cache.reserve(jnp.array([65, 16]))
+    assert (cache.reserve(jnp.array([64, 16])).page_table >= 0).sum(axis=1).tolist() == [4, 2]
+
+
+def test_paged_attention_checks_implementation():
+    cache = _small_cache()
+    q = _random(104, (2, 2, 1, 16))
+    for typo in ("Reference", "triton"):
+        with pytest.raises(ValueError, match=r"implementation must be None or one of \('reference', "):
+            cache.attention(q, implementation=typo, interpret=True)
+    # pallas_mosaic has no interpret mode and no decode kernel: flex_attention on the gathered keys says so, where
+    # the Triton decode kernel had run in its place.
+    with pytest.raises(ValueError, match="implementation='pallas_mosaic' cannot serve these inputs: .*no interpret"):
+        cache.attention(q, implementation="pallas_mosaic", interpret=True)
+    if not HAS_GPU:
+        with pytest.raises(ValueError, match="implementation='pallas_triton' needs a CUDA GPU"):
+            cache.attention(q, implementation="pallas_triton")
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_paged_attention_checks_its_arguments_on_either_path(implementation):
+    """The decode kernel's path checks scale, score_mod, kernel_options and the query as flex_attention does."""
+    cache = _small_cache()
+    q = _random(105, (2, 2, 1, 16))
+    run = dict(implementation=implementation, interpret=implementation == "pallas_triton")
+    bad_arguments = (
+        (dict(scale="0.5"), TypeError, "scale must be a Python float or None, got str"),
+        (dict(score_mod=3), TypeError, "score_mod must be a callable"),
+        (dict(score_mod=lambda s, b, h, q_idx, kv_idx: q_idx), TypeError, "score_mod must return a floating scalar"),
+        (dict(kernel_options={"BLOCK_MM": 16}), ValueError, "kernel_options has an unknown key 'BLOCK_MM'"),
+        (dict(kernel_options={"BLOCK_M": 8}), ValueError, r"kernel_options\['BLOCK_M'\] must be a power of two"),
+        (dict(kernel_options=[1]), TypeError, "kernel_options must be a dict or None, got list"),
+    )
+    for arguments, error, message in bad_arguments:
+        with pytest.raises(error, match=message):
+            cache.attention(q, **arguments, **run)
+    with pytest.raises(TypeError, match="query must be float32, bfloat16 or float16, got int32"):
+        cache.attention(q.astype(jnp.int32), **run)
+    with pytest.raises(ValueError, match=r"query must not have an empty axis, got shape \(2, 2, 0, 16\)"):
+        cache.attention(jnp.zeros((2, 2, 0, 16)), **run)
