@@ -625,3 +625,46 @@ def test_gpu_gradients_at_realistic_sizes(name, dtype, head_dim):
     grads = jax.jit(jax.grad(functools.partial(loss, "pallas_triton"), argnums))(q, k, v, captured)
     ref_grads = jax.jit(jax.grad(functools.partial(loss, "reference"), argnums))(q, k, v, captured)
     _assert_grads_close(grads, ref_grads, dtype, ("dq", "dk", "dv", "d_captured"))
+
+
+# ------------------------------------------------------------------------------------------- edge cases of use
+
+
+def test_captured_array_gradient_stays_finite_where_a_loss_sends_nan_to_an_empty_row():
+    # Rows q % 3 == 1 attend nowhere (lse -inf) inside visited partial blocks; where(isfinite(lse), cos(lse), 0)
+    # sends them a NaN cotangent. No gradient may turn NaN: the table's came from 0 * NaN in its pullback.
+    s = dict(SIZES, L=48, S=48)
+    q, k, v = random_qkv(40, **s)
+    table = jax.random.normal(jax.random.key(41), (s["Hq"], 2 * s["S"] + 1)) * 0.3
+    block_mask = _block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx % 3 != 1), None, None,
+                             s["L"], s["S"])
+
+    def loss(implementation, q, table):
+        def biased(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx - kv_idx + s["S"]]
+
+        out, lse = _attention(implementation, q, k, v, biased, block_mask, return_lse=True,
+                              kernel_options=TINY_TILES)
+        return jnp.sum(out) + jnp.sum(jnp.where(jnp.isfinite(lse), jnp.cos(lse), 0.0))
+
+    grads = jax.grad(functools.partial(loss, "pallas_triton"), argnums=(0, 1))(q, table)
+    ref_grads = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1))(q, table)
+    for name, grad, ref in zip(("dq", "d table"), grads, ref_grads):
+        assert np.isfinite(np.asarray(grad)).all(), name
+        assert_close(grad, ref, jnp.float32, name)
+
+
+def test_a_score_mod_returning_a_constant_is_differentiated():
+    s = SIZES
+    q, k, v = random_qkv(42, **s)
+    for constant in (lambda score, b, h, q_idx, kv_idx: 1.0, lambda score, b, h, q_idx, kv_idx: jnp.float32(2.0)):
+        _assert_qkv_grads_match(q, k, v, constant, None, _cotangent(43, (s["B"], s["Hq"], s["L"], s["Ev"])))
+
+
+def test_gradients_with_x64_enabled():
+    # Python ints become int64 under x64; the kernels' index arithmetic must stay int32.
+    s = SIZES
+    with jax.enable_x64(True):
+        q, k, v = random_qkv(44, **s)
+        block_mask = _block_mask(fa.causal_mask, None, None, s["L"], s["S"])
+        _assert_qkv_grads_match(q, k, v, fa.rel_bias, block_mask, _cotangent(45, (s["B"], s["Hq"], s["L"], s["Ev"])))

@@ -302,3 +302,21 @@ def test_reference_backend_takes_plain_arrays():
     expected, expected_lse = numpy_attention(q, k, v, np.ones((1, 1, 4, 4), bool), lambda s: s, 0.5)
     assert_close(out, expected, jnp.float32)
     assert_close(lse, expected_lse, jnp.float32)
+
+
+def test_the_softmax_is_float32_whatever_the_score_mod_returns():
+    # score.astype(bf16) in the score_mod: the scores are rounded, but the softmax and lse stay float32.
+    q, k, v = (jax.random.normal(key, (1, 2, 32, 16)) for key in jax.random.split(jax.random.key(50), 3))
+
+    def rounded(score, b, h, q_idx, kv_idx):
+        return score.astype(jnp.bfloat16)
+
+    out, lse = fa.flex_attention(q, k, v, score_mod=rounded, return_lse=True, implementation="reference")
+    assert lse.dtype == jnp.float32
+    scores = (np.einsum("bhle,bhse->bhls", np.float64(q), np.float64(k)) / 4.0)
+    scores = np.float64(jnp.asarray(scores, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhls,bhsd->bhld", weights / weights.sum(-1, keepdims=True), np.float64(v))
+    expected_lse = np.log(np.exp(scores).sum(-1))
+    assert np.linalg.norm(np.asarray(out) - expected) / np.linalg.norm(expected) < 2e-5
+    assert np.linalg.norm(np.asarray(lse) - expected_lse) / np.linalg.norm(expected_lse) < 2e-5

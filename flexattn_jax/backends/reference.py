@@ -32,7 +32,9 @@ def _one_head(q, k, v, b, h, partial_blocks, full_blocks, *, score_mod, mask_mod
 
     scores = jnp.einsum("le,se->ls", q, k, precision=jax.lax.Precision.HIGHEST) * scale
     over_kv = jax.vmap(score_mod, in_axes=(0, None, None, None, 0))
-    scores = jax.vmap(over_kv, in_axes=(0, None, None, 0, None))(scores, b, h, q_idx, kv_idx)
+    # The softmax is float32 whatever the score_mod returns (score.astype(bf16), a float64 table under x64), as in
+    # the kernels.
+    scores = jax.vmap(over_kv, in_axes=(0, None, None, 0, None))(scores, b, h, q_idx, kv_idx).astype(jnp.float32)
 
     allowed_by_mod = jax.vmap(jax.vmap(mask_mod, (None, None, None, 0)), (None, None, 0, None))(b, h, q_idx, kv_idx)
     q_block, kv_block = block_size

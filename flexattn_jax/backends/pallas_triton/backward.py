@@ -337,6 +337,8 @@ def _score_gradient_tile(
     else:
         scaled = s if tiling.scale == 1.0 else s * jnp.float32(tiling.scale)
         m, pullback = score.vjp(score_refs, scaled, b, h, mod_q, mod_kv)
+        # A score_mod returning a constant (`return 1.0`) gives a literal, not an array.
+        m = jnp.asarray(m, getattr(m, "dtype", jnp.float32))
         m_shape, m_dtype = m.shape, m.dtype
         p = _tile.exp2(_tile.fma(jnp.broadcast_to(m.astype(jnp.float32), shape), _tile.LOG2_E, -lse2,
                                  fast=tiling.inline_ptx), fast=tiling.inline_ptx)
@@ -367,7 +369,7 @@ def _walk(num_ref, indices_ref, row: tuple, block: int, tile: int, body, carry):
     def start_of(t):
         if sub_tiles == 1:
             return indices_ref[(*row, t)] * block
-        return indices_ref[(*row, lax.div(t, sub_tiles))] * block + lax.rem(t, sub_tiles) * tile
+        return indices_ref[(*row, lax.div(t, jnp.int32(sub_tiles)))] * block + lax.rem(t, jnp.int32(sub_tiles)) * tile
 
     return _tile.walk_starts(count, start_of, lambda start, carry: body(pl.multiple_of(start, tile), carry), carry)
 
@@ -392,7 +394,7 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
     j, kv_head, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = tiling.block_m, tiling.block_n
     kv_start = j * bn
-    kv_block = lax.div(kv_start, tiling.kv_block)
+    kv_block = lax.div(kv_start, jnp.int32(tiling.kv_block))
     k = k_ref[...]
     v = v_ref[...]
 
@@ -517,7 +519,7 @@ def _dq_kernel(*refs, mods_static, tiling: Tiling, has_full: bool, counts, grad_
     i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn = tiling.block_m, tiling.block_n
     q_start = i * bm
-    q_block = lax.div(q_start, tiling.q_block)
+    q_block = lax.div(q_start, jnp.int32(tiling.q_block))
     q = q_ref[...]
     d_out = do_ref[...]
     lse2 = lse2_ref[...][:, None]

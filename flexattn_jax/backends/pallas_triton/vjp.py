@@ -127,6 +127,9 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)
     if not isinstance(d_lse, SymbolicZero):
         delta = delta - d_lse.astype(f32)
+    # A row that attends nowhere has no gradient, but a loss may send NaN to its lse of -inf (cos(-inf)); its delta
+    # must stay finite, or P * (dP - delta) is 0 * NaN where the score_mod's pullback reads it.
+    delta = jnp.where(lse == -jnp.inf, jnp.float32(0.0), delta)
     # The kernels take lse in base 2. A row that attends nowhere has lse -inf; +inf makes its P = exp(m - lse)
     # exactly 0, never inf or NaN.
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * jnp.float32(_tile.LOG2_E))
