@@ -90,6 +90,7 @@ def check_block_mask(block_mask, query, key) -> None:
     check_mask_mod(block_mask.mask_mod, "block_mask.mask_mod")
     b, hq, q_len, _ = query.shape
     kv_len = key.shape[2]
+    check_extents(block_mask.mask_mod, "block_mask.mask_mod", batch=b, head=hq, q=q_len, kv=kv_len)
     block_size = block_mask.BLOCK_SIZE
     if not (
         isinstance(block_size, tuple)
@@ -163,6 +164,25 @@ def check_scale(scale) -> float | None:
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {float(scale)}")
     return float(scale)
+
+
+_EXTENT_AXES = {"batch": "batch size", "head": "query head count", "q": "query length", "kv": "key length"}
+
+
+def check_extents(mod: Callable, name: str, **sizes: int | None) -> None:
+    """A library mod closing over arrays (``document_mask``'s ids, ``alibi_bias``'s slopes, a bias table) records in
+    ``index_extents`` how far along each axis (batch, head, q, kv) they reach; a read past the end would be clamped by
+    JAX into a silently wrong mask or bias. Raises ValueError where a size given here exceeds one."""
+    extents = getattr(mod, "index_extents", None) or {}
+    for axis, size in sizes.items():
+        if size is None or axis not in extents:
+            continue
+        extent, what = extents[axis]
+        if size > extent:
+            raise ValueError(
+                f"{name} reads {what}, which covers a {_EXTENT_AXES[axis]} of {extent}, but the "
+                f"{_EXTENT_AXES[axis]} here is {size}"
+            )
 
 
 def check_flags(**flags) -> None:

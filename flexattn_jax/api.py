@@ -184,6 +184,8 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
         score_mod = identity
     _validation.check_score_mod(score_mod)
     q_len, kv_len = query.shape[2], key.shape[2]
+    b, hq = query.shape[:2]
+    _validation.check_extents(score_mod, "score_mod", batch=b, head=hq, q=q_len, kv=kv_len)
     if block_mask is None:
         block_mask = _full_attention_block_mask(q_len, kv_len)
     else:

@@ -536,6 +536,7 @@ def create_block_mask(
             raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
     check_mask_mod(mask_mod)
+    _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
     program, consts = _MaskProgram.trace(mask_mod)
     # The same mask on every call unless mask_mod reads a traced value: then built once, while tracing.
     traced = any(isinstance(c, jax.core.Tracer) for c in consts)
@@ -553,6 +554,7 @@ def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_
     B = 1 if B is None else B
     H = 1 if H is None else H
     check_mask_mod(mask_mod)
+    _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
     idx = [jnp.arange(n, dtype=jnp.int32) for n in (B, H, Q_LEN, KV_LEN)]
     fn = mask_mod
     for axis in reversed(range(4)):

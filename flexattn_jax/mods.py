@@ -49,7 +49,7 @@ def and_masks(*mask_mods: Callable) -> Callable:
     if not all(callable(m) for m in mask_mods):
         raise TypeError("and_masks takes mask_mod callables")
     for mask_mod in mask_mods:
-        _validation.check_arity(mask_mod, 4, f"each argument of and_masks", "mask_mod(b, h, q_idx, kv_idx)")
+        _validation.check_arity(mask_mod, 4, "each argument of and_masks", "mask_mod(b, h, q_idx, kv_idx)")
 
     def and_mask(b, h, q_idx, kv_idx):
         result = noop_mask(b, h, q_idx, kv_idx)
@@ -58,6 +58,7 @@ def and_masks(*mask_mods: Callable) -> Callable:
         return result
 
     and_mask.__name__ = "and_" + "_".join(getattr(m, "__name__", "mask") for m in mask_mods)
+    and_mask.index_extents = _merged_extents(mask_mods)
     return and_mask
 
 
@@ -66,7 +67,7 @@ def or_masks(*mask_mods: Callable) -> Callable:
     if not all(callable(m) for m in mask_mods):
         raise TypeError("or_masks takes mask_mod callables")
     for mask_mod in mask_mods:
-        _validation.check_arity(mask_mod, 4, f"each argument of or_masks", "mask_mod(b, h, q_idx, kv_idx)")
+        _validation.check_arity(mask_mod, 4, "each argument of or_masks", "mask_mod(b, h, q_idx, kv_idx)")
 
     def or_mask(b, h, q_idx, kv_idx):
         result = ~noop_mask(b, h, q_idx, kv_idx)
@@ -75,6 +76,7 @@ def or_masks(*mask_mods: Callable) -> Callable:
         return result
 
     or_mask.__name__ = "or_" + "_".join(getattr(m, "__name__", "mask") for m in mask_mods)
+    or_mask.index_extents = _merged_extents(mask_mods)
     return or_mask
 
 
@@ -134,6 +136,12 @@ def document_mask(document_ids: jax.Array, kv_document_ids: jax.Array | None = N
             return q_ids[q_idx] == kv_ids[kv_idx]
         return q_ids[b, q_idx] == kv_ids[b, kv_idx]
 
+    document.index_extents = {
+        "q": (q_ids.shape[-1], f"document ids {list(q_ids.shape)}"),
+        "kv": (kv_ids.shape[-1], f"document ids {list(kv_ids.shape)}"),
+    }
+    if q_ids.ndim == 2:
+        document.index_extents["batch"] = (min(q_ids.shape[0], kv_ids.shape[0]), f"document ids {list(q_ids.shape)}")
     return document
 
 
@@ -175,7 +183,21 @@ def compose(*score_mods: Callable) -> Callable:
         composed.__name__ = f"{getattr(f, '__name__', 'f')}_of_{getattr(g, '__name__', 'g')}"
         return composed
 
-    return functools.reduce(compose2, score_mods)
+    if len(score_mods) == 1:
+        return score_mods[0]
+    composed = functools.reduce(compose2, score_mods)
+    composed.index_extents = _merged_extents(score_mods)
+    return composed
+
+
+def _merged_extents(mods) -> dict:
+    """The tightest of the mods' ``index_extents`` on each axis (see ``_validation.check_extents``)."""
+    merged = {}
+    for mod in mods:
+        for axis, (extent, what) in (getattr(mod, "index_extents", None) or {}).items():
+            if axis not in merged or extent < merged[axis][0]:
+                merged[axis] = (extent, what)
+    return merged
 
 
 def causal(score, b, h, q_idx, kv_idx):
@@ -231,6 +253,7 @@ def alibi_bias(slopes: jax.Array) -> Callable:
         del b
         return score + slopes[h].astype(score.dtype) * (kv_idx - q_idx).astype(score.dtype)
 
+    alibi.index_extents = {"head": (slopes.shape[0], f"slopes {list(slopes.shape)}")}
     return alibi
 
 
@@ -264,4 +287,5 @@ def relative_position_bias(table: jax.Array) -> Callable:
         column = jnp.clip(q_idx - kv_idx, -max_distance, max_distance) + max_distance
         return score + table[h, column].astype(score.dtype)
 
+    relative_bias.index_extents = {"head": (table.shape[0], f"a bias table {list(table.shape)}")}
     return relative_bias

@@ -191,3 +191,26 @@ def test_max_scores_under_jit_carry_no_gradient():
     through_lse = jax.grad(lambda q: jnp.sum(attend(q)[1].lse))(Q)
     assert jnp.all(jnp.isfinite(through_lse)) and jnp.any(through_lse)
 
+
+
+def test_a_library_mod_reading_past_its_arrays_is_refused():
+    # JAX clamps an out-of-range read: ids shorter than the sequence, slopes or a table for fewer heads would give a
+    # silently wrong mask or bias.
+    short_ids = fa.document_mask(jnp.repeat(jnp.arange(2), 8))  # 16 ids
+    with pytest.raises(ValueError, match=r"mask_mod reads document ids \[16\], which covers a query length of 16, "
+                                         r"but the query length here is 24"):
+        fa.create_block_mask(short_ids, None, None, 24, 16, BLOCK_SIZE=8)
+    with pytest.raises(ValueError, match="covers a key length of 16, but the key length here is 24"):
+        fa.create_mask(fa.and_masks(fa.causal_mask, short_ids), None, None, 16, 24)
+    two_rows = fa.document_mask(jnp.zeros((2, 16), jnp.int32))
+    with pytest.raises(ValueError, match="covers a batch size of 2, but the batch size here is 3"):
+        fa.create_block_mask(two_rows, 3, None, 16, 16, BLOCK_SIZE=8)
+    for score_mod, what in ((fa.alibi_bias(jnp.array([0.5, 0.25])), r"slopes \[2\]"),
+                            (fa.relative_position_bias(jnp.zeros((2, 9))), r"a bias table \[2, 9\]"),
+                            (fa.compose(fa.tanh_softcap(5.0), fa.alibi_bias(jnp.ones(3))), r"slopes \[3\]")):
+        with pytest.raises(ValueError, match=f"score_mod reads {what}, which covers a query head count of "
+                                             r"\d, but the query head count here is 4"):
+            fa.flex_attention(Q, K, V, score_mod=score_mod, enable_gqa=True)
+    # Arrays reaching at least as far serve.
+    fa.flex_attention(Q, K, V, score_mod=fa.alibi_bias(jnp.ones(4)), enable_gqa=True)
+    fa.create_block_mask(short_ids, None, None, 16, 16, BLOCK_SIZE=8)
