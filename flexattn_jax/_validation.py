@@ -154,6 +154,23 @@ def check_block_mask(block_mask, query, key) -> None:
             )
 
 
+def is_int(value) -> bool:
+    """A Python or NumPy integer, and not a bool: Python counts True as 1, so B=True would pass for a batch of one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(value, name: str) -> int:
+    """value must be a positive int (Python or NumPy, not a bool); returns it as a Python int."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def is_concrete(x) -> bool:
+    """Whether x's values can be read on the host (not under jit, vmap or grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
 def check_scale(scale) -> float | None:
     """scale must be None or a finite real number (Python or NumPy; a traced value cannot set a kernel constant);
     returns it as a Python float."""

@@ -87,17 +87,62 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _normalize_block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, (int, np.integer)):
+    if _validation.is_int(block_size):
         block_size = (int(block_size), int(block_size))
     if (
         not isinstance(block_size, (tuple, list))
         or len(block_size) != 2
-        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in block_size)
+        or not all(_validation.is_int(s) and s > 0 for s in block_size)
     ):
         raise ValueError(
             f"BLOCK_SIZE must be a positive int or a (Q_BLOCK, KV_BLOCK) pair of positive ints, got {block_size!r}"
         )
     return int(block_size[0]), int(block_size[1])
+
+
+def _check_seq_lengths(seq_lengths) -> tuple[int, int]:
+    if (
+        not isinstance(seq_lengths, (tuple, list))
+        or len(seq_lengths) != 2
+        or not all(_validation.is_int(n) and n > 0 for n in seq_lengths)
+    ):
+        raise ValueError(f"seq_lengths must be a (Q_LEN, KV_LEN) pair of positive ints, got {seq_lengths!r}")
+    return int(seq_lengths[0]), int(seq_lengths[1])
+
+
+def _block_index_array(x, name: str) -> jax.Array:
+    """x as an int32 array; a float array is refused rather than truncated (block 1.9 is not block 1)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got {jnp.dtype(x.dtype).name}{list(x.shape)}")
+    return x.astype(jnp.int32)
+
+
+def _check_block_lists(num_blocks: jax.Array, indices: jax.Array, num_name: str, indices_name: str) -> None:
+    """When concrete: 0 <= num_blocks <= KVB, and the first num_blocks entries of each indices row in [0, KVB).
+
+    _indices_to_map clips what it reads, so an out-of-range count or block number would otherwise describe a
+    different mask than the one given, silently.
+    """
+    if not (_validation.is_concrete(num_blocks) and _validation.is_concrete(indices)):
+        return
+    num_blocks, indices = np.asarray(num_blocks), np.asarray(indices)
+    kvb = indices.shape[-1]
+    bad = (num_blocks < 0) | (num_blocks > kvb)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{num_name} must be in [0, {kvb}] (KVB, the length of {indices_name}'s rows), got {num_blocks[where]} "
+            f"at {list(where)}"
+        )
+    listed = np.arange(kvb) < num_blocks[..., None]
+    bad = listed & ((indices < 0) | (indices >= kvb))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{indices_name} must list key blocks in [0, {kvb}) in the first {num_name} entries of each row, got "
+            f"{indices[where]} at {list(where)}"
+        )
 
 
 def _map_to_indices(block_map: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,13 +246,17 @@ class BlockMask:
         A block set in both maps counts as full.
         """
         q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
+        if mask_mod is not None:
+            check_mask_mod(mask_mod)
         partial_blocks = jnp.asarray(partial_blocks, jnp.bool_)
         if partial_blocks.ndim != 4:
             raise ValueError(f"partial_blocks must be [B, H, QB, KVB], got shape {partial_blocks.shape}")
+        if 0 in partial_blocks.shape:
+            raise ValueError(f"partial_blocks [B, H, QB, KVB] must have no empty axis, got shape {partial_blocks.shape}")
         num_q_blocks, num_kv_blocks = partial_blocks.shape[-2:]
         if seq_lengths is None:
             seq_lengths = (num_q_blocks * q_block, num_kv_blocks * kv_block)
-        seq_lengths = (int(seq_lengths[0]), int(seq_lengths[1]))
+        seq_lengths = _check_seq_lengths(seq_lengths)
         if (_cdiv(seq_lengths[0], q_block), _cdiv(seq_lengths[1], kv_block)) != (num_q_blocks, num_kv_blocks):
             raise ValueError(
                 f"seq_lengths {seq_lengths} with BLOCK_SIZE {(q_block, kv_block)} needs "
@@ -256,29 +305,34 @@ class BlockMask:
         """Builds a BlockMask from the kv-side arrays alone, deriving the transposed q-side ones (as PyTorch's).
 
         ``kv_num_blocks`` is [B, H, QB] and ``kv_indices`` [B, H, QB, KVB]; the full pair, if given, likewise.
-        Works under ``jax.jit``.
+        The index arrays must be integers; when concrete (not traced), each ``kv_num_blocks`` entry must be in
+        [0, KVB] and the key blocks its row lists in [0, KVB). Works under ``jax.jit`` (where they are not checked).
         """
-        kv_num_blocks = jnp.asarray(kv_num_blocks, jnp.int32)
-        kv_indices = jnp.asarray(kv_indices, jnp.int32)
+        kv_num_blocks = _block_index_array(kv_num_blocks, "kv_num_blocks")
+        kv_indices = _block_index_array(kv_indices, "kv_indices")
         if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4 or kv_indices.shape[:3] != kv_num_blocks.shape:
             raise ValueError(
                 "kv_num_blocks must be [B, H, QB] and kv_indices [B, H, QB, KVB] with the same B, H, QB; got "
                 f"{kv_num_blocks.shape} and {kv_indices.shape}"
             )
+        if 0 in kv_indices.shape:
+            raise ValueError(f"kv_indices [B, H, QB, KVB] must have no empty axis, got shape {kv_indices.shape}")
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must be given together")
+        _check_block_lists(kv_num_blocks, kv_indices, "kv_num_blocks", "kv_indices")
         num_kv_blocks = kv_indices.shape[-1]
         partial = _indices_to_map(kv_num_blocks, kv_indices, num_kv_blocks)
         full = None
         if full_kv_num_blocks is not None:
-            full_kv_num_blocks = jnp.asarray(full_kv_num_blocks, jnp.int32)
-            full_kv_indices = jnp.asarray(full_kv_indices, jnp.int32)
+            full_kv_num_blocks = _block_index_array(full_kv_num_blocks, "full_kv_num_blocks")
+            full_kv_indices = _block_index_array(full_kv_indices, "full_kv_indices")
             if full_kv_indices.shape != kv_indices.shape or full_kv_num_blocks.shape != kv_num_blocks.shape:
                 raise ValueError(
                     "full_kv_num_blocks / full_kv_indices must have the shapes of kv_num_blocks / kv_indices "
                     f"{kv_num_blocks.shape} / {kv_indices.shape}, got {full_kv_num_blocks.shape} / "
                     f"{full_kv_indices.shape}"
                 )
+            _check_block_lists(full_kv_num_blocks, full_kv_indices, "full_kv_num_blocks", "full_kv_indices")
             full = _indices_to_map(full_kv_num_blocks, full_kv_indices, num_kv_blocks)
         return cls.from_block_maps(partial, full, BLOCK_SIZE, mask_mod, seq_lengths)
 
@@ -332,6 +386,8 @@ class BlockMask:
         sizes = self.kv_num_blocks.shape[:2]
         keep_dims = []
         for i, n in zip(index, sizes):
+            if isinstance(i, (bool, np.bool_)):
+                raise TypeError(f"BlockMask indices must be ints or slices, got bool {i!r}")
             if isinstance(i, (int, np.integer)):
                 if not -n <= i < n:
                     raise IndexError(f"index {i} out of range for an axis of size {n}")
@@ -497,6 +553,16 @@ def _block_maps_from_mask_program(program: _MaskProgram, consts, B, H, q_len, kv
     return any_map.reshape(shape), all_map.reshape(shape)
 
 
+def _check_sizes(B, H, Q_LEN, KV_LEN) -> tuple[int, int, int, int]:
+    """B, H (None meaning 1), Q_LEN and KV_LEN as positive Python ints; ValueError naming one that is not."""
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    for name, value in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if not _validation.is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
+    return int(B), int(H), int(Q_LEN), int(KV_LEN)
+
+
 def create_block_mask(
     mask_mod: MaskMod,
     B: int | None,
@@ -529,11 +595,7 @@ def create_block_mask(
     >>> bm.to_dense()[0, 0].tolist()
     [[1, 0], [1, 1]]
     """
-    B = 1 if B is None else B
-    H = 1 if H is None else H
-    for name, value in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int (or None for B and H), got {value!r}")
+    B, H, Q_LEN, KV_LEN = _check_sizes(B, H, Q_LEN, KV_LEN)
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
     check_mask_mod(mask_mod)
     _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)

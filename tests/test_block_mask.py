@@ -376,3 +376,60 @@ def test_from_kv_blocks_bad_input():
         fa.BlockMask.from_kv_blocks(
             jnp.zeros((1, 1, 2), jnp.int32), jnp.zeros((1, 1, 2, 2), jnp.int32), BLOCK_SIZE=8, seq_lengths=(64, 16)
         )
+
+
+_NUM = jnp.array([[[1, 1]]])
+_IDX = jnp.array([[[[0, 1], [1, 0]]]])
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        ((_NUM, jnp.array([[[[5, 1], [1, 0]]]])), ValueError, r"kv_indices must list key blocks in \[0, 2\).* got 5"),
+        ((_NUM, jnp.array([[[[-1, 1], [1, 0]]]])), ValueError, r"kv_indices .* \[0, 2\).* got -1"),
+        ((jnp.array([[[5, 1]]]), _IDX), ValueError, r"kv_num_blocks must be in \[0, 2\].* got 5"),
+        ((jnp.array([[[-1, 1]]]), _IDX), ValueError, r"kv_num_blocks must be in \[0, 2\].* got -1"),
+        ((_NUM, jnp.array([[[[0.7, 1.9], [1.0, 0.0]]]])), TypeError, r"kv_indices must be an integer array, got float32"),
+        ((_NUM.astype(jnp.float32), _IDX), TypeError, "kv_num_blocks must be an integer array"),
+        ((_NUM * 0, _IDX, _NUM, jnp.array([[[[9, 1], [1, 0]]]])), ValueError, r"full_kv_indices .* \[0, 2\).* got 9"),
+        ((_NUM * 0, _IDX, _NUM * 3, _IDX), ValueError, r"full_kv_num_blocks must be in \[0, 2\].* got 3"),
+        ((jnp.zeros((1, 1, 2), int), jnp.zeros((1, 1, 2, 0), int)), ValueError, "kv_indices .* no empty axis"),
+    ],
+)
+def test_from_kv_blocks_refuses_indices_that_describe_another_mask(args, error, message):
+    with pytest.raises(error, match=message):
+        fa.BlockMask.from_kv_blocks(*args, BLOCK_SIZE=16)
+
+
+def test_from_kv_blocks_ignores_padding_past_num_blocks_and_works_under_jit():
+    # Entries past kv_num_blocks are padding: anything goes there, and traced arrays are not read.
+    bm = fa.BlockMask.from_kv_blocks(jnp.array([[[1, 0]]]), jnp.array([[[[0, 7], [-3, 9]]]]), BLOCK_SIZE=16)
+    assert bm.to_dense().tolist() == [[[[1, 0], [0, 0]]]]
+    dense = jax.jit(lambda n, i: fa.BlockMask.from_kv_blocks(n, i, BLOCK_SIZE=16).to_dense())(_NUM, _IDX)
+    assert dense.tolist() == [[[[1, 0], [0, 1]]]]
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: fa.BlockMask.from_kv_blocks(_NUM, _IDX, BLOCK_SIZE=16, seq_lengths=32), ValueError,
+         r"seq_lengths must be a \(Q_LEN, KV_LEN\) pair of positive ints, got 32"),
+        (lambda: fa.BlockMask.from_kv_blocks(_NUM, _IDX, BLOCK_SIZE=16, seq_lengths=(32, 32, 5)), ValueError,
+         "seq_lengths must be"),
+        (lambda: fa.BlockMask.from_kv_blocks(_NUM, _IDX, BLOCK_SIZE=16, seq_lengths=(31.5, 32)), ValueError,
+         r"seq_lengths must be .* got \(31.5, 32\)"),
+        (lambda: fa.BlockMask.from_kv_blocks(_NUM, _IDX, BLOCK_SIZE=16, mask_mod=3), TypeError,
+         "mask_mod must be a callable"),
+        (lambda: fa.BlockMask.from_block_maps(jnp.zeros((1, 1, 0, 0), bool), BLOCK_SIZE=16), ValueError,
+         "partial_blocks .* no empty axis"),
+        (lambda: fa.create_block_mask(fa.causal_mask, True, None, 32, 32), ValueError,
+         "B must be a positive int .* got True"),
+        (lambda: fa.create_block_mask(fa.causal_mask, None, None, 32, 32, BLOCK_SIZE=True), ValueError,
+         "BLOCK_SIZE must be a positive int"),
+        (lambda: fa.create_block_mask(fa.causal_mask, 2, None, 32, 32)[True], TypeError,
+         "BlockMask indices must be ints or slices, got bool"),
+    ],
+)
+def test_block_mask_constructors_check_their_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
