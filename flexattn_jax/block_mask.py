@@ -613,8 +613,7 @@ def create_block_mask(
 
 def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int) -> jax.Array:
     """The dense boolean mask [B, H, Q_LEN, KV_LEN] of ``mask_mod`` (B, H None mean 1). Memory O(Q_LEN x KV_LEN)."""
-    B = 1 if B is None else B
-    H = 1 if H is None else H
+    B, H, Q_LEN, KV_LEN = _check_sizes(B, H, Q_LEN, KV_LEN)
     check_mask_mod(mask_mod)
     _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
     idx = [jnp.arange(n, dtype=jnp.int32) for n in (B, H, Q_LEN, KV_LEN)]

@@ -433,3 +433,15 @@ def test_from_kv_blocks_ignores_padding_past_num_blocks_and_works_under_jit():
 def test_block_mask_constructors_check_their_arguments(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [((-1, None, 8, 8), "B must be a positive int"), ((2.5, None, 8, 8), "B must be a positive int"),
+     ((None, True, 8, 8), "H must be a positive int"), ((None, None, 8.7, 8), "Q_LEN must be a positive int"),
+     ((None, None, -3, 8), "Q_LEN"), ((None, None, 8, "8"), "KV_LEN must be a positive int")],
+)
+def test_create_mask_checks_its_sizes_as_create_block_mask_does(sizes, message):
+    for build in (fa.create_mask, fa.create_block_mask):
+        with pytest.raises(ValueError, match=message):
+            build(fa.causal_mask, *sizes)
