@@ -626,6 +626,17 @@ def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_
 # ----------------------------------------------------------------------------------- dense <-> block (the seed's)
 
 
+def _boolean_array(x, name: str, what: str, given_a_block_mask: str) -> jax.Array:
+    """x as a boolean array; a BlockMask (``given_a_block_mask`` says what to do instead) or an integer map is
+    refused (an int map gave an int "mask")."""
+    if isinstance(x, BlockMask):
+        raise TypeError(f"{name} must be a boolean array ({what}), got a BlockMask; {given_a_block_mask}")
+    x = jnp.asarray(x)
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array ({what}), got {jnp.dtype(x.dtype).name}{list(x.shape)}")
+    return x
+
+
 def _broadcast_to_4d(mask: jax.Array) -> jax.Array:
     if mask.ndim > 4 or mask.ndim < 2:
         raise ValueError(f"a dense mask must be [Q_LEN, KV_LEN] up to [B, H, Q_LEN, KV_LEN], got shape {mask.shape}")
@@ -639,9 +650,13 @@ def convert_mask_to_block_mask(
 
     Lengths that are not multiples of the block sizes are padded with False.
     """
-    mask = _broadcast_to_4d(jnp.asarray(mask))
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be boolean, got {mask.dtype}")
+    KV_BLOCK_SIZE = _validation.check_positive_int(KV_BLOCK_SIZE, "KV_BLOCK_SIZE")
+    Q_BLOCK_SIZE = _validation.check_positive_int(Q_BLOCK_SIZE, "Q_BLOCK_SIZE")
+    mask = _broadcast_to_4d(
+        _boolean_array(
+            mask, "mask", "a dense mask [.., Q_LEN, KV_LEN]", "its block map is already bm.to_dense().astype(bool)"
+        )
+    )
     b, h, q_len, kv_len = mask.shape
     qb, kvb = _cdiv(q_len, Q_BLOCK_SIZE), _cdiv(kv_len, KV_BLOCK_SIZE)
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, qb * Q_BLOCK_SIZE - q_len), (0, kvb * KV_BLOCK_SIZE - kv_len)))
@@ -651,8 +666,15 @@ def convert_mask_to_block_mask(
 def convert_block_mask_to_mask(
     block_mask: jax.Array, KV_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE, Q_BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE
 ) -> jax.Array:
-    """Block map [B, H, QB, KVB] -> dense mask [B, H, QB * Q_BLOCK_SIZE, KVB * KV_BLOCK_SIZE], each block repeated."""
-    block_mask = jnp.asarray(block_mask)
+    """Block map [B, H, QB, KVB] -> dense mask [B, H, QB * Q_BLOCK_SIZE, KVB * KV_BLOCK_SIZE], each block repeated.
+
+    The block map is boolean: a BlockMask's is ``bm.to_dense().astype(bool)``.
+    """
+    KV_BLOCK_SIZE = _validation.check_positive_int(KV_BLOCK_SIZE, "KV_BLOCK_SIZE")
+    Q_BLOCK_SIZE = _validation.check_positive_int(Q_BLOCK_SIZE, "Q_BLOCK_SIZE")
+    block_mask = _boolean_array(
+        block_mask, "block_mask", "a block map [B, H, QB, KVB]", "pass its block map, bm.to_dense().astype(bool)"
+    )
     if block_mask.ndim != 4:
         raise ValueError(f"block_mask must be [B, H, QB, KVB], got shape {block_mask.shape}")
     return jnp.repeat(jnp.repeat(block_mask, Q_BLOCK_SIZE, axis=2), KV_BLOCK_SIZE, axis=3)
@@ -664,9 +686,9 @@ def create_block_mask_from_dense(mask: jax.Array, BLOCK_SIZE=DEFAULT_BLOCK_SIZE)
     Call it outside ``jit``: the mask becomes part of the BlockMask's static mask_mod.
     """
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
-    mask = _broadcast_to_4d(jnp.asarray(mask))
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be boolean, got {mask.dtype}")
+    mask = _broadcast_to_4d(
+        _boolean_array(mask, "mask", "a dense mask [.., Q_LEN, KV_LEN]", "it is a BlockMask already")
+    )
     b_size, h_size, q_len, kv_len = mask.shape
     any_map = convert_mask_to_block_mask(mask, kv_block, q_block)
     padded = jnp.pad(

@@ -445,3 +445,39 @@ def test_create_mask_checks_its_sizes_as_create_block_mask_does(sizes, message):
     for build in (fa.create_mask, fa.create_block_mask):
         with pytest.raises(ValueError, match=message):
             build(fa.causal_mask, *sizes)
+
+
+_DENSE = np.tril(np.ones((32, 32), bool))
+_BLOCK_MAP = np.ones((1, 1, 2, 2), bool)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: fa.convert_mask_to_block_mask(_DENSE, 0, 16), ValueError,
+         "KV_BLOCK_SIZE must be a positive int, got 0"),
+        (lambda: fa.convert_mask_to_block_mask(_DENSE, 16, -4), ValueError, "Q_BLOCK_SIZE must be a positive int"),
+        (lambda: fa.convert_mask_to_block_mask(_DENSE, 2.5, 16), ValueError, "KV_BLOCK_SIZE .* got 2.5"),
+        (lambda: fa.convert_mask_to_block_mask(_DENSE.astype(int), 16, 16), TypeError,
+         r"mask must be a boolean array .* got int"),
+        (lambda: fa.convert_mask_to_block_mask(fa.create_block_mask(fa.causal_mask, None, None, 32, 32, 16)),
+         TypeError, r"got a BlockMask; its block map is already bm.to_dense\(\)"),
+        (lambda: fa.convert_block_mask_to_mask(_BLOCK_MAP, 0, 16), ValueError, "KV_BLOCK_SIZE must be a positive int"),
+        (lambda: fa.convert_block_mask_to_mask(_BLOCK_MAP, 16, True), ValueError, "Q_BLOCK_SIZE .* got True"),
+        (lambda: fa.convert_block_mask_to_mask(_BLOCK_MAP.astype(int) * 3, 2, 2), TypeError,
+         r"block_mask must be a boolean array \(a block map \[B, H, QB, KVB\]\), got int"),
+        (lambda: fa.convert_block_mask_to_mask(fa.create_block_mask(fa.causal_mask, None, None, 32, 32, 16), 16, 16),
+         TypeError, r"got a BlockMask; pass its block map, bm.to_dense\(\).astype\(bool\)"),
+    ],
+)
+def test_dense_block_conversions_check_their_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_convert_block_mask_to_mask_of_a_block_masks_map():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 32, 32, 16)
+    dense = fa.convert_block_mask_to_mask(bm.to_dense().astype(bool), 16, 16)
+    assert dense.dtype == jnp.bool_
+    back = fa.convert_mask_to_block_mask(dense, 16, 16)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(bm.to_dense()) == 1)
