@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from flexattn_jax import _validation
+
 __all__ = ["block_map_to_text", "plot_mask", "plot_block_mask"]
 
 FULL_CELL, PARTIAL_CELL, EMPTY_CELL = "█", "▒", "·"
@@ -15,6 +17,7 @@ def block_map_to_text(partial: np.ndarray, full: np.ndarray, grid_size: int = 24
     Maps larger than ``grid_size`` cells a side are shrunk: a cell stands for a group of blocks and shows '█' if
     every block in the group is full, '·' if none is visited, '▒' otherwise.
     """
+    grid_size = _validation.check_positive_int(grid_size, "grid_size")
     partial = np.asarray(partial, bool)
     full = np.asarray(full, bool)
     rows, cols = partial.shape

@@ -481,3 +481,12 @@ def test_convert_block_mask_to_mask_of_a_block_masks_map():
     assert dense.dtype == jnp.bool_
     back = fa.convert_mask_to_block_mask(dense, 16, 16)
     np.testing.assert_array_equal(np.asarray(back), np.asarray(bm.to_dense()) == 1)
+
+
+@pytest.mark.parametrize("grid_size", [0, -1, 2.5, True])
+def test_to_string_checks_grid_size(grid_size):
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 32, 32, 16)
+    with pytest.raises(ValueError, match=f"grid_size must be a positive int, got {grid_size}"):
+        bm.to_string(grid_size=grid_size)
+    with pytest.raises(ValueError, match="grid_size must be a positive int"):
+        fa.viz.block_map_to_text(np.ones((2, 2), bool), np.ones((2, 2), bool), grid_size)
