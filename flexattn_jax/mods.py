@@ -14,8 +14,12 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flexattn_jax import _validation
 from flexattn_jax.block_mask import noop_mask
@@ -42,6 +46,27 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------------- masks
+
+
+def _check_int_parameter(value, name: str, minimum: int) -> None:
+    """value must be an int >= minimum: a Python or NumPy int, or a 0-d integer array, which may be traced (a window
+    chosen inside ``jit``) and is then not compared. A float, a bool, None or a string raises here, naming it, rather
+    than comparing (or indexing) wrongly later."""
+    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(value, np.generic):
+        if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an int, got an array {jnp.dtype(value.dtype).name}{list(value.shape)}")
+        if not _validation.is_concrete(value):
+            return
+    elif not _validation.is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_num_heads(num_heads) -> int:
+    """num_heads of the ALiBi slopes: a positive Python int (it sizes an array)."""
+    return _validation.check_positive_int(num_heads, "num_heads")
+
 
 
 def and_masks(*mask_mods: Callable) -> Callable:
@@ -88,8 +113,7 @@ def causal_mask(b, h, q_idx, kv_idx):
 
 def sliding_window_mask(window_size: int, causal: bool = True) -> Callable:
     """Sliding window: 0 <= q_idx - kv_idx < window_size (causal), or |q_idx - kv_idx| < window_size."""
-    if window_size < 1:
-        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    _check_int_parameter(window_size, "window_size", 1)
 
     def sliding_window(b, h, q_idx, kv_idx):
         del b, h
@@ -104,6 +128,7 @@ def sliding_window_mask(window_size: int, causal: bool = True) -> Callable:
 
 def prefix_lm_mask(prefix_length: int) -> Callable:
     """Prefix LM: kv_idx < prefix_length (bidirectional prefix) or q_idx >= kv_idx (causal after it)."""
+    _check_int_parameter(prefix_length, "prefix_length", 0)
 
     def prefix_lm(b, h, q_idx, kv_idx):
         del b, h
@@ -147,8 +172,7 @@ def document_mask(document_ids: jax.Array, kv_document_ids: jax.Array | None = N
 
 def dilated_mask(dilation: int) -> Callable:
     """Dilated (strided) attention: (q_idx - kv_idx) % dilation == 0, i.e. every dilation-th key."""
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    _check_int_parameter(dilation, "dilation", 1)
 
     def dilated(b, h, q_idx, kv_idx):
         del b, h
@@ -226,8 +250,7 @@ def generate_alibi_bias(num_heads: int) -> Callable:
     al., "Train Short, Test Long" (2022); for other head counts the paper interleaves two geometric sequences
     instead: give such slopes to ``alibi_bias``.
     """
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    num_heads = _check_num_heads(num_heads)
 
     def alibi(score, b, h, q_idx, kv_idx):
         del b
@@ -240,6 +263,7 @@ def generate_alibi_bias(num_heads: int) -> Callable:
 def alibi_slopes(num_heads: int) -> jax.Array:
     """``generate_alibi_bias``'s slopes as a float32 array [num_heads]: 2^(-8 (h + 1) / num_heads) (the paper's
     for a power-of-two num_heads)."""
+    num_heads = _check_num_heads(num_heads)
     return jnp.exp2(-(jnp.arange(num_heads, dtype=jnp.float32) + 1.0) * (8.0 / num_heads))
 
 
@@ -248,6 +272,8 @@ def alibi_bias(slopes: jax.Array) -> Callable:
     slopes = jnp.asarray(slopes)
     if slopes.ndim != 1:
         raise ValueError(f"slopes must be [num_heads], got shape {slopes.shape}")
+    if slopes.shape[0] == 0:
+        raise ValueError("slopes must hold one slope per head, got an empty array")
 
     def alibi(score, b, h, q_idx, kv_idx):
         del b
@@ -259,8 +285,11 @@ def alibi_bias(slopes: jax.Array) -> Callable:
 
 def tanh_softcap(cap: float) -> Callable:
     """Soft-capping: cap * tanh(score / cap), bounding scores to (-cap, cap) (as in Gemma 2)."""
-    if cap <= 0:
-        raise ValueError(f"cap must be > 0, got {cap}")
+    # A cap of inf or NaN turns every score NaN (inf * tanh(s / inf) is inf * 0).
+    if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"cap must be a positive finite number, got {type(cap).__name__} {cap!r}")
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"cap must be a positive finite number, got {cap}")
 
     def softcap(score, b, h, q_idx, kv_idx):
         del b, h, q_idx, kv_idx

@@ -320,3 +320,44 @@ def test_the_softmax_is_float32_whatever_the_score_mod_returns():
     expected_lse = np.log(np.exp(scores).sum(-1))
     assert np.linalg.norm(np.asarray(out) - expected) / np.linalg.norm(expected) < 2e-5
     assert np.linalg.norm(np.asarray(lse) - expected_lse) / np.linalg.norm(expected_lse) < 2e-5
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: fa.tanh_softcap(float("nan")), ValueError, "cap must be a positive finite number, got nan"),
+        (lambda: fa.tanh_softcap(float("inf")), ValueError, "cap must be a positive finite number, got inf"),
+        (lambda: fa.tanh_softcap(0.0), ValueError, "cap must be a positive finite number"),
+        (lambda: fa.tanh_softcap(None), TypeError, "cap must be a positive finite number, got NoneType"),
+        (lambda: fa.alibi_slopes(0), ValueError, "num_heads must be a positive int, got 0"),
+        (lambda: fa.alibi_slopes(2.5), ValueError, "num_heads must be a positive int, got 2.5"),
+        (lambda: fa.generate_alibi_bias(2.5), ValueError, "num_heads must be a positive int, got 2.5"),
+        (lambda: fa.generate_alibi_bias(True), ValueError, "num_heads must be a positive int, got True"),
+        (lambda: fa.alibi_bias(jnp.ones((0,))), ValueError, "slopes must hold one slope per head"),
+        (lambda: fa.sliding_window_mask(2.5), TypeError, "window_size must be an int, got float 2.5"),
+        (lambda: fa.sliding_window_mask("3"), TypeError, "window_size must be an int, got str '3'"),
+        (lambda: fa.sliding_window_mask(True), TypeError, "window_size must be an int, got bool"),
+        (lambda: fa.sliding_window_mask(0), ValueError, "window_size must be >= 1, got 0"),
+        (lambda: fa.sliding_window_mask(jnp.float32(3.0)), TypeError, "window_size must be an int"),
+        (lambda: fa.sliding_window_mask(jnp.array(0)), ValueError, "window_size must be >= 1, got 0"),
+        (lambda: fa.dilated_mask(1.5), TypeError, "dilation must be an int, got float 1.5"),
+        (lambda: fa.prefix_lm_mask(None), TypeError, "prefix_length must be an int, got NoneType"),
+        (lambda: fa.prefix_lm_mask(-1), ValueError, "prefix_length must be >= 0, got -1"),
+    ],
+)
+def test_mod_factories_check_their_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_mask_factories_take_a_window_traced_inside_jit():
+    @jax.jit
+    def masks(window, prefix):
+        return fa.create_mask(fa.and_masks(fa.sliding_window_mask(window), fa.prefix_lm_mask(prefix)), None, None, 6, 6)
+
+    expected = fa.create_mask(fa.and_masks(fa.sliding_window_mask(2), fa.prefix_lm_mask(1)), None, None, 6, 6)
+    np.testing.assert_array_equal(np.asarray(masks(jnp.int32(2), jnp.int32(1))), np.asarray(expected))
+    np.testing.assert_array_equal(
+        np.asarray(fa.create_mask(fa.dilated_mask(np.int64(2)), None, None, 4, 4)[0, 0]),
+        (np.arange(4)[:, None] - np.arange(4)[None, :]) % 2 == 0,
+    )
