@@ -385,6 +385,7 @@ INVALID = [
     ("kv heads do not divide", _nnx(num_heads=6, num_kv_heads=4), ValueError,
      r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
     ("zero heads", _nnx(num_heads=0), ValueError, r"num_heads must be a positive int, got 0"),
+    ("no in_features", _nnx(in_features=None, head_dim=8), ValueError, r"in_features must be a positive int, got None"),
     ("features not divisible", _nnx(in_features=10, num_heads=3), ValueError,
      r"in_features \(10\) must be divisible by num_heads \(3\) when head_dim is not given"),
     ("odd head_dim with rope", _nnx(head_dim=7, use_rope=True), ValueError,

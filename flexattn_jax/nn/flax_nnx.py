@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flexattn_jax import _validation
 from flexattn_jax.block_mask import BlockMask
 from flexattn_jax.nn import _common
 
@@ -94,6 +95,9 @@ class FlexMultiHeadAttention(nnx.Module):
         bias_init: Callable = nnx.initializers.zeros_init(),
         rngs: nnx.Rngs,
     ):
+        # LayerConfig allows None (linen and Haiku learn the features at the first call), but NNX creates its
+        # parameters here, so it needs them now.
+        _validation.check_positive_int(in_features, "in_features")
         config = _common.LayerConfig.create(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
