@@ -493,9 +493,6 @@ class PagedKVCache:
         else:
             # As flex_attention checks it on the gather path: the decode kernel would read a mismatched mask silently.
             _validation.check_block_mask(block_mask, query, keys)
-        # Both paths visit the same positions: the decode kernel's pool has no rows for a page nobody holds, and the
-        # gathered keys (zeros there) would otherwise be attended.
-        block_mask = self.held_block_mask(block_mask)
         if self._use_decode_kernel(query, block_mask, implementation, interpret, kernel_options):
             physical = self.convert_logical_block_mask(block_mask)
             with_max_scores = return_aux is not None and return_aux.max_scores
@@ -517,6 +514,9 @@ class PagedKVCache:
                 no_gradient=_NO_DECODE_GRADIENT,
             )
             return attention_results(out, lse, *max_scores, return_lse=return_lse, return_aux=return_aux)
+        # Both paths visit the same positions: the decode kernel's physical mask (above) holds no page nobody holds,
+        # and the gathered keys (zeros there) would otherwise be attended.
+        block_mask = self.held_block_mask(block_mask)
         key, value = self.gather()
         return flex_attention(
             query.astype(self.key_pool.dtype),
