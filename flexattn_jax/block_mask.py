@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
+import math
 from typing import Callable
 
 import jax
@@ -55,27 +57,60 @@ def noop_mask(b, h, q_idx, kv_idx):
 
 @dataclasses.dataclass(frozen=True)
 class _SelectedMaskMod:
-    """The mask_mod of a BlockMask whose batches or heads ``BlockMask.__getitem__`` selected.
+    """The mask_mod of a BlockMask whose batches, heads or query blocks ``BlockMask.__getitem__`` selected.
 
-    Kernels call a mask_mod with the selection's own b and h (0 for its first batch), but the mask_mod was written
-    for the original ones (a document mask reads ``ids[b, q_idx]``): this maps them back, ``start + i * step`` on
-    each axis, ``start`` alone on an axis of one entry (which broadcasts). Hashable by its fields, so that two
-    masks selected alike are one static value to ``jit``.
+    Kernels call a mask_mod with the selection's own b, h and q_idx (0 for its first batch, head or query), but the
+    mask_mod was written for the original ones (a document mask reads ``ids[b, q_idx]``): this maps them back,
+    ``start + i * step`` on the batch and head axes (``start`` alone on an axis of one entry, which broadcasts) and
+    ``q_offset + q_idx`` on the query axis. Hashable by its fields, so that two masks selected alike are one static
+    value to ``jit``.
     """
 
     mask_mod: MaskMod
-    batch: tuple[int, int, int]  # (start, step, size) of the selection; (0, 1, n) when the axis was kept whole
-    head: tuple[int, int, int]
+    batch: tuple[int, int, int] | None  # (start, step, size) of the selection; None: the axis was kept whole
+    head: tuple[int, int, int] | None
+    q_offset: int = 0  # the first selected query block's first position in the original mask
 
     @property
     def __name__(self) -> str:
         return getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
 
+    @property
+    def index_extents(self) -> dict:
+        """The original mod's query and key extents, seen from the selection's first query (batch and head
+        selections were checked against the mask's own sizes when they were made)."""
+        extents = getattr(self.mask_mod, "index_extents", None) or {}
+        shifted = {axis: extents[axis] for axis in ("kv",) if axis in extents}
+        if "q" in extents:
+            extent, what = extents["q"]
+            shifted["q"] = (extent - self.q_offset, f"{what} from query {self.q_offset} on")
+        return shifted
+
     def __call__(self, b, h, q_idx, kv_idx):
+        q_idx = q_idx + self.q_offset if self.q_offset else q_idx
         return self.mask_mod(_original_index(b, self.batch), _original_index(h, self.head), q_idx, kv_idx)
 
 
-def _original_index(i, selection: tuple[int, int, int]):
+class _TracedQOffsetMaskMod:
+    """The mask_mod of a BlockMask whose query block a traced index selected, inside ``jit``: it reads the offset as
+    any mask_mod reads a traced array it closes over. Hashed by identity, since a traced value cannot be hashed; such
+    a BlockMask belongs to the trace that made it (return the attention's output from the ``jit``, not the mask)."""
+
+    def __init__(self, mask_mod: MaskMod, q_offset: jax.Array):
+        self.mask_mod = mask_mod
+        self.q_offset = q_offset
+        self.__name__ = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+        extents = getattr(mask_mod, "index_extents", None) or {}
+        # Where the offset is unknown only the key extent can be checked.
+        self.index_extents = {axis: extents[axis] for axis in ("kv",) if axis in extents}
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self.mask_mod(b, h, q_idx + self.q_offset, kv_idx)
+
+
+def _original_index(i, selection: tuple[int, int, int] | None):
+    if selection is None:
+        return i
     start, step, size = selection
     if size == 1:
         return jnp.zeros_like(i) + start
@@ -374,15 +409,30 @@ class BlockMask:
     # ------------------------------------------------------------------------------------------------- slicing
 
     def __getitem__(self, index) -> "BlockMask":
-        """Selects batches and heads: ``bm[b]``, ``bm[b, h]``, ``bm[:, 2:4]``. Integers keep their axis (size 1).
+        """Selects batches, heads and query blocks: ``bm[b]``, ``bm[b, h]``, ``bm[:, 2:4]``, ``bm[:, :, qb]``.
 
-        The selection's mask_mod sees the original batch and head indices (``_SelectedMaskMod``): ``bm[1]`` applied
-        to a batch of one evaluates ``mask_mod(1, h, q_idx, kv_idx)``, as the rows it keeps were built with.
-        (PyTorch's BlockMask replaces a sliced mask's mask_mod by one that raises instead.)"""
+        Integers keep their axis (size 1). The selection's mask_mod sees the original batch and head indices and
+        query positions (``_SelectedMaskMod``): ``bm[1]`` applied to a batch of one evaluates
+        ``mask_mod(1, h, q_idx, kv_idx)``, as the rows it keeps were built with, and ``bm[:, :, 2]`` evaluates
+        ``mask_mod(b, h, 2 * Q_BLOCK + q_idx, kv_idx)``. (PyTorch's BlockMask replaces a sliced mask's mask_mod by one
+        that raises instead.)
+
+        Query blocks are selected by an int, a slice of step 1, or a 0-d integer array, which may be traced inside
+        ``jit``. The selection's ``seq_lengths`` are the positions its blocks cover; a traced index covers a whole
+        block, Q_BLOCK positions. With ``adjust`` this is the decoding idiom: the one query at position ``pos``
+        attends as row ``pos`` of a causal mask built once for the longest sequence::
+
+            row = block_mask[:, :, pos // Q_BLOCK].adjust(1, KV_LEN)  # mask_mod sees q_idx = (pos // Q_BLOCK) * Q_BLOCK
+            row = dataclasses.replace(row, mask_mod=lambda b, h, q, kv: block_mask.mask_mod(b, h, q + pos, kv))
+        """
         if not isinstance(index, tuple):
             index = (index,)
-        if len(index) > 2:
-            raise IndexError(f"a BlockMask is indexed by (batch, head) at most, got {len(index)} indices")
+        if len(index) > 3:
+            raise IndexError(f"a BlockMask is indexed by (batch, head, query block) at most, got {len(index)} indices")
+        selected = self._select_batches_and_heads(index[:2])
+        return selected._select_query_blocks(index[2]) if len(index) == 3 else selected
+
+    def _select_batches_and_heads(self, index: tuple) -> "BlockMask":
         sizes = self.kv_num_blocks.shape[:2]
         keep_dims = []
         for i, n in zip(index, sizes):
@@ -394,15 +444,18 @@ class BlockMask:
                 i = int(i) % n
                 i = slice(i, i + 1)
             elif not isinstance(i, slice):
-                raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__}")
+                raise TypeError(f"BlockMask batch and head indices must be ints or slices, got {type(i).__name__}")
             keep_dims.append(i)
         index = tuple(keep_dims)
-        # (start, step, size) of each axis's selection; (0, 1, n), the whole axis, needs no remapping.
+        # (start, step, size) of each axis's selection; None for the whole axis, which needs no remapping.
         ranges = [range(*i.indices(n)) for i, n in zip(index + (slice(None),) * (2 - len(index)), sizes)]
-        selections = [(r.start, r.step, len(r)) for r in ranges]
-        mask_mod = self.mask_mod
-        if any(selection != (0, 1, n) for selection, n in zip(selections, sizes)):
-            mask_mod = _SelectedMaskMod(mask_mod, *selections)
+        if any(len(r) == 0 for r in ranges):
+            raise IndexError(f"the selection {index} of a BlockMask with (B, H) = {sizes} is empty")
+        selections = [None if (r.start, r.step, len(r)) == (0, 1, n) else (r.start, r.step, len(r))
+                      for r, n in zip(ranges, sizes)]
+        if selections == [None, None]:
+            return self
+        mask_mod = _SelectedMaskMod(self.mask_mod, *selections)
 
         def take(x):
             return None if x is None else x[index]
@@ -418,6 +471,116 @@ class BlockMask:
             q_indices=take(self.q_indices),
             full_q_num_blocks=take(self.full_q_num_blocks),
             full_q_indices=take(self.full_q_indices),
+        )
+
+    def _select_query_blocks(self, index) -> "BlockMask":
+        q_block = self.BLOCK_SIZE[0]
+        q_len, kv_len = self.seq_lengths
+        num_q_blocks = self.num_blocks[0]
+        partial, full = self.block_maps()
+        if isinstance(index, (jax.Array, np.ndarray)) and not isinstance(index, jax.core.Tracer):
+            if index.ndim == 0 and jnp.issubdtype(index.dtype, jnp.integer):
+                index = int(index)
+        if isinstance(index, (bool, np.bool_)):
+            raise TypeError(f"a BlockMask's query-block index must be an int, a slice or a 0-d int array, got {index!r}")
+        if isinstance(index, (int, np.integer)):
+            if not -num_q_blocks <= index < num_q_blocks:
+                raise IndexError(f"query block {index} out of range for a BlockMask of {num_q_blocks} query blocks")
+            index = int(index) % num_q_blocks
+            index = slice(index, index + 1)
+        if isinstance(index, slice):
+            rows = range(*index.indices(num_q_blocks))
+            if rows.step != 1 or len(rows) == 0:
+                raise IndexError(
+                    f"query blocks are selected by a slice of step 1 that is not empty, got {index} of "
+                    f"{num_q_blocks} blocks"
+                )
+            start, stop = rows.start, rows.stop
+            offset = start * q_block
+            mask_mod = self.mask_mod
+            if isinstance(mask_mod, _SelectedMaskMod):
+                mask_mod = dataclasses.replace(mask_mod, q_offset=mask_mod.q_offset + offset)
+            elif offset:
+                mask_mod = _SelectedMaskMod(mask_mod, None, None, offset)
+            partial, full = partial[:, :, start:stop], full[:, :, start:stop]
+            new_q_len = min(stop * q_block, q_len) - offset
+        elif isinstance(index, jax.Array) and index.ndim == 0 and jnp.issubdtype(index.dtype, jnp.integer):
+            index = index.astype(jnp.int32)
+            # Negative counts from the end, as for an int; past the ends it is clamped, as jax.lax.dynamic_slice is.
+            index = jnp.clip(jnp.where(index < 0, index + num_q_blocks, index), 0, num_q_blocks - 1)
+            partial = jax.lax.dynamic_slice_in_dim(partial, index, 1, axis=2)
+            full = jax.lax.dynamic_slice_in_dim(full, index, 1, axis=2)
+            mask_mod = _TracedQOffsetMaskMod(self.mask_mod, index * q_block)
+            new_q_len = min(q_block, q_len)
+        else:
+            raise TypeError(
+                "a BlockMask's query-block index must be an int, a slice or a 0-d int array, got "
+                f"{type(index).__name__} {getattr(index, 'shape', '')}"
+            )
+        return BlockMask.from_block_maps(
+            partial,
+            None if self.full_kv_num_blocks is None else full,
+            self.BLOCK_SIZE,
+            mask_mod,
+            (new_q_len, kv_len),
+        )
+
+    def adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """The mask cut to its first ``new_q_len`` queries and ``new_kv_len`` keys (PyTorch's ``_adjust``).
+
+        Lengths may only shrink: a longer mask has blocks this one never evaluated, so build it with
+        ``create_block_mask``. A full block that the cut leaves hanging past a new length becomes partial, since
+        kernels mask positions past ``seq_lengths`` in partial blocks only.
+        """
+        new_q_len, new_kv_len = _check_seq_lengths((new_q_len, new_kv_len))
+        q_len, kv_len = self.seq_lengths
+        if new_q_len > q_len or new_kv_len > kv_len:
+            raise ValueError(
+                f"adjust only shrinks a BlockMask: it covers (Q_LEN, KV_LEN) = {(q_len, kv_len)}, asked for "
+                f"{(new_q_len, new_kv_len)}; build the longer mask with create_block_mask"
+            )
+        q_block, kv_block = self.BLOCK_SIZE
+        num_q_blocks, num_kv_blocks = _cdiv(new_q_len, q_block), _cdiv(new_kv_len, kv_block)
+        partial, full = (m[:, :, :num_q_blocks, :num_kv_blocks] for m in self.block_maps())
+        ragged = np.zeros((num_q_blocks, num_kv_blocks), bool)
+        if new_q_len % q_block:
+            ragged[-1, :] = True
+        if new_kv_len % kv_block:
+            ragged[:, -1] = True
+        ragged = ragged[None, None]
+        partial, full = partial | (full & ragged), full & ~ragged
+        return BlockMask.from_block_maps(
+            partial,
+            None if self.full_kv_num_blocks is None else full,
+            self.BLOCK_SIZE,
+            self.mask_mod,
+            (new_q_len, new_kv_len),
+        )
+
+    _adjust = adjust
+
+    def numel(self) -> int:
+        """B x H x Q_LEN x KV_LEN: the positions the mask covers, visited or not (as PyTorch's)."""
+        return math.prod(self.shape)
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The fields in PyTorch's order: Q_LEN, KV_LEN, the eight index arrays (kv side, then q side, each partial
+        then full), Q_BLOCK, KV_BLOCK, mask_mod. ``flatten=False`` keeps ``seq_lengths`` and ``BLOCK_SIZE`` as pairs."""
+        _validation.check_flags(flatten=flatten)
+        seq_lengths = tuple(self.seq_lengths) if flatten else (self.seq_lengths,)
+        block_size = tuple(self.BLOCK_SIZE) if flatten else (self.BLOCK_SIZE,)
+        return (
+            *seq_lengths,
+            self.kv_num_blocks,
+            self.kv_indices,
+            self.full_kv_num_blocks,
+            self.full_kv_indices,
+            self.q_num_blocks,
+            self.q_indices,
+            self.full_q_num_blocks,
+            self.full_q_indices,
+            *block_size,
+            self.mask_mod,
         )
 
     # --------------------------------------------------------------------------------------------------- text
@@ -570,6 +733,9 @@ def create_block_mask(
     Q_LEN: int,
     KV_LEN: int,
     BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+    *,
+    device=None,
+    _compile: bool = False,
 ) -> BlockMask:
     """Builds the BlockMask of ``mask_mod`` for sequences of Q_LEN queries and KV_LEN keys.
 
@@ -579,6 +745,11 @@ def create_block_mask(
       Q_LEN, KV_LEN: sequence lengths; they need not be multiples of the block size (positions past them are
         masked).
       BLOCK_SIZE: an int, or a (Q_BLOCK, KV_BLOCK) pair.
+      device: where the index arrays are placed: a ``jax.Device``, a ``jax.sharding.Sharding``, or a platform name
+        (``"cpu"``, ``"gpu"``, ``"tpu"``; PyTorch's ``"cuda"`` means ``"gpu"``) for its first device. None: JAX's
+        default device. Keyword-only: PyTorch's sixth positional argument is ``device``, ours ``BLOCK_SIZE``.
+      _compile: accepted for PyTorch compatibility. The construction is always compiled here, and evaluated a
+        few block rows at a time, which is what PyTorch's ``_compile=True`` buys.
 
     Returns:
       A BlockMask whose fully allowed blocks are full and whose other visited blocks are partial.
@@ -596,9 +767,46 @@ def create_block_mask(
     [[1, 0], [1, 1]]
     """
     B, H, Q_LEN, KV_LEN = _check_sizes(B, H, Q_LEN, KV_LEN)
+    if isinstance(BLOCK_SIZE, (str, jax.Device)):
+        raise TypeError(
+            f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}; PyTorch's sixth positional "
+            f"argument is device, which is keyword-only here: create_block_mask(..., device={BLOCK_SIZE!r})"
+        )
     q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
+    placement = _placement(device, "device")
+    _validation.check_flags(_compile=_compile)
     check_mask_mod(mask_mod)
     _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
+    block_mask = _create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block)
+    return block_mask if placement is None else _place(block_mask, placement)
+
+
+def _placement(device, name: str):
+    """``device`` as a Device or Sharding to put arrays on, or None for JAX's default placement."""
+    if device is None or isinstance(device, (jax.Device, jax.sharding.Sharding)):
+        return device
+    if isinstance(device, str):
+        platform = device.split(":")[0].lower()
+        platform = "gpu" if platform == "cuda" else platform
+        if platform not in ("cpu", "gpu", "tpu"):
+            raise ValueError(f"{name} must be 'cpu', 'gpu' (or 'cuda'), 'tpu', a jax.Device or a Sharding, got {device!r}")
+        try:
+            return jax.devices(platform)[0]
+        except RuntimeError as e:
+            raise ValueError(f"{name}={device!r}: JAX has no {platform} device here ({e})") from None
+    raise TypeError(
+        f"{name} must be None, a platform name, a jax.Device or a Sharding, got {type(device).__name__} {device!r}"
+    )
+
+
+def _place(block_mask: BlockMask, placement) -> BlockMask:
+    """The BlockMask with its arrays on ``placement``; left where they are while traced (``jit`` places them)."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(block_mask)):
+        return block_mask
+    return jax.device_put(block_mask, placement)
+
+
+def _create_block_mask(mask_mod: MaskMod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int):
     program, consts = _MaskProgram.trace(mask_mod)
     # The same mask on every call unless mask_mod reads a traced value: then built once, while tracing.
     traced = any(isinstance(c, jax.core.Tracer) for c in consts)
@@ -611,16 +819,54 @@ def create_block_mask(
         )
 
 
-def create_mask(mask_mod: MaskMod, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int) -> jax.Array:
-    """The dense boolean mask [B, H, Q_LEN, KV_LEN] of ``mask_mod`` (B, H None mean 1). Memory O(Q_LEN x KV_LEN)."""
+def create_mask(
+    mod_fn: Callable, B: int | None, H: int | None, Q_LEN: int, KV_LEN: int, *, device=None
+) -> jax.Array:
+    """The dense boolean mask [B, H, Q_LEN, KV_LEN] of a mask_mod or a score_mod (B, H None mean 1).
+
+    ``mod_fn`` is told apart by its arguments, as in PyTorch: a mask_mod ``(b, h, q_idx, kv_idx)`` gives where it is
+    true; a score_mod ``(score, b, h, q_idx, kv_idx)``, called on a score of 0, gives where it is not -inf (the
+    positions it masks by setting -inf). ``device`` places the result as ``create_block_mask``'s does. Memory
+    O(Q_LEN x KV_LEN).
+    """
     B, H, Q_LEN, KV_LEN = _check_sizes(B, H, Q_LEN, KV_LEN)
-    check_mask_mod(mask_mod)
-    _validation.check_extents(mask_mod, "mask_mod", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
+    placement = _placement(device, "device")
+    if not callable(mod_fn):
+        raise TypeError(f"mod_fn must be a mask_mod or a score_mod, got {mod_fn!r}")
+    if _takes_five_arguments(mod_fn):
+        _validation.check_score_mod(mod_fn)
+        score_mod = mod_fn
+
+        def fn(b, h, q_idx, kv_idx):
+            score = score_mod(jnp.zeros((), jnp.float32), b, h, q_idx, kv_idx)
+            return ~jnp.isneginf(score)
+
+    else:
+        check_mask_mod(mod_fn, "mod_fn")
+        fn = mod_fn
+    _validation.check_extents(mod_fn, "mod_fn", batch=B, head=H, q=Q_LEN, kv=KV_LEN)
     idx = [jnp.arange(n, dtype=jnp.int32) for n in (B, H, Q_LEN, KV_LEN)]
-    fn = mask_mod
     for axis in reversed(range(4)):
         fn = jax.vmap(fn, in_axes=tuple(0 if i == axis else None for i in range(4)))
-    return fn(*idx)
+    mask = fn(*idx)
+    return mask if placement is None or isinstance(mask, jax.core.Tracer) else jax.device_put(mask, placement)
+
+
+def _takes_five_arguments(fn: Callable) -> bool:
+    """Whether ``fn`` is called as a score_mod: it accepts five positional arguments and not four."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+
+    def accepts(count):
+        try:
+            signature.bind(*range(count))
+            return True
+        except TypeError:
+            return False
+
+    return accepts(5) and not accepts(4)
 
 
 # ----------------------------------------------------------------------------------- dense <-> block (the seed's)

@@ -165,7 +165,9 @@ def test_getitem_selects_batch_and_heads_keeping_rank():
     with pytest.raises(IndexError):
         bm[5]
     with pytest.raises(IndexError):
-        bm[0, 0, 0]
+        bm[0, 0, 0, 0]
+    with pytest.raises(IndexError, match="empty"):
+        bm[1:1]
 
 
 def _per_batch_documents_and_per_head_windows(B, H, L, seed):
@@ -220,6 +222,128 @@ def test_selections_alike_do_not_retrace_jit():
     attend(q, bm[1])
     assert len(traces) == 1
     assert bm[:, :].mask_mod is bm.mask_mod  # the whole mask: nothing to remap
+
+
+@pytest.mark.parametrize("index", [(slice(None), slice(None), 1), (1, slice(1, 3), slice(1, 3)),
+                                   (slice(None), -1, -1), (0, 0, slice(2, None))],
+                         ids=["row", "b,h,rows", "last,last", "tail"])
+def test_a_query_block_selection_is_the_mask_of_those_rows(index):
+    """``bm[:, :, qb]`` keeps query block qb's rows; its mask_mod sees their original query positions, so the
+    positions it allows, and attention under it, are the original's for those rows. L = 60 is not a multiple of the
+    block size, so the last row block is ragged."""
+    B, H, L, Q_BLOCK = 2, 3, 60, 16
+    bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(B, H, L, 3), B, H, L, L, BLOCK_SIZE=Q_BLOCK)
+    selected = bm[index]
+    b_rows, h_rows, q_blocks = (slice(i, i + 1 if i != -1 else None) if isinstance(i, int) else i for i in index)
+    start, stop, _ = q_blocks.indices(bm.num_blocks[0])
+    q_rows = slice(start * Q_BLOCK, min(stop * Q_BLOCK, L))
+    assert selected.seq_lengths == (q_rows.stop - q_rows.start, L)
+    allowed = _allowed_positions(bm)[b_rows, h_rows, q_rows]
+    np.testing.assert_array_equal(_allowed_positions(selected), allowed)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 16)) for i in range(3))
+    whole = fa.flex_attention(q, k, v, block_mask=bm)[b_rows, h_rows, q_rows]
+    got = fa.flex_attention(q[b_rows, h_rows, q_rows], k[b_rows, h_rows], v[b_rows, h_rows], block_mask=selected)
+    assert_close(got, whole, jnp.float32)
+
+
+def test_a_traced_query_block_selects_its_rows_inside_jit():
+    B, H, L, Q_BLOCK = 1, 2, 64, 16
+    bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(B, H, L, 4), B, H, L, L, BLOCK_SIZE=Q_BLOCK)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 16)) for i in range(3))
+    whole = fa.flex_attention(q, k, v, block_mask=bm)
+
+    @jax.jit
+    def rows_of(block, q, k, v):
+        q_rows = jax.lax.dynamic_slice_in_dim(q, block * Q_BLOCK, Q_BLOCK, axis=2)
+        return fa.flex_attention(q_rows, k, v, block_mask=bm[:, :, block])
+
+    for block in (0, 2, -1):
+        expected = whole[:, :, (block % 4) * Q_BLOCK:][:, :, :Q_BLOCK]
+        assert_close(rows_of(jnp.int32(block), q, k, v), expected, jnp.float32, f"block {block}")
+
+
+@pytest.mark.parametrize("implementation,interpret", [("reference", False), ("pallas_triton", True)])
+def test_the_decoding_idiom_attends_one_row_of_a_mask_built_once(implementation, interpret):
+    """PyTorch's decoding idiom: a causal mask built for the longest sequence, one query at a traced position, its
+    block row selected and cut to one query, and a mask_mod offset by the position."""
+    L, Q_BLOCK = 64, 16
+    bm = fa.create_block_mask(fa.causal_mask, None, None, L, L, BLOCK_SIZE=Q_BLOCK)
+    k, v = (jax.random.normal(jax.random.key(i), (1, 2, L, 16)) for i in range(2))
+    queries = jax.random.normal(jax.random.key(2), (1, 2, L, 16))
+    whole = fa.flex_attention(queries, k, v, block_mask=bm)
+
+    @jax.jit
+    def decode_step(q, pos):
+        row = bm[:, :, pos // Q_BLOCK].adjust(1, L)
+        row = dataclasses.replace(row, mask_mod=lambda b, h, q_idx, kv_idx: bm.mask_mod(b, h, q_idx + pos, kv_idx))
+        return fa.flex_attention(q, k, v, block_mask=row, implementation=implementation, interpret=interpret)
+
+    for pos in (0, 5, 16, 37, L - 1):
+        got = decode_step(queries[:, :, pos:pos + 1], jnp.int32(pos))
+        assert_close(got, whole[:, :, pos:pos + 1], jnp.float32, f"pos {pos}")
+
+
+@pytest.mark.parametrize("new_lengths", [(64, 64), (40, 64), (64, 37), (17, 50), (1, 1)])
+def test_adjust_cuts_the_mask_to_its_first_queries_and_keys(new_lengths):
+    """Ragged cuts leave no full block past a new length: its allowed positions are the corner of the original's."""
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 64, 64, BLOCK_SIZE=16)
+    cut = bm._adjust(*new_lengths)
+    new_q, new_kv = new_lengths
+    assert cut.seq_lengths == new_lengths and cut.num_blocks == (-(-new_q // 16), -(-new_kv // 16))
+    np.testing.assert_array_equal(_allowed_positions(cut), _allowed_positions(bm)[:, :, :new_q, :new_kv])
+    _, full = cut.block_maps()
+    if new_kv % 16:
+        assert not np.asarray(full)[..., -1].any()
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 2, 64, 16)) for i in range(3))
+    expected = fa.flex_attention(q[:, :, :new_q], k[:, :, :new_kv], v[:, :, :new_kv],
+                                 block_mask=fa.create_block_mask(fa.causal_mask, None, None, new_q, new_kv, 16))
+    got = fa.flex_attention(q[:, :, :new_q], k[:, :, :new_kv], v[:, :, :new_kv], block_mask=cut,
+                            implementation="pallas_triton", interpret=True)
+    assert_close(got, expected, jnp.float32)
+    with pytest.raises(ValueError, match="only shrinks"):
+        bm.adjust(65, 64)
+    with pytest.raises(ValueError, match="positive ints"):
+        bm.adjust(0, 64)
+
+
+def test_numel_and_as_tuple_follow_pytorch():
+    bm = fa.create_block_mask(fa.causal_mask, 2, None, 48, 64, BLOCK_SIZE=(16, 32))
+    assert bm.numel() == 2 * 1 * 48 * 64
+    flat = bm.as_tuple()
+    assert flat[:2] == (48, 64) and flat[-3:] == (16, 32, fa.causal_mask)
+    assert flat[2] is bm.kv_num_blocks and flat[9] is bm.full_q_indices
+    nested = bm.as_tuple(flatten=False)
+    assert len(nested) == 11 and nested[0] == (48, 64) and nested[-2] == (16, 32)
+
+
+def test_create_block_mask_takes_pytorchs_device_and_compile_keywords():
+    cpu = jax.devices("cpu")[0]
+    for device in ("cpu", cpu, jax.sharding.SingleDeviceSharding(cpu)):
+        bm = fa.create_block_mask(fa.causal_mask, None, None, 32, 32, 16, device=device, _compile=True)
+        assert bm.kv_indices.devices() == {cpu}
+    with pytest.raises(TypeError, match="keyword-only here"):
+        fa.create_block_mask(fa.causal_mask, None, None, 32, 32, "cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        fa.create_block_mask(fa.causal_mask, None, None, 32, 32, device="mps")
+    with pytest.raises(TypeError, match="_compile must be a bool"):
+        fa.create_block_mask(fa.causal_mask, None, None, 32, 32, _compile="yes")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        with pytest.raises(ValueError, match="no gpu device"):
+            fa.create_block_mask(fa.causal_mask, None, None, 32, 32, device="cuda")
+    assert fa.create_mask(fa.causal_mask, None, None, 8, 8, device="cpu").devices() == {cpu}
+
+
+def test_create_mask_of_a_score_mod_is_where_it_is_not_minus_infinity():
+    def window_score(score, b, h, q_idx, kv_idx):
+        return jnp.where(jnp.abs(q_idx - kv_idx) <= 2 + h, score + 0.5 * kv_idx.astype(jnp.float32), -jnp.inf)
+
+    expected = fa.create_mask(lambda b, h, q_idx, kv_idx: jnp.abs(q_idx - kv_idx) <= 2 + h, 2, 3, 12, 10)
+    np.testing.assert_array_equal(np.asarray(fa.create_mask(window_score, 2, 3, 12, 10)), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(fa.create_mask(fa.causal, None, None, 6, 6)),
+                                  np.tril(np.ones((6, 6), bool))[None, None])
+    assert np.asarray(fa.create_mask(fa.alibi_bias(fa.alibi_slopes(2)), 1, 2, 4, 4)).all()
+    with pytest.raises(TypeError, match="mask_mod or a score_mod"):
+        fa.create_mask(3, None, None, 4, 4)
 
 
 _DOCUMENT_IDS = jnp.repeat(jnp.arange(4), 16)  # rebound by the test below, as a training loop would per batch
