@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -219,3 +219,66 @@ def check_arity(fn: Callable, count: int, name: str, signature: str) -> None:
         parameters.bind(*range(count))
     except TypeError as e:
         raise TypeError(f"{name} must be a callable {signature}, taking {count} positional arguments: {e}") from None
+
+
+# PyTorch FlexAttention's kernel_options that name a knob of ours differently: theirs -> ours.
+_PYTORCH_OPTION_NAMES = {
+    "fwd_BLOCK_M": "BLOCK_M",
+    "fwd_BLOCK_N": "BLOCK_N",
+    "fwd_num_warps": "num_warps",
+    "fwd_num_stages": "num_stages",
+    "bwd_BLOCK_M1": "BLOCK_M1",
+    "bwd_BLOCK_N1": "BLOCK_N1",
+    "bwd_BLOCK_M2": "BLOCK_M2",
+    "bwd_BLOCK_N2": "BLOCK_N2",
+}
+# PyTorch's boolean hints that permit a shortcut our kernels do not need or take; accepted, with no effect:
+# fully masked rows are always safe here, the block lists are read as lists whatever their order, the scale is
+# applied once per score in float32 (prescaling q trades accuracy for a multiply), and the Mosaic kernels always
+# copy by TMA while the Triton kernels never do.
+_PYTORCH_HINTS = ("ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "PRESCALE_QK", "USE_TMA")
+
+
+def pytorch_kernel_options(kernel_options):
+    """``kernel_options`` with PyTorch FlexAttention's keys put in our terms, before each backend checks its keys.
+
+    ``fwd_*`` and ``bwd_BLOCK_*`` are the forward's and backward's tiles and launch settings (given with our name
+    too, the two must agree); ``FORCE_USE_FLEX_ATTENTION=True`` keeps short queries off the decode kernel
+    (``decode_enable=0``); the hints ``ROWS_GUARANTEED_SAFE``, ``BLOCKS_ARE_CONTIGUOUS``, ``PRESCALE_QK`` and
+    ``USE_TMA`` must be bools and change nothing; ``BACKEND`` other than ``"AUTO"`` is refused for
+    ``implementation=``, which chooses the kernels here."""
+    if not isinstance(kernel_options, Mapping):
+        return kernel_options  # None, or a wrong type, which the backends' checks name
+    options = {}
+    renamed = {}
+    for key, value in kernel_options.items():
+        if key in _PYTORCH_HINTS:
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"kernel_options[{key!r}] must be a bool, got {type(value).__name__} {value!r}")
+            continue
+        if key == "FORCE_USE_FLEX_ATTENTION":
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"kernel_options[{key!r}] must be a bool, got {type(value).__name__} {value!r}")
+            if value:
+                renamed["decode_enable"] = (key, 0)
+            continue
+        if key == "BACKEND":
+            if value != "AUTO":
+                raise ValueError(
+                    f"kernel_options['BACKEND'] = {value!r} is PyTorch's choice of kernels; here choose them with "
+                    f"flex_attention(..., implementation=...), one of 'reference', 'pallas_triton', 'pallas_mosaic' "
+                    "(only 'AUTO' is accepted as a key)"
+                )
+            continue
+        if key in _PYTORCH_OPTION_NAMES:
+            renamed[_PYTORCH_OPTION_NAMES[key]] = (key, value)
+            continue
+        options[key] = value
+    for ours, (theirs, value) in renamed.items():
+        if ours in options and options[ours] != value:
+            raise ValueError(
+                f"kernel_options gives {theirs}={value!r} (PyTorch's name) and {ours}={options[ours]!r}, which name "
+                "the same setting"
+            )
+        options[ours] = value
+    return options

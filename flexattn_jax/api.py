@@ -177,7 +177,8 @@ def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, b
 
 
 def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options):
-    """Validates the arguments and fills in the defaults: (score_mod, block_mask, mask_mod, scale)."""
+    """Validates the arguments and fills in the defaults: (score_mod, block_mask, mask_mod, scale, kernel_options),
+    the last with PyTorch's names put in ours."""
     _validation.check_qkv(query, key, value, enable_gqa)
     scale = _validation.check_scale(scale)
     if score_mod is None:
@@ -192,6 +193,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
         _validation.check_block_mask(block_mask, query, key)
     if kernel_options is not None and not isinstance(kernel_options, Mapping):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    kernel_options = _validation.pytorch_kernel_options(kernel_options)
     # Every key is checked whichever implementation runs: a misspelt or out-of-range one would otherwise pass where
     # no kernel reads it (the reference, a CPU) and raise only on a GPU.
     pallas_triton.check_kernel_options(kernel_options)
@@ -199,7 +201,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
-    return score_mod, block_mask, mask_mod, scale
+    return score_mod, block_mask, mask_mod, scale, kernel_options
 
 
 def explain_implementation(
@@ -225,8 +227,9 @@ def explain_implementation(
     'reference'
     """
     _validation.check_flags(enable_gqa=enable_gqa, interpret=interpret)
-    score_mod, block_mask, mask_mod, _ = _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa,
-                                                  kernel_options)
+    score_mod, block_mask, mask_mod, _, kernel_options = _prepare(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+    )
     choice = _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
     backward = _backward_of(choice, query, score_mod, mask_mod, block_mask, kernel_options)
     return choice._replace(backward=backward)
@@ -263,7 +266,8 @@ def flex_attention(
         when it supports them, else ``"reference"``; ``explain_implementation`` says which and why.
       interpret: run a Pallas implementation in interpret mode (on the CPU).
       kernel_options: kernel tunables (tile sizes, warps, stages); checked on every implementation, and ignored by
-        the reference.
+        the reference. PyTorch's names are taken too (``fwd_BLOCK_M``, ``bwd_BLOCK_N1``, ``FORCE_USE_FLEX_ATTENTION``,
+        the hints ``ROWS_GUARANTEED_SAFE``, ``PRESCALE_QK``...; ``_validation.pytorch_kernel_options``).
       return_aux: an ``AuxRequest`` naming the auxiliary outputs to return (lse, max_scores), as PyTorch's
         ``return_aux``; not together with ``return_lse``.
 
@@ -283,7 +287,7 @@ def flex_attention(
     """
     _validation.check_flags(enable_gqa=enable_gqa, return_lse=return_lse, interpret=interpret)
     check_return_aux(return_aux, return_lse)
-    score_mod, block_mask, mask_mod, scale = _prepare(
+    score_mod, block_mask, mask_mod, scale, kernel_options = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
     with_max_scores = return_aux is not None and return_aux.max_scores

@@ -486,6 +486,7 @@ class PagedKVCache:
         _validation.check_qkv(query, keys, values, enable_gqa=True)
         _validation.check_scale(scale)
         _validation.check_score_mod(identity if score_mod is None else score_mod)
+        kernel_options = _validation.pytorch_kernel_options(kernel_options)
         pallas_triton.check_kernel_options(kernel_options)
         pallas_mosaic.check_kernel_options(kernel_options)
         if block_mask is None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import flexattn_jax as fa
-from tests._helpers import random_qkv
+from tests._helpers import assert_close, random_qkv
 
 
 def _qkv(**kwargs):
@@ -58,6 +58,10 @@ BAD_INPUTS = [
     ("mosaic value", dict(kernel_options={"mosaic_block_n": 96}), ValueError, r"kernel_options\['mosaic_block_n'\] must be one of \(64, 128\)"),
     ("misspelt mosaic key", dict(kernel_options={"mosaic_blockn": 64}), ValueError, "unknown key 'mosaic_blockn'; pallas_mosaic reads"),
     ("unknown key", dict(kernel_options={"BLOCK_MM": 64}), ValueError, "unknown key 'BLOCK_MM'"),
+    ("PyTorch's forward name, checked", dict(kernel_options={"fwd_BLOCK_M": 8}), ValueError, r"kernel_options\['BLOCK_M'\] must be a power of two"),
+    ("PyTorch's and our name disagree", dict(kernel_options={"fwd_num_warps": 4, "num_warps": 8}), ValueError, "fwd_num_warps=4 .* and num_warps=8, which name the same setting"),
+    ("PyTorch's hint not a bool", dict(kernel_options={"PRESCALE_QK": 1}), TypeError, r"kernel_options\['PRESCALE_QK'\] must be a bool, got int 1"),
+    ("PyTorch's BACKEND", dict(kernel_options={"BACKEND": "FLASH"}), ValueError, r"'FLASH' is PyTorch's choice of kernels; here choose them with flex_attention\(..., implementation=...\)"),
     ("return_aux type", dict(return_aux=(True, True)), TypeError, "return_aux must be None or a flexattn_jax.AuxRequest, got tuple"),
     ("return_aux field", dict(return_aux=fa.AuxRequest(lse=1)), TypeError, "return_aux.lse must be a bool, got int 1"),
     ("return_aux with return_lse", dict(return_aux=fa.AuxRequest(lse=True), return_lse=True), ValueError, "return_lse=True or return_aux, not both"),
@@ -216,3 +220,26 @@ def test_a_library_mod_reading_past_its_arrays_is_refused():
     # Arrays reaching at least as far serve.
     fa.flex_attention(Q, K, V, score_mod=fa.alibi_bias(jnp.ones(4)), enable_gqa=True)
     fa.create_block_mask(short_ids, None, None, 16, 16, BLOCK_SIZE=8)
+
+
+def test_pytorch_kernel_options_are_put_in_our_terms():
+    """PyTorch FlexAttention's names of our knobs, its hints and FORCE_USE_FLEX_ATTENTION are taken; the kernels
+    then run with our keys (here a forward tile of 16 queries on the Triton kernel, in interpret mode, and the
+    decode kernel turned off for a short query)."""
+    from flexattn_jax import _validation
+
+    torch_options = {"fwd_BLOCK_M": 16, "fwd_BLOCK_N": 16, "fwd_num_warps": 4, "bwd_BLOCK_M1": 32, "bwd_num_warps": 4,
+                     "ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": False, "PRESCALE_QK": True,
+                     "USE_TMA": True, "FORCE_USE_FLEX_ATTENTION": True, "BACKEND": "AUTO"}
+    assert _validation.pytorch_kernel_options(torch_options) == {
+        "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "BLOCK_M1": 32, "bwd_num_warps": 4, "decode_enable": 0}
+    assert _validation.pytorch_kernel_options({"FORCE_USE_FLEX_ATTENTION": False}) == {}
+    block_mask = fa.create_block_mask(fa.causal_mask, None, None, 16, 24, BLOCK_SIZE=16)
+    for q_len in (16, 1):
+        q = Q[:, :, :q_len]
+        bm = block_mask if q_len == 16 else block_mask.adjust(1, 24)
+        expected = fa.flex_attention(q, K, V, block_mask=bm, enable_gqa=True, implementation="reference")
+        got = fa.flex_attention(q, K, V, block_mask=bm, enable_gqa=True, implementation="pallas_triton",
+                                interpret=True, kernel_options={"fwd_BLOCK_M": 16, "FORCE_USE_FLEX_ATTENTION": True,
+                                                                "ROWS_GUARANTEED_SAFE": True})
+        assert_close(got, expected, jnp.float32, f"L={q_len}")
