@@ -559,6 +559,12 @@ class BlockMask:
 
     _adjust = adjust
 
+    def to(self, device) -> "BlockMask":
+        """The mask with its index arrays on ``device``: a ``jax.Device``, a ``jax.sharding.Sharding``, or a platform
+        name (``"cpu"``, ``"gpu"``, PyTorch's ``"cuda"``) for its first device. Inside ``jit`` it is left as it is."""
+        placement = _placement(device, "device")
+        return self if placement is None else _place(self, placement)
+
     def numel(self) -> int:
         """B x H x Q_LEN x KV_LEN: the positions the mask covers, visited or not (as PyTorch's)."""
         return math.prod(self.shape)
