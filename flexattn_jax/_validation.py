@@ -18,9 +18,10 @@ def _describe(x) -> str:
     return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
 
 
-def check_qkv(query, key, value, enable_gqa: bool) -> None:
+def check_qkv(query, key, value, enable_gqa: bool, kv_batch_broadcast: bool = False) -> None:
     """Checks ranks, dtypes, batch sizes, head counts and head dims of query [B, Hq, L, E], key [B, Hkv, S, E],
-    value [B, Hkv, S, Ev]."""
+    value [B, Hkv, S, Ev]; with ``kv_batch_broadcast``, key and value may have batch size 1 (shared by every
+    batch)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -35,9 +36,12 @@ def check_qkv(query, key, value, enable_gqa: bool) -> None:
             f"{jnp.dtype(key.dtype).name} and {jnp.dtype(value.dtype).name}"
         )
     b, hq, _, e = query.shape
-    if key.shape[0] != b or value.shape[0] != b:
+    kv_batches = (b, 1) if kv_batch_broadcast else (b,)
+    if key.shape[0] not in kv_batches or value.shape[0] != key.shape[0]:
+        shared = " (or key and value a batch size of 1, shared by every batch)" if kv_batch_broadcast else ""
         raise ValueError(
-            f"query, key and value must have the same batch size, got {b}, {key.shape[0]} and {value.shape[0]}"
+            f"query, key and value must have the same batch size{shared}, got {b}, {key.shape[0]} and "
+            f"{value.shape[0]}"
         )
     if key.shape[1] != value.shape[1]:
         raise ValueError(f"key and value must have the same number of heads, got {key.shape[1]} and {value.shape[1]}")

@@ -179,7 +179,7 @@ def _choose(implementation, interpret, query, key, value, score_mod, mask_mod, b
 def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options):
     """Validates the arguments and fills in the defaults: (score_mod, block_mask, mask_mod, scale, kernel_options),
     the last with PyTorch's names put in ours."""
-    _validation.check_qkv(query, key, value, enable_gqa)
+    _validation.check_qkv(query, key, value, enable_gqa, kv_batch_broadcast=True)
     scale = _validation.check_scale(scale)
     if score_mod is None:
         score_mod = identity
@@ -202,6 +202,23 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
         scale = 1.0 / math.sqrt(query.shape[-1])
     mask_mod = block_mask.mask_mod if block_mask.mask_mod is not None else noop_mask
     return score_mod, block_mask, mask_mod, scale, kernel_options
+
+
+def _broadcast_kv_batch(query, key, value):
+    """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B, arrays or
+    ``jax.ShapeDtypeStruct``. The kernels then read B copies; the gradient of the broadcast adds the batches' dK
+    and dV up."""
+    b = query.shape[0]
+    if key.shape[0] == b:
+        return key, value
+
+    def broadcast(x):
+        shape = (b, *x.shape[1:])
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(shape, x.dtype)
+        return jnp.broadcast_to(x, shape)
+
+    return broadcast(key), broadcast(value)
 
 
 def explain_implementation(
@@ -230,6 +247,7 @@ def explain_implementation(
     score_mod, block_mask, mask_mod, _, kernel_options = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
+    key, value = _broadcast_kv_batch(query, key, value)
     choice = _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
     backward = _backward_of(choice, query, score_mod, mask_mod, block_mask, kernel_options)
     return choice._replace(backward=backward)
@@ -254,6 +272,7 @@ def flex_attention(
 
     Args:
       query: [B, Hq, L, E]; key: [B, Hkv, S, E]; value: [B, Hkv, S, Ev]. float32, bfloat16 or float16, one dtype.
+        Key and value may have batch size 1, shared by every query batch (as PyTorch's).
       score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` applied to each scaled score; None for the
         identity. The indices are int32; h is the query head. It may close over arrays (also traced ones).
       block_mask: a BlockMask from ``create_block_mask``; its ``mask_mod`` decides which positions attend. None
@@ -290,6 +309,7 @@ def flex_attention(
     score_mod, block_mask, mask_mod, scale, kernel_options = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
+    key, value = _broadcast_kv_batch(query, key, value)
     with_max_scores = return_aux is not None and return_aux.max_scores
 
     def finish(*results):
