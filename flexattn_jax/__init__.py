@@ -5,6 +5,7 @@ Write an attention variant as a ``score_mod(score, b, h, q_idx, kv_idx)`` or a `
 """
 
 from flexattn_jax.api import IMPLEMENTATIONS, AuxOutput, AuxRequest, Choice, explain_implementation, flex_attention
+from flexattn_jax.dot_product import dot_product_attention
 from flexattn_jax.block_mask import (
     DEFAULT_BLOCK_SIZE,
     BlockMask,
@@ -46,6 +47,7 @@ __all__ = [
     "Choice",
     "explain_implementation",
     "flex_attention",
+    "dot_product_attention",
     "PagedKVCache",
     "DEFAULT_BLOCK_SIZE",
     "BlockMask",
