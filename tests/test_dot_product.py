@@ -128,3 +128,26 @@ def test_bad_input_raises_naming_the_argument(override, error, message):
     arguments.update(override)
     with pytest.raises(error, match=message):
         fa.dot_product_attention(**arguments)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bias+causal", "mask per batch", "lengths+causal"])
+def test_on_the_gpu_in_bfloat16_with_the_default_kernels(name):
+    """Whatever the default chooses on this GPU (the Mosaic kernels, or the Triton kernels for a bias read at a
+    computed index), against jax.nn's dense attention, gradients included."""
+    q, k, v, key = (x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(_inputs(20 + CASES.index(name))))
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 64 - H))) for x in (q, k, v))  # head dim 64
+    options = _case(name, key)
+    if "bias" in options:
+        options["bias"] = options["bias"].astype(jnp.bfloat16)
+
+    def loss(attention, q, k, v):
+        out = attention(q, k, v, **options)
+        return jnp.sum(out.astype(jnp.float32) * jnp.sin(out.astype(jnp.float32))), out
+
+    grad = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)
+    (_, out), grads = grad(fa.dot_product_attention, q, k, v)
+    (_, expected), expected_grads = grad(jax.nn.dot_product_attention, q, k, v)
+    assert_close(out, expected, jnp.bfloat16)
+    for what, got, want in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(got, want, jnp.bfloat16, what)
