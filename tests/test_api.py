@@ -1,6 +1,7 @@
 """flex_attention's argument checking: every bad input raises before anything is traced."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -270,3 +271,21 @@ def test_key_and_value_of_batch_one_are_shared_by_every_query_batch(implementati
     assert fa.explain_implementation(q, k, v, block_mask=bm, enable_gqa=True).implementation == "reference"
     with pytest.raises(ValueError, match=r"same batch size \(or key and value a batch size of 1"):
         fa.flex_attention(q, jnp.repeat(k, 2, axis=0), jnp.repeat(v, 2, axis=0), enable_gqa=True)
+
+
+@pytest.mark.gpu
+def test_gpu_key_and_value_of_batch_one_on_the_default_kernels():
+    B, Hq, Hkv, L = 3, 4, 2, 512
+    q = jax.random.normal(jax.random.key(0), (B, Hq, L, 128)).astype(jnp.bfloat16)
+    k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, L, 128)).astype(jnp.bfloat16) for i in (1, 2))
+    bm = fa.create_block_mask(fa.causal_mask, None, None, L, L)
+
+    def loss(implementation, q, k, v):
+        out = fa.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    got = jax.grad(functools.partial(loss, None), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape
+        assert_close(g, w, jnp.bfloat16, f"d{name}")

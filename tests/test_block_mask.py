@@ -618,3 +618,35 @@ def test_to_string_checks_grid_size(grid_size):
         bm.to_string(grid_size=grid_size)
     with pytest.raises(ValueError, match="grid_size must be a positive int"):
         fa.viz.block_map_to_text(np.ones((2, 2), bool), np.ones((2, 2), bool), grid_size)
+
+
+@pytest.mark.gpu
+def test_gpu_query_block_selections_on_the_default_kernels():
+    """On the GPU's default kernels (the Mosaic forward for a block of queries, the decode kernel for one): a traced
+    query block inside jit, whose mask_mod reads the offset as a captured scalar, and the decoding idiom."""
+    B, H, L, Q_BLOCK = 2, 4, 1024, 128
+    bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(B, H, L, 5), B, H, L, L, BLOCK_SIZE=Q_BLOCK)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 128)).astype(jnp.bfloat16) for i in range(3))
+    whole = fa.flex_attention(q, k, v, block_mask=bm, implementation="reference")
+
+    @jax.jit
+    def rows_of(block):
+        q_rows = jax.lax.dynamic_slice_in_dim(q, block * Q_BLOCK, Q_BLOCK, axis=2)
+        return fa.flex_attention(q_rows, k, v, block_mask=bm[:, :, block])
+
+    for block in (0, 5):
+        assert_close(rows_of(jnp.int32(block)), whole[:, :, block * Q_BLOCK:(block + 1) * Q_BLOCK], jnp.bfloat16,
+                     f"block {block}")
+
+    causal = fa.create_block_mask(fa.causal_mask, None, None, L, L, BLOCK_SIZE=Q_BLOCK)
+    causal_whole = fa.flex_attention(q, k, v, block_mask=causal, implementation="reference")
+
+    @jax.jit
+    def decode_step(q_one, pos):
+        row = causal[:, :, pos // Q_BLOCK].adjust(1, L)
+        row = dataclasses.replace(row, mask_mod=lambda b, h, q_idx, kv_idx: causal.mask_mod(b, h, q_idx + pos, kv_idx))
+        return fa.flex_attention(q_one, k, v, block_mask=row)
+
+    for pos in (0, 300, L - 1):
+        assert_close(decode_step(q[:, :, pos:pos + 1], jnp.int32(pos)), causal_whole[:, :, pos:pos + 1],
+                     jnp.bfloat16, f"pos {pos}")
