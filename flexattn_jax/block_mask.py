@@ -336,13 +336,17 @@ class BlockMask:
         BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
         mask_mod: MaskMod | None = None,
         seq_lengths: tuple[int, int] | None = None,
+        compute_q_blocks: bool = True,
     ) -> "BlockMask":
         """Builds a BlockMask from the kv-side arrays alone, deriving the transposed q-side ones (as PyTorch's).
 
         ``kv_num_blocks`` is [B, H, QB] and ``kv_indices`` [B, H, QB, KVB]; the full pair, if given, likewise.
         The index arrays must be integers; when concrete (not traced), each ``kv_num_blocks`` entry must be in
         [0, KVB] and the key blocks its row lists in [0, KVB). Works under ``jax.jit`` (where they are not checked).
+        ``compute_q_blocks`` is accepted for PyTorch's signature: the q-side arrays are always derived, since every
+        implementation's backward walks them.
         """
+        _validation.check_flags(compute_q_blocks=compute_q_blocks)
         kv_num_blocks = _block_index_array(kv_num_blocks, "kv_num_blocks")
         kv_indices = _block_index_array(kv_indices, "kv_indices")
         if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4 or kv_indices.shape[:3] != kv_num_blocks.shape:

@@ -306,6 +306,16 @@ def test_adjust_cuts_the_mask_to_its_first_queries_and_keys(new_lengths):
         bm.adjust(0, 64)
 
 
+def test_from_kv_blocks_takes_pytorchs_compute_q_blocks():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 64, 64, BLOCK_SIZE=16)
+    for compute_q_blocks in (True, False):
+        rebuilt = fa.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                                              bm.full_kv_indices, 16, fa.causal_mask, compute_q_blocks=compute_q_blocks)
+        np.testing.assert_array_equal(np.asarray(rebuilt.q_indices), np.asarray(bm.q_indices))
+    with pytest.raises(TypeError, match="compute_q_blocks must be a bool"):
+        fa.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, compute_q_blocks=None)
+
+
 def test_numel_and_as_tuple_follow_pytorch():
     bm = fa.create_block_mask(fa.causal_mask, 2, None, 48, 64, BLOCK_SIZE=(16, 32))
     assert bm.numel() == 2 * 1 * 48 * 64
