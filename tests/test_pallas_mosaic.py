@@ -433,6 +433,50 @@ def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
     assert "other than q_idx or kv_idx themselves" in problem
 
 
+def test_reads_that_agree_with_q_idx_only_while_a_captured_value_is_zero_are_refused():
+    """``ids[q_idx + offset]`` with a captured scalar offset: the analysis sees the captured arrays as zeros first,
+    where the index is q_idx itself; a row read would then load ids at q_idx, not q_idx + offset. Also inside a
+    jit, where the offset is traced (a BlockMask's query block selected by a traced index)."""
+    from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads
+
+    ids = jnp.arange(1000, dtype=jnp.int32) // 300
+
+    def shifted_documents(offset):
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ids[q_idx + offset] == ids[kv_idx]
+
+        return mask_mod
+
+    _, problem = analyze_reads(_program(shifted_documents(jnp.int32(0))), 128)
+    assert "other than q_idx or kv_idx themselves" in problem
+
+    @jax.jit
+    def problem_inside_jit(offset):
+        _, problem = analyze_reads(_program(shifted_documents(offset)), 128)
+        assert "other than q_idx or kv_idx themselves" in problem
+        return offset
+
+    problem_inside_jit(jnp.int32(256))
+
+
+def test_a_traced_query_block_selection_with_captured_reads_falls_back_to_triton():
+    ids = jnp.repeat(jnp.arange(4), 256)
+    bm = fa.create_block_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), None, None, 1024, 1024)
+    q = jax.ShapeDtypeStruct((1, 2, 128, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 2, 1024, 128), jnp.bfloat16)
+    choices = []
+
+    @jax.jit
+    def explain(block):
+        choices.append(pallas_mosaic.unsupported_reason(
+            q, kv, kv, score_mod=fa.identity, mask_mod=bm[:, :, block].mask_mod, block_size=(128, 128),
+            num_blocks=(1, 8), kernel_options=None))
+        return block
+
+    explain(jnp.int32(3))
+    assert "other than q_idx or kv_idx themselves" in choices[0]
+
+
 def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None, array_gradient=False,
                              kernel_options=None):
     """The text of the CUDA lowering of the gradient of sum(out) with respect to q, k, v, and with respect to the

@@ -144,24 +144,29 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     Returns ``(sites, None)`` in the order the interpreter performs the reads, or ``(None, why)`` when a read has no
     Mosaic GPU form (a gather at a computed index, such as ``table[h, q_idx - kv_idx]``). The classification is
     checked at the start, the middle and the end of each array that a row or column read walks, so that an index
-    that only agrees with q_idx somewhere (``ids[jnp.minimum(q_idx, 100)]``) is not taken for q_idx.
+    that only agrees with q_idx somewhere (``ids[jnp.minimum(q_idx, 100)]``) is not taken for q_idx, and again with
+    other values in the captured arrays, so that an index that agrees with q_idx only while a captured value is 0
+    (``ids[q_idx + offset]``, ``offset`` a captured scalar) is not either.
     """
     if not program.num_consts:
         return (), None
     shape = (BLOCK_M, block_n)
-    consts = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
     num_args = len(program.jaxpr.invars) - program.num_consts
-    score = [jnp.zeros(shape, jnp.float32)] if num_args == 5 else []
 
-    def record(q_start: int, kv_start: int):
+    def record(q_start: int, kv_start: int, consts):
         q_idx = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
         kv_idx = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_start
+        score = [jnp.zeros(shape, jnp.float32)] if num_args == 5 else []
         recorder = _SiteRecorder(q_idx, kv_idx)
         program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=recorder)
         return recorder
 
+    # Made here, not traced: inside the caller's jit a zeros array would be a tracer, and so would every index
+    # computed from it.
     with jax.default_device(jax.devices("cpu")[0]), jax.ensure_compile_time_eval():
-        first = record(0, 0)
+        zeros = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
+        threes = [jnp.full(a.shape, 3, a.dtype) for a in program.const_avals]
+        first = record(0, 0, zeros)
         problem = next((site for site in first.sites if isinstance(site, str)), None)
         if problem is not None:
             return None, problem
@@ -171,8 +176,8 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
             return max(min(lengths, default=size) - size, 0)
 
         q_room, kv_room = room("row", BLOCK_M), room("column", block_n)
-        for q_start, kv_start in ((q_room // 2, kv_room // 2), (q_room, kv_room)):
-            again = record(q_start, kv_start)
+        for q_start, kv_start, consts in ((q_room // 2, kv_room // 2, zeros), (q_room, kv_room, zeros), (0, 0, threes)):
+            again = record(q_start, kv_start, consts)
             if again.sites != first.sites:
                 problem = next((site for site in again.sites if isinstance(site, str)), None)
                 return None, problem or "reads its captured arrays differently at different positions"
