@@ -246,7 +246,8 @@ def test_a_query_block_selection_is_the_mask_of_those_rows(index):
     assert_close(got, whole, jnp.float32)
 
 
-def test_a_traced_query_block_selects_its_rows_inside_jit():
+@pytest.mark.parametrize("implementation,interpret", [("reference", False), ("pallas_triton", True)])
+def test_a_traced_query_block_selects_its_rows_inside_jit(implementation, interpret):
     B, H, L, Q_BLOCK = 1, 2, 64, 16
     bm = fa.create_block_mask(_per_batch_documents_and_per_head_windows(B, H, L, 4), B, H, L, L, BLOCK_SIZE=Q_BLOCK)
     q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 16)) for i in range(3))
@@ -255,7 +256,8 @@ def test_a_traced_query_block_selects_its_rows_inside_jit():
     @jax.jit
     def rows_of(block, q, k, v):
         q_rows = jax.lax.dynamic_slice_in_dim(q, block * Q_BLOCK, Q_BLOCK, axis=2)
-        return fa.flex_attention(q_rows, k, v, block_mask=bm[:, :, block])
+        return fa.flex_attention(q_rows, k, v, block_mask=bm[:, :, block], implementation=implementation,
+                                 interpret=interpret)
 
     for block in (0, 2, -1):
         expected = whole[:, :, (block % 4) * Q_BLOCK:][:, :, :Q_BLOCK]
