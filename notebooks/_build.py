@@ -312,6 +312,27 @@ QUICKSTART = [
         print("Open this notebook on a GPU runtime to see it.")
     """),
     md("""
+    ## Coming from `jax.nn.dot_product_attention`
+
+    `fa.dot_product_attention` takes `jax.nn.dot_product_attention`'s arguments and its `[B, L, H, D]` layout, and
+    runs them through `flex_attention`: `mask`, `is_causal`, `local_window_size` and the sequence lengths become one
+    BlockMask (so the blocks they rule out are skipped), a `bias` becomes a score_mod. A model written against
+    jax.nn swaps the function and keeps its arguments.
+    """),
+    code("""
+    q_blhd, k_blhd, v_blhd = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    window = (L // 8 - 1, 0)
+    ours = jax.jit(fa.dot_product_attention, static_argnames=("is_causal", "local_window_size"))(
+        q_blhd, k_blhd, v_blhd, is_causal=True, local_window_size=window
+    )
+    theirs = jax.nn.dot_product_attention(
+        *(x.astype(jnp.float32) for x in (q_blhd, k_blhd, v_blhd)), is_causal=True, local_window_size=window
+    )
+    error = relative_error(ours, theirs)
+    print(f"sliding window through fa.dot_product_attention: relative error {error:.1e} against jax.nn's")
+    assert error < TOLERANCE
+    """),
+    md("""
     ## Next
 
     * `02_gallery.ipynb`: every mod of the library, with its formula, picture and sparsity, and ways to combine them.
