@@ -621,6 +621,22 @@ class BlockMask:
             return f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, traced)"
 
 
+def _refuse_assignment(self, name, value):
+    """PyTorch's decoding idiom assigns to a BlockMask (``bm.mask_mod = ...``, ``bm.seq_lengths = ...``); ours is
+    immutable, as a pytree that ``jit`` takes must be: say what to write instead."""
+    del value
+    if name == "seq_lengths":
+        instead = "bm.adjust(new_q_len, new_kv_len) cuts a mask to new lengths"
+    else:
+        instead = f"dataclasses.replace(bm, {name}=...) returns a mask with it changed"
+    raise dataclasses.FrozenInstanceError(f"a BlockMask is immutable, cannot assign to {name!r}: {instead}")
+
+
+# Set after the class is made: a frozen dataclass may not define __setattr__ itself. Its __init__ and
+# dataclasses.replace set fields through object.__setattr__, which this does not touch.
+BlockMask.__setattr__ = _refuse_assignment
+
+
 # ---------------------------------------------------------------------------------------------- construction
 
 

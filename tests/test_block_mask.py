@@ -318,6 +318,16 @@ def test_from_kv_blocks_takes_pytorchs_compute_q_blocks():
         fa.BlockMask.from_kv_blocks(bm.kv_num_blocks, bm.kv_indices, compute_q_blocks=None)
 
 
+def test_assigning_to_a_block_mask_says_what_to_write_instead():
+    bm = fa.create_block_mask(fa.causal_mask, None, None, 64, 64, BLOCK_SIZE=16)
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"dataclasses.replace\(bm, mask_mod=...\)"):
+        bm.mask_mod = fa.noop_mask
+    with pytest.raises(dataclasses.FrozenInstanceError, match=r"bm.adjust\(new_q_len, new_kv_len\)"):
+        bm.seq_lengths = (1, 64)
+    assert dataclasses.replace(bm, mask_mod=fa.noop_mask).mask_mod is fa.noop_mask
+    assert bm[:, :, 1].seq_lengths == (16, 64)
+
+
 def test_numel_and_as_tuple_follow_pytorch():
     bm = fa.create_block_mask(fa.causal_mask, 2, None, 48, 64, BLOCK_SIZE=(16, 32))
     assert bm.numel() == 2 * 1 * 48 * 64
