@@ -105,9 +105,11 @@ def check_block_mask(block_mask, query, key) -> None:
             f"block_mask.BLOCK_SIZE must be a (Q_BLOCK, KV_BLOCK) tuple of positive ints, got {block_size!r}"
         )
     if tuple(block_mask.seq_lengths) != (q_len, kv_len):
+        longer = block_mask.seq_lengths[0] >= q_len and block_mask.seq_lengths[1] >= kv_len
+        cut = f", or cut this one to them with block_mask.adjust({q_len}, {kv_len})" if longer else ""
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN) = {tuple(block_mask.seq_lengths)} but query and key have "
-            f"L={q_len}, S={kv_len}; build it with create_block_mask(..., Q_LEN={q_len}, KV_LEN={kv_len})"
+            f"L={q_len}, S={kv_len}; build it with create_block_mask(..., Q_LEN={q_len}, KV_LEN={kv_len}){cut}"
         )
     if getattr(block_mask.kv_num_blocks, "ndim", None) != 3:
         raise ValueError(

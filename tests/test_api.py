@@ -48,6 +48,7 @@ BAD_INPUTS = [
     ("score_mod returns a bool", dict(score_mod=lambda s, b, h, q, kv: q >= kv), TypeError, "floating scalar score .* got bool"),
     ("block_mask type", dict(block_mask=jnp.ones((16, 24), bool)), TypeError, "block_mask must be a BlockMask"),
     ("block_mask lengths", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, None, 16, 16, BLOCK_SIZE=8)), ValueError, r"built for \(Q_LEN, KV_LEN\) = \(16, 16\) but query and key have L=16, S=24"),
+    ("block_mask longer", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, None, 32, 32, BLOCK_SIZE=8)), ValueError, r"or cut this one to them with block_mask.adjust\(16, 24\)"),
     ("block_mask batch", dict(block_mask=fa.create_block_mask(fa.causal_mask, 3, None, 16, 24, BLOCK_SIZE=8)), ValueError, "batch size 3; expected 1 or the query's batch size 2"),
     ("block_mask heads", dict(block_mask=fa.create_block_mask(fa.causal_mask, None, 2, 16, 24, BLOCK_SIZE=8)), ValueError, "2 heads; expected 1 or the query's head count Hq=4"),
     ("implementation", dict(implementation="cuda"), ValueError, "implementation must be None or one of"),
