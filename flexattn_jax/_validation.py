@@ -240,8 +240,9 @@ _PYTORCH_OPTION_NAMES = {
 }
 # PyTorch's boolean hints that permit a shortcut our kernels do not need or take; accepted, with no effect:
 # fully masked rows are always safe here, the block lists are read as lists whatever their order, the scale is
-# applied once per score in float32 (prescaling q trades accuracy for a multiply), and the Mosaic kernels always
-# copy by TMA while the Triton kernels never do.
+# applied to the float32 scores (folded into exp2 where the score_mod allows), never to q in its input dtype, which
+# is what PRESCALE_QK trades accuracy for, and the Mosaic kernels always copy by TMA while the Triton kernels never
+# do.
 _PYTORCH_HINTS = ("ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "PRESCALE_QK", "USE_TMA")
 
 
