@@ -118,6 +118,36 @@ def test_from_kv_blocks_derives_the_q_side(example):
         np.testing.assert_array_equal(np.asarray(getattr(rebuilt, name)), np.asarray(getattr(built, name)))
 
 
+@settings(max_examples=12)  # each example compiles anew
+@given(dense_masks(), st.data())
+def test_query_block_selections_and_cuts_keep_the_invariants(example, data):
+    """A slice of query blocks, then a cut to shorter lengths: the allowed positions are the dense mask's region.
+    The cut keeps the blocks it had (as PyTorch's ``_adjust``; a block whose allowed positions all lie past the
+    cut stays partial, and mask_mod rules its positions out), so its block map covers the region's, and a block
+    it calls full is full in the region."""
+    mask, (q_block, kv_block) = example
+    built = fa.create_block_mask_from_dense(jnp.asarray(mask), BLOCK_SIZE=(q_block, kv_block))
+    num_q_blocks = built.num_blocks[0]
+    start = data.draw(st.integers(0, num_q_blocks - 1))
+    stop = data.draw(st.integers(start + 1, num_q_blocks))
+    selected = built[:, :, start:stop]
+    rows = mask[:, :, start * q_block:stop * q_block]
+    assert selected.seq_lengths == (rows.shape[2], mask.shape[3])
+    np.testing.assert_array_equal(_allowed_positions(selected), rows)
+    new_q = data.draw(st.integers(1, rows.shape[2]))
+    new_kv = data.draw(st.integers(1, mask.shape[3]))
+    cut = selected.adjust(new_q, new_kv)
+    region = rows[:, :, :new_q, :new_kv]
+    np.testing.assert_array_equal(_allowed_positions(cut), region)
+    any_map, all_map = _expected_maps(region, q_block, kv_block)
+    partial, full = (np.asarray(m) for m in cut.block_maps())
+    assert np.all(partial | full >= any_map) and np.all(full <= all_map) and not np.any(partial & full)
+    _check_index_arrays(cut.kv_num_blocks, cut.kv_indices, partial)
+    _check_index_arrays(cut.full_kv_num_blocks, cut.full_kv_indices, full)
+    _check_index_arrays(cut.q_num_blocks, cut.q_indices, np.swapaxes(partial, -1, -2))
+    _check_index_arrays(cut.full_q_num_blocks, cut.full_q_indices, np.swapaxes(full, -1, -2))
+
+
 def test_causal_worked_example_from_the_docstring():
     bm = fa.create_block_mask(fa.causal_mask, None, None, 6, 6, BLOCK_SIZE=2)
     assert bm.kv_num_blocks.tolist() == [[[1, 1, 1]]]
