@@ -29,6 +29,9 @@
 #   bash benchmarks/device_session.sh aux     return_aux's max_scores on the GPU: the Mosaic and Triton forwards' gpu tests
 #                                             (with the forward variants and fully masked rows, which no GPU has run
 #                                             on the tree since section 36's second call)
+#   bash benchmarks/device_session.sh api     the gpu tests of the fifteenth session's API (query-block selections, the
+#                                             decoding idiom, batch-1 keys and values, dot_product_attention) and the
+#                                             Mosaic tests, after the read analysis changed (NOTES.md, fifteenth session)
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -311,6 +314,11 @@ case "${1:-}" in
       -k "max_scores or forward_variants or fully_masked" >"$OUT/gpu_tests.txt" 2>&1
     timeout 150 python3 -m pytest -m gpu tests/test_pallas_triton_forward.py tests/test_decode.py -n 8 \
       -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  api)
+    timeout 330 python3 -m pytest -m gpu tests/test_block_mask.py tests/test_api.py tests/test_dot_product.py \
+      tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   ncu)
