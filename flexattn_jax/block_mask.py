@@ -536,7 +536,8 @@ class BlockMask:
         ``create_block_mask``. A full block that the cut leaves hanging past a new length becomes partial, since
         kernels mask positions past ``seq_lengths`` in partial blocks only.
         """
-        new_q_len, new_kv_len = _check_seq_lengths((new_q_len, new_kv_len))
+        new_q_len = _validation.check_positive_int(new_q_len, "new_q_len")
+        new_kv_len = _validation.check_positive_int(new_kv_len, "new_kv_len")
         q_len, kv_len = self.seq_lengths
         if new_q_len > q_len or new_kv_len > kv_len:
             raise ValueError(

@@ -334,8 +334,10 @@ def test_adjust_cuts_the_mask_to_its_first_queries_and_keys(new_lengths):
     assert_close(got, expected, jnp.float32)
     with pytest.raises(ValueError, match="only shrinks"):
         bm.adjust(65, 64)
-    with pytest.raises(ValueError, match="positive ints"):
+    with pytest.raises(ValueError, match="new_q_len must be a positive int"):
         bm.adjust(0, 64)
+    with pytest.raises((TypeError, ValueError), match="new_kv_len"):
+        bm.adjust(64, "64")
 
 
 def test_from_kv_blocks_takes_pytorchs_compute_q_blocks():
