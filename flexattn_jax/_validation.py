@@ -177,12 +177,16 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def is_real(value) -> bool:
+    """A Python or NumPy real number, and not a bool (nor an array: a traced value cannot set a kernel constant)."""
+    return isinstance(value, (numbers.Real, np.floating, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_scale(scale) -> float | None:
-    """scale must be None or a finite real number (Python or NumPy; a traced value cannot set a kernel constant);
-    returns it as a Python float."""
+    """scale must be None or a finite real number (``is_real``); returns it as a Python float."""
     if scale is None:
         return None
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
+    if not is_real(scale):
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {float(scale)}")
@@ -215,16 +219,25 @@ def check_flags(**flags) -> None:
             raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-def check_arity(fn: Callable, count: int, name: str, signature: str) -> None:
-    """``fn`` must accept ``count`` positional arguments (where Python can tell; some callables have no signature)."""
+def arity_error(fn: Callable, count: int) -> str | None:
+    """Why ``fn`` cannot take ``count`` positional arguments, or None when it can or Python cannot tell (some
+    callables have no signature)."""
     try:
         parameters = inspect.signature(fn)
     except (TypeError, ValueError):
-        return
+        return None
     try:
         parameters.bind(*range(count))
     except TypeError as e:
-        raise TypeError(f"{name} must be a callable {signature}, taking {count} positional arguments: {e}") from None
+        return str(e)
+    return None
+
+
+def check_arity(fn: Callable, count: int, name: str, signature: str) -> None:
+    """``fn`` must accept ``count`` positional arguments (where Python can tell)."""
+    error = arity_error(fn, count)
+    if error is not None:
+        raise TypeError(f"{name} must be a callable {signature}, taking {count} positional arguments: {error}")
 
 
 # PyTorch FlexAttention's kernel_options that name a knob of ours differently: theirs -> ours.
@@ -259,14 +272,9 @@ def pytorch_kernel_options(kernel_options):
     options = {}
     renamed = {}
     for key, value in kernel_options.items():
-        if key in _PYTORCH_HINTS:
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"kernel_options[{key!r}] must be a bool, got {type(value).__name__} {value!r}")
-            continue
-        if key == "FORCE_USE_FLEX_ATTENTION":
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"kernel_options[{key!r}] must be a bool, got {type(value).__name__} {value!r}")
-            if value:
+        if key in _PYTORCH_HINTS or key == "FORCE_USE_FLEX_ATTENTION":
+            check_flags(**{f"kernel_options[{key!r}]": value})
+            if key == "FORCE_USE_FLEX_ATTENTION" and value:
                 renamed["decode_enable"] = (key, 0)
             continue
         if key == "BACKEND":

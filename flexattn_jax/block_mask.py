@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 from typing import Callable
 
@@ -106,6 +105,17 @@ class _TracedQOffsetMaskMod:
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self.mask_mod(b, h, q_idx + self.q_offset, kv_idx)
+
+
+def _one_entry_slice(i, n: int, what: str, axis: str):
+    """An int index (negative counting from the end) as the slice of its one entry, which keeps the axis; anything
+    else unchanged. IndexError naming ``what`` past either end."""
+    if not _validation.is_int(i):
+        return i
+    if not -n <= i < n:
+        raise IndexError(f"{what} {i} out of range for {axis}")
+    i = int(i) % n
+    return slice(i, i + 1)
 
 
 def _original_index(i, selection: tuple[int, int, int] | None):
@@ -440,15 +450,9 @@ class BlockMask:
         sizes = self.kv_num_blocks.shape[:2]
         keep_dims = []
         for i, n in zip(index, sizes):
-            if isinstance(i, (bool, np.bool_)):
-                raise TypeError(f"BlockMask indices must be ints or slices, got bool {i!r}")
-            if isinstance(i, (int, np.integer)):
-                if not -n <= i < n:
-                    raise IndexError(f"index {i} out of range for an axis of size {n}")
-                i = int(i) % n
-                i = slice(i, i + 1)
-            elif not isinstance(i, slice):
-                raise TypeError(f"BlockMask batch and head indices must be ints or slices, got {type(i).__name__}")
+            i = _one_entry_slice(i, n, "index", f"an axis of size {n}")
+            if not isinstance(i, slice):
+                raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__} {i!r}")
             keep_dims.append(i)
         index = tuple(keep_dims)
         # (start, step, size) of each axis's selection; None for the whole axis, which needs no remapping.
@@ -485,13 +489,7 @@ class BlockMask:
         if isinstance(index, (jax.Array, np.ndarray)) and not isinstance(index, jax.core.Tracer):
             if index.ndim == 0 and jnp.issubdtype(index.dtype, jnp.integer):
                 index = int(index)
-        if isinstance(index, (bool, np.bool_)):
-            raise TypeError(f"a BlockMask's query-block index must be an int, a slice or a 0-d int array, got {index!r}")
-        if isinstance(index, (int, np.integer)):
-            if not -num_q_blocks <= index < num_q_blocks:
-                raise IndexError(f"query block {index} out of range for a BlockMask of {num_q_blocks} query blocks")
-            index = int(index) % num_q_blocks
-            index = slice(index, index + 1)
+        index = _one_entry_slice(index, num_q_blocks, "query block", f"a BlockMask of {num_q_blocks} query blocks")
         if isinstance(index, slice):
             rows = range(*index.indices(num_q_blocks))
             if rows.step != 1 or len(rows) == 0:
@@ -519,7 +517,7 @@ class BlockMask:
         else:
             raise TypeError(
                 "a BlockMask's query-block index must be an int, a slice or a 0-d int array, got "
-                f"{type(index).__name__} {getattr(index, 'shape', '')}"
+                f"{type(index).__name__} {getattr(index, 'shape', index)!r}"
             )
         return BlockMask.from_block_maps(
             partial,
@@ -826,11 +824,12 @@ def _placement(device, name: str):
     )
 
 
-def _place(block_mask: BlockMask, placement) -> BlockMask:
-    """The BlockMask with its arrays on ``placement``; left where they are while traced (``jit`` places them)."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(block_mask)):
-        return block_mask
-    return jax.device_put(block_mask, placement)
+def _place(tree, placement):
+    """A BlockMask or an array with its arrays on ``placement``; left where they are while traced (``jit`` places
+    them)."""
+    if not all(_validation.is_concrete(x) for x in jax.tree.leaves(tree)):
+        return tree
+    return jax.device_put(tree, placement)
 
 
 def _create_block_mask(mask_mod: MaskMod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int):
@@ -876,24 +875,13 @@ def create_mask(
     for axis in reversed(range(4)):
         fn = jax.vmap(fn, in_axes=tuple(0 if i == axis else None for i in range(4)))
     mask = fn(*idx)
-    return mask if placement is None or isinstance(mask, jax.core.Tracer) else jax.device_put(mask, placement)
+    return mask if placement is None else _place(mask, placement)
 
 
 def _takes_five_arguments(fn: Callable) -> bool:
-    """Whether ``fn`` is called as a score_mod: it accepts five positional arguments and not four."""
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return False
-
-    def accepts(count):
-        try:
-            signature.bind(*range(count))
-            return True
-        except TypeError:
-            return False
-
-    return accepts(5) and not accepts(4)
+    """Whether ``fn`` is called as a score_mod: it accepts five positional arguments and not four (a callable
+    without a signature is taken for a mask_mod)."""
+    return _validation.arity_error(fn, 5) is None and _validation.arity_error(fn, 4) is not None
 
 
 # ----------------------------------------------------------------------------------- dense <-> block (the seed's)

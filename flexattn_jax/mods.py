@@ -12,10 +12,8 @@ tables, slopes) index them with the indices; the kernels pass such arrays in as 
 from __future__ import annotations
 
 import functools
-from typing import Callable
-
 import math
-import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +59,6 @@ def _check_int_parameter(value, name: str, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_num_heads(num_heads) -> int:
-    """num_heads of the ALiBi slopes: a positive Python int (it sizes an array)."""
-    return _validation.check_positive_int(num_heads, "num_heads")
-
 
 
 def and_masks(*mask_mods: Callable) -> Callable:
@@ -250,7 +242,7 @@ def generate_alibi_bias(num_heads: int) -> Callable:
     al., "Train Short, Test Long" (2022); for other head counts the paper interleaves two geometric sequences
     instead: give such slopes to ``alibi_bias``.
     """
-    num_heads = _check_num_heads(num_heads)
+    num_heads = _validation.check_positive_int(num_heads, "num_heads")
 
     def alibi(score, b, h, q_idx, kv_idx):
         del b
@@ -263,7 +255,7 @@ def generate_alibi_bias(num_heads: int) -> Callable:
 def alibi_slopes(num_heads: int) -> jax.Array:
     """``generate_alibi_bias``'s slopes as a float32 array [num_heads]: 2^(-8 (h + 1) / num_heads) (the paper's
     for a power-of-two num_heads)."""
-    num_heads = _check_num_heads(num_heads)
+    num_heads = _validation.check_positive_int(num_heads, "num_heads")
     return jnp.exp2(-(jnp.arange(num_heads, dtype=jnp.float32) + 1.0) * (8.0 / num_heads))
 
 
@@ -286,7 +278,7 @@ def alibi_bias(slopes: jax.Array) -> Callable:
 def tanh_softcap(cap: float) -> Callable:
     """Soft-capping: cap * tanh(score / cap), bounding scores to (-cap, cap) (as in Gemma 2)."""
     # A cap of inf or NaN turns every score NaN (inf * tanh(s / inf) is inf * 0).
-    if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, (numbers.Real, np.floating, np.integer)):
+    if not _validation.is_real(cap):
         raise TypeError(f"cap must be a positive finite number, got {type(cap).__name__} {cap!r}")
     if not (math.isfinite(cap) and cap > 0):
         raise ValueError(f"cap must be a positive finite number, got {cap}")
