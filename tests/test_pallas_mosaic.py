@@ -149,8 +149,8 @@ def test_gathering_mods_are_refused_with_the_reason(name):
         q, k, v, score_mod=score_mod or fa.identity, mask_mod=block_mask.mask_mod if block_mask else fa.noop_mask,
         block_size=(128, 128), num_blocks=(2, 2), kernel_options=None,
     )
-    assert "other than q_idx or kv_idx themselves" in reason
-    with pytest.raises(ValueError, match="other than q_idx or kv_idx themselves; pallas_mosaic reads arrays"):
+    assert "other than q_idx or kv_idx plus an offset" in reason
+    with pytest.raises(ValueError, match="other than q_idx or kv_idx plus an offset; pallas_mosaic reads arrays"):
         _lower_for_cuda(q, k, v, mask_mod, score_mod)
 
 
@@ -376,11 +376,15 @@ def test_gpu_max_scores_match_reference(case, options):
     assert bool(jnp.all(aux.max_scores[:, :, 5::97] == -jnp.inf))
 
 
-def _program(mod, score=False):
+def _program_and_consts(mod, score=False):
     from flexattn_jax.backends import _captures
 
-    (program,), _ = _captures.trace_for_tiles(mod, [(64, 128, "full")], score=score)
-    return program
+    (program,), consts = _captures.trace_for_tiles(mod, [(64, 128, "full")], score=score)
+    return program, consts
+
+
+def _program(mod, score=False):
+    return _program_and_consts(mod, score)[0]
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])
@@ -407,7 +411,7 @@ def test_persistent_schedule_balances_causal_query_tiles():
     assert max(loads) <= 1.05 * sum(loads) / num_programs  # round-robin dealing: 1.21
 
 
-def test_reads_by_q_idx_or_kv_idx_themselves_are_rows_and_columns():
+def test_reads_by_q_idx_or_kv_idx_plus_a_constant_are_rows_and_columns():
     from flexattn_jax.backends.pallas_mosaic.forward import ReadSite, analyze_reads
 
     ids = jnp.arange(1000, dtype=jnp.int32) // 300
@@ -417,6 +421,13 @@ def test_reads_by_q_idx_or_kv_idx_themselves_are_rows_and_columns():
     assert sites == (ReadSite("row", 0, axis=1), ReadSite("column", 0, axis=1))  # ids[b, q_idx]: b stays a scalar
     sites, _ = analyze_reads(_program(fa.alibi_bias(jnp.ones(4)), score=True), 128)
     assert sites == (ReadSite("scalar", 0),)
+
+    def shifted(b, h, q_idx, kv_idx):  # kv_idx - 3 counts from the end for kv_idx < 3, as jnp indexes
+        return ids[q_idx + 256] == ids[kv_idx - 3]
+
+    sites, problem = analyze_reads(_program(shifted), 128)
+    assert problem is None
+    assert sites == (ReadSite("row", 0, axis=0, offset=256), ReadSite("column", 0, axis=0, offset=-3))
 
 
 def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
@@ -428,53 +439,118 @@ def test_reads_that_only_agree_with_q_idx_somewhere_are_refused():
         return ids[jnp.minimum(q_idx, 100)] == ids[kv_idx]
 
     _, problem = analyze_reads(_program(clamped), 128)
-    assert "other than q_idx or kv_idx themselves" in problem
+    assert "other than q_idx or kv_idx plus an offset" in problem
     _, problem = analyze_reads(_program(fa.relative_position_bias(jnp.ones((4, 33))), score=True), 128)
-    assert "other than q_idx or kv_idx themselves" in problem
+    assert "other than q_idx or kv_idx plus an offset" in problem
 
 
-def test_reads_that_agree_with_q_idx_only_while_a_captured_value_is_zero_are_refused():
-    """``ids[q_idx + offset]`` with a captured scalar offset: the analysis sees the captured arrays as zeros first,
-    where the index is q_idx itself; a row read would then load ids at q_idx, not q_idx + offset. Also inside a
-    jit, where the offset is traced (a BlockMask's query block selected by a traced index)."""
+def test_an_offset_that_depends_on_b_or_h_is_refused():
+    """The kernel reads every program's rows at one offset: ``ids[q_idx + h]`` and ``ids[q_idx + starts[h]]`` would
+    read the wrong entries for all heads but one."""
     from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads
 
-    ids = jnp.arange(1000, dtype=jnp.int32) // 300
+    ids, starts = jnp.arange(1000, dtype=jnp.int32) // 300, jnp.array([0, 128, 256, 384], jnp.int32)
+    _, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx + h] == ids[kv_idx]), 128)
+    assert "offset from q_idx or kv_idx that depends on b or h" in problem
+    _, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx + starts[h]] == ids[kv_idx]), 128)
+    assert "differently for each b or h" in problem
 
-    def shifted_documents(offset):
+
+def test_an_offset_from_captured_values_is_known_at_run_time():
+    """``ids[q_idx + start]`` with a captured scalar start: the probes with zeros see q_idx itself, those with other
+    values an offset; the site is marked run-time, and ``walked_consts`` computes it from the real start, also
+    inside a jit where it is traced (a BlockMask's query block selected by a traced index)."""
+    from flexattn_jax.backends.pallas_mosaic.forward import ReadSite, analyze_reads, walked_consts
+
+    ids = jnp.arange(1000, dtype=jnp.int32) // 7
+
+    def shifted_documents(start):
         def mask_mod(b, h, q_idx, kv_idx):
-            return ids[q_idx + offset] == ids[kv_idx]
+            return ids[q_idx + start] == ids[kv_idx]
 
         return mask_mod
 
-    _, problem = analyze_reads(_program(shifted_documents(jnp.int32(0))), 128)
-    assert "other than q_idx or kv_idx themselves" in problem
+    sites, problem = analyze_reads(_program(shifted_documents(jnp.int32(0))), 128)
+    assert problem is None and [(s.kind, s.offset) for s in sites] == [("whole", 0), ("row", None), ("column", 0)]
 
     @jax.jit
-    def problem_inside_jit(offset):
-        _, problem = analyze_reads(_program(shifted_documents(offset)), 128)
-        assert "other than q_idx or kv_idx themselves" in problem
-        return offset
+    def walked(start):
+        program, consts = _program_and_consts(shifted_documents(start))
+        sites, problem = analyze_reads(program, 128)
+        assert problem is None and sites[1].offset is None
+        walked_in, sites = walked_consts(program, consts, sites, 256, 1024)
+        assert sites[1].source == len(consts) and sites[2].source is None
+        return walked_in[sites[1].source], walked_in[sites[2].const]
 
-    problem_inside_jit(jnp.int32(256))
+    for start in (900, -100):
+        rows, columns = walked(jnp.int32(start))
+        assert rows.shape == (256,) and columns.shape == (1024,)
+        positions = jnp.arange(256) + start
+        # Past the end jnp clamps; before the start it counts from the end.
+        want = ids[jnp.minimum(jnp.where(positions < 0, positions + 1000, positions), 999)]
+        assert (rows == want).all(), start
+        assert (columns == jnp.concatenate([ids, jnp.full(24, ids[-1])])).all()  # padded with the last entry
 
 
-def test_a_traced_query_block_selection_with_captured_reads_falls_back_to_triton():
+def test_walked_consts_shift_as_jnp_indexes():
+    """Each shifted copy's entry i is what the mod itself reads at q_idx = i (or kv_idx = i): negative positions
+    count from the end, positions past either end are clamped."""
+    from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads, walked_consts
+
+    ids = jax.random.randint(jax.random.key(0), (3, 300), 0, 1000)
+    bias = jax.random.normal(jax.random.key(1), (250,))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + jnp.where(ids[b, q_idx + 40] > ids[b, kv_idx], bias[kv_idx - 200], bias[q_idx - 3])
+
+    program, program_consts = _program_and_consts(score_mod, score=True)
+    sites, problem = analyze_reads(program, 128)
+    assert problem is None and sum(site.offset != 0 for site in sites) == 3
+    consts, walked = walked_consts(program, program_consts, sites, 384, 512)
+    for site in walked:
+        array = program_consts[site.const]
+        if site.source is None:  # a read at q_idx or kv_idx itself: the array padded
+            assert site.offset == 0 and consts[site.const].shape[site.axis] in (384, 512)
+            continue
+        copy = consts[site.source]
+        for i in (0, 1, 150, copy.shape[site.axis] - 1):
+            want = jax.vmap(lambda b: array[b, i + site.offset])(jnp.arange(3)) if array.ndim == 2 else array[
+                i + site.offset]
+            got = copy[:, i] if array.ndim == 2 else copy[i]
+            assert (got == want).all(), (site, i)
+
+
+def test_query_block_selections_with_captured_reads_stay_on_mosaic():
+    """A BlockMask's query-block selection of a document mask reads ``ids[q_idx + offset]``: a static offset for an
+    int, a captured one for a traced index inside jit. Both are served by the Mosaic kernels, which lower."""
     ids = jnp.repeat(jnp.arange(4), 256)
     bm = fa.create_block_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), None, None, 1024, 1024)
     q = jax.ShapeDtypeStruct((1, 2, 128, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 2, 1024, 128), jnp.bfloat16)
+
+    def reasons(mask_mod):
+        common = dict(score_mod=fa.identity, mask_mod=mask_mod, block_size=(128, 128), num_blocks=(1, 8),
+                      kernel_options=None)
+        return (pallas_mosaic.unsupported_reason(q, kv, kv, **common),
+                pallas_mosaic.unsupported_backward_reason(q, **{k: v for k, v in common.items() if k != "mask_mod"},
+                                                          mask_mod=mask_mod))
+
+    assert reasons(bm[:, :, 3].mask_mod) == (None, None)
     choices = []
 
     @jax.jit
     def explain(block):
-        choices.append(pallas_mosaic.unsupported_reason(
-            q, kv, kv, score_mod=fa.identity, mask_mod=bm[:, :, block].mask_mod, block_size=(128, 128),
-            num_blocks=(1, 8), kernel_options=None))
+        choices.append(reasons(bm[:, :, block].mask_mod))
         return block
 
     explain(jnp.int32(3))
-    assert "other than q_idx or kv_idx themselves" in choices[0]
+    assert choices == [(None, None)]
+
+    qs, ks, vs = random_qkv(3, B=1, Hq=2, Hkv=2, L=128, S=1024, E=128, Ev=128, dtype=jnp.bfloat16)
+    text = _lower_for_cuda(qs, ks, vs, bm[:, :, 5].mask_mod, None)
+    assert "flex_attention_forward_mosaic" in text
+    text = _lower_gradient_for_cuda(qs, ks, vs, bm[:, :, 5].mask_mod, None)
+    assert "flex_attention_dkdv_mosaic" in text
 
 
 def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None, array_gradient=False,
@@ -864,3 +940,41 @@ def test_gpu_gradient_of_a_captured_array_and_the_triton_backward_match_the_refe
         )
         for name, g, w in zip(("dq", "dk", "dv", "dslopes"), got, want):
             assert_close(g, w, q.dtype, name)
+
+
+@pytest.mark.gpu
+def test_gpu_query_block_selections_of_a_document_mask_on_mosaic():
+    """A BlockMask's query blocks selected by an int and by a traced index inside jit, with document ids and
+    per-head score offsets read at q_idx + offset (a shifted copy, ``walked_consts``) and at kv_idx: the Mosaic
+    forward and backward against the reference on the whole mask's rows."""
+    B, H, L, Q_BLOCK = 2, 4, 1024, 128
+    ids = jnp.stack([jnp.repeat(jnp.arange(4), 256), jnp.repeat(jnp.arange(8), 128)])
+    bias = jax.random.normal(jax.random.key(7), (L,))
+    bm = fa.create_block_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), B, None, L, L,
+                              BLOCK_SIZE=Q_BLOCK)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, H, L, 128)).astype(jnp.bfloat16) for i in range(3))
+    cotangent = jax.random.normal(jax.random.key(9), (B, H, Q_BLOCK, 128), jnp.float32)
+
+    def rows(block, implementation, q, k, v):
+        start = block * Q_BLOCK
+        q_rows = jax.lax.dynamic_slice_in_dim(q, start, Q_BLOCK, axis=2)
+        score_mod = lambda s, b, h, q_idx, kv_idx: s + bias[q_idx + start] - bias[kv_idx]  # noqa: E731
+        return fa.flex_attention(q_rows, k, v, score_mod=score_mod, block_mask=bm[:, :, block],
+                                 implementation=implementation)
+
+    def loss(block, implementation, q, k, v):
+        return jnp.sum(rows(block, implementation, q, k, v).astype(jnp.float32) * cotangent)
+
+    selected = bm[:, :, 5]
+    choice = fa.explain_implementation(q[:, :, :Q_BLOCK], k, v, None, selected)
+    assert choice.implementation == "pallas_mosaic", choice.reasons
+    for block, traced in ((5, False), (3, True)):
+        index = jnp.int32(block) if traced else block
+        run = jax.jit(rows, static_argnums=(0, 1)) if not traced else jax.jit(rows, static_argnums=(1,))
+        grad = jax.grad(loss, argnums=(2, 3, 4))
+        grad = jax.jit(grad, static_argnums=(0, 1)) if not traced else jax.jit(grad, static_argnums=(1,))
+        assert_close(run(index, "pallas_mosaic", q, k, v), rows(block, "reference", q, k, v), jnp.bfloat16,
+                     f"block {block}")
+        for name, got, want in zip("qkv", grad(index, "pallas_mosaic", q, k, v), jax.grad(
+                loss, argnums=(2, 3, 4))(block, "reference", q, k, v)):
+            assert_close(got, want, jnp.bfloat16, f"block {block} d{name}")

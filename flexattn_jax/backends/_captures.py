@@ -150,9 +150,10 @@ class ModProgram:
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
-    def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False):
+    def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False, clamp_reads=True):
         index_vars = tuple(self.jaxpr.invars[-2:]) if self.exact_indices else ()
-        return _Interpreter(const_refs, load, index_vars, fma, float_indices, keep_custom_rules=differentiated)
+        return _Interpreter(const_refs, load, index_vars, fma, float_indices, keep_custom_rules=differentiated,
+                            clamp_reads=clamp_reads)
 
     def calls(self, primitive_name: str) -> bool:
         """Whether the program, or a call inlined in it, binds ``primitive_name`` (``"custom_vjp_call"``)."""
@@ -195,6 +196,7 @@ class ModProgram:
         load: Callable | None = None,
         fma: Callable | None = None,
         float_indices: Callable | None = None,
+        clamp_reads: bool = True,
     ):
         """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel).
 
@@ -209,8 +211,12 @@ class ModProgram:
         q_idx + kv_sign * kv_idx`` (each sign -1, 0 or 1), built as the kernel finds cheapest: a conversion to
         float32 of ``q_idx``, ``kv_idx``, their sum or either difference is taken from it instead of converting
         the integer tile score by score (``float_index_signs``).
+
+        ``clamp_reads=False`` gives ``load`` the indices as the mod computes them, not clamped into the const (for
+        an analysis of the reads; the loads themselves must then clamp).
         """
-        return self._interpreter(const_refs, load or _plain_load, fma, float_indices)(self.jaxpr, args)
+        interpreter = self._interpreter(const_refs, load or _plain_load, fma, float_indices, clamp_reads=clamp_reads)
+        return interpreter(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
         """Evaluates the mod and returns ``(out, pullback)``, differentiating with respect to ``args[0]``.
@@ -337,6 +343,7 @@ class _Interpreter:
         fma: Callable | None = None,
         float_indices: Callable | None = None,
         keep_custom_rules: bool = False,
+        clamp_reads: bool = True,
     ):
         self.const_refs = const_refs
         self.load = load
@@ -346,6 +353,7 @@ class _Interpreter:
         self.whole = {}  # const -> value loaded whole, so that each const is loaded at most once
         # Where the mod is differentiated, custom derivative rules are kept (_CUSTOM_RULE_CALLS).
         self.keep_custom_rules = keep_custom_rules
+        self.clamp_reads = clamp_reads  # False: loads see the indices as computed (ModProgram.__call__)
 
     def __call__(self, jaxpr, args):
         assert len(self.const_refs) <= len(jaxpr.invars)
@@ -488,7 +496,8 @@ class _Interpreter:
                 ok = (start >= 0) & (start <= upper)
                 in_bounds = ok if in_bounds is None else in_bounds & ok
             # Out-of-range reads are not checked on the GPU: clamp, as XLA's gather does.
-            start = jnp.clip(start, 0, upper)
+            if self.clamp_reads:
+                start = jnp.clip(start, 0, upper)
             if offset_dims[d] is not None:
                 iota_shape = [1] * len(out_shape)
                 iota_shape[offset_dims[d]] = size

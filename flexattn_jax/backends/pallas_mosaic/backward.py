@@ -190,18 +190,18 @@ def _probabilities(s, lse2, b, h, *, plan: _Plan, mods, const_refs, masked: bool
     kv_idx = kv_start + plgpu.broadcasted_iota(jnp.int32, shape, 1 - q_axis, layout=plgpu.Layout.WGMMA)
     derivative = None
     if plan.apply_score_mod:
-        load = _forward.site_load(plan.score_sites, q_start, kv_start, shape, transposed=transposed)
+        load = _forward.site_load(plan.score_sites, score_refs, q_start, kv_start, shape, transposed=transposed)
         ones = plgpu.layout_cast(jnp.full(shape, 1.0, jnp.float32), plgpu.Layout.WGMMA)
-        m, derivative = score_mod.derivative(score_refs, s * jnp.float32(plan.scale), b, h, q_idx, kv_idx,
-                                             ones=ones, load=load)
+        m, derivative = score_mod.derivative(score_refs[: score_mod.num_consts], s * jnp.float32(plan.scale), b, h,
+                                             q_idx, kv_idx, ones=ones, load=load)
         s2 = jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_LOG2_E)
     else:
         s2 = s * jnp.float32(plan.scale * _LOG2_E)
     p = jnp.exp2(s2 - lse2)
     allowed = None
     if masked and plan.apply_mask_mod:
-        load = _forward.site_load(plan.mask_sites, q_start, kv_start, shape, transposed=transposed)
-        allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+        load = _forward.site_load(plan.mask_sites, mask_refs, q_start, kv_start, shape, transposed=transposed)
+        allowed = mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx, load=load)
     if plan.q_bounds:
         allowed = q_idx < plan.q_len if allowed is None else allowed & (q_idx < plan.q_len)
     if plan.kv_bounds:
@@ -622,7 +622,7 @@ def flex_backward(
       kv_lists, q_lists: the BlockMask's kv-side and q-side lists (``pallas_triton.backward.BlockLists``). Its
         Q_BLOCK and KV_BLOCK are multiples of 128 where it has more than one block along the axis.
       score_mod, mask_mod: programs traced for whole [64, 64] tiles; their arrays are read at scalar indices or
-        with q_idx / kv_idx themselves (``forward.analyze_reads``).
+        with q_idx / kv_idx plus an offset (``forward.analyze_reads``).
       mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
     """
     batch, q_heads, q_len, head_dim = q.shape
@@ -635,14 +635,14 @@ def flex_backward(
     assert problem is None, problem
     mask_sites, problem = _forward.analyze_reads(mask_mod, TILE)
     assert problem is None, problem
-    score_consts = _forward.pad_walked(score_consts, score_sites, q_padded, kv_padded)
-    mask_consts = _forward.pad_walked(mask_consts, mask_sites, q_padded, kv_padded)
     has_full = kv_lists.full_num is not None
     overlap, auto_barriers = config.overlap, config.auto_barriers
     if overlap is None or auto_barriers is None:
         default_overlap, default_auto_barriers = default_schedule(score_mod, score_consts)
         overlap = default_overlap if overlap is None else overlap
         auto_barriers = default_auto_barriers if auto_barriers is None else auto_barriers
+    score_consts, score_sites = _forward.walked_consts(score_mod, score_consts, score_sites, q_padded, kv_padded)
+    mask_consts, mask_sites = _forward.walked_consts(mask_mod, mask_consts, mask_sites, q_padded, kv_padded)
     plan = _Plan(
         group=q_heads // kv_heads,
         mask_batch=kv_lists.num.shape[0],

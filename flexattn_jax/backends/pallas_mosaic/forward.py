@@ -16,8 +16,9 @@ dealt in a snake order that balances heavy and light query tiles (``persistent_s
   fetched while the current item runs (``Config.q_buffers``).
 
 The mods see whole [64, BLOCK_N] index tiles in the wgmma register layout (``tile_avals(..., layout="full")``); arrays
-they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx themselves
-(``ids[q_idx]``: one vector load of the tile's slice, broadcast across it; ``analyze_reads``). Mosaic GPU has no
+they close over are read at scalar indices (``slopes[h]``, a 0-d offset) or with q_idx or kv_idx plus an offset
+(``ids[q_idx]``: one vector load of the tile's slice, broadcast across it; ``analyze_reads``; ``ids[q_idx + start]``,
+as a BlockMask's query-block selection makes, from a shifted copy of ``ids``: ``walked_consts``). Mosaic GPU has no
 gather from registers, so ``unsupported_reason`` refuses any other read (``table[h, q_idx - kv_idx]``) and the
 caller falls back to the Triton kernels. A float32 conversion of an index, or of the sum or difference of the two
 (ALiBi), is built from float index tiles converted once per program (``IndexTiles``).
@@ -52,10 +53,10 @@ __all__ = [
     "analyze_reads",
     "flex_forward",
     "is_everywhere",
-    "pad_walked",
-    "site_load",
+        "site_load",
     "stream_key_values",
     "unsupported_mod_reason",
+    "walked_consts",
 ]
 
 BLOCK_M = 64  # query rows per compute warpgroup: one wgmma M tile
@@ -93,24 +94,42 @@ class ReadSite:
     """How the kernel reads a captured array at one indexing expression of a mod.
 
     kind: "whole" (a 0-d array), "scalar" (every index a scalar: ``slopes[h]``), "row" (``axis`` indexed by q_idx
-    itself, the others scalars: ``ids[q_idx]``, ``ids[b, q_idx]``) or "column" (``axis`` indexed by kv_idx itself).
-    A row or column read is one contiguous vector load per tile, broadcast across the tile. const: which captured
-    array is read.
+    plus an offset, the others scalars: ``ids[q_idx]``, ``ids[b, q_idx]``, ``ids[q_idx + 256]``) or "column"
+    (``axis`` indexed by kv_idx plus an offset). A row or column read is one contiguous vector load per tile,
+    broadcast across the tile. const: which captured array is read. offset: what the read adds to q_idx or kv_idx,
+    None when it comes from the captured values (``ids[q_idx + start]``, ``start`` captured) and is known only at run
+    time. source: the kernel input that holds the array shifted by the offset (``walked_consts``), None when the
+    read is of the array itself.
     """
 
     kind: str
     const: int
     axis: int = -1
+    offset: int | None = 0
+    source: int | None = None
+
+
+# Where the analysis classifies the reads: far from 0, so that an index q_idx + offset is not negative (which jnp
+# indexing would count from the end) for any offset a mod could use with an array it fits in memory.
+_FAR = 1 << 24
 
 
 class _SiteRecorder:
-    """A ``ModProgram`` load that classifies each read from the index values it receives."""
+    """A ``ModProgram`` load that classifies each read from the index values it receives (``clamp_reads=False``).
 
-    def __init__(self, q_idx, kv_idx):
+    Without ``expected`` (a probe at ``_FAR``), a read whose index is q_idx (kv_idx) plus a constant is a row
+    (column) read at that offset. With ``expected`` (the sites that probe found), each read must agree with its
+    expected site, where an index that jnp's indexing counted from the end (q_idx + offset < 0, shifted by the
+    axis's size) agrees too.
+    """
+
+    def __init__(self, q_idx, kv_idx, expected: Sequence[ReadSite] | None = None):
         self.q_idx, self.kv_idx = q_idx, kv_idx
+        self.expected = None if expected is None else iter(expected)
         self.sites: list[ReadSite | str] = []  # a ReadSite, or what makes the read impossible in this kernel
 
     def __call__(self, const, ref, index):
+        expected = None if self.expected is None else next(self.expected, None)
         if index is None:
             if ref.ndim:
                 self.sites.append(f"uses the captured array {const} of shape {list(ref.shape)} whole")
@@ -118,70 +137,102 @@ class _SiteRecorder:
                 self.sites.append(ReadSite("whole", const))
             return ref[...]
         tiles = [d for d, i in enumerate(index) if jnp.ndim(i) > 0]
+        site = None
         if not tiles:
-            self.sites.append(ReadSite("scalar", const))
+            site = ReadSite("scalar", const)
         elif len(tiles) == 1 and jnp.shape(index[tiles[0]]) == self.q_idx.shape:
-            tile = index[tiles[0]]
-            if bool(jnp.all(tile == self.q_idx)):
-                self.sites.append(ReadSite("row", const, tiles[0]))
-            elif bool(jnp.all(tile == self.kv_idx)):
-                self.sites.append(ReadSite("column", const, tiles[0]))
-            else:
-                self.sites.append(None)
-        else:
-            self.sites.append(None)
-        if self.sites[-1] is None:
-            self.sites[-1] = (
+            tile, size = index[tiles[0]], ref.shape[tiles[0]]
+            for kind, along in (("row", self.q_idx), ("column", self.kv_idx)):
+                shift = tile - along
+                if expected is None:
+                    offset = int(shift[0, 0])
+                    agrees = shift == offset
+                elif expected.kind == kind and expected.axis == tiles[0]:
+                    offset = expected.offset
+                    agrees = (shift == offset) | ((shift == offset + size) & (along + offset < 0))
+                else:
+                    continue
+                if bool(jnp.all(agrees)):
+                    site = ReadSite(kind, const, tiles[0], offset)
+                    break
+        if site is None:
+            site = (
                 f"indexes the captured array {const} of shape {list(ref.shape)} with a function of q_idx or kv_idx "
-                "other than q_idx or kv_idx themselves"
+                "other than q_idx or kv_idx plus an offset"
             )
-        return ref[tuple(index)]
+        self.sites.append(site)
+        return ref[tuple(index)]  # jnp indexing clamps, as the kernel's loads do
 
 
 def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
     """Classifies every read of a captured array in ``program`` (traced for whole [BLOCK_M, block_n] tiles).
 
     Returns ``(sites, None)`` in the order the interpreter performs the reads, or ``(None, why)`` when a read has no
-    Mosaic GPU form (a gather at a computed index, such as ``table[h, q_idx - kv_idx]``). The classification is
-    checked at the start, the middle and the end of each array that a row or column read walks, so that an index
-    that only agrees with q_idx somewhere (``ids[jnp.minimum(q_idx, 100)]``) is not taken for q_idx, and again with
-    other values in the captured arrays, so that an index that agrees with q_idx only while a captured value is 0
-    (``ids[q_idx + offset]``, ``offset`` a captured scalar) is not either.
+    Mosaic GPU form (a gather at a computed index, such as ``table[h, q_idx - kv_idx]``). The reads are classified
+    at q_idx, kv_idx near ``_FAR``, and every other probe must agree:
+
+    * at the start, the middle and the end of each array that a row or column read walks, so that an index that
+      only agrees with q_idx + offset somewhere (``ids[jnp.minimum(q_idx, 100)]``) is refused;
+    * at another b and h, so that an offset that depends on them (``ids[q_idx + h]``) is refused: the kernel reads
+      one offset for every program;
+    * with other values in the captured arrays (all 3s; then a ramp at two b and h). An offset that changes with
+      them (``ids[q_idx + start]``, ``start`` captured, as a query-block selection at a traced index makes) is
+      marked as known at run time (``offset`` None); one that also changes with b or h there is refused.
     """
     if not program.num_consts:
         return (), None
     shape = (BLOCK_M, block_n)
     num_args = len(program.jaxpr.invars) - program.num_consts
 
-    def record(q_start: int, kv_start: int, consts):
+    def record(consts, q_start: int = _FAR, kv_start: int = _FAR, bh: int = 0, expected=None):
         q_idx = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
         kv_idx = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_start
         score = [jnp.zeros(shape, jnp.float32)] if num_args == 5 else []
-        recorder = _SiteRecorder(q_idx, kv_idx)
-        program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=recorder)
-        return recorder
+        recorder = _SiteRecorder(q_idx, kv_idx, expected)
+        program(consts, *score, jnp.int32(bh), jnp.int32(bh), q_idx, kv_idx, load=recorder, clamp_reads=False)
+        return recorder.sites
+
+    def without_offsets(sites):
+        return [dataclasses.replace(site, offset=0) if isinstance(site, ReadSite) else site for site in sites]
+
+    def problem_of(sites, otherwise: str | None) -> str | None:
+        return next((site for site in sites if isinstance(site, str)), otherwise)
 
     # Made here, not traced: inside the caller's jit a zeros array would be a tracer, and so would every index
     # computed from it.
     with jax.default_device(jax.devices("cpu")[0]), jax.ensure_compile_time_eval():
         zeros = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
         threes = [jnp.full(a.shape, 3, a.dtype) for a in program.const_avals]
-        first = record(0, 0, zeros)
-        problem = next((site for site in first.sites if isinstance(site, str)), None)
+        ramps = [(jnp.arange(a.size, dtype=jnp.int32).reshape(a.shape) % 251 + 1).astype(a.dtype)
+                 for a in program.const_avals]
+        first = record(zeros)
+        problem = problem_of(first, None)
         if problem is not None:
             return None, problem
 
         def room(kind: str, size: int) -> int:
-            lengths = [program.const_avals[site.const].shape[site.axis] for site in first.sites if site.kind == kind]
+            lengths = [program.const_avals[site.const].shape[site.axis] for site in first if site.kind == kind]
             return max(min(lengths, default=size) - size, 0)
 
         q_room, kv_room = room("row", BLOCK_M), room("column", block_n)
-        for q_start, kv_start, consts in ((q_room // 2, kv_room // 2, zeros), (q_room, kv_room, zeros), (0, 0, threes)):
-            again = record(q_start, kv_start, consts)
-            if again.sites != first.sites:
-                problem = next((site for site in again.sites if isinstance(site, str)), None)
-                return None, problem or "reads its captured arrays differently at different positions"
-    return tuple(first.sites), None
+        for q_start, kv_start in ((0, 0), (q_room // 2, kv_room // 2), (q_room, kv_room)):
+            again = record(zeros, q_start, kv_start, expected=first)
+            if again != first:
+                return None, problem_of(again, "reads its captured arrays differently at different positions")
+        if record(zeros, bh=1) != first:
+            return None, ("reads a captured array at an offset from q_idx or kv_idx that depends on b or h; "
+                          "pallas_mosaic takes one offset for every b and h")
+        with_threes, ramp, ramp_elsewhere = record(threes), record(ramps), record(ramps, bh=1)
+        for again in (with_threes, ramp, ramp_elsewhere):
+            if without_offsets(again) != without_offsets(first):
+                return None, problem_of(again, "reads its captured arrays differently when they hold other values")
+        if ramp != ramp_elsewhere:
+            return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
+                          "differently for each b or h; pallas_mosaic takes one offset for every b and h")
+    return tuple(
+        site if site == other == other2 else dataclasses.replace(site, offset=None)
+        for site, other, other2 in zip(first, with_threes, ramp)
+    ), None
 
 
 def unsupported_mod_reason(program: ModProgram, block_n: int) -> str | None:
@@ -191,16 +242,19 @@ def unsupported_mod_reason(program: ModProgram, block_n: int) -> str | None:
         return None
     return (
         f"{program.name} {problem}; pallas_mosaic reads arrays a mod closes over at scalar indices (b, h), with "
-        "q_idx or kv_idx themselves (ids[q_idx], ids[b, kv_idx]), or whole when 0-d"
+        "q_idx or kv_idx plus one offset for every b and h (ids[q_idx], ids[b, kv_idx], ids[q_idx + start]), or "
+        "whole when 0-d"
     )
 
 
-def site_load(sites: Sequence[ReadSite], q_start, kv_start, shape: tuple[int, int], *, transposed: bool = False):
+def site_load(sites: Sequence[ReadSite], refs: Sequence, q_start, kv_start, shape: tuple[int, int], *,
+              transposed: bool = False):
     """A ``ModProgram`` load performing the reads ``analyze_reads`` classified, in the same order.
 
     The tile is ``shape`` in the wgmma register layout: [queries, keys], or [keys, queries] when ``transposed`` (the
     dK/dV kernel's S^T). A row read (q_idx) loads ``ids[q_start : q_start + queries]`` as one vector along the
-    queries' axis, a column read the keys' slice along theirs, each broadcast across the tile.
+    queries' axis, a column read the keys' slice along theirs, each broadcast across the tile; a read at an offset
+    loads the same slice of its shifted copy, ``refs[site.source]`` (``walked_consts``).
     """
     remaining = iter(sites)
     q_axis = 1 if transposed else 0
@@ -211,6 +265,8 @@ def site_load(sites: Sequence[ReadSite], q_start, kv_start, shape: tuple[int, in
             return ref[...]
         if site.kind == "scalar":
             return ref[tuple(index)]
+        if site.source is not None:
+            ref = refs[site.source]
         index = list(index)
         axis = q_axis if site.kind == "row" else 1 - q_axis
         index[site.axis] = pl.ds(q_start if site.kind == "row" else kv_start, shape[axis])
@@ -524,18 +580,19 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if scaling.apply_score_mod:
                         if scaling.score_scale != 1.0:
                             y = y * jnp.float32(scaling.score_scale)
-                        load = site_load(plan.score_sites, q_base, first_key, (BLOCK_M, block_n))
+                        load = site_load(plan.score_sites, score_refs, q_base, first_key, (BLOCK_M, block_n))
                         float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
                         y = score_mod(
-                            score_refs, y, b, h, q_idx, kv_idx, load=load, float_indices=float_indices
+                            score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
+                            float_indices=float_indices,
                         ).astype(jnp.float32)
                     if scaling.value_scale != 1.0:
                         y = y * jnp.float32(scaling.value_scale)
                     if needs_mask:
                         allowed = None
                         if apply_mask:
-                            load = site_load(plan.mask_sites, q_base, first_key, (BLOCK_M, block_n))
-                            allowed = mask_mod(mask_refs, b, h, q_idx, kv_idx, load=load)
+                            load = site_load(plan.mask_sites, mask_refs, q_base, first_key, (BLOCK_M, block_n))
+                            allowed = mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx, load=load)
                             if partial is not True:  # a traced flag: a full block allows every key
                                 allowed = allowed | jnp.logical_not(partial)
                         if plan.mask_kv_bounds:
@@ -762,14 +819,62 @@ def _num_sms() -> int:
     return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
-def pad_walked(consts, sites: Sequence[ReadSite], q_pad: int, kv_pad: int):
-    """Pads (repeating the last entry) each axis a row read walks to q_pad and a column read walks to kv_pad."""
-    consts = list(consts)
-    for site in sites:
+def walked_consts(program: ModProgram, consts: Sequence[jax.Array], sites: Sequence[ReadSite], q_pad: int,
+                  kv_pad: int) -> tuple[tuple[jax.Array, ...], tuple[ReadSite, ...]]:
+    """The kernel's inputs for ``program``'s captured arrays, and the sites that read them.
+
+    A row (column) read at q_idx (kv_idx) itself walks its array's axis: padded to q_pad (kv_pad), repeating the
+    last entry. A read at an offset gets a copy of its array of its own, appended to the consts (the site's
+    ``source``), whose entry i along the axis is the array's entry i + offset, found as jnp indexing finds it (a
+    negative position counts from the end, then positions are clamped into the array), so that the kernel reads
+    the copy at q_idx. An offset known only at run time (``site.offset`` None) is computed here from the captured
+    values, by evaluating the program's reads at q_idx = kv_idx = 0.
+    """
+    originals, consts = tuple(consts), list(consts)
+    runtime = _runtime_offsets(program, originals, sites) if any(s.offset is None for s in sites) else {}
+    walked = []
+    for number, site in enumerate(sites):
         if site.kind in ("row", "column"):
             target = q_pad if site.kind == "row" else kv_pad
-            consts[site.const] = pad_axis(consts[site.const], site.axis, target, mode="edge")
-    return tuple(consts)
+            offset = runtime[number] if site.offset is None else site.offset
+            if site.offset == 0:
+                consts[site.const] = pad_axis(consts[site.const], site.axis, target, mode="edge")
+            else:
+                consts.append(_shifted(originals[site.const], site.axis, offset, target))
+                site = dataclasses.replace(site, source=len(consts) - 1)
+        walked.append(site)
+    return tuple(consts), tuple(walked)
+
+
+def _runtime_offsets(program: ModProgram, consts: Sequence[jax.Array], sites: Sequence[ReadSite]) -> dict:
+    """{site number: the offset, an int32 scalar} of each row or column read of ``program`` on ``consts``.
+
+    Read at ``_FAR``, as ``analyze_reads`` classifies them."""
+    *_, q_aval, kv_aval = (v.aval for v in program.jaxpr.invars)
+    q_idx = lax.broadcasted_iota(jnp.int32, q_aval.shape, 0) + _FAR
+    kv_idx = lax.broadcasted_iota(jnp.int32, kv_aval.shape, 1) + _FAR
+    num_args = len(program.jaxpr.invars) - program.num_consts
+    score = [jnp.zeros(q_aval.shape, jnp.float32)] if num_args == 5 else []
+    remaining, offsets = iter(enumerate(sites)), {}
+
+    def load(const, ref, index):
+        number, site = next(remaining)
+        if index is None:
+            return ref[...]
+        if site.kind in ("row", "column"):
+            offsets[number] = jnp.asarray(index[site.axis], jnp.int32)[0, 0] - _FAR
+        return ref[tuple(index)]  # clamped by jnp indexing
+
+    program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=load, clamp_reads=False)
+    return offsets
+
+
+def _shifted(array: jax.Array, axis: int, offset, length: int) -> jax.Array:
+    """``array`` along ``axis`` at positions offset, offset + 1, ... (``length`` of them), indexed as jnp indexes."""
+    size = array.shape[axis]
+    positions = jnp.arange(length, dtype=jnp.int32) + jnp.asarray(offset, jnp.int32)
+    positions = jnp.where(positions < 0, positions + size, positions)
+    return jnp.take(array, jnp.clip(positions, 0, size - 1), axis=axis)
 
 
 def flex_forward(
@@ -835,8 +940,8 @@ def flex_forward(
     mask_sites, problem = analyze_reads(mask_mod, block_n)
     assert problem is None, problem
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
-    score_consts = pad_walked(score_consts, score_sites, q_pad, kv_pad)
-    mask_consts = pad_walked(mask_consts, mask_sites, q_pad, kv_pad)
+    score_consts, score_sites = walked_consts(score_mod, score_consts, score_sites, q_pad, kv_pad)
+    mask_consts, mask_sites = walked_consts(mask_mod, mask_consts, mask_sites, q_pad, kv_pad)
     query = pad_axis(query, 2, q_pad)
     key = pad_axis(key, 2, kv_pad)
     value = pad_axis(value, 2, kv_pad)
