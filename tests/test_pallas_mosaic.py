@@ -790,6 +790,52 @@ def test_attention_without_a_block_mask_has_known_walks_under_jit():
     assert _backward_config({}, 128, 2048, tiles[0]).fuse_dq and not _backward_config({}, 128, 2048).fuse_dq
 
 
+_HEAD_BIAS = jnp.array([0.5, -1.0], jnp.float32)
+
+# Mods whose value does not depend on q_idx or kv_idx: the interpreter gives a literal or a 0-d value, which the
+# kernels broadcast to a tile in the wgmma layout (forward.as_tile).
+_UNTILED_MODS = {
+    "constant": (None, lambda score, b, h, q_idx, kv_idx: 1.0),
+    "typed constant": (None, lambda score, b, h, q_idx, kv_idx: jnp.float32(2.0)),
+    "per-head value": (None, lambda score, b, h, q_idx, kv_idx: _HEAD_BIAS[h]),
+    "per-batch mask": (lambda b, h, q_idx, kv_idx: b < 1, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UNTILED_MODS))
+def test_mods_of_no_index_lower_forward_and_backward(name):
+    mask_mod, score_mod = _UNTILED_MODS[name]
+    q, k, v = random_qkv(8, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, mask_mod, score_mod)
+    text = _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod)
+    assert "flex_attention_dkdv_mosaic" in text and _TRITON_CALL not in text
+
+
+def test_a_score_mod_reading_rows_and_columns_lowers_the_mosaic_backward():
+    """The backward differentiates the score_mod in forward mode; its row and column reads (Mosaic GPU vector loads,
+    which have no differentiation rule) are made before and replayed."""
+    q, k, v = random_qkv(8, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
+    bias = jnp.linspace(-1.0, 1.0, 512, dtype=jnp.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[q_idx + 200] - bias[kv_idx]
+
+    text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod)
+    assert "flex_attention_dkdv_mosaic" in text and _TRITON_CALL not in text
+
+
+def test_x64_is_left_to_the_triton_kernels():
+    """Under jax_enable_x64 jnp makes indices and captured arrays 64-bit, which the Mosaic kernels' int32 index
+    arithmetic does not take: the choice says so and pallas_triton serves it (its gradients under x64 are tested
+    in test_pallas_triton_backward)."""
+    q = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
+    common = dict(score_mod=fa.rel_bias, mask_mod=fa.causal_mask, block_size=(128, 128), num_blocks=(2, 2),
+                  kernel_options=None)
+    assert pallas_mosaic.unsupported_reason(q, q, q, **common) is None
+    with jax.enable_x64(True):
+        assert "jax_enable_x64" in pallas_mosaic.unsupported_reason(q, q, q, **common)
+
+
 def test_the_triton_backward_serves_what_the_mosaic_one_does_not():
     q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=256, S=256, E=64, Ev=64, dtype=jnp.bfloat16)
     # A gradient with respect to the slopes the score_mod closes over needs the Triton dQ kernel's scatter-add ...
@@ -978,3 +1024,34 @@ def test_gpu_query_block_selections_of_a_document_mask_on_mosaic():
         for name, got, want in zip("qkv", grad(index, "pallas_mosaic", q, k, v), jax.grad(
                 loss, argnums=(2, 3, 4))(block, "reference", q, k, v)):
             assert_close(got, want, jnp.bfloat16, f"block {block} d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_UNTILED_MODS))
+def test_gpu_mods_of_no_index_match_reference(name):
+    mask_mod, score_mod = _UNTILED_MODS[name]
+    q, k, v = random_qkv(11, B=2, Hq=2, Hkv=2, L=300, S=400, E=128, Ev=128, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod)
+
+
+@pytest.mark.gpu
+def test_gpu_x64_runs_the_triton_kernels_and_matches_reference():
+    with jax.enable_x64(True):
+        q, k, v = random_qkv(12, B=2, Hq=4, Hkv=2, L=300, S=300, E=128, Ev=128, dtype=jnp.bfloat16)
+        ids = jnp.arange(300) // 70  # int64 under x64
+        block_mask = fa.create_block_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), None, None, 300, 300)
+        choice = fa.explain_implementation(q, k, v, fa.rel_bias, block_mask, enable_gqa=True)
+        assert choice.implementation == "pallas_triton", choice.reasons
+        cotangent = jax.random.normal(jax.random.key(13), q.shape, jnp.float32)
+
+        def loss(implementation, q, k, v):
+            out = fa.flex_attention(q, k, v, fa.rel_bias, block_mask, enable_gqa=True, implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+        out = jax.jit(lambda *a: fa.flex_attention(*a, fa.rel_bias, block_mask, enable_gqa=True))(q, k, v)
+        want = fa.flex_attention(q, k, v, fa.rel_bias, block_mask, enable_gqa=True, implementation="reference")
+        assert_close(out, want, jnp.bfloat16, "out")
+        got = jax.jit(jax.grad(lambda *a: loss(None, *a), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(q, k, v)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert_close(g, w, jnp.bfloat16, name)

@@ -260,7 +260,15 @@ class ModProgram:
         No gradient reaches the consts. ``ones``: the tangent, where a kernel needs it built in its own layout
         (default ``ones_like(args[0])``); ``load`` as for ``__call__``.
         """
-        interpreter = self._interpreter(const_refs, load or _plain_load, differentiated=True)
+        load = load or _plain_load
+        if self.num_consts:
+            # The reads are made first, outside the differentiated evaluation, which replays their values: a kernel's
+            # own loads (Mosaic GPU's vector load of a row) have no differentiation rule, and a load of a ref is
+            # differentiated even when no tangent reaches it. The first evaluation's arithmetic is dead code.
+            recorder = _Recorder(load)
+            self._interpreter(const_refs, recorder.load)(self.jaxpr, args)
+            load = _Substitute([False] * self.num_consts, recorder.sites, ()).load
+        interpreter = self._interpreter(const_refs, load, differentiated=True)
         tangent = jnp.ones_like(args[0]) if ones is None else ones
         return jax.jvp(lambda first: interpreter(self.jaxpr, (first, *args[1:])), (args[0],), (tangent,))
 

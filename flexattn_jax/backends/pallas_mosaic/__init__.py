@@ -183,6 +183,9 @@ def unsupported_reason(
     _options(kernel_options)
     if interpret:
         return "pallas_mosaic has no interpret mode (Mosaic GPU's interpreter cannot run wgmma); it needs a Hopper GPU"
+    if jax.config.jax_enable_x64:
+        # Its index arithmetic and the arrays its mods read are 32-bit; under x64 jnp makes them 64-bit.
+        return "pallas_mosaic runs with jax_enable_x64 off (its kernels index in int32); pallas_triton serves x64"
     if query.dtype not in (jnp.bfloat16, jnp.float16):
         return f"pallas_mosaic supports bfloat16 and float16, got {jnp.dtype(query.dtype).name} (pallas_triton serves it)"
     head_dim, value_dim = query.shape[-1], value.shape[-1]

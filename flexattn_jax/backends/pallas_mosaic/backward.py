@@ -194,14 +194,15 @@ def _probabilities(s, lse2, b, h, *, plan: _Plan, mods, const_refs, masked: bool
         ones = plgpu.layout_cast(jnp.full(shape, 1.0, jnp.float32), plgpu.Layout.WGMMA)
         m, derivative = score_mod.derivative(score_refs[: score_mod.num_consts], s * jnp.float32(plan.scale), b, h,
                                              q_idx, kv_idx, ones=ones, load=load)
-        s2 = jnp.broadcast_to(m.astype(jnp.float32), shape) * jnp.float32(_LOG2_E)
+        s2 = _forward.as_tile(m, shape, jnp.float32) * jnp.float32(_LOG2_E)
     else:
         s2 = s * jnp.float32(plan.scale * _LOG2_E)
     p = jnp.exp2(s2 - lse2)
     allowed = None
     if masked and plan.apply_mask_mod:
         load = _forward.site_load(plan.mask_sites, mask_refs, q_start, kv_start, shape, transposed=transposed)
-        allowed = mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx, load=load)
+        allowed = _forward.as_tile(mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx, load=load), shape,
+                                   jnp.bool_)
     if plan.q_bounds:
         allowed = q_idx < plan.q_len if allowed is None else allowed & (q_idx < plan.q_len)
     if plan.kv_bounds:
@@ -210,7 +211,7 @@ def _probabilities(s, lse2, b, h, *, plan: _Plan, mods, const_refs, masked: bool
         p = jnp.where(allowed, p, 0.0)
     if derivative is None:
         return p, p
-    p_grad = p * jnp.broadcast_to(derivative.astype(jnp.float32), shape)
+    p_grad = p * _forward.as_tile(derivative, shape, jnp.float32)
     # Where a position was never used the mod's derivative may be infinite (sqrt at 0): keep 0 * inf out.
     return p, (p_grad if allowed is None else jnp.where(allowed, p_grad, 0.0))
 

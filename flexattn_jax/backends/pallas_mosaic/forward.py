@@ -51,6 +51,7 @@ __all__ = [
     "BlockWalk",
     "ReadSite",
     "analyze_reads",
+    "as_tile",
     "flex_forward",
     "is_everywhere",
         "site_load",
@@ -275,6 +276,16 @@ def site_load(sites: Sequence[ReadSite], refs: Sequence, q_start, kv_start, shap
         return lax.broadcast_in_dim(vector, shape, (axis,))
 
     return load
+
+
+def as_tile(x, shape: tuple[int, int], dtype) -> jax.Array:
+    """A mod's value as a ``dtype`` tile of ``shape`` in the wgmma register layout. A mod that returns a constant
+    or a value of b and h alone (``return 1.0``, ``return bias[h]``, ``return h < 4``) gives a literal or a 0-d
+    value, broadcast here: the tile's layout must be given, as no index tile carries it."""
+    x = jnp.asarray(x).astype(dtype)
+    if x.shape == shape:
+        return x
+    return plgpu.layout_cast(jnp.broadcast_to(x, shape), plgpu.Layout.WGMMA)
 
 
 def is_everywhere(program: ModProgram) -> bool:
@@ -582,17 +593,18 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             y = y * jnp.float32(scaling.score_scale)
                         load = site_load(plan.score_sites, score_refs, q_base, first_key, (BLOCK_M, block_n))
                         float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
-                        y = score_mod(
+                        y = as_tile(score_mod(
                             score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
                             float_indices=float_indices,
-                        ).astype(jnp.float32)
+                        ), (BLOCK_M, block_n), jnp.float32)
                     if scaling.value_scale != 1.0:
                         y = y * jnp.float32(scaling.value_scale)
                     if needs_mask:
                         allowed = None
                         if apply_mask:
                             load = site_load(plan.mask_sites, mask_refs, q_base, first_key, (BLOCK_M, block_n))
-                            allowed = mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx, load=load)
+                            allowed = as_tile(mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx,
+                                                       load=load), (BLOCK_M, block_n), jnp.bool_)
                             if partial is not True:  # a traced flag: a full block allows every key
                                 allowed = allowed | jnp.logical_not(partial)
                         if plan.mask_kv_bounds:
