@@ -156,10 +156,13 @@ def test_vjp_accumulates_const_gradients(name):
     assert np.abs(np.asarray(want_d_const)).sum() > 0
 
 
+@pytest.mark.parametrize("replay_reads", [False, True], ids=["reads differentiated", "reads replayed"])
 @pytest.mark.parametrize("case", [c for c in MOD_CASES if c.build(B, H, L, S, 0)[1] is not None], ids=repr)
-def test_derivative_is_the_scores_gradient(case):
+def test_derivative_is_the_scores_gradient(case, replay_reads):
     """The forward-mode derivative (inside a kernel, consts read through refs) against the reference mod's gradient
-    at each score alone: the diagonal Jacobian that the Mosaic backward multiplies into P."""
+    at each score alone: the diagonal Jacobian that the Mosaic backward multiplies into P. With ``replay_reads`` the
+    reads are made before the differentiated evaluation and replayed into it, as for the Mosaic kernels' vector
+    loads."""
     _, score_mod = case.build(B, H, L, S, 0)
     program, consts = _captures.trace_score_mod(score_mod, BM, BN)
     s, b, h, q_idx, kv_idx = _tile_args(seed=3)
@@ -170,7 +173,7 @@ def test_derivative_is_the_scores_gradient(case):
         tile_q = jnp.minimum(Q_START + lax.broadcasted_iota(jnp.int32, (BM, 1), 0), L - 1)
         tile_kv = jnp.minimum(KV_START + lax.broadcasted_iota(jnp.int32, (1, BN), 1), S - 1)
         args = (jnp.int32(B_AT), jnp.int32(H_AT), tile_q, tile_kv)
-        out, derivative = program.derivative(const_refs, s_ref[...], *args)
+        out, derivative = program.derivative(const_refs, s_ref[...], *args, replay_reads=replay_reads)
         out_ref[...] = jnp.broadcast_to(out, (BM, BN)).astype(jnp.float32)
         derivative_ref[...] = jnp.broadcast_to(derivative, (BM, BN)).astype(jnp.float32)
 

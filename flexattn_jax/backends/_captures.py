@@ -251,20 +251,22 @@ class ModProgram:
 
         return out, pullback
 
-    def derivative(self, const_refs: Sequence[Any], *args, ones=None, load: Callable | None = None):
+    def derivative(self, const_refs: Sequence[Any], *args, ones=None, load: Callable | None = None,
+                   replay_reads: bool = False):
         """Evaluates the mod and its derivative with respect to ``args[0]``: ``(out, d out / d args[0])``.
 
         A score_mod is a function of each score alone (the reference applies it to one score at a time), so its
         Jacobian on a tile is diagonal and one forward-mode pass with a tangent of ones gives the whole of it: the
         score's cotangent is then ``derivative * d_out``, a product that can be formed before ``d_out`` is known.
         No gradient reaches the consts. ``ones``: the tangent, where a kernel needs it built in its own layout
-        (default ``ones_like(args[0])``); ``load`` as for ``__call__``.
+        (default ``ones_like(args[0])``); ``load`` as for ``__call__``. ``replay_reads``: ``load`` makes reads that
+        have no differentiation rule (Mosaic GPU's vector loads): they are made before the differentiated
+        evaluation, which replays their values.
         """
         load = load or _plain_load
-        if self.num_consts:
-            # The reads are made first, outside the differentiated evaluation, which replays their values: a kernel's
-            # own loads (Mosaic GPU's vector load of a row) have no differentiation rule, and a load of a ref is
-            # differentiated even when no tangent reaches it. The first evaluation's arithmetic is dead code.
+        if replay_reads and self.num_consts:
+            # A load of a ref is differentiated even when no tangent reaches it, and a kernel's own loads have no
+            # rule. The first evaluation's arithmetic is dead code.
             recorder = _Recorder(load)
             self._interpreter(const_refs, recorder.load)(self.jaxpr, args)
             load = _Substitute([False] * self.num_consts, recorder.sites, ()).load
