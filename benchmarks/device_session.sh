@@ -32,6 +32,9 @@
 #   bash benchmarks/device_session.sh api     the gpu tests of the fifteenth session's API (query-block selections, the
 #                                             decoding idiom, batch-1 keys and values, dot_product_attention) and the
 #                                             Mosaic tests, after the read analysis changed (NOTES.md, fifteenth session)
+#   bash benchmarks/device_session.sh offsets the sixteenth session's gpu tests (query-block selections of a document
+#                                             mask on the Mosaic kernels, mods of no index, x64), then the Mosaic
+#                                             tests of every mod and the backward schedules (NOTES.md, sixteenth session)
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -319,6 +322,14 @@ case "${1:-}" in
   api)
     timeout 330 python3 -m pytest -m gpu tests/test_block_mask.py tests/test_api.py tests/test_dot_product.py \
       tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  offsets)
+    new="no_index or x64 or selections_of_a_document"
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "$new" -n 8 -p no:benchmark -v -rf \
+      --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    timeout 250 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "not ($new)" -n 8 -p no:benchmark -v -rf \
+      --tb=short >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   ncu)
