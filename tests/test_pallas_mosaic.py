@@ -7,6 +7,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 import pytest
 
 import flexattn_jax as fa
@@ -518,6 +520,64 @@ def test_walked_consts_shift_as_jnp_indexes():
                 i + site.offset]
             got = copy[:, i] if array.ndim == 2 else copy[i]
             assert (got == want).all(), (site, i)
+
+
+def _plain_vector_load(ref, index, axis):
+    return ref[tuple(slice(i.start, i.start + i.size) if isinstance(i, pl.Slice) else i for i in index)]
+
+
+_OFFSET_IDS = jax.random.randint(jax.random.key(5), (2, 700), 0, 4)
+_OFFSET_BIAS = jax.random.normal(jax.random.key(6), (700,))
+
+
+def _offset_mods(start):
+    """Mods reading captured arrays at q_idx or kv_idx plus an offset: static, negative (counted from the end near
+    0), from a captured start (``start``), past the end (clamped)."""
+    return {
+        "document rows ahead": (False, lambda b, h, q_idx, kv_idx: _OFFSET_IDS[b, q_idx + 256] == _OFFSET_IDS[
+            b, kv_idx]),
+        "behind and captured": (True, lambda s, b, h, q_idx, kv_idx: s + _OFFSET_BIAS[q_idx - 7] * _OFFSET_BIAS[
+            kv_idx + start]),
+        "past the end": (True, lambda s, b, h, q_idx, kv_idx: s - _OFFSET_BIAS[q_idx + 600]),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_offset_mods(0)))
+@pytest.mark.parametrize("start", [0, 45, -20])
+def test_the_kernels_reads_give_the_mods_values(name, start):
+    """What the kernels compute from a mod, with its reads made as theirs are (``walked_consts``'s arrays, sliced by
+    ``site_load`` at each tile's first query and key), against the mod itself at every position of several tiles,
+    under a jit where the captured start is traced."""
+    from flexattn_jax.backends import _captures
+    from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads, site_load, walked_consts
+
+    L, S, q_pad, kv_pad = 500, 600, 512, 640
+    tiles = [(0, 0, 0, 1), (448, 512, 1, 0), (192, 128, 1, 1)]  # (q_start, kv_start, b, h)
+
+    @jax.jit
+    def kernel_and_mod(start):
+        is_score, mod = _offset_mods(start)[name]
+        (program,), consts = _captures.trace_for_tiles(mod, [(64, 128, "full")], score=is_score)
+        sites, problem = analyze_reads(program, 128)
+        assert problem is None, problem
+        walked, sites = walked_consts(program, consts, sites, q_pad, kv_pad)
+        got, want = [], []
+        for q_start, kv_start, b, h in tiles:
+            q_idx = q_start + lax.broadcasted_iota(jnp.int32, (64, 128), 0)
+            kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (64, 128), 1)
+            score = [jnp.ones((64, 128), jnp.float32)] if is_score else []
+            load = site_load(sites, walked, q_start, kv_start, (64, 128), vector_load=_plain_vector_load)
+            got.append(program(walked[: program.num_consts], *score, jnp.int32(b), jnp.int32(h), q_idx, kv_idx,
+                               load=load))
+            at_one = lambda qi, ki: mod(*[jnp.float32(1.0)][: int(is_score)], b, h, qi, ki)  # noqa: E731
+            want.append(jax.vmap(jax.vmap(at_one))(q_idx, kv_idx))
+        return got, want
+
+    got, want = kernel_and_mod(jnp.int32(start))
+    for (q_start, kv_start, _, _), g, w in zip(tiles, got, want):
+        # Rows and columns past the true lengths are masked or dropped by the kernels; compare the others.
+        rows, columns = min(64, L - q_start), min(128, S - kv_start)
+        assert (g[:rows, :columns] == w[:rows, :columns]).all(), (q_start, kv_start)
 
 
 def test_query_block_selections_with_captured_reads_stay_on_mosaic():

@@ -248,14 +248,21 @@ def unsupported_mod_reason(program: ModProgram, block_n: int) -> str | None:
     )
 
 
+def _vector_load(ref, index: tuple, axis: int):
+    # The vector's layout is the tile's with the other axis reduced away.
+    return plgpu.load(ref.at[index], layout=plgpu.Layout.WGMMA.reduce(1 - axis), optimized=False)
+
+
 def site_load(sites: Sequence[ReadSite], refs: Sequence, q_start, kv_start, shape: tuple[int, int], *,
-              transposed: bool = False):
+              transposed: bool = False, vector_load: Callable = _vector_load):
     """A ``ModProgram`` load performing the reads ``analyze_reads`` classified, in the same order.
 
     The tile is ``shape`` in the wgmma register layout: [queries, keys], or [keys, queries] when ``transposed`` (the
     dK/dV kernel's S^T). A row read (q_idx) loads ``ids[q_start : q_start + queries]`` as one vector along the
     queries' axis, a column read the keys' slice along theirs, each broadcast across the tile; a read at an offset
-    loads the same slice of its shifted copy, ``refs[site.source]`` (``walked_consts``).
+    loads the same slice of its shifted copy, ``refs[site.source]`` (``walked_consts``). ``vector_load(ref, index,
+    axis)`` makes the vector read (``index`` has a ``pl.ds`` on the walked axis; ``axis`` is the tile's axis it
+    lies along); the tests pass one of plain arrays, to check the reads on the CPU.
     """
     remaining = iter(sites)
     q_axis = 1 if transposed else 0
@@ -271,9 +278,7 @@ def site_load(sites: Sequence[ReadSite], refs: Sequence, q_start, kv_start, shap
         index = list(index)
         axis = q_axis if site.kind == "row" else 1 - q_axis
         index[site.axis] = pl.ds(q_start if site.kind == "row" else kv_start, shape[axis])
-        # The vector's layout is the tile's with the other axis reduced away.
-        vector = plgpu.load(ref.at[tuple(index)], layout=plgpu.Layout.WGMMA.reduce(1 - axis), optimized=False)
-        return lax.broadcast_in_dim(vector, shape, (axis,))
+        return lax.broadcast_in_dim(vector_load(ref, tuple(index), axis), shape, (axis,))
 
     return load
 
