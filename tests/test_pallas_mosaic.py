@@ -542,31 +542,36 @@ def _offset_mods(start):
     }
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward tiles", "dK/dV tiles"])
 @pytest.mark.parametrize("name", sorted(_offset_mods(0)))
 @pytest.mark.parametrize("start", [0, 45, -20])
-def test_the_kernels_reads_give_the_mods_values(name, start):
+def test_the_kernels_reads_give_the_mods_values(name, start, transposed):
     """What the kernels compute from a mod, with its reads made as theirs are (``walked_consts``'s arrays, sliced by
     ``site_load`` at each tile's first query and key), against the mod itself at every position of several tiles,
-    under a jit where the captured start is traced."""
+    under a jit where the captured start is traced: the forward's [64 queries, 128 keys] tiles and the dK/dV
+    kernel's transposed [64 keys, 64 queries] ones."""
     from flexattn_jax.backends import _captures
     from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads, site_load, walked_consts
 
     L, S, q_pad, kv_pad = 500, 600, 512, 640
     tiles = [(0, 0, 0, 1), (448, 512, 1, 0), (192, 128, 1, 1)]  # (q_start, kv_start, b, h)
+    shape = (64, 64) if transposed else (64, 128)
+    q_axis = 1 if transposed else 0
 
     @jax.jit
     def kernel_and_mod(start):
         is_score, mod = _offset_mods(start)[name]
-        (program,), consts = _captures.trace_for_tiles(mod, [(64, 128, "full")], score=is_score)
-        sites, problem = analyze_reads(program, 128)
+        (program,), consts = _captures.trace_for_tiles(mod, [(*shape, "full")], score=is_score)
+        sites, problem = analyze_reads(program, shape[1])
         assert problem is None, problem
         walked, sites = walked_consts(program, consts, sites, q_pad, kv_pad)
         got, want = [], []
         for q_start, kv_start, b, h in tiles:
-            q_idx = q_start + lax.broadcasted_iota(jnp.int32, (64, 128), 0)
-            kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, (64, 128), 1)
-            score = [jnp.ones((64, 128), jnp.float32)] if is_score else []
-            load = site_load(sites, walked, q_start, kv_start, (64, 128), vector_load=_plain_vector_load)
+            q_idx = q_start + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+            kv_idx = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+            score = [jnp.ones(shape, jnp.float32)] if is_score else []
+            load = site_load(sites, walked, q_start, kv_start, shape, transposed=transposed,
+                             vector_load=_plain_vector_load)
             got.append(program(walked[: program.num_consts], *score, jnp.int32(b), jnp.int32(h), q_idx, kv_idx,
                                load=load))
             at_one = lambda qi, ki: mod(*[jnp.float32(1.0)][: int(is_score)], b, h, qi, ki)  # noqa: E731
@@ -575,8 +580,10 @@ def test_the_kernels_reads_give_the_mods_values(name, start):
 
     got, want = kernel_and_mod(jnp.int32(start))
     for (q_start, kv_start, _, _), g, w in zip(tiles, got, want):
-        # Rows and columns past the true lengths are masked or dropped by the kernels; compare the others.
-        rows, columns = min(64, L - q_start), min(128, S - kv_start)
+        # Queries and keys past the true lengths are masked or dropped by the kernels; compare the others.
+        rows, columns = min(shape[q_axis], L - q_start), min(shape[1 - q_axis], S - kv_start)
+        if transposed:
+            g, w = g.T, w.T
         assert (g[:rows, :columns] == w[:rows, :columns]).all(), (q_start, kv_start)
 
 
