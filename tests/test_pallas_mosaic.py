@@ -474,6 +474,11 @@ def test_an_offset_from_captured_values_is_known_at_run_time():
 
     sites, problem = analyze_reads(_program(shifted_documents(jnp.int32(0))), 128)
     assert problem is None and [(s.kind, s.offset) for s in sites] == [("whole", 0), ("row", None), ("column", 0)]
+    # An offset that the captured start sets only past a threshold is seen to change too.
+    start = jnp.int32(0)
+    sites, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx + jnp.where(start > 300, 100, 0)] == ids[
+        kv_idx]), 128)
+    assert problem is None and sites[1].offset is None
 
     @jax.jit
     def walked(start):

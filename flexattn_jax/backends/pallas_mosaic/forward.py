@@ -176,9 +176,11 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
       only agrees with q_idx + offset somewhere (``ids[jnp.minimum(q_idx, 100)]``) is refused;
     * at another b and h, so that an offset that depends on them (``ids[q_idx + h]``) is refused: the kernel reads
       one offset for every program;
-    * with other values in the captured arrays (all 3s; then a ramp at two b and h). An offset that changes with
-      them (``ids[q_idx + start]``, ``start`` captured, as a query-block selection at a traced index makes) is
-      marked as known at run time (``offset`` None); one that also changes with b or h there is refused.
+    * with other values in the captured arrays (all 3s, a large value, a negative one; a ramp at two b and h).
+      An offset that changes with them (``ids[q_idx + start]``, ``start`` captured, as a query-block selection
+      at a traced index makes) is marked as known at run time (``offset`` None); one that also changes with b or
+      h there is refused. An offset that the captured values change only where none of these probes looks would
+      be missed.
     """
     if not program.num_consts:
         return (), None
@@ -203,7 +205,10 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     # computed from it.
     with jax.default_device(jax.devices("cpu")[0]), jax.ensure_compile_time_eval():
         zeros = [jnp.zeros(a.shape, a.dtype) for a in program.const_avals]
-        threes = [jnp.full(a.shape, 3, a.dtype) for a in program.const_avals]
+        # Filled with 3, a large value and a negative one (wrapped for unsigned types), so that an offset the
+        # captured values set only past some threshold ((start > 300) * 100) is seen to change.
+        fills = [[jnp.full(a.shape, v, jnp.int32).astype(a.dtype) for a in program.const_avals]
+                 for v in (3, 100_003, -5)]
         ramps = [(jnp.arange(a.size, dtype=jnp.int32).reshape(a.shape) % 251 + 1).astype(a.dtype)
                  for a in program.const_avals]
         first = record(zeros)
@@ -223,16 +228,17 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
         if record(zeros, bh=1) != first:
             return None, ("reads a captured array at an offset from q_idx or kv_idx that depends on b or h; "
                           "pallas_mosaic takes one offset for every b and h")
-        with_threes, ramp, ramp_elsewhere = record(threes), record(ramps), record(ramps, bh=1)
-        for again in (with_threes, ramp, ramp_elsewhere):
+        filled = [record(consts) for consts in fills]
+        ramp, ramp_elsewhere = record(ramps), record(ramps, bh=1)
+        for again in (*filled, ramp, ramp_elsewhere):
             if without_offsets(again) != without_offsets(first):
                 return None, problem_of(again, "reads its captured arrays differently when they hold other values")
         if ramp != ramp_elsewhere:
             return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
                           "differently for each b or h; pallas_mosaic takes one offset for every b and h")
     return tuple(
-        site if site == other == other2 else dataclasses.replace(site, offset=None)
-        for site, other, other2 in zip(first, with_threes, ramp)
+        site if all(site == other[n] for other in (*filled, ramp)) else dataclasses.replace(site, offset=None)
+        for n, site in enumerate(first)
     ), None
 
 
