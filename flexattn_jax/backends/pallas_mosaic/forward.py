@@ -54,7 +54,7 @@ __all__ = [
     "as_tile",
     "flex_forward",
     "is_everywhere",
-        "site_load",
+    "site_load",
     "stream_key_values",
     "unsupported_mod_reason",
     "walked_consts",
@@ -165,6 +165,17 @@ class _SiteRecorder:
         return ref[tuple(index)]  # jnp indexing clamps, as the kernel's loads do
 
 
+def _probe_tiles(program: ModProgram, q_start: int, kv_start: int) -> tuple[list, jax.Array, jax.Array]:
+    """The arguments that probe ``program`` on its own tile shape: ``(score, q_idx, kv_idx)``, ``score`` a list of
+    one zeros tile for a score_mod and empty for a mask_mod, the index tiles starting at ``q_start`` and
+    ``kv_start``."""
+    shape = program.jaxpr.invars[-1].aval.shape
+    q_idx = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
+    kv_idx = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_start
+    num_args = len(program.jaxpr.invars) - program.num_consts
+    return ([jnp.zeros(shape, jnp.float32)] if num_args == 5 else []), q_idx, kv_idx
+
+
 def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
     """Classifies every read of a captured array in ``program`` (traced for whole [BLOCK_M, block_n] tiles).
 
@@ -184,13 +195,9 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     """
     if not program.num_consts:
         return (), None
-    shape = (BLOCK_M, block_n)
-    num_args = len(program.jaxpr.invars) - program.num_consts
 
     def record(consts, q_start: int = _FAR, kv_start: int = _FAR, bh: int = 0, expected=None):
-        q_idx = lax.broadcasted_iota(jnp.int32, shape, 0) + q_start
-        kv_idx = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_start
-        score = [jnp.zeros(shape, jnp.float32)] if num_args == 5 else []
+        score, q_idx, kv_idx = _probe_tiles(program, q_start, kv_start)
         recorder = _SiteRecorder(q_idx, kv_idx, expected)
         program(consts, *score, jnp.int32(bh), jnp.int32(bh), q_idx, kv_idx, load=recorder, clamp_reads=False)
         return recorder.sites
@@ -851,7 +858,7 @@ def walked_consts(program: ModProgram, consts: Sequence[jax.Array], sites: Seque
     ``source``), whose entry i along the axis is the array's entry i + offset, found as jnp indexing finds it (a
     negative position counts from the end, then positions are clamped into the array), so that the kernel reads
     the copy at q_idx. An offset known only at run time (``site.offset`` None) is computed here from the captured
-    values, by evaluating the program's reads at q_idx = kv_idx = 0.
+    values, by evaluating the program's reads at ``_FAR``, as ``analyze_reads`` does.
     """
     originals, consts = tuple(consts), list(consts)
     runtime = _runtime_offsets(program, originals, sites) if any(s.offset is None for s in sites) else {}
@@ -873,11 +880,7 @@ def _runtime_offsets(program: ModProgram, consts: Sequence[jax.Array], sites: Se
     """{site number: the offset, an int32 scalar} of each row or column read of ``program`` on ``consts``.
 
     Read at ``_FAR``, as ``analyze_reads`` classifies them."""
-    *_, q_aval, kv_aval = (v.aval for v in program.jaxpr.invars)
-    q_idx = lax.broadcasted_iota(jnp.int32, q_aval.shape, 0) + _FAR
-    kv_idx = lax.broadcasted_iota(jnp.int32, kv_aval.shape, 1) + _FAR
-    num_args = len(program.jaxpr.invars) - program.num_consts
-    score = [jnp.zeros(q_aval.shape, jnp.float32)] if num_args == 5 else []
+    score, q_idx, kv_idx = _probe_tiles(program, _FAR, _FAR)
     remaining, offsets = iter(enumerate(sites)), {}
 
     def load(const, ref, index):
