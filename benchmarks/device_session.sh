@@ -35,6 +35,7 @@
 #   bash benchmarks/device_session.sh offsets the sixteenth session's gpu tests (query-block selections of a document
 #                                             mask on the Mosaic kernels, mods of no index, x64), then the Mosaic
 #                                             tests of every mod and the backward schedules (NOTES.md, sixteenth session)
+#   bash benchmarks/device_session.sh newrun  the same new gpu tests, then run 27's benchmark command
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -323,6 +324,16 @@ case "${1:-}" in
     timeout 330 python3 -m pytest -m gpu tests/test_block_mask.py tests/test_api.py tests/test_dot_product.py \
       tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  newrun)
+    # The sixteenth session's new gpu tests (as `offsets`), then run 27's command: the tree beside the anchors.
+    # (With the seventeenth session's: key and value of batch 1 on the decode kernel.)
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py tests/test_api.py \
+      -k "no_index or x64 or selections_of_a_document or batch_one" \
+      -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -12
+    timeout 420 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \
+      --implementations pallas_mosaic --runs 10 --budget-s 330 --out "$OUT/run" 2>&1 | grep -v Warning | tail -30
     ;;
   offsets)
     new="no_index or x64 or selections_of_a_document"

@@ -207,7 +207,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
 def _broadcast_kv_batch(query, key, value):
     """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B, arrays or
     ``jax.ShapeDtypeStruct``. The kernels then read B copies; the gradient of the broadcast adds the batches' dK
-    and dV up."""
+    and dV up. (pallas_triton takes them unbroadcast: its decode kernel reads the one copy.)"""
     b = query.shape[0]
     if key.shape[0] == b:
         return key, value
@@ -309,15 +309,19 @@ def flex_attention(
     score_mod, block_mask, mask_mod, scale, kernel_options = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
-    key, value = _broadcast_kv_batch(query, key, value)
     with_max_scores = return_aux is not None and return_aux.max_scores
 
     def finish(*results):
         return attention_results(*results, return_lse=return_lse, return_aux=return_aux)
 
+    # The choice sees key and value as the kernels would (batch B); the arrays are broadcast below only where the
+    # chosen implementation needs B copies.
+    key_shape, value_shape = _broadcast_kv_batch(query, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (key, value)))
     implementation = _choose(
-        implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
+        implementation, interpret, query, key_shape, value_shape, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
+    if implementation != "pallas_triton":
+        key, value = _broadcast_kv_batch(query, key, value)
     if implementation in ("pallas_mosaic", "pallas_triton"):
         # Both kernels take the BlockMask as its index arrays.
         kernel_args = dict(
@@ -338,6 +342,7 @@ def flex_attention(
         )
         if implementation == "pallas_mosaic":
             return finish(*pallas_mosaic.attention(query, key, value, **kernel_args))
+        # pallas_triton takes key and value of batch 1 as they are: its decode kernel reads the one copy.
         return finish(*pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args))
     partial_blocks, full_blocks = block_mask.block_maps()
     return finish(*reference.attention(

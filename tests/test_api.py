@@ -274,12 +274,50 @@ def test_key_and_value_of_batch_one_are_shared_by_every_query_batch(implementati
         fa.flex_attention(q, jnp.repeat(k, 2, axis=0), jnp.repeat(v, 2, axis=0), enable_gqa=True)
 
 
+def test_decoding_with_key_and_value_of_batch_one_reads_one_copy():
+    """The decoding idiom (B queries of one token over one shared cache): the decode kernel reads key and value of
+    batch 1, with no copy per batch in the forward, and matches the reference with gradients."""
+    B, Hq, Hkv, S = 3, 4, 2, 96
+    q = jax.random.normal(jax.random.key(0), (B, Hq, 1, 16))
+    k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 16)) for i in (1, 2))
+    lengths = jnp.array([10, 96, 50], jnp.int32)
+    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], B, None, 1, S, BLOCK_SIZE=(1, 32))
+    run = functools.partial(fa.flex_attention, block_mask=bm, score_mod=fa.rel_bias, enable_gqa=True,
+                            implementation="pallas_triton", interpret=True)
+
+    def copies(jaxpr):  # the equations that make a [B, ...] array of the keys or values
+        found = []
+        for eqn in jaxpr.eqns:
+            found += [eqn.primitive.name for out in eqn.outvars if getattr(out.aval, "shape", ())[:3] == (B, Hkv, S)]
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found += copies(sub)
+        return found
+
+    assert copies(jax.make_jaxpr(run)(q, k, v).jaxpr) == []
+
+    def loss(implementation, q, k, v):
+        out = run(q, k, v) if implementation else fa.flex_attention(
+            q, jnp.repeat(k, B, axis=0), jnp.repeat(v, B, axis=0), block_mask=bm, score_mod=fa.rel_bias,
+            enable_gqa=True, implementation="reference")
+        return jnp.sum(out * jnp.cos(out)), out
+
+    (_, out), grads = jax.value_and_grad(functools.partial(loss, True), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, False), argnums=(0, 1, 2), has_aux=True)(
+        q, k, v)
+    assert_close(out, want, jnp.float32)
+    for name, got, expected in zip("qkv", grads, want_grads):
+        assert got.shape == expected.shape
+        assert_close(got, expected, jnp.float32, f"d{name}")
+
+
 @pytest.mark.gpu
-def test_gpu_key_and_value_of_batch_one_on_the_default_kernels():
-    B, Hq, Hkv, L = 3, 4, 2, 512
+@pytest.mark.parametrize("L", [512, 1], ids=["prefill", "decode"])
+def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L):
+    B, Hq, Hkv, S = 3, 4, 2, 512
     q = jax.random.normal(jax.random.key(0), (B, Hq, L, 128)).astype(jnp.bfloat16)
-    k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, L, 128)).astype(jnp.bfloat16) for i in (1, 2))
-    bm = fa.create_block_mask(fa.causal_mask, None, None, L, L)
+    k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 128)).astype(jnp.bfloat16) for i in (1, 2))
+    # Decoding: one query at the cache's end, the decode kernel reading the one shared copy.
+    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + (S - L), None, None, L, S)
 
     def loss(implementation, q, k, v):
         out = fa.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, implementation=implementation)
