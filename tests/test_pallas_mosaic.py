@@ -479,6 +479,11 @@ def test_an_offset_from_captured_values_is_known_at_run_time():
     sites, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx + jnp.where(start > 300, 100, 0)] == ids[
         kv_idx]), 128)
     assert problem is None and sites[1].offset is None
+    # And one set at a single value, where no probe looks: the jaxpr says the captured start computes it.
+    at_seven = _program(lambda b, h, q_idx, kv_idx: ids[q_idx + jnp.where(q_idx + start == q_idx + 7, 100, 0)] == ids[
+        kv_idx])
+    sites, problem = analyze_reads(at_seven, 128)
+    assert problem is None and sites[1].offset is None and sites[2].offset == 0
 
     @jax.jit
     def walked(start):
@@ -544,6 +549,10 @@ def _offset_mods(start):
         "behind and captured": (True, lambda s, b, h, q_idx, kv_idx: s + _OFFSET_BIAS[q_idx - 7] * _OFFSET_BIAS[
             kv_idx + start]),
         "past the end": (True, lambda s, b, h, q_idx, kv_idx: s - _OFFSET_BIAS[q_idx + 600]),
+        # An offset the captured start sets at one value only, where none of the analysis's probes looks (written
+        # with q_idx on both sides, so that tracing cannot hoist the comparison out of the mod as a captured value).
+        "captured, at one value": (False, lambda b, h, q_idx, kv_idx: _OFFSET_IDS[
+            b, q_idx + jnp.where(q_idx + start == q_idx + 45, 100, 0)] == _OFFSET_IDS[b, kv_idx]),
     }
 
 

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jex_core
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -176,6 +177,37 @@ def _probe_tiles(program: ModProgram, q_start: int, kv_start: int) -> tuple[list
     return ([jnp.zeros(shape, jnp.float32)] if num_args == 5 else []), q_idx, kv_idx
 
 
+def _indexed_by_captured_values(program: ModProgram) -> list[bool]:
+    """For each read of a captured array, in the interpreter's order: whether its index is computed from captured
+    values (``ids[q_idx + start]``, ``start`` captured), read from the jaxpr of the indices as functions of the
+    captured arrays. An equation's outputs depend on everything its inputs depend on, so the answer may say yes
+    where the values cancel, never no where they count."""
+    score, q_idx, kv_idx = _probe_tiles(program, _FAR, _FAR)
+    index_lengths = []
+
+    def indices(consts):
+        found = []
+
+        def load(const, ref, index):
+            index_lengths.append(0 if index is None else len(index))
+            if index is None:
+                return ref[...]
+            found.extend(jnp.asarray(i) for i in index)
+            return ref[tuple(index)]
+
+        program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=load, clamp_reads=False)
+        return found
+
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in program.const_avals]
+    jaxpr = jax.make_jaxpr(indices)(avals).jaxpr
+    captured = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, jex_core.Var) and v in captured for v in eqn.invars):
+            captured.update(eqn.outvars)
+    outputs = iter(isinstance(v, jex_core.Var) and v in captured for v in jaxpr.outvars)
+    return [any([next(outputs) for _ in range(n)]) for n in index_lengths]
+
+
 def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
     """Classifies every read of a captured array in ``program`` (traced for whole [BLOCK_M, block_n] tiles).
 
@@ -190,8 +222,13 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     * with other values in the captured arrays (all 3s, a large value, a negative one; a ramp at two b and h).
       An offset that changes with them (``ids[q_idx + start]``, ``start`` captured, as a query-block selection
       at a traced index makes) is marked as known at run time (``offset`` None); one that also changes with b or
-      h there is refused. An offset that the captured values change only where none of these probes looks would
-      be missed.
+      h there is refused.
+
+    An offset computed from captured values at all (by the jaxpr, ``_indexed_by_captured_values``) is marked as
+    known at run time too, so that one the captured values change only where no probe looks (``ids[q_idx +
+    jnp.where(start == 7, 100, 0)]``) is still read from the real values. What no probe can see is a read that
+    stops being q_idx plus an offset only at captured values none of them holds (``ids[jnp.where(start == 7,
+    2 * q_idx, q_idx)]``).
     """
     if not program.num_consts:
         return (), None
@@ -243,8 +280,10 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
         if ramp != ramp_elsewhere:
             return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
                           "differently for each b or h; pallas_mosaic takes one offset for every b and h")
+    from_captured = _indexed_by_captured_values(program)
     return tuple(
-        site if all(site == other[n] for other in (*filled, ramp)) else dataclasses.replace(site, offset=None)
+        site if all(site == other[n] for other in (*filled, ramp)) and not (
+            site.kind in ("row", "column") and from_captured[n]) else dataclasses.replace(site, offset=None)
         for n, site in enumerate(first)
     ), None
 
