@@ -280,7 +280,7 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
         if ramp != ramp_elsewhere:
             return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
                           "differently for each b or h; pallas_mosaic takes one offset for every b and h")
-    from_captured = _indexed_by_captured_values(program)
+        from_captured = _indexed_by_captured_values(program)
     return tuple(
         site if all(site == other[n] for other in (*filled, ramp)) and not (
             site.kind in ("row", "column") and from_captured[n]) else dataclasses.replace(site, offset=None)
