@@ -35,6 +35,7 @@
 #   bash benchmarks/device_session.sh offsets the sixteenth session's gpu tests (query-block selections of a document
 #                                             mask on the Mosaic kernels, mods of no index, x64), then the Mosaic
 #                                             tests of every mod and the backward schedules (NOTES.md, sixteenth session)
+#   bash benchmarks/device_session.sh shared  key and value of batch 1 read without copies: their gpu tests, the Triton files'
 #   bash benchmarks/device_session.sh newrun  the same new gpu tests, then run 27's benchmark command
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
@@ -323,6 +324,15 @@ case "${1:-}" in
   api)
     timeout 330 python3 -m pytest -m gpu tests/test_block_mask.py tests/test_api.py tests/test_dot_product.py \
       tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  shared)
+    # The seventeenth session's change: pallas_triton's forward kernels read key and value of batch 1 for every
+    # query batch (prefill and decode); the gpu tests of it, then the Triton kernels' own gpu tests.
+    timeout 120 python3 -m pytest -m gpu tests/test_api.py -k batch_one -n 4 -p no:benchmark -v -rf --tb=short \
+      >"$OUT/gpu_tests.txt" 2>&1
+    triton_files="tests/test_pallas_triton_forward.py tests/test_pallas_triton_backward.py tests/test_decode.py"
+    timeout 200 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   newrun)

@@ -207,7 +207,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
 def _broadcast_kv_batch(query, key, value):
     """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B, arrays or
     ``jax.ShapeDtypeStruct``. The kernels then read B copies; the gradient of the broadcast adds the batches' dK
-    and dV up. (pallas_triton takes them unbroadcast: its decode kernel reads the one copy.)"""
+    and dV up. (pallas_triton takes them unbroadcast: its forward kernels read the one copy.)"""
     b = query.shape[0]
     if key.shape[0] == b:
         return key, value

@@ -274,14 +274,17 @@ def test_key_and_value_of_batch_one_are_shared_by_every_query_batch(implementati
         fa.flex_attention(q, jnp.repeat(k, 2, axis=0), jnp.repeat(v, 2, axis=0), enable_gqa=True)
 
 
-def test_decoding_with_key_and_value_of_batch_one_reads_one_copy():
-    """The decoding idiom (B queries of one token over one shared cache): the decode kernel reads key and value of
-    batch 1, with no copy per batch in the forward, and matches the reference with gradients."""
+@pytest.mark.parametrize("L", [1, 40], ids=["decode", "prefill"])
+def test_key_and_value_of_batch_one_are_read_without_copies(L):
+    """B query batches over one shared cache, decoding (one query each, the decode kernel) or prefilling: the
+    pallas_triton forward kernels read key and value of batch 1, with no copy per batch, and match the reference,
+    gradients included."""
     B, Hq, Hkv, S = 3, 4, 2, 96
-    q = jax.random.normal(jax.random.key(0), (B, Hq, 1, 16))
+    q = jax.random.normal(jax.random.key(0), (B, Hq, L, 16))
     k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 16)) for i in (1, 2))
     lengths = jnp.array([10, 96, 50], jnp.int32)
-    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b], B, None, 1, S, BLOCK_SIZE=(1, 32))
+    bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b] - q_idx, B, None, L, S,
+                              BLOCK_SIZE=(L if L == 1 else 16, 32))
     run = functools.partial(fa.flex_attention, block_mask=bm, score_mod=fa.rel_bias, enable_gqa=True,
                             implementation="pallas_triton", interpret=True)
 
@@ -311,8 +314,11 @@ def test_decoding_with_key_and_value_of_batch_one_reads_one_copy():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", [None, "pallas_triton"], ids=["default", "pallas_triton"])
 @pytest.mark.parametrize("L", [512, 1], ids=["prefill", "decode"])
-def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L):
+def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L, implementation):
+    """On the GPU, where a kernel reading past key and value of batch 1 would read other memory (interpret mode
+    clamps the block index and cannot tell)."""
     B, Hq, Hkv, S = 3, 4, 2, 512
     q = jax.random.normal(jax.random.key(0), (B, Hq, L, 128)).astype(jnp.bfloat16)
     k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 128)).astype(jnp.bfloat16) for i in (1, 2))
@@ -321,10 +327,11 @@ def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L):
 
     def loss(implementation, q, k, v):
         out = fa.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, implementation=implementation)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
+        return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-    got = jax.grad(functools.partial(loss, None), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(functools.partial(loss, "reference"), argnums=(0, 1, 2))(q, k, v)
+    (_, out), got = jax.value_and_grad(functools.partial(loss, implementation), (0, 1, 2), has_aux=True)(q, k, v)
+    (_, ref), want = jax.value_and_grad(functools.partial(loss, "reference"), (0, 1, 2), has_aux=True)(q, k, v)
+    assert_close(out, ref, jnp.bfloat16, "out")
     for name, g, w in zip("qkv", got, want):
         assert g.shape == w.shape
         assert_close(g, w, jnp.bfloat16, f"d{name}")

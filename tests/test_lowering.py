@@ -74,6 +74,16 @@ def test_dtypes_and_head_dims_lower_for_cuda(dtype, head_dim, value_dim):
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0))
 
 
+@pytest.mark.parametrize("L", [256, 1], ids=["prefill", "decode"])
+def test_key_and_value_of_batch_one_lower_for_cuda_without_copies(L):
+    """The forward kernels (prefill and decode) read key and value of batch 1 for every query batch: the lowered
+    module takes them as they are and makes no [B, ...] copy."""
+    q, _, _ = random_qkv(3, B=3, Hq=4, Hkv=2, L=L, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
+    _, k, v = random_qkv(4, B=1, Hq=4, Hkv=2, L=L, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
+    text = _lower_for_cuda(q, k, v, fa.causal_mask, None, block_size=(L, 128))
+    assert not re.search(r"broadcast_in_dim.*-> tensor<3x2x200x64xbf16>", text)
+
+
 def test_dense_boolean_mask_lowers_for_cuda():
     # A captured boolean array (create_block_mask_from_dense's mask_mod reads it) reaches the kernel as a ref.
     q, k, v = random_qkv(2, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)

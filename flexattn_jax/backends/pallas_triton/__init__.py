@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from flexattn_jax.backends.pallas_triton import backward as _backward
 from flexattn_jax.backends.pallas_triton import config as _config
@@ -94,8 +93,8 @@ def attention(
     Arguments as ``flexattn_jax.backends.reference.attention``, with the BlockMask given as its index arrays
     (``kv_num_blocks`` [Bm, Hm, QB], ``kv_indices`` [Bm, Hm, QB, KVB], the full pair or None, and the q-side
     arrays the backward walks, derived from the kv-side ones when None) and its ``block_size``.
-    Key and value may have batch size 1, shared by every query batch. Raises ValueError when
-    ``unsupported_reason`` is not None.
+    Key and value may have batch size 1, shared by every query batch: the forward kernels read the one copy (the
+    backward takes one per batch). Raises ValueError when ``unsupported_reason`` is not None.
     """
     reason = unsupported_reason(
         query,
@@ -109,11 +108,8 @@ def attention(
         raise ValueError(reason)
     implementation = _vjp.attention
     if uses_decode_kernel(query, key, block_size=block_size, num_blocks=kv_indices.shape[-2:], kernel_options=kernel_options):
-        # Short queries (decoding): the split-KV kernel; see decode.py. It reads key and value of batch 1 for every
-        # query batch, so a cache shared by the batch is not copied.
+        # Short queries (decoding): the split-KV kernel; see decode.py.
         implementation = _decode.attention
-    elif key.shape[0] != query.shape[0]:
-        key, value = (jnp.broadcast_to(x, (query.shape[0], *x.shape[1:])) for x in (key, value))
     return implementation(
         query,
         key,

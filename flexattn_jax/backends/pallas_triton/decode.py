@@ -608,16 +608,8 @@ def attention(
 
     def attend_bwd(saved, cotangents):
         residuals, wanted, consts = saved
-        q, k, v, *rest = residuals
-        shared = k.shape[0] != q.shape[0]
-        if shared:
-            # Key and value of batch 1, shared by every query batch: the backward kernels take one copy per batch,
-            # and each batch's dK and dV are added up.
-            k, v = (jnp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
         # max_scores, when returned, has no gradient: its cotangent is dropped.
-        dq, dk, dv, score_grads = _vjp._backward(plan, programs, (q, k, v, *rest), cotangents[:2], wanted.value)
-        if shared:
-            dk, dv = (jnp.sum(x, axis=0, keepdims=True) for x in (dk, dv))
+        dq, dk, dv, score_grads = _vjp._backward(plan, programs, residuals, cotangents[:2], wanted.value)
         none = lambda tree: jax.tree.map(lambda _: None, tree)  # noqa: E731
         _, _, _, _, _, _, bwd_mask_consts, kv_lists, q_lists = residuals
         return dq, dk, dv, none(consts), score_grads, none(bwd_mask_consts), none(kv_lists), none(q_lists)

@@ -169,7 +169,8 @@ def flex_forward(
     """The forward kernel on plain arrays.
 
     Args:
-      query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, Ev]: one dtype; Hq a multiple of Hkv.
+      query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, Ev]: one dtype; Hq a multiple of Hkv. Key and
+        value may have batch 1, read by every query batch.
       score_consts, mask_consts: the arrays ``trace_for_tiles`` hoisted for ``score_mod`` and ``mask_mod``.
       kv_num_blocks [Bm, Hm, QB], kv_indices [Bm, Hm, QB, KVB]: the BlockMask's partial blocks (Bm in {1, B},
         Hm in {1, Hq}); full_kv_num_blocks / full_kv_indices: its full blocks, or None.
@@ -235,9 +236,11 @@ def flex_forward(
         b, h = plan.batch_head(bh)
         return b, h, i, 0
 
+    shared_kv = key.shape[0] == 1 < batch  # key and value of batch 1, read by every query batch
+
     def kv_map(i, bh):
         b, h = plan.batch_head(bh)
-        return b, _div(h, plan.group), 0, 0
+        return (0 if shared_kv else b), _div(h, plan.group), 0, 0
 
     def num_map(i, bh):
         return plan.mask_row(i, bh)

@@ -117,7 +117,18 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
 
 def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None = None):
     """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted); on ``kernels`` when
-    given and no array's gradient is wanted."""
+    given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, are given to
+    the kernels once per batch, and their gradients are the sums over the batches."""
+    q, k, v, *rest = residuals
+    if k.shape[0] == q.shape[0]:
+        return _backward_per_batch(plan, programs, residuals, cotangents, wanted, kernels)
+    k, v = (jnp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
+    dq, dk, dv, grads = _backward_per_batch(plan, programs, (q, k, v, *rest), cotangents, wanted, kernels)
+    return dq, jnp.sum(dk, axis=0, keepdims=True), jnp.sum(dv, axis=0, keepdims=True), grads
+
+
+def _backward_per_batch(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None):
+    """``_backward`` with key and value of the query's batch size."""
     q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists = residuals
     d_out, d_lse = cotangents
     f32 = jnp.float32
