@@ -316,7 +316,8 @@ def flex_attention(
 
     # The choice sees key and value as the kernels would (batch B); the arrays are broadcast below only where the
     # chosen implementation needs B copies.
-    key_shape, value_shape = _broadcast_kv_batch(query, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (key, value)))
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (key, value)]
+    key_shape, value_shape = _broadcast_kv_batch(query, *shapes)
     implementation = _choose(
         implementation, interpret, query, key_shape, value_shape, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
@@ -342,7 +343,7 @@ def flex_attention(
         )
         if implementation == "pallas_mosaic":
             return finish(*pallas_mosaic.attention(query, key, value, **kernel_args))
-        # pallas_triton takes key and value of batch 1 as they are: its decode kernel reads the one copy.
+        # pallas_triton takes key and value of batch 1 as they are: its forward kernels read the one copy.
         return finish(*pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args))
     partial_blocks, full_blocks = block_mask.block_maps()
     return finish(*reference.attention(

@@ -225,10 +225,11 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
       h there is refused.
 
     An offset computed from captured values at all (by the jaxpr, ``_indexed_by_captured_values``) is marked as
-    known at run time too, so that one the captured values change only where no probe looks (``ids[q_idx +
-    jnp.where(start == 7, 100, 0)]``) is still read from the real values. What no probe can see is a read that
-    stops being q_idx plus an offset only at captured values none of them holds (``ids[jnp.where(start == 7,
-    2 * q_idx, q_idx)]``).
+    known at run time too, so that one the captured values change only where no probe looks is still read from the
+    real values. (Tracing hoists a test of captured values alone, ``start == 7``, out of the mod as a captured
+    value, which the probes fill; one written with q_idx, ``q_idx + start == q_idx + 7``, stays in it.) What no
+    probe can see is a read that stops being q_idx plus an offset only at captured values none of them holds
+    (``ids[jnp.where(q_idx + start == q_idx + 7, 2 * q_idx, q_idx)]``).
     """
     if not program.num_consts:
         return (), None
