@@ -175,6 +175,31 @@ def test_sharded_return_aux_matches_reference():
     _assert_sharded(got[1].max_scores, mesh, P("data", "model"))
 
 
+@pytest.mark.parametrize("kind", ["sharded", "ring"])
+def test_key_and_value_of_batch_one_are_replicated_over_the_batch_axis(kind):
+    # One cache shared by every batch (with a per-batch mask): replicated over the batch shards, which add its
+    # gradients up; the ring passes the one copy around.
+    mesh = _mesh((2, 2), ("data", "model" if kind == "sharded" else "seq"))
+    q, _, _ = random_qkv(16, B=4, Hq=4, Hkv=2, L=32, S=32)
+    _, k, v = random_qkv(17, B=1, Hq=4, Hkv=2, L=32, S=32)
+    mask_mod, score_mod = MOD_CASES_BY_NAME["document_batched"].build(4, 4, 32, 32, 16)
+    kwargs = dict(score_mod=score_mod, block_mask=_block_mask(mask_mod, 4, None, 32, 32, 8), enable_gqa=True,
+                  return_lse=True)
+    if kind == "sharded":
+        attention = lambda q, k, v: sharded_flex_attention(  # noqa: E731
+            q, k, v, **kwargs, mesh=mesh, batch_axis="data", head_axis="model")
+    else:
+        attention = lambda q, k, v: ring_flex_attention(  # noqa: E731
+            q, k, v, **kwargs, mesh=mesh, seq_axis="seq", batch_axis="data")
+    got = _values_and_grads(attention, q, k, v, seed=16)
+    want = _values_and_grads(
+        lambda q, k, v: fa.flex_attention(q, jnp.repeat(k, 4, axis=0), jnp.repeat(v, 4, axis=0), **kwargs),
+        q, k, v, seed=16,
+    )
+    _assert_matches(got, want, jnp.float32)
+    assert got[2][1].shape == k.shape and got[2][2].shape == v.shape
+
+
 def test_sharded_over_a_tuple_of_mesh_axes_sees_global_batch_indices():
     # The batch over both axes of the mesh (8 shards of one batch each); per-batch document ids.
     mesh = _mesh((2, 4), ("x", "y"))

@@ -50,7 +50,8 @@ def sharded_flex_attention(
 
     Args:
       query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, implementation, interpret,
-        kernel_options, return_aux: as for ``flex_attention``.
+        kernel_options, return_aux: as for ``flex_attention``. Key and value of batch 1 (shared by every batch)
+        are replicated over ``batch_axis``.
       mesh: the ``jax.sharding.Mesh``. Mesh axes named in neither argument replicate the computation.
       batch_axis: the mesh axis (or tuple of axes) sharding B, or None. B must be divisible by its size.
       head_axis: the mesh axis (or tuple of axes) sharding the heads, or None. Hq and Hkv must both be divisible by
@@ -75,7 +76,7 @@ def sharded_flex_attention(
     batch_axes = _common.normalize_axes(mesh, batch_axis, "batch_axis")
     head_axes = _common.normalize_axes(mesh, head_axis, "head_axis")
     _common.check_disjoint(batch_axis=batch_axes, head_axis=head_axes)
-    _validation.check_qkv(query, key, value, enable_gqa)
+    _validation.check_qkv(query, key, value, enable_gqa, kv_batch_broadcast=True)
     _validation.check_scale(scale)
     score_mod = identity if score_mod is None else score_mod
     _validation.check_score_mod(score_mod)
@@ -91,6 +92,9 @@ def sharded_flex_attention(
 
     b_spec, h_spec = _common.spec_entry(batch_axes), _common.spec_entry(head_axes)
     qkv_spec = PartitionSpec(b_spec, h_spec, None, None)
+    # Key and value of batch 1, shared by every batch, are replicated over the batch axis: each shard's
+    # flex_attention shares them with its own batches, and shard_map adds their gradients up across the shards.
+    kv_spec = qkv_spec if key.shape[0] == batch else PartitionSpec(None, h_spec, None, None)
     lse_spec = PartitionSpec(b_spec, h_spec, None)
     mask_specs = None if block_mask is None else _common.block_mask_specs(block_mask, batch_axes, head_axes)
     local_batch, local_q_heads = batch // num_batch_shards, q_heads // num_head_shards
@@ -117,7 +121,7 @@ def sharded_flex_attention(
         )
         return (out, aux.lse, aux.max_scores) if with_max_scores else (out, aux.lse)
 
-    in_specs = (qkv_spec, qkv_spec, qkv_spec, mask_specs)
+    in_specs = (qkv_spec, kv_spec, kv_spec, mask_specs)
     args = _common.place(mesh, (query, key, value, block_mask), in_specs)
     # check_vma=False: a pallas_call's outputs carry no record of the mesh axes they vary over, which shard_map's
     # check would demand. Each shard's result depends on its own inputs only, so nothing is lost.

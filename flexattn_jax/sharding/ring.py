@@ -66,7 +66,8 @@ def ring_flex_attention(
 
     Args:
       query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, implementation, interpret,
-        kernel_options, return_aux: as for ``flex_attention``.
+        kernel_options, return_aux: as for ``flex_attention``. Key and value of batch 1 (shared by every batch)
+        are replicated over ``batch_axis``.
       mesh: the ``jax.sharding.Mesh``.
       seq_axis: the mesh axis (or tuple of axes) forming the ring, of size N; L and S are sharded over it in
         contiguous pieces.
@@ -107,7 +108,7 @@ def ring_flex_attention(
     _common.check_disjoint(seq_axis=seq_axes, batch_axis=batch_axes, head_axis=head_axes)
     if not isinstance(load_balance, bool):
         raise TypeError(f"load_balance must be a bool, got {load_balance!r}")
-    _validation.check_qkv(query, key, value, enable_gqa)
+    _validation.check_qkv(query, key, value, enable_gqa, kv_batch_broadcast=True)
     _validation.check_scale(scale)
     score_mod = identity if score_mod is None else score_mod
     _validation.check_score_mod(score_mod)
@@ -153,6 +154,9 @@ def ring_flex_attention(
 
     b_spec, h_spec, s_spec = (_common.spec_entry(a) for a in (batch_axes, head_axes, seq_axes))
     qkv_spec = PartitionSpec(b_spec, h_spec, s_spec, None)
+    # Key and value of batch 1 (shared by every batch) are replicated over the batch axis, and the ring passes the
+    # one copy around: B times less traffic than keys and values repeated per batch.
+    kv_spec = qkv_spec if key.shape[0] == batch else PartitionSpec(None, h_spec, s_spec, None)
     lse_spec = PartitionSpec(b_spec, h_spec, s_spec)
     mask_b, mask_h = partial_blocks.shape[:2]
     map_spec = PartitionSpec(b_spec if mask_b > 1 else None, h_spec if mask_h > 1 else None, s_spec, None)
@@ -246,7 +250,7 @@ def ring_flex_attention(
             results = tuple(_from_zigzag(x, seq_axes, ring_size, device) for x in results)
         return results
 
-    in_specs = (qkv_spec, qkv_spec, qkv_spec, map_spec, map_spec)
+    in_specs = (qkv_spec, kv_spec, kv_spec, map_spec, map_spec)
     args = _common.place(mesh, (query, key, value, partial_blocks, full_blocks), in_specs)
     out_specs = (qkv_spec, lse_spec, lse_spec) if with_max_scores else (qkv_spec, lse_spec)
     # check_vma=False: see sharded_flex_attention.
