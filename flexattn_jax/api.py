@@ -205,20 +205,13 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
 
 
 def _broadcast_kv_batch(query, key, value):
-    """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B, arrays or
-    ``jax.ShapeDtypeStruct``. The kernels then read B copies; the gradient of the broadcast adds the batches' dK
-    and dV up. (pallas_triton takes them unbroadcast: its forward kernels read the one copy.)"""
+    """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B. The kernels
+    then read B copies; the gradient of the broadcast adds the batches' dK and dV up. (pallas_triton takes them
+    unbroadcast: its forward kernels read the one copy.)"""
     b = query.shape[0]
     if key.shape[0] == b:
         return key, value
-
-    def broadcast(x):
-        shape = (b, *x.shape[1:])
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(shape, x.dtype)
-        return jnp.broadcast_to(x, shape)
-
-    return broadcast(key), broadcast(value)
+    return tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in (key, value))
 
 
 def explain_implementation(
@@ -247,7 +240,6 @@ def explain_implementation(
     score_mod, block_mask, mask_mod, _, kernel_options = _prepare(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
-    key, value = _broadcast_kv_batch(query, key, value)
     choice = _choose(implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options)
     backward = _backward_of(choice, query, score_mod, mask_mod, block_mask, kernel_options)
     return choice._replace(backward=backward)
@@ -314,12 +306,10 @@ def flex_attention(
     def finish(*results):
         return attention_results(*results, return_lse=return_lse, return_aux=return_aux)
 
-    # The choice sees key and value as the kernels would (batch B); the arrays are broadcast below only where the
-    # chosen implementation needs B copies.
-    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (key, value)]
-    key_shape, value_shape = _broadcast_kv_batch(query, *shapes)
+    # The choice reads no batch size of key and value; they are broadcast only where the chosen implementation
+    # needs B copies.
     implementation = _choose(
-        implementation, interpret, query, key_shape, value_shape, score_mod, mask_mod, block_mask, kernel_options
+        implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
     if implementation != "pallas_triton":
         key, value = _broadcast_kv_batch(query, key, value)

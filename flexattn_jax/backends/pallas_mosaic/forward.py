@@ -220,12 +220,11 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     * at another b and h, so that an offset that depends on them (``ids[q_idx + h]``) is refused: the kernel reads
       one offset for every program;
     * with other values in the captured arrays (all 3s, a large value, a negative one; a ramp at two b and h).
-      An offset that changes with them (``ids[q_idx + start]``, ``start`` captured, as a query-block selection
-      at a traced index makes) is marked as known at run time (``offset`` None); one that also changes with b or
-      h there is refused.
+      A read whose kind changes with them is refused, as is an offset that changes with b or h there.
 
-    An offset computed from captured values at all (by the jaxpr, ``_indexed_by_captured_values``) is marked as
-    known at run time too, so that one the captured values change only where no probe looks is still read from the
+    An offset computed from captured values (``ids[q_idx + start]``, ``start`` captured, as a query-block selection
+    at a traced index makes), found from the jaxpr (``_indexed_by_captured_values``), is marked as known at run
+    time (``offset`` None), so that also one the captured values change only where no probe looks is read from the
     real values. (Tracing hoists a test of captured values alone, ``start == 7``, out of the mod as a captured
     value, which the probes fill; one written with q_idx, ``q_idx + start == q_idx + 7``, stays in it.) What no
     probe can see is a read that stops being q_idx plus an offset only at captured values none of them holds
@@ -281,11 +280,11 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
         if ramp != ramp_elsewhere:
             return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
                           "differently for each b or h; pallas_mosaic takes one offset for every b and h")
+        # Every offset the probes saw change is computed from captured values, so the jaxpr's answer covers theirs.
         from_captured = _indexed_by_captured_values(program)
     return tuple(
-        site if all(site == other[n] for other in (*filled, ramp)) and not (
-            site.kind in ("row", "column") and from_captured[n]) else dataclasses.replace(site, offset=None)
-        for n, site in enumerate(first)
+        dataclasses.replace(site, offset=None) if site.kind in ("row", "column") and captured else site
+        for site, captured in zip(first, from_captured)
     ), None
 
 
