@@ -37,6 +37,10 @@
 #                                             tests of every mod and the backward schedules (NOTES.md, sixteenth session)
 #   bash benchmarks/device_session.sh shared  key and value of batch 1 read without copies: their gpu tests, the Triton files'
 #   bash benchmarks/device_session.sh newrun  the same new gpu tests, then run 27's benchmark command
+#   bash benchmarks/device_session.sh pingpong the eighteenth session's gpu tests (batch-1 keys on the Mosaic forward,
+#                                             programs of many items), the Triton files', then NOTES.md section 37's
+#                                             sweep at B=8, S=2048 (the ping-pong per item or per program)
+#   bash benchmarks/device_session.sh pingpong2 section 37's sweeps at 8K, D=128 and D=64
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -334,6 +338,26 @@ case "${1:-}" in
     triton_files="tests/test_pallas_triton_forward.py tests/test_pallas_triton_backward.py tests/test_decode.py"
     timeout 200 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  pingpong)
+    # Key and value of batch 1 now read once by the Mosaic forward too (the default prefill test runs it), programs
+    # of several items under both ping-pong schedules; then the Triton files (as `shared`, not run since the
+    # seventeenth session's index map).
+    timeout 150 python3 -m pytest -m gpu tests/test_api.py tests/test_pallas_mosaic.py -k "batch_one or many_items" \
+      -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    triton_files="tests/test_pallas_triton_forward.py tests/test_pallas_triton_backward.py tests/test_decode.py"
+    timeout 200 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    echo "B=8 S=2048 D=128 forward" >> "$OUT/sweeps.md"
+    sweep 150 -B 8 -S 2048 --cases noop causal softcap \
+      --configs item_sync pingpong_per_program item_sync pingpong_per_program
+    ;;
+  pingpong2)
+    echo "8K D=128 forward" >> "$OUT/sweeps.md"
+    sweep 150 --cases noop causal softcap --configs item_sync pingpong_per_program item_sync pingpong_per_program
+    echo "8K D=64 forward" >> "$OUT/sweeps.md"
+    sweep 150 -D 64 --cases noop causal softcap --configs item_sync pingpong_per_program item_sync pingpong_per_program
     ;;
   newrun)
     # The sixteenth session's new gpu tests (as `offsets`), then run 27's command: the tree beside the anchors.

@@ -206,8 +206,8 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
 
 def _broadcast_kv_batch(query, key, value):
     """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B. The kernels
-    then read B copies; the gradient of the broadcast adds the batches' dK and dV up. (pallas_triton takes them
-    unbroadcast: its forward kernels read the one copy.)"""
+    then read B copies; the gradient of the broadcast adds the batches' dK and dV up. (The Pallas kernels take them
+    unbroadcast: their forward kernels read the one copy.)"""
     b = query.shape[0]
     if key.shape[0] == b:
         return key, value
@@ -311,7 +311,7 @@ def flex_attention(
     implementation = _choose(
         implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
-    if implementation != "pallas_triton":
+    if implementation not in ("pallas_mosaic", "pallas_triton"):
         key, value = _broadcast_kv_batch(query, key, value)
     if implementation in ("pallas_mosaic", "pallas_triton"):
         # Both kernels take the BlockMask as its index arrays.

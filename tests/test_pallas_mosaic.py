@@ -80,9 +80,9 @@ def test_every_supported_mod_lowers_for_cuda(case):
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
      (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4}),
-     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0})],
+     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0}), (128, jnp.bfloat16, {"mosaic_fwd_item_sync": 0})],
     ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
-         "int-indices"],
+         "int-indices", "pingpong-per-program"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -311,6 +311,33 @@ def test_gpu_forward_variants_match_reference(case, variant):
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
     _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=_FORWARD_VARIANTS[variant], grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("item_sync", [1, 0], ids=["item-sync", "pingpong-per-program"])
+@pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
+def test_gpu_programs_of_many_items_match_reference(case, item_sync):
+    # The persistent forward runs 2-3 work items per program here (17 query tiles x 8 heads x 2 batches over one
+    # program per SM), of walks of differing lengths, so the ping-pong either restarts at each item or carries
+    # across them (mosaic_fwd_item_sync); the tests above run one item per program.
+    B, Hq, Hkv, L, S = 2, 8, 2, 2100, 1900
+    q, k, v = random_qkv(10, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 10)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_item_sync": item_sync}, grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("item_sync", [1, 0], ids=["item-sync", "pingpong-per-program"])
+def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere(item_sync):
+    # Items of no key tile (the upper half's queries) between items that walk some: 0 meetings of the schedule
+    # barrier for the first, 2 per step for the others.
+    q, k, v = random_qkv(11, B=2, Hq=8, Hkv=8, L=2048, S=1024, E=64, Ev=64, dtype=jnp.bfloat16)
+
+    def some_rows_attend_nowhere(b, h, q_idx, kv_idx):
+        return ((q_idx // 128) % 3 != 1) & (kv_idx <= q_idx)
+
+    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, None, kernel_options={"mosaic_fwd_item_sync": item_sync},
+                    grads=False)
 
 
 @pytest.mark.gpu
@@ -656,6 +683,17 @@ def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None,
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
         lowered = jax.jit(jax.grad(loss, argnums=argnums)).trace(q, k, v, array).lower(lowering_platforms=("cuda",))
     return lowered.as_text()
+
+
+def test_key_and_value_of_batch_one_lower_for_cuda_without_copies():
+    """The forward reads key and value of batch 1 for every query batch (its copies index batch 0): the lowered
+    module takes them as they are and makes no [B, ...] copy; the gradient's does (the backward kernels take a copy
+    per batch)."""
+    q, _, _ = random_qkv(3, B=3, Hq=4, Hkv=2, L=256, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
+    _, k, v = random_qkv(4, B=1, Hq=4, Hkv=2, L=256, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
+    copy = r"broadcast_in_dim.*-> tensor<3x2x\d+x64xbf16>"
+    assert not re.search(copy, _lower_for_cuda(q, k, v, fa.causal_mask, None))
+    assert re.search(copy, _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None))
 
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"

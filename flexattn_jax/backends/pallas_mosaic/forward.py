@@ -81,6 +81,9 @@ class Config:
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
       float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
         float index tiles computed once per program (``IndexTiles``), not converted score by score.
+      item_sync: without ``overlap``, the two compute warpgroups' ping-pong restarts at every work item (warpgroup 1
+        waits for warpgroup 0's first Q K^T of the item); otherwise it is set up once per program and runs on
+        across items, so that each warpgroup's epilogue overlaps the other's softmax.
     """
 
     block_n: int
@@ -89,6 +92,7 @@ class Config:
     overlap: bool = False
     copy_warps: int = 1
     float_indices: bool = True
+    item_sync: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +369,7 @@ class _Plan:
 
     q_heads: int
     group: int  # query heads per key/value head
+    shared_kv: bool  # key and value of batch 1, read by every query batch
     mask_batch: int  # 1 (broadcast) or B
     mask_heads: int  # 1 (broadcast) or Hq
     q_tiles_per_row: int  # query tiles (of Q_TILE) per mask block row; 0 when the mask has a single row
@@ -381,6 +386,7 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
+    item_sync: bool
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -485,6 +491,7 @@ class _Item:
     def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs):
         self.q_tile, self.h, self.b = _item_coordinates(work, plan, num_q_tiles)
         self.kv_head = lax.div(self.h, jnp.int32(plan.group)) if plan.group > 1 else self.h
+        self.kv_batch = jnp.int32(0) if plan.shared_kv else self.b
         mb = self.b if plan.mask_batch > 1 else jnp.int32(0)
         mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
         row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
@@ -624,7 +631,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-                if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
+                # Ping-pong: warpgroup 1 starts one meeting of the schedule barrier behind warpgroup 0 (its first
+                # wait is met by warpgroup 0's first Q K^T), so that each one's softmax runs while the other's
+                # matmuls do; the overlapped walk hands turns over instead (see there).
+                if plan.item_sync and not plan.overlap:
                     pl.when(wg == 1)(schedule_barrier)
 
                 def probabilities(s, step, row_max, row_sum, *, partial, convert=True):
@@ -808,7 +818,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
                         )
                     acc, row_max, row_sum = carry
-                if not plan.overlap:
+                if plan.item_sync and not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
                 has_any = row_sum > 0
@@ -835,7 +845,16 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
             if plan.q_buffers == 2:
                 pl.when(num_items > 0)(lambda: fetch_queries(jnp.int32(0)))
+            # Without item_sync the ping-pong's offset is set once and carries across items: both warpgroups meet
+            # the schedule barrier twice per step of the same walks, so each item leaves the offset as it found it,
+            # and a warpgroup's epilogue (normalise, stage, store) runs beside the other's last softmax or first
+            # Q K^T rather than holding it at the next item's first meeting.
+            pingpong_per_program = not (plan.item_sync or plan.overlap)
+            if pingpong_per_program:
+                pl.when(wg == 1)(schedule_barrier)
             lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+            if pingpong_per_program:
+                pl.when(wg == 0)(schedule_barrier)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
@@ -845,8 +864,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             def run_item(i, base):
                 it = item(i)
                 return stream_key_values(
-                    k_ref, v_ref, (it.b, it.kv_head), k_smem, v_smem, (k_ready, v_ready), (k_consumed, v_consumed),
-                    walk=it.walk, base=base, stages=stages,
+                    k_ref, v_ref, (it.kv_batch, it.kv_head), k_smem, v_smem, (k_ready, v_ready),
+                    (k_consumed, v_consumed), walk=it.walk, base=base, stages=stages,
                 )
 
             in_copy_warps(lambda: lax.fori_loop(0, num_items, run_item, jnp.int32(0)), plan.copy_warps)
@@ -964,7 +983,7 @@ def flex_forward(
 
     Args:
       query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, E]: bfloat16 or float16, E a multiple of 64 up
-        to 256; Hq a multiple of Hkv.
+        to 256; Hq a multiple of Hkv. Key and value may have batch 1 (a cache every query batch reads, one copy).
       score_consts, mask_consts: the arrays hoisted for the mods (read at scalar indices only).
       kv_num_blocks [Bm, Hm, QB], kv_indices [Bm, Hm, QB, KVB] and the full pair (or None): the BlockMask. Its
         Q_BLOCK is a multiple of 128 and its KV_BLOCK of ``config.block_n``, unless it has one block on that axis.
@@ -1014,6 +1033,7 @@ def flex_forward(
     plan = _Plan(
         q_heads=q_heads,
         group=q_heads // kv_heads,
+        shared_kv=key.shape[0] == 1 < batch,
         mask_batch=kv_num_blocks.shape[0],
         mask_heads=kv_num_blocks.shape[1],
         q_tiles_per_row=0 if num_q_blocks == 1 else mask_q_block // Q_TILE,
@@ -1030,6 +1050,7 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=config.overlap,
+        item_sync=config.item_sync,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
