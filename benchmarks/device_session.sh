@@ -38,9 +38,7 @@
 #   bash benchmarks/device_session.sh shared  key and value of batch 1 read without copies: their gpu tests, the Triton files'
 #   bash benchmarks/device_session.sh newrun  the same new gpu tests, then run 27's benchmark command
 #   bash benchmarks/device_session.sh pingpong the eighteenth session's gpu tests (batch-1 keys on the Mosaic forward,
-#                                             programs of many items), the Triton files', then NOTES.md section 37's
-#                                             sweep at B=8, S=2048 (the ping-pong per item or per program)
-#   bash benchmarks/device_session.sh pingpong2 section 37's sweeps at 8K, D=128 and D=64
+#                                             programs of many items), the Triton files'
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -340,24 +338,16 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   pingpong)
-    # Key and value of batch 1 now read once by the Mosaic forward too (the default prefill test runs it), programs
-    # of several items under both ping-pong schedules; then the Triton files (as `shared`, not run since the
-    # seventeenth session's index map).
+    # Key and value of batch 1 now read once by the Mosaic forward too (the default prefill test runs it) and
+    # programs of several work items; then the Triton files (as `shared`). NOTES.md section 37: the call went on
+    # to sweep an option of the items' boundaries (mosaic_fwd_item_overlap, since taken out) at B=8, S=2048,
+    # then at 8K and D=64.
     timeout 150 python3 -m pytest -m gpu tests/test_api.py tests/test_pallas_mosaic.py -k "batch_one or many_items" \
       -n 8 -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     triton_files="tests/test_pallas_triton_forward.py tests/test_pallas_triton_backward.py tests/test_decode.py"
     timeout 200 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    echo "B=8 S=2048 D=128 forward" >> "$OUT/sweeps.md"
-    sweep 150 -B 8 -S 2048 --cases noop causal softcap \
-      --configs item_sync pingpong_per_program item_sync pingpong_per_program
-    ;;
-  pingpong2)
-    echo "8K D=128 forward" >> "$OUT/sweeps.md"
-    sweep 150 --cases noop causal softcap --configs item_sync pingpong_per_program item_sync pingpong_per_program
-    echo "8K D=64 forward" >> "$OUT/sweeps.md"
-    sweep 150 -D 64 --cases noop causal softcap --configs item_sync pingpong_per_program item_sync pingpong_per_program
     ;;
   newrun)
     # The sixteenth session's new gpu tests (as `offsets`), then run 27's command: the tree beside the anchors.
@@ -386,7 +376,8 @@ case "${1:-}" in
     #   NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_CASES="noop causal" \
     #     NCU_KERNELS="flex_attention|flash|fmha|cudnn|sdpa" bash ... ncu
     # (NCU_KERNELS is a regular expression over kernel names; "." also takes the input generation's kernels, which
-    # come first; NCU_LAUNCHES caps the launches profiled, 8 by default; NCU_MODE=fwdbwd runs the gradients too.)
+    # come first; NCU_LAUNCHES caps the launches profiled, 8 by default; NCU_MODE=fwdbwd runs the gradients too;
+    # NCU_B and NCU_S set the batch and the length, 2 and 8192 by default.)
     # The reports are reduced here to one text file and one SASS file per case, to stay within $OUT's limit; read
     # the SASS files back here with python -m benchmarks.ncu_sass ncu_<case>_sass.csv.gz.
     wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
@@ -396,7 +387,7 @@ case "${1:-}" in
         --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
         --section MemoryWorkloadAnalysis \
         --section SourceCounters --import-source no -o "/tmp/ncu_$case" -f \
-        python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" --calls 0 \
+        python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" -B "${NCU_B:-2}" -S "${NCU_S:-8192}" --calls 0 \
         --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" --mode "${NCU_MODE:-fwd}" 2>&1 | grep -v Warning | tail -4
       timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
         > "$OUT/ncu_$case.txt"

@@ -52,9 +52,6 @@ CONFIGS = {
     # NOTES.md section 36: the score_mod's index conversions from float index tiles (the default) or score by score
     "fwd_float_indices": dict(mosaic_fwd_float_indices=1),
     "fwd_int_indices": dict(mosaic_fwd_float_indices=0),
-    # NOTES.md section 37: the forward's ping-pong restarted at every work item, or set up once per program
-    "item_sync": dict(mosaic_fwd_item_sync=1),
-    "pingpong_per_program": dict(mosaic_fwd_item_sync=0),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

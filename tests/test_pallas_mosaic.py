@@ -80,9 +80,9 @@ def test_every_supported_mod_lowers_for_cuda(case):
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
      (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4}),
-     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0}), (128, jnp.bfloat16, {"mosaic_fwd_item_sync": 0})],
+     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0})],
     ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
-         "int-indices", "pingpong-per-program"],
+         "int-indices"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -314,30 +314,27 @@ def test_gpu_forward_variants_match_reference(case, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("item_sync", [1, 0], ids=["item-sync", "pingpong-per-program"])
 @pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
-def test_gpu_programs_of_many_items_match_reference(case, item_sync):
+def test_gpu_programs_of_many_items_match_reference(case):
     # The persistent forward runs 2-3 work items per program here (17 query tiles x 8 heads x 2 batches over one
-    # program per SM), of walks of differing lengths, so the ping-pong either restarts at each item or carries
-    # across them (mosaic_fwd_item_sync); the tests above run one item per program.
+    # program per SM), of walks of differing lengths: the key/value ring and the query buffers carry from one item
+    # to the next, and the ping-pong restarts at each. The tests above run one item per program.
     B, Hq, Hkv, L, S = 2, 8, 2, 2100, 1900
     q, k, v = random_qkv(10, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 10)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options={"mosaic_fwd_item_sync": item_sync}, grads=False)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, grads=False)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("item_sync", [1, 0], ids=["item-sync", "pingpong-per-program"])
-def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere(item_sync):
-    # Items of no key tile (the upper half's queries) between items that walk some: 0 meetings of the schedule
-    # barrier for the first, 2 per step for the others.
+def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
+    # Items of no key tile (every third query tile) between items that walk some: no step for the first, and
+    # their queries still fetched and their output still stored through the query buffers.
     q, k, v = random_qkv(11, B=2, Hq=8, Hkv=8, L=2048, S=1024, E=64, Ev=64, dtype=jnp.bfloat16)
 
     def some_rows_attend_nowhere(b, h, q_idx, kv_idx):
         return ((q_idx // 128) % 3 != 1) & (kv_idx <= q_idx)
 
-    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, None, kernel_options={"mosaic_fwd_item_sync": item_sync},
-                    grads=False)
+    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, None, grads=False)
 
 
 @pytest.mark.gpu

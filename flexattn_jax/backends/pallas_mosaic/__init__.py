@@ -34,9 +34,6 @@ scatter-add, which only the Triton dQ kernel has).
   kv_idx, their sum or difference (ALiBi's ``kv_idx - q_idx``) from index tiles converted once per program, one
   float add per score, instead of converting the integer tiles score by score (``forward.IndexTiles``; measured
   4-10% faster on ALiBi's forward, section 36);
-* ``mosaic_fwd_item_sync`` (1, the default, or 0): 1 restarts the forward's ping-pong of its two compute
-  warpgroups at every work item; 0 sets it up once per program, so that one warpgroup's epilogue overlaps the
-  other's softmax (section 37);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against.
 
@@ -76,7 +73,7 @@ OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
-    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_fwd_item_sync",
+    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -118,7 +115,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
-                   "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_fwd_item_sync") \
+                   "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
@@ -162,9 +159,8 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     overlap = bool(options.get("mosaic_fwd_overlap", 0))
     copy_warps = options.get("mosaic_fwd_copy_warps", 1)
     float_indices = bool(options.get("mosaic_fwd_float_indices", 1))
-    item_sync = bool(options.get("mosaic_fwd_item_sync", 1))
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
-                           copy_warps=copy_warps, float_indices=float_indices, item_sync=item_sync), ""
+                           copy_warps=copy_warps, float_indices=float_indices), ""
 
 
 def unsupported_reason(

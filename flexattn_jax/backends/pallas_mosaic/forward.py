@@ -81,9 +81,6 @@ class Config:
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
       float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
         float index tiles computed once per program (``IndexTiles``), not converted score by score.
-      item_sync: without ``overlap``, the two compute warpgroups' ping-pong restarts at every work item (warpgroup 1
-        waits for warpgroup 0's first Q K^T of the item); otherwise it is set up once per program and runs on
-        across items, so that each warpgroup's epilogue overlaps the other's softmax.
     """
 
     block_n: int
@@ -92,7 +89,6 @@ class Config:
     overlap: bool = False
     copy_warps: int = 1
     float_indices: bool = True
-    item_sync: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,7 +382,6 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
-    item_sync: bool
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -631,10 +626,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-                # Ping-pong: warpgroup 1 starts one meeting of the schedule barrier behind warpgroup 0 (its first
-                # wait is met by warpgroup 0's first Q K^T), so that each one's softmax runs while the other's
-                # matmuls do; the overlapped walk hands turns over instead (see there).
-                if plan.item_sync and not plan.overlap:
+                if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
                 def probabilities(s, step, row_max, row_sum, *, partial, convert=True):
@@ -818,7 +810,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
                         )
                     acc, row_max, row_sum = carry
-                if plan.item_sync and not plan.overlap:
+                if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
                 has_any = row_sum > 0
@@ -845,16 +837,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
             if plan.q_buffers == 2:
                 pl.when(num_items > 0)(lambda: fetch_queries(jnp.int32(0)))
-            # Without item_sync the ping-pong's offset is set once and carries across items: both warpgroups meet
-            # the schedule barrier twice per step of the same walks, so each item leaves the offset as it found it,
-            # and a warpgroup's epilogue (normalise, stage, store) runs beside the other's last softmax or first
-            # Q K^T rather than holding it at the next item's first meeting.
-            pingpong_per_program = not (plan.item_sync or plan.overlap)
-            if pingpong_per_program:
-                pl.when(wg == 1)(schedule_barrier)
             lax.fori_loop(0, num_items, run_item, jnp.int32(0))
-            if pingpong_per_program:
-                pl.when(wg == 0)(schedule_barrier)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
@@ -1050,7 +1033,6 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=config.overlap,
-        item_sync=config.item_sync,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
