@@ -503,11 +503,11 @@ def test_an_offset_from_captured_values_is_known_at_run_time():
     sites, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx + jnp.where(start > 300, 100, 0)] == ids[
         kv_idx]), 128)
     assert problem is None and sites[1].offset is None
-    # And one set at a single value, where no probe looks: the jaxpr says the captured start computes it.
-    at_seven = _program(lambda b, h, q_idx, kv_idx: ids[q_idx + jnp.where(q_idx + start == q_idx + 7, 100, 0)] == ids[
-        kv_idx])
-    sites, problem = analyze_reads(at_seven, 128)
-    assert problem is None and sites[1].offset is None and sites[2].offset == 0
+    # The offset may be any sum of constants and captured values.
+    sites, problem = analyze_reads(_program(lambda b, h, q_idx, kv_idx: ids[q_idx - (3 - 2 * start)] == ids[
+        kv_idx + start]), 128)
+    assert problem is None
+    assert [(s.kind, s.offset) for s in sites if s.kind != "whole"] == [("row", None), ("column", None)]
 
     @jax.jit
     def walked(start):
@@ -526,6 +526,30 @@ def test_an_offset_from_captured_values_is_known_at_run_time():
         want = ids[jnp.minimum(jnp.where(positions < 0, positions + 1000, positions), 999)]
         assert (rows == want).all(), start
         assert (columns == jnp.concatenate([ids, jnp.full(24, ids[-1])])).all()  # padded with the last entry
+
+
+def test_an_index_that_is_q_idx_plus_an_offset_only_at_the_probed_values_is_refused():
+    """The probes see a read at a few positions and a few captured values; the jaxpr shows whether the index is
+    q_idx (kv_idx) plus an offset of captured values and constants for every value. Each of these agrees with
+    q_idx plus an offset wherever the probes look, and the kernel would read the wrong rows elsewhere: when the
+    captured start is 7 (the first two), or at query 777 (the third)."""
+    from flexattn_jax.backends.pallas_mosaic.forward import analyze_reads
+
+    ids, start = jnp.arange(1000, dtype=jnp.int32) // 7, jnp.int32(0)
+    mods = {
+        "doubled at one start": lambda b, h, q_idx, kv_idx: ids[
+            jnp.where(q_idx + start == q_idx + 7, 2 * q_idx, q_idx)] == ids[kv_idx],
+        "shifted at one start": lambda b, h, q_idx, kv_idx: ids[
+            q_idx + jnp.where(q_idx + start == q_idx + 7, 100, 0)] == ids[kv_idx],
+        "moved at one query": lambda b, h, q_idx, kv_idx: ids[jnp.where(q_idx == 777, 0, q_idx)] == ids[kv_idx],
+    }
+    for name, mod in mods.items():
+        sites, problem = analyze_reads(_program(mod), 128)
+        assert sites is None and "plus an offset of constants and captured values" in problem, name
+        q, k, v = random_qkv(0, B=1, Hq=1, Hkv=1, L=1000, S=1000, E=64, Ev=64, dtype=jnp.bfloat16)
+        reason = pallas_mosaic.unsupported_reason(q, k, v, score_mod=fa.identity, mask_mod=mod, block_size=(128, 128),
+                                                  num_blocks=(8, 8), kernel_options=None)
+        assert "plus an offset of constants and captured values" in reason, name  # pallas_triton serves it
 
 
 def test_walked_consts_shift_as_jnp_indexes():
@@ -573,10 +597,9 @@ def _offset_mods(start):
         "behind and captured": (True, lambda s, b, h, q_idx, kv_idx: s + _OFFSET_BIAS[q_idx - 7] * _OFFSET_BIAS[
             kv_idx + start]),
         "past the end": (True, lambda s, b, h, q_idx, kv_idx: s - _OFFSET_BIAS[q_idx + 600]),
-        # An offset the captured start sets at one value only, where none of the analysis's probes looks (written
-        # with q_idx on both sides, so that tracing cannot hoist the comparison out of the mod as a captured value).
-        "captured, at one value": (False, lambda b, h, q_idx, kv_idx: _OFFSET_IDS[
-            b, q_idx + jnp.where(q_idx + start == q_idx + 45, 100, 0)] == _OFFSET_IDS[b, kv_idx]),
+        # Offsets summed from the captured start and constants, on both axes.
+        "captured sums": (False, lambda b, h, q_idx, kv_idx: _OFFSET_IDS[b, q_idx + 2 * start - 3] == _OFFSET_IDS[
+            b, kv_idx - start]),
     }
 
 

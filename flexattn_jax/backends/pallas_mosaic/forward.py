@@ -177,35 +177,133 @@ def _probe_tiles(program: ModProgram, q_start: int, kv_start: int) -> tuple[list
     return ([jnp.zeros(shape, jnp.float32)] if num_args == 5 else []), q_idx, kv_idx
 
 
-def _indexed_by_captured_values(program: ModProgram) -> list[bool]:
-    """For each read of a captured array, in the interpreter's order: whether its index is computed from captured
-    values (``ids[q_idx + start]``, ``start`` captured), read from the jaxpr of the indices as functions of the
-    captured arrays. An equation's outputs depend on everything its inputs depend on, so the answer may say yes
-    where the values cancel, never no where they count."""
+# Bits of what a value in a mod's index arithmetic is computed from (``_index_forms``).
+_FROM_CAPTURED, _FROM_TILE, _FROM_PROGRAM = 1, 2, 4  # captured arrays; q_idx or kv_idx; b or h
+# Equations that pass a value on unchanged but for its shape or integer type.
+_PASS_THROUGH = frozenset({"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy",
+                           "copy_p"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _IndexForm:
+    """How one read of a captured array indexes it, from the jaxpr of its indices.
+
+    captured: some index is computed from captured values.
+    components: per index, "free" (computed without q_idx and kv_idx), "q_idx" or "kv_idx" (that index plus
+      terms computed from constants and captured values alone), or "other".
+    """
+
+    captured: bool
+    components: tuple[str, ...]
+
+
+def _index_forms(program: ModProgram) -> list[_IndexForm]:
+    """For each read of a captured array, in the interpreter's order, its ``_IndexForm``: the jaxpr of the reads'
+    indices as functions of the captured arrays, b, h, q_idx and kv_idx, each index taken apart into a sum of
+    terms. An equation's outputs depend on everything its inputs depend on, so the answer may say "computed
+    from" where the values cancel, never not where they count; and an index is "q_idx" only where it is q_idx plus
+    an offset for every value of the captured arrays, not only those the probes of ``analyze_reads`` hold."""
     score, q_idx, kv_idx = _probe_tiles(program, _FAR, _FAR)
     index_lengths = []
 
-    def indices(consts):
+    def indices(consts, b, h, q_idx, kv_idx):
         found = []
 
         def load(const, ref, index):
-            index_lengths.append(0 if index is None else len(index))
+            index_lengths.append(None if index is None else len(index))
             if index is None:
                 return ref[...]
             found.extend(jnp.asarray(i) for i in index)
             return ref[tuple(index)]
 
-        program(consts, *score, jnp.int32(0), jnp.int32(0), q_idx, kv_idx, load=load, clamp_reads=False)
+        program(consts, *score, b, h, q_idx, kv_idx, load=load, clamp_reads=False)
         return found
 
     avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in program.const_avals]
-    jaxpr = jax.make_jaxpr(indices)(avals).jaxpr
-    captured = set(jaxpr.invars)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    jaxpr = jax.make_jaxpr(indices)(avals, scalar, scalar, q_idx, kv_idx).jaxpr
+    *const_vars, b_var, h_var, q_var, kv_var = jaxpr.invars
+    sources = {v: _FROM_CAPTURED for v in const_vars}
+    sources.update({b_var: _FROM_PROGRAM, h_var: _FROM_PROGRAM, q_var: _FROM_TILE, kv_var: _FROM_TILE})
+    producers = {}
     for eqn in jaxpr.eqns:
-        if any(isinstance(v, jex_core.Var) and v in captured for v in eqn.invars):
-            captured.update(eqn.outvars)
-    outputs = iter(isinstance(v, jex_core.Var) and v in captured for v in jaxpr.outvars)
-    return [any([next(outputs) for _ in range(n)]) for n in index_lengths]
+        found = 0
+        for v in eqn.invars:
+            if isinstance(v, jex_core.Var):
+                found |= sources.get(v, 0)
+        for out in eqn.outvars:
+            sources[out] = found
+            producers[out] = eqn
+
+    def source(v):
+        return sources.get(v, 0) if isinstance(v, jex_core.Var) else 0
+
+    def is_literal(v, value=None):
+        return isinstance(v, jex_core.Literal) and (value is None or v.val == value)
+
+    def terms(v, sign: int) -> list | None:
+        """v as a sum of signed terms: ("q_idx" or "kv_idx", sign) or ("offset", sources), or None."""
+        if not source(v) & _FROM_TILE:
+            return [("offset", source(v))]
+        if v is q_var or v is kv_var:
+            return [("q_idx" if v is q_var else "kv_idx", sign)]
+        eqn = producers.get(v)
+        if eqn is None:
+            return None
+        name, args = eqn.primitive.name, eqn.invars
+        if name in _PASS_THROUGH:
+            return terms(args[0], sign)
+        if name == "neg":
+            return terms(args[0], -sign)
+        if name in ("add", "sub"):
+            first, second = terms(args[0], sign), terms(args[1], sign if name == "add" else -sign)
+            return None if first is None or second is None else first + second
+        if name == "select_n" and len(args) == 3:
+            # jnp's indexing counts a negative index from the end: select_n(x < 0, x, x + size). The kernel's
+            # shifted copies follow it (``walked_consts``), so the index is x's.
+            x = args[1]
+            test, wrapped = (producers.get(a) if isinstance(a, jex_core.Var) else None for a in (args[0], args[2]))
+            if (
+                test is not None and test.primitive.name == "lt" and test.invars[0] is x
+                and is_literal(test.invars[1], 0)
+                and wrapped is not None and wrapped.primitive.name == "add" and wrapped.invars[0] is x
+                and is_literal(wrapped.invars[1])
+            ):
+                return terms(x, sign)
+        return None
+
+    def component(v) -> str:
+        if not source(v) & _FROM_TILE:
+            return "free"
+        found = terms(v, 1)
+        if found is None:
+            return "other"
+        walked = [term for term in found if term[0] != "offset"]
+        offsets_ok = all(not (term[1] & _FROM_PROGRAM) for term in found if term[0] == "offset")
+        if len(walked) == 1 and walked[0][1] == 1 and offsets_ok:
+            return walked[0][0]
+        return "other"
+
+    outputs = iter(jaxpr.outvars)
+    forms = []
+    for n in index_lengths:
+        index = [next(outputs) for _ in range(n or 0)]
+        forms.append(_IndexForm(any(source(v) & _FROM_CAPTURED for v in index), tuple(component(v) for v in index)))
+    return forms
+
+
+def _form_problem(site, form: _IndexForm) -> str | None:
+    """What the jaxpr shows wrong with a read the probes classified as ``site``, or None."""
+    if not isinstance(site, ReadSite) or site.kind == "whole":
+        return None
+    walked = {"row": "q_idx", "column": "kv_idx"}.get(site.kind)
+    wanted = tuple(walked if walked is not None and d == site.axis else "free" for d in range(len(form.components)))
+    if form.components == wanted:
+        return None
+    return (
+        f"indexes the captured array {site.const} with a function of q_idx or kv_idx other than q_idx or kv_idx plus "
+        "an offset of constants and captured values (it is one for the values probed, not for every value)"
+    )
 
 
 def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
@@ -222,13 +320,13 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     * with other values in the captured arrays (all 3s, a large value, a negative one; a ramp at two b and h).
       A read whose kind changes with them is refused, as is an offset that changes with b or h there.
 
-    An offset computed from captured values (``ids[q_idx + start]``, ``start`` captured, as a query-block selection
-    at a traced index makes), found from the jaxpr (``_indexed_by_captured_values``), is marked as known at run
-    time (``offset`` None), so that also one the captured values change only where no probe looks is read from the
-    real values. (Tracing hoists a test of captured values alone, ``start == 7``, out of the mod as a captured
-    value, which the probes fill; one written with q_idx, ``q_idx + start == q_idx + 7``, stays in it.) What no
-    probe can see is a read that stops being q_idx plus an offset only at captured values none of them holds
-    (``ids[jnp.where(q_idx + start == q_idx + 7, 2 * q_idx, q_idx)]``).
+    The probes see a few positions and a few values; the jaxpr of the indices (``_index_forms``) must then show
+    each row (column) read's index to be q_idx (kv_idx) plus a sum of constants and captured values, for every
+    position and value, and every other index free of q_idx and kv_idx. So a read that is q_idx plus an offset
+    only where the probes look is refused: ``ids[jnp.where(q_idx == 777, 0, q_idx)]``, or
+    ``ids[jnp.where(q_idx + start == q_idx + 7, 2 * q_idx, q_idx)]`` with ``start`` captured. An offset computed
+    from captured values (``ids[q_idx + start]``, as a query-block selection at a traced index makes) is marked as
+    known at run time (``offset`` None), and ``walked_consts`` takes it from the real values.
     """
     if not program.num_consts:
         return (), None
@@ -281,10 +379,13 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
             return None, ("reads a captured array at an offset from q_idx or kv_idx that other captured values give "
                           "differently for each b or h; pallas_mosaic takes one offset for every b and h")
         # Every offset the probes saw change is computed from captured values, so the jaxpr's answer covers theirs.
-        from_captured = _indexed_by_captured_values(program)
+        forms = _index_forms(program)
+    problem = next(filter(None, map(_form_problem, first, forms)), None)
+    if problem is not None:
+        return None, problem
     return tuple(
-        dataclasses.replace(site, offset=None) if site.kind in ("row", "column") and captured else site
-        for site, captured in zip(first, from_captured)
+        dataclasses.replace(site, offset=None) if site.kind in ("row", "column") and form.captured else site
+        for site, form in zip(first, forms)
     ), None
 
 
