@@ -552,6 +552,26 @@ def test_an_index_that_is_q_idx_plus_an_offset_only_at_the_probed_values_is_refu
         assert "plus an offset of constants and captured values" in reason, name  # pallas_triton serves it
 
 
+def test_read_analyses_are_kept_by_program_text(monkeypatch):
+    """Outside jit every call traces the mods again: the same mod traced twice is probed once, and a mod that
+    differs in a literal (an offset) is probed for itself."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    probed = []
+    analyze = forward._analyze_reads
+    monkeypatch.setattr(forward, "_analyze_reads",
+                        lambda program, block_n: probed.append(1) or analyze(program, block_n))
+    monkeypatch.setattr(forward, "_ANALYSES", {})
+    ids = jnp.arange(1000, dtype=jnp.int32) // 7
+
+    def shifted(offset):
+        return lambda b, h, q_idx, kv_idx: ids[q_idx + offset] == ids[kv_idx]
+
+    first, again, other = (forward.analyze_reads(_program(shifted(n)), 128) for n in (256, 256, 257))
+    assert first == again and first[0][0].offset == 256 and other[0][0].offset == 257
+    assert len(probed) == 2
+
+
 def test_walked_consts_shift_as_jnp_indexes():
     """Each shifted copy's entry i is what the mod itself reads at q_idx = i (or kv_idx = i): negative positions
     count from the end, positions past either end are clamped."""

@@ -327,7 +327,27 @@ def analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ..
     ``ids[jnp.where(q_idx + start == q_idx + 7, 2 * q_idx, q_idx)]`` with ``start`` captured. An offset computed
     from captured values (``ids[q_idx + start]``, as a query-block selection at a traced index makes) is marked as
     known at run time (``offset`` None), and ``walked_consts`` takes it from the real values.
+
+    The answer depends on the program alone (the probes fill the captured arrays themselves), and is kept by the
+    program's text: outside ``jit`` every call of ``flex_attention`` traces the mods again, and the probes cost
+    tens of milliseconds of host time.
     """
+    key = (str(program.jaxpr), program.num_consts, program.const_avals, program.exact_indices, block_n)
+    answer = _ANALYSES.get(key)
+    if answer is None:
+        answer = _analyze_reads(program, block_n)
+        if len(_ANALYSES) >= _MAX_ANALYSES:
+            _ANALYSES.pop(next(iter(_ANALYSES)))
+        _ANALYSES[key] = answer
+    return answer
+
+
+_ANALYSES: dict[tuple, tuple] = {}  # analyze_reads's answers by program text, oldest first
+_MAX_ANALYSES = 256
+
+
+def _analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
+
     if not program.num_consts:
         return (), None
 
