@@ -234,7 +234,10 @@ class BlockMask:
     """The block-sparse structure of an attention mask, as index arrays kernels walk.
 
     A pytree: the eight arrays are its leaves, ``seq_lengths``, ``BLOCK_SIZE`` and ``mask_mod`` its static data, so
-    it can be passed into and returned from ``jax.jit``; new contents of the same shapes do not recompile.
+    it can be passed into and returned from ``jax.jit``; new contents of the same shapes and the same ``mask_mod``
+    object do not recompile. A mask built afresh for each batch has a new ``mask_mod`` (a closure over that batch's
+    document ids), and ``jit`` traces again for each: build such a mask inside the jitted step, from the ids passed
+    in as an argument (``create_block_mask`` works under ``jit``), as the attention layers do.
 
     Shapes use B and H (each the inputs' batch and query-head count, or 1 to broadcast), QB = ceil(Q_LEN / Q_BLOCK)
     and KVB = ceil(KV_LEN / KV_BLOCK).

@@ -478,6 +478,28 @@ def test_create_block_mask_under_jit():
     np.testing.assert_array_equal(np.asarray(bm.full_kv_indices), np.asarray(eager.full_kv_indices))
 
 
+def test_a_mask_per_batch_built_inside_the_step_traces_it_once():
+    """The idiom for a mask that changes with every batch (BlockMask's docstring): the step takes the document ids
+    and builds the BlockMask itself, so new ids of the same shape run the compiled step again (a BlockMask built
+    outside would bring a new mask_mod, static data, each time)."""
+    traces = []
+    q = jax.random.normal(jax.random.key(0), (2, 2, 96, 16))
+
+    @jax.jit
+    def step(q, ids):
+        traces.append(1)
+        block_mask = fa.create_block_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), 2, None, 96, 96,
+                                          BLOCK_SIZE=32)
+        return fa.flex_attention(q, q, q, block_mask=block_mask)
+
+    for seed in range(3):
+        ids = jnp.sort(jax.random.randint(jax.random.key(seed), (2, 96), 0, 4), axis=-1)
+        mask = fa.create_mask(fa.and_masks(fa.causal_mask, fa.document_mask(ids)), 2, None, 96, 96)
+        scores = jnp.where(mask, jnp.einsum("bhqd,bhkd->bhqk", q, q) / 4.0, -jnp.inf)
+        assert_close(step(q, ids), jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), q), jnp.float32)
+    assert len(traces) == 1
+
+
 def test_create_block_mask_under_jit_is_a_constant_unless_the_mask_reads_a_traced_value():
     ids_outside = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 25)
     kinds = {}
