@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+# Pallas registers a tracing-context option when this module is first imported, which would otherwise happen
+# inside the first kernel call: every jit traced before that call would then miss its cache once, the eager
+# calls' kept functions among them.
+import jax.experimental.pallas.fuser  # noqa: F401
+import numpy as np
 
 from flexattn_jax import _validation
 from flexattn_jax.backends import pallas_mosaic, pallas_triton, reference
@@ -214,6 +221,67 @@ def _broadcast_kv_batch(query, key, value):
     return tuple(jnp.broadcast_to(x, (b, *x.shape[1:])) for x in (key, value))
 
 
+# Outside any trace (an eager call), flex_attention runs a Pallas implementation through a jit function kept here,
+# so that calls alike compile the kernels once rather than at every call. Keyed by what the call's result depends
+# on besides the arrays passed: each mod's jaxpr text and the contents of the arrays it closes over (they are
+# compiled in as constants), and the static arguments. Oldest first; a mod whose captured arrays change at every
+# call gets a new entry each time, and compiles each time, as it would without the cache. Each entry holds its
+# mods' constants, so a call whose two mods close over more than _MAX_EAGER_CONST_BYTES is not kept: at most 64 MiB
+# in all.
+_EAGER_CALLS: dict[tuple, Callable] = {}
+_MAX_EAGER_CALLS = 16
+_MAX_EAGER_CONST_BYTES = 4 << 20
+
+
+def _mod_key(mod: Callable, num_args: int):
+    """What a mod computes, as a hashable value: its jaxpr for scalar arguments and the shape, dtype and bytes of
+    each array it closes over; None where it closes over a traced array or cannot be traced for scalars alone."""
+    scalars = [jax.ShapeDtypeStruct((), jnp.float32)] * (num_args - 4) + [jax.ShapeDtypeStruct((), jnp.int32)] * 4
+    try:
+        closed = jax.make_jaxpr(mod)(*scalars)
+    except Exception:  # noqa: BLE001 - such a mod runs as before, traced at every call
+        return None
+    if any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+        return None
+    if sum(getattr(c, "nbytes", 0) for c in closed.consts) > _MAX_EAGER_CONST_BYTES // 2:
+        return None
+    consts = []
+    for c in closed.consts:
+        host = np.asarray(c)
+        consts.append((host.shape, str(host.dtype), hashlib.blake2b(host.tobytes(), digest_size=16).digest()))
+    return str(closed.jaxpr), tuple(consts)
+
+
+def _compiled_for_eager_call(query, key, value, block_mask: BlockMask, *, score_mod, mask_mod, kernel_options,
+                             **static) -> Callable | None:
+    """For a call outside any trace, the kept jit function that runs it on (query, key, value, the BlockMask
+    without its mask_mod); None inside a trace, or where the arguments give no key."""
+    if any(isinstance(x, jax.core.Tracer) for x in (query, key, value, *jax.tree.leaves(block_mask))):
+        return None
+    score_key, mask_key = _mod_key(score_mod, 5), _mod_key(mask_mod, 4)
+    try:
+        options = tuple(sorted((kernel_options or {}).items()))
+        call_key = (score_key, mask_key, options, tuple(sorted(static.items())))
+        hash(call_key)
+    except TypeError:
+        return None
+    if score_key is None or mask_key is None:
+        return None
+    compiled = _EAGER_CALLS.get(call_key)
+    if compiled is None:
+
+        def call(query, key, value, block_mask):
+            block_mask = dataclasses.replace(block_mask, mask_mod=mask_mod)
+            return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                  kernel_options=kernel_options, **static)
+
+        compiled = jax.jit(call)
+        if len(_EAGER_CALLS) >= _MAX_EAGER_CALLS:
+            _EAGER_CALLS.pop(next(iter(_EAGER_CALLS)))
+        _EAGER_CALLS[call_key] = compiled
+    return compiled
+
+
 def explain_implementation(
     query: jax.Array,
     key: jax.Array,
@@ -282,6 +350,10 @@ def flex_attention(
       return_aux: an ``AuxRequest`` naming the auxiliary outputs to return (lse, max_scores), as PyTorch's
         ``return_aux``; not together with ``return_lse``.
 
+    Under ``jax.jit`` the kernels compile with the step. Called outside any trace, a Pallas implementation compiles
+    its kernels once for each set of mods (their jaxprs and the contents of the arrays they close over) and of
+    static arguments, and calls alike reuse them.
+
     Returns:
       out [B, Hq, L, Ev] in the query's dtype, and with ``return_lse`` also lse [B, Hq, L] float32 (natural log;
       -inf for a query that attends nowhere, whose output is 0). With ``return_aux``, ``(out, AuxOutput)`` whose
@@ -311,6 +383,14 @@ def flex_attention(
     implementation = _choose(
         implementation, interpret, query, key, value, score_mod, mask_mod, block_mask, kernel_options
     ).implementation
+    if implementation in ("pallas_mosaic", "pallas_triton"):
+        compiled = _compiled_for_eager_call(
+            query, key, value, block_mask, score_mod=score_mod, mask_mod=mask_mod, scale=float(scale),
+            enable_gqa=enable_gqa, return_lse=return_lse, implementation=implementation, interpret=interpret,
+            kernel_options=kernel_options, return_aux=return_aux,
+        )
+        if compiled is not None:
+            return compiled(query, key, value, dataclasses.replace(block_mask, mask_mod=None))
     if implementation not in ("pallas_mosaic", "pallas_triton"):
         key, value = _broadcast_kv_batch(query, key, value)
     if implementation in ("pallas_mosaic", "pallas_triton"):

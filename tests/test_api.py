@@ -335,3 +335,33 @@ def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L, implementation
     for name, g, w in zip("qkv", got, want):
         assert g.shape == w.shape
         assert_close(g, w, jnp.bfloat16, f"d{name}")
+
+
+def test_eager_calls_alike_compile_the_kernels_once(monkeypatch):
+    """Outside any trace a Pallas implementation runs through a kept jit function, keyed by the mods' jaxprs and
+    the contents of the arrays they close over: mods built afresh with the same contents reuse it (the kernels are
+    traced once), and a changed array gives a new result, never the old one."""
+    from flexattn_jax import api
+
+    traced = []
+    attention = api.pallas_triton.attention
+    monkeypatch.setattr(api.pallas_triton, "attention", lambda *a, **k: traced.append(1) or attention(*a, **k))
+    monkeypatch.setattr(api, "_EAGER_CALLS", {})
+    q, k, v = random_qkv(0, B=1, Hq=2, Hkv=2, L=64, S=80, E=16, Ev=16, dtype=jnp.float32)
+    ids = jnp.repeat(jnp.arange(4), 20)
+    block_mask = fa.create_block_mask(fa.document_mask(ids), None, None, 64, 80, BLOCK_SIZE=16)
+
+    def run(bias, implementation="pallas_triton"):
+        return fa.flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[h] * (kv_idx - q_idx).astype(jnp.float32),
+                                 block_mask=block_mask, return_lse=True, implementation=implementation,
+                                 interpret=implementation == "pallas_triton")
+
+    for bias in (jnp.array([0.1, -0.2]), jnp.array([0.1, -0.2]), jnp.array([0.3, 0.0])):
+        out, lse = run(bias)
+        want_out, want_lse = run(bias, "reference")
+        assert_close(out, want_out, jnp.float32)
+        assert_close(lse, want_lse, jnp.float32)
+    assert len(traced) == 2  # the second bias has the first's contents
+    # Inside a trace the call is traced as before.
+    jax.jit(lambda q: fa.flex_attention(q, k, v, implementation="pallas_triton", interpret=True))(q)
+    assert len(traced) == 3
