@@ -259,13 +259,13 @@ def _compiled_for_eager_call(query, key, value, block_mask: BlockMask, *, score_
     if any(isinstance(x, jax.core.Tracer) for x in (query, key, value, *jax.tree.leaves(block_mask))):
         return None
     score_key, mask_key = _mod_key(score_mod, 5), _mod_key(mask_mod, 4)
+    if score_key is None or mask_key is None:
+        return None
     try:
         options = tuple(sorted((kernel_options or {}).items()))
         call_key = (score_key, mask_key, options, tuple(sorted(static.items())))
         hash(call_key)
     except TypeError:
-        return None
-    if score_key is None or mask_key is None:
         return None
     compiled = _EAGER_CALLS.get(call_key)
     if compiled is None:
@@ -391,10 +391,8 @@ def flex_attention(
         )
         if compiled is not None:
             return compiled(query, key, value, dataclasses.replace(block_mask, mask_mod=None))
-    if implementation not in ("pallas_mosaic", "pallas_triton"):
-        key, value = _broadcast_kv_batch(query, key, value)
-    if implementation in ("pallas_mosaic", "pallas_triton"):
-        # Both kernels take the BlockMask as its index arrays.
+        # Both kernels take the BlockMask as its index arrays, and key and value of batch 1 as they are (their
+        # forward kernels read the one copy).
         kernel_args = dict(
             score_mod=score_mod,
             mask_mod=mask_mod,
@@ -413,8 +411,8 @@ def flex_attention(
         )
         if implementation == "pallas_mosaic":
             return finish(*pallas_mosaic.attention(query, key, value, **kernel_args))
-        # pallas_triton takes key and value of batch 1 as they are: its forward kernels read the one copy.
         return finish(*pallas_triton.attention(query, key, value, interpret=interpret, **kernel_args))
+    key, value = _broadcast_kv_batch(query, key, value)
     partial_blocks, full_blocks = block_mask.block_maps()
     return finish(*reference.attention(
         query,

@@ -180,8 +180,7 @@ def _probe_tiles(program: ModProgram, q_start: int, kv_start: int) -> tuple[list
 # Bits of what a value in a mod's index arithmetic is computed from (``_index_forms``).
 _FROM_CAPTURED, _FROM_TILE, _FROM_PROGRAM = 1, 2, 4  # captured arrays; q_idx or kv_idx; b or h
 # Equations that pass a value on unchanged but for its shape or integer type.
-_PASS_THROUGH = frozenset({"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy",
-                           "copy_p"})
+_PASS_THROUGH = frozenset({"convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "copy"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +346,7 @@ _MAX_ANALYSES = 256
 
 
 def _analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, ...] | None, str | None]:
-
+    """``analyze_reads``'s answer, computed."""
     if not program.num_consts:
         return (), None
 
