@@ -377,7 +377,8 @@ case "${1:-}" in
     #     NCU_KERNELS="flex_attention|flash|fmha|cudnn|sdpa" bash ... ncu
     # (NCU_KERNELS is a regular expression over kernel names; "." also takes the input generation's kernels, which
     # come first; NCU_LAUNCHES caps the launches profiled, 8 by default; NCU_MODE=fwdbwd runs the gradients too;
-    # NCU_B and NCU_S set the batch and the length, 2 and 8192 by default.)
+    # NCU_B and NCU_S set the batch and the length, 2 and 8192 by default; NCU_TAG prefixes the files' case names,
+    # so that one call can profile one case at two shapes.)
     # The reports are reduced here to one text file and one SASS file per case, to stay within $OUT's limit; read
     # the SASS files back here with python -m benchmarks.ncu_sass ncu_<case>_sass.csv.gz.
     wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
@@ -386,14 +387,14 @@ case "${1:-}" in
         --launch-count "${NCU_LAUNCHES:-8}" --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
         --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
         --section MemoryWorkloadAnalysis \
-        --section SourceCounters --import-source no -o "/tmp/ncu_$case" -f \
+        --section SourceCounters --import-source no -o "/tmp/ncu_${NCU_TAG:-}$case" -f \
         python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" -B "${NCU_B:-2}" -S "${NCU_S:-8192}" --calls 0 \
         --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" --mode "${NCU_MODE:-fwd}" 2>&1 | grep -v Warning | tail -4
-      timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
-        > "$OUT/ncu_$case.txt"
-      head -40 "$OUT/ncu_$case.txt"
-      timeout 60 ncu --import "/tmp/ncu_$case.ncu-rep" --page source --print-source sass --csv 2>&1 \
-        | gzip > "$OUT/ncu_${case}_sass.csv.gz"
+      timeout 60 ncu --import "/tmp/ncu_${NCU_TAG:-}$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
+        > "$OUT/ncu_${NCU_TAG:-}$case.txt"
+      head -40 "$OUT/ncu_${NCU_TAG:-}$case.txt"
+      timeout 60 ncu --import "/tmp/ncu_${NCU_TAG:-}$case.ncu-rep" --page source --print-source sass --csv 2>&1 \
+        | gzip > "$OUT/ncu_${NCU_TAG:-}${case}_sass.csv.gz"
     done
     ;;
   *)

@@ -1,6 +1,7 @@
 """What each kernel's SASS did, from the per-instruction counters that ``device_session.sh ncu`` brings back.
 
     python -m benchmarks.ncu_sass ncu_noop_sass.csv.gz [--kernel flex] [--top 12]
+    python -m benchmarks.ncu_sass ncu_s2048_noop_sass.csv.gz --against ncu_s8k_noop_sass.csv.gz
 
 The input is ``ncu --import REPORT --page source --print-source sass --csv`` (gzipped or not): for each profiled
 kernel a "Kernel Name" line, a header, and one row per instruction with how often it executed and the warp-stall
@@ -14,6 +15,13 @@ samples taken on it, by reason. Per kernel this prints (NOTES.md sections 29 and
 
 Stall-sample totals depend on the sampling interval, which Nsight Compute picks per kernel: compare shares of
 samples between kernels, and instruction counts in absolute terms.
+
+``--against`` compares one kernel's code (the same SASS, instruction by instruction) profiled at two shapes
+(NOTES.md section 38): the other profile's samples are scaled by the ratio of the hottest loops' counts, the work
+done, and the instructions listed are those whose samples differ most, with their execution counts, so that the
+time one shape spends beyond the other's, per unit of work, is placed on instructions (the loop, a per-item
+prologue, the memory warp's waits). Both profiles must use the same sampling interval (their samples per
+microsecond of the kernel's duration agree).
 """
 
 from __future__ import annotations
@@ -119,18 +127,51 @@ def report(name: str, instructions: list[Instruction], top: int) -> str:
     return "\n".join(lines)
 
 
+def compare(instructions: list[Instruction], other: list[Instruction], top: int) -> str:
+    """The instructions whose stall samples differ most between two profiles of the same code, the second scaled
+    to the first's work (its hottest loop's count)."""
+    # Branch targets are absolute addresses, which differ from one load of the code to the next: compare opcodes.
+    if [i.opcode for i in instructions] != [i.opcode for i in other]:
+        raise SystemExit("--against: the two kernels' SASS differ; they are not the same code")
+    scale = loop_count(instructions) / loop_count(other)
+    rows = []
+    for mine, theirs in zip(instructions, other):
+        samples, expected = sum(mine.stalls.values()), scale * sum(theirs.stalls.values())
+        rows.append((samples - expected, samples, expected, mine))
+    total, expected_total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines = [f"samples {total}, the other's scaled by {scale:.4f}: {expected_total:.0f} "
+             f"({100 * (total / expected_total - 1):+.1f}%)",
+             "excess  samples  scaled  executed  reasons (here)  instruction"]
+    for excess, samples, expected, instruction in sorted(rows, key=lambda r: -abs(r[0]))[:top]:
+        reasons = ",".join(f"{k} {v}" for k, v in collections.Counter(instruction.stalls).most_common(2) if v)
+        lines.append(f"{excess:+7.0f} {samples:8d} {expected:7.0f} {instruction.executed:9d}  {reasons:28s} "
+                     f"{instruction.source[:60]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="a SASS CSV from ncu --page source --csv, .gz or not")
     parser.add_argument("--kernel", default="", help="only kernels whose name matches this regular expression")
-    parser.add_argument("--top", type=int, default=12, help="opcodes listed")
+    parser.add_argument("--top", type=int, default=12, help="opcodes (or, with --against, instructions) listed")
+    parser.add_argument("--against", default=None, help="a second SASS CSV of the same kernel at another shape")
     args = parser.parse_args()
-    opener = gzip.open if args.path.endswith(".gz") else open
-    with opener(args.path, "rt") as f:
-        kernels = read(f.read())
+    kernels = _read_file(args.path)
+    others = _read_file(args.against) if args.against else {}
     for name, instructions in kernels.items():
-        if re.search(args.kernel, name):
+        if not re.search(args.kernel, name):
+            continue
+        if args.against:
+            if name in others:
+                print(f"## {name}\n\n{compare(instructions, others[name], args.top)}", end="\n\n")
+        else:
             print(report(name, instructions, args.top), end="\n\n")
+
+
+def _read_file(path: str) -> dict[str, list[Instruction]]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return read(f.read())
 
 
 if __name__ == "__main__":
