@@ -39,6 +39,8 @@
 #   bash benchmarks/device_session.sh newrun  the same new gpu tests, then run 27's benchmark command
 #   bash benchmarks/device_session.sh pingpong the eighteenth session's gpu tests (batch-1 keys on the Mosaic forward,
 #                                             programs of many items), the Triton files'
+#   bash benchmarks/device_session.sh kvloop  NOTES.md section 39: the Mosaic backward's dK/dV programs adding up the query
+#                                             batches of key and value of batch 1: gpu tests, then timed against the broadcast
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -366,6 +368,13 @@ case "${1:-}" in
     timeout 250 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "not ($new)" -n 8 -p no:benchmark -v -rf \
       --tb=short >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  kvloop)
+    timeout 170 python3 -m pytest -m gpu tests/test_pallas_mosaic.py tests/test_api.py -k "batch_one" -n 8 \
+      -p no:benchmark -v -rf --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    timeout 120 python3 -m benchmarks.shared_kv 2>&1 | grep -E "^\||rror" | tee "$OUT/shared_kv.md"
+    timeout 80 python3 -m benchmarks.shared_kv -S 8192 -B 2 2>&1 | grep -E "^\||rror" | tee -a "$OUT/shared_kv.md"
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -214,7 +214,7 @@ def _prepare(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel
 def _broadcast_kv_batch(query, key, value):
     """Key and value of batch size 1 shared by a query batch of B, as PyTorch allows: broadcast to B. The kernels
     then read B copies; the gradient of the broadcast adds the batches' dK and dV up. (The Pallas kernels take them
-    unbroadcast: their forward kernels read the one copy.)"""
+    unbroadcast: their forward kernels read the one copy, and so may pallas_mosaic's backward.)"""
     b = query.shape[0]
     if key.shape[0] == b:
         return key, value
@@ -392,7 +392,7 @@ def flex_attention(
         if compiled is not None:
             return compiled(query, key, value, dataclasses.replace(block_mask, mask_mod=None))
         # Both kernels take the BlockMask as its index arrays, and key and value of batch 1 as they are (their
-        # forward kernels read the one copy).
+        # forward kernels read the one copy; pallas_mosaic's backward too where its dK/dV programs fill the GPU).
         kernel_args = dict(
             score_mod=score_mod,
             mask_mod=mask_mod,

@@ -725,15 +725,44 @@ def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None,
     return lowered.as_text()
 
 
-def test_key_and_value_of_batch_one_lower_for_cuda_without_copies():
+@pytest.mark.parametrize("fuse_dq", [0, 1])
+def test_key_and_value_of_batch_one_lower_for_cuda_without_copies(fuse_dq):
     """The forward reads key and value of batch 1 for every query batch (its copies index batch 0): the lowered
-    module takes them as they are and makes no [B, ...] copy; the gradient's does (the backward kernels take a copy
-    per batch)."""
+    module takes them as they are and makes no [B, ...] copy. So does the gradient's where each dK/dV program adds
+    up every query batch (``mosaic_bwd_kv_batch_loop`` 1, the default where those programs fill the GPU), with dK
+    and dV of batch 1 straight from the kernel; with 0 (the default at this size: 4 programs) it broadcasts and
+    sums."""
     q, _, _ = random_qkv(3, B=3, Hq=4, Hkv=2, L=256, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
     _, k, v = random_qkv(4, B=1, Hq=4, Hkv=2, L=256, S=200, E=64, Ev=64, dtype=jnp.bfloat16)
     copy = r"broadcast_in_dim.*-> tensor<3x2x\d+x64xbf16>"
     assert not re.search(copy, _lower_for_cuda(q, k, v, fa.causal_mask, None))
-    assert re.search(copy, _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None))
+    for loop in (None, 0, 1):
+        options = {"mosaic_bwd_fuse_dq": fuse_dq}
+        if loop is not None:
+            options["mosaic_bwd_kv_batch_loop"] = loop
+        text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, kernel_options=options)
+        assert "mosaic_gpu" in text and _TRITON_CALL not in text
+        assert bool(re.search(copy, text)) == (loop != 1), loop
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("score_mod", [None, fa.tanh_softcap(30.0)], ids=["no-score-mod", "softcap"])
+@pytest.mark.parametrize("fuse_dq", [0, 1])
+@pytest.mark.parametrize("Hkv", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("loop", [0, 1])
+def test_gpu_key_and_value_of_batch_one_gradients_match_reference(loop, Hkv, fuse_dq, score_mod):
+    """dK and dV of key and value shared by three query batches, each with its own mask, with GQA or not, at
+    lengths no tile divides: added up in each dK/dV program (``mosaic_bwd_kv_batch_loop`` 1) or broadcast and
+    summed (0)."""
+    B, Hq, L, S = 3, 4, 300, 450
+    q, _, _ = random_qkv(21, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    _, k, v = random_qkv(22, B=1, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # batch b sees 100 b more keys
+        return kv_idx <= q_idx + 100 * b
+
+    _compare_on_gpu(q, k, v, mask_mod, score_mod,
+                    kernel_options={"mosaic_bwd_kv_batch_loop": loop, "mosaic_bwd_fuse_dq": fuse_dq})
 
 
 _TRITON_CALL = "__gpu$xla.gpu.triton"

@@ -35,7 +35,11 @@ scatter-add, which only the Triton dQ kernel has).
   float add per score, instead of converting the integer tiles score by score (``forward.IndexTiles``; measured
   4-10% faster on ALiBi's forward, section 36);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
-  varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against.
+  varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
+* ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
+  least the GPU's SMs): where key and value have batch 1, 1 has each dK/dV program add up every query batch's
+  contribution, reading key and value once, with no per-batch copy of them or of their gradients; 0 broadcasts
+  them to the query batch (B times the programs) and adds the per-batch gradients up.
 
 The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
@@ -73,7 +77,7 @@ OPTION_KEYS = (
     "mosaic_block_n", "mosaic_num_stages", "mosaic_fwd_overlap", "mosaic_fwd_q_buffers",
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
-    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices",
+    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -115,7 +119,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         if key in ("mosaic_num_stages", "mosaic_bwd_num_stages") and not 2 <= value <= _MAX_STAGES:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
-                   "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices") \
+                   "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
@@ -293,7 +297,9 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
                             overlap=options.get("mosaic_bwd_overlap"),
                             auto_barriers=None if "mosaic_bwd_auto_barriers" not in options
                             else bool(options["mosaic_bwd_auto_barriers"]),
-                            heads_inner=bool(options.get("mosaic_bwd_heads_inner", 0)))
+                            heads_inner=bool(options.get("mosaic_bwd_heads_inner", 0)),
+                            kv_batch_loop=None if "mosaic_bwd_kv_batch_loop" not in options
+                            else bool(options["mosaic_bwd_kv_batch_loop"]))
 
 
 def dq_path(kernel_options: Mapping[str, Any] | None, head_dim: int, q_len: int, key_tiles: float | None) -> str:

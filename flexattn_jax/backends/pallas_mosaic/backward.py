@@ -19,6 +19,10 @@ shared-memory slots, two compute warpgroups multiply with wgmma.
   (Q, dO, lse, delta resident) and walks its key blocks (``kv_num_blocks`` / ``kv_indices`` and the full pair); the
   memory warpgroup streams K and V tiles of 64 keys. S = Q K^T and dP = dO V^T, then dQ += dS K.
 
+Key and value of batch 1, shared by every query batch (``Config.kv_batch_loop``): a dK/dV program walks its key
+block's query blocks in every query batch in turn, as it does the query heads of a GQA group, and writes dK and dV
+of batch 1; the dQ kernel's copies read batch 0. Neither key and value nor their gradients are copied per batch.
+
 The mods run on whole [64, 64] index tiles, transposed in the dK/dV kernel (q_idx along the columns). A score_mod is
 a function of each score alone, so its derivative is one forward-mode pass of JAX autodiff over the traced mod (a
 tangent of ones), multiplied into P before the wgmmas that produce dP: dS = (P dm/ds) (dP - delta). Arrays the mods close over are read as in the forward
@@ -82,7 +86,10 @@ class Config:
     ``heads_inner``: the launch order of the programs. False (the default): the tiles of one head are consecutive,
     so that the programs running at once share that head's streamed tiles in L2; True: the batch and the heads vary
     fastest, each program running at once on a different head (the earlier order, kept to measure against:
-    benchmarks/NOTES.md section 34)."""
+    benchmarks/NOTES.md section 34);
+    ``kv_batch_loop``: where key and value have batch 1 (shared by the query batches), True has each dK/dV program
+    add up every query batch's contribution, reading key and value once; False broadcasts them to the query batch
+    and adds the per-batch gradients up; None, the first where the dK/dV programs fill the GPU (``flex_backward``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
@@ -90,6 +97,7 @@ class Config:
     overlap: int | None = None
     auto_barriers: bool | None = None
     heads_inner: bool = False
+    kv_batch_loop: bool | None = None
 
 
 def derivative_is_one(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> bool:
@@ -133,6 +141,9 @@ class _Plan:
     """Static facts of one backward launch."""
 
     group: int  # query heads per key/value head
+    # Query batches whose gradients one dK/dV program adds up: the query batch size where key and value have batch
+    # 1 and are read once (``flex_backward``), else 1 (the program's batch is the grid's).
+    batches_per_kv: int
     mask_batch: int
     mask_heads: int
     q_block: int  # queries per mask block (the padded length when the mask has one row of blocks)
@@ -249,20 +260,26 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
     stages, dtype = plan.num_stages, plan.dtype
     head_dim = q_ref.shape[-1]
     dq_chunks = head_dim // DQ_COLUMNS  # column chunks of a step's dQ, one per warpgroup (or one for both)
-    kv_tile, kv_head, b = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
-    mb = b if plan.mask_batch > 1 else jnp.int32(0)
+    kv_tile, kv_head, kv_b = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
     kv_row = lax.div(kv_tile * PROGRAM_ROWS, jnp.int32(plan.kv_block))
 
-    def head(g):
+    def head(j):
+        """The j-th (query batch, query head) whose gradients this program adds up, and its walk."""
+        g = lax.rem(j, jnp.int32(plan.group)) if plan.group > 1 else jnp.int32(0)
+        b = lax.div(j, jnp.int32(plan.group)) if plan.batches_per_kv > 1 else kv_b
         h = kv_head * plan.group + g
+        mb = b if plan.mask_batch > 1 else jnp.int32(0)
         mh = h if plan.mask_heads > 1 else jnp.int32(0)
-        return h, _forward.BlockWalk(list_refs, mb, mh, kv_row, block=plan.q_block, tile=TILE, has_full=plan.has_full)
+        walk = _forward.BlockWalk(list_refs, mb, mh, kv_row, block=plan.q_block, tile=TILE, has_full=plan.has_full)
+        return b, h, walk
 
     def over_heads(fn, carry):
-        """fn(h, lists, carry) for each query head of the group; a group of one is no loop."""
-        if plan.group == 1:
+        """fn(b, h, lists, carry) for each query head of the group (in each query batch, where key and value are
+        shared by them); a single one is no loop."""
+        count = plan.group * plan.batches_per_kv
+        if count == 1:
             return fn(*head(jnp.int32(0)), carry)
-        return lax.fori_loop(0, plan.group, lambda g, c: fn(*head(g), c), carry)
+        return lax.fori_loop(0, count, lambda j, c: fn(*head(j), c), carry)
 
     def body(resident, ring, resident_ready, ready, consumed, fused):
         k_all, v_all = resident
@@ -278,12 +295,12 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
             k_own, v_own = k_all.at[own], v_all.at[own]
             kv_base = kv_tile * PROGRAM_ROWS + wg * TILE
             rows = pl.ds(kv_base, TILE)
-            _copy_resident((k_ref, v_ref), (k_own, v_own), (b, kv_head, rows), resident_ready, wg)
+            _copy_resident((k_ref, v_ref), (k_own, v_own), (kv_b, kv_head, rows), resident_ready, wg)
             wgmma_layout = plgpu.Layout.WGMMA
             zeros_tile = plgpu.layout_cast(jnp.full((TILE, TILE), 0.0, jnp.float32), wgmma_layout)
             column = plgpu.Layout.WGMMA.reduce(0)
 
-            def for_head(h, lists, carry):
+            def for_head(b, h, lists, carry):
                 dk, dv, base = carry
 
                 def step_fn(step, carry, *, masked: bool):
@@ -390,15 +407,15 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
             k_own[...] = (dk * jnp.float32(plan.scale)).astype(dtype)
             v_own[...] = dv.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, kv_head, rows])
-            plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, kv_head, rows])
+            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[kv_b, kv_head, rows])
+            plgpu.copy_smem_to_gmem(v_own, dv_ref.at[kv_b, kv_head, rows])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
         def _memory():
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-            def for_head(h, lists, base):
+            def for_head(b, h, lists, base):
                 @pl.loop(0, lists.num_steps)
                 def _(step):
                     count = base + step
@@ -488,6 +505,7 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
     head_dim = q_ref.shape[-1]
     q_tile, h, b = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
     kv_head = lax.div(h, jnp.int32(plan.group)) if plan.group > 1 else h
+    kv_b = jnp.int32(0) if plan.batches_per_kv > 1 else b  # key and value of batch 1, read by every query batch
     mb = b if plan.mask_batch > 1 else jnp.int32(0)
     mh = h if plan.mask_heads > 1 else jnp.int32(0)
     q_row = lax.div(q_tile * PROGRAM_ROWS, jnp.int32(plan.q_block))
@@ -572,7 +590,7 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
             plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
             _forward.in_copy_warps(
                 lambda: _forward.stream_key_values(
-                    k_ref, v_ref, (b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None,
+                    k_ref, v_ref, (kv_b, kv_head), k_ring, v_ring, ready, consumed, walk=lists(), base=None,
                     stages=stages,
                 ),
                 plan.copy_warps,
@@ -619,7 +637,12 @@ def flex_backward(
 
     Args:
       q [B, Hq, L, E], k [B, Hkv, S, E], v [B, Hkv, S, E], d_out [B, Hq, L, E]: bfloat16 or float16, E in
-        ``HEAD_DIMS``; Hq a multiple of Hkv.
+        ``HEAD_DIMS``; Hq a multiple of Hkv. Key and value may have batch 1, shared by every query batch: their
+        gradients are then the sums over the query batches (of batch 1 too). Where their dK/dV programs (key
+        tiles times key/value heads) fill the GPU, each program adds up every query batch's contribution, and
+        neither key and value nor their gradients are copied per batch; where they do not, key and value are
+        broadcast to B and the per-batch gradients added up, so that the B times more programs keep the GPU
+        busy.
       lse2 [B, Hq, L] float32: the forward's lse in base 2, +inf where a row attends nowhere.
       delta [B, Hq, L] float32: rowsum(dO * O) - dlse.
       kv_lists, q_lists: the BlockMask's kv-side and q-side lists (``pallas_triton.backward.BlockLists``). Its
@@ -633,6 +656,17 @@ def flex_backward(
     num_q_blocks, num_kv_blocks = kv_lists.indices.shape[-2:]
     q_padded, q_block = _padded(q_len, mask_block_size[0], num_q_blocks)
     kv_padded, kv_block = _padded(kv_len, mask_block_size[1], num_kv_blocks)
+    kv_batch_loop = config.kv_batch_loop
+    if kv_batch_loop is None:
+        kv_batch_loop = kv_heads * (kv_padded // PROGRAM_ROWS) >= _forward.num_sms()
+    if k.shape[0] != batch and not kv_batch_loop:
+        k, v = (jnp.broadcast_to(x, (batch, *x.shape[1:])) for x in (k, v))
+        dq, dk, dv = flex_backward(
+            q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_mod=score_mod, score_consts=score_consts,
+            mask_mod=mask_mod, mask_consts=mask_consts, mask_block_size=mask_block_size, scale=scale, config=config,
+        )
+        return dq, *(jnp.sum(x, axis=0, keepdims=True, dtype=jnp.float32).astype(x.dtype) for x in (dk, dv))
+    kv_batch = k.shape[0]
     assert q_block % PROGRAM_ROWS == 0 and kv_block % PROGRAM_ROWS == 0, (mask_block_size, q_len, kv_len)
     score_sites, problem = _forward.analyze_reads(score_mod, TILE)
     assert problem is None, problem
@@ -648,6 +682,7 @@ def flex_backward(
     mask_consts, mask_sites = _forward.walked_consts(mask_mod, mask_consts, mask_sites, q_padded, kv_padded)
     plan = _Plan(
         group=q_heads // kv_heads,
+        batches_per_kv=batch // kv_batch,
         mask_batch=kv_lists.num.shape[0],
         mask_heads=kv_lists.num.shape[1],
         q_block=q_block,
@@ -680,7 +715,7 @@ def flex_backward(
     consts = (*score_consts, *mask_consts)
     common = dict(num_threads=COMPUTE_WARPGROUPS + 1, thread_name="wg")
 
-    def launch(tiles: int, heads: int, tile_name: str) -> dict:
+    def launch(tiles: int, heads: int, tile_name: str, batch: int = batch) -> dict:
         """The grid: Pallas runs its last axis fastest. With the tiles last, the programs in flight at once are
         those of one or a few heads, and each tile they stream (Q, dO or K, V, and the dQ rows) is read from DRAM
         once and then from L2; with the batch last, each is a different head's and every program streams its own."""
@@ -693,7 +728,7 @@ def flex_backward(
         functools.partial(_dkdv_kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_lists=len(q_side),
                           fuse_dq=config.fuse_dq),
         out_type=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        **launch(kv_padded // PROGRAM_ROWS, kv_heads, "kv"),
+        **launch(kv_padded // PROGRAM_ROWS, kv_heads, "kv", kv_batch),
         kernel_name="flex_attention_dkdv_mosaic",  # what profilers list it as
         compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
         **common,

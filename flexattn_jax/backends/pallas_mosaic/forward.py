@@ -1001,7 +1001,7 @@ def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_b
     return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
     """Streaming multiprocessors of the GPU (one persistent program each); an H100's 132 when lowering without one."""
     try:
         device = jax.devices()[0]
@@ -1165,7 +1165,7 @@ def flex_forward(
     if has_full:
         inputs += [full_kv_num_blocks.astype(jnp.int32), full_kv_indices.astype(jnp.int32)]
     inputs += [*score_consts, *mask_consts]
-    num_programs = min(num_q_tiles * q_heads * batch, _num_sms())
+    num_programs = min(num_q_tiles * q_heads * batch, num_sms())
     kernel = functools.partial(
         _kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles, num_programs=num_programs
     )

@@ -49,7 +49,7 @@ class BackwardKernels(Protocol):
     def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
                  mask_consts):
         """(dq, dk, dv) in the inputs' dtypes, from unpadded arrays; ``lse2`` and ``delta`` as ``_backward``
-        computes them."""
+        computes them. Key and value may have batch 1 (shared by every query batch), and dk, dv then too."""
 
 
 @jax.tree_util.register_static
@@ -117,10 +117,11 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
 
 def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None = None):
     """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted); on ``kernels`` when
-    given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, are given to
-    the kernels once per batch, and their gradients are the sums over the batches."""
+    given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, go to
+    ``kernels`` as they are; the Triton kernels take them once per batch, and their gradients are the sums over the
+    batches."""
     q, k, v, *rest = residuals
-    if k.shape[0] == q.shape[0]:
+    if k.shape[0] == q.shape[0] or (kernels is not None and not any(wanted)):
         return _backward_per_batch(plan, programs, residuals, cotangents, wanted, kernels)
     k, v = (jnp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
     dq, dk, dv, grads = _backward_per_batch(plan, programs, (q, k, v, *rest), cotangents, wanted, kernels)
@@ -128,7 +129,7 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
 
 
 def _backward_per_batch(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None):
-    """``_backward`` with key and value of the query's batch size."""
+    """``_backward`` with key and value of the query's batch size (or of batch 1, for ``kernels``)."""
     q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists = residuals
     d_out, d_lse = cotangents
     f32 = jnp.float32
