@@ -274,19 +274,23 @@ def test_key_and_value_of_batch_one_are_shared_by_every_query_batch(implementati
         fa.flex_attention(q, jnp.repeat(k, 2, axis=0), jnp.repeat(v, 2, axis=0), enable_gqa=True)
 
 
+@pytest.mark.parametrize("Hkv", [2, 4], ids=["gqa", "mha"])
+@pytest.mark.parametrize("kv_batch_loop", [0, 1])
 @pytest.mark.parametrize("L", [1, 40], ids=["decode", "prefill"])
-def test_key_and_value_of_batch_one_are_read_without_copies(L):
+def test_key_and_value_of_batch_one_are_read_without_copies(L, kv_batch_loop, Hkv):
     """B query batches over one shared cache, decoding (one query each, the decode kernel) or prefilling: the
-    pallas_triton forward kernels read key and value of batch 1, with no copy per batch, and match the reference,
+    pallas_triton forward kernels read key and value of batch 1, with no copy per batch, and so do its backward
+    kernels with ``bwd_kv_batch_loop`` (each dK/dV program adds up every query batch); all match the reference,
     gradients included."""
-    B, Hq, Hkv, S = 3, 4, 2, 96
+    B, Hq, S = 3, 4, 96
     q = jax.random.normal(jax.random.key(0), (B, Hq, L, 16))
     k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 16)) for i in (1, 2))
     lengths = jnp.array([10, 96, 50], jnp.int32)
     bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lengths[b] - q_idx, B, None, L, S,
                               BLOCK_SIZE=(L if L == 1 else 16, 32))
     run = functools.partial(fa.flex_attention, block_mask=bm, score_mod=fa.rel_bias, enable_gqa=True,
-                            implementation="pallas_triton", interpret=True)
+                            implementation="pallas_triton", interpret=True,
+                            kernel_options={"bwd_kv_batch_loop": kv_batch_loop})
 
     def copies(jaxpr):  # the equations that make a [B, ...] array of the keys or values
         found = []
@@ -297,6 +301,8 @@ def test_key_and_value_of_batch_one_are_read_without_copies(L):
         return found
 
     assert copies(jax.make_jaxpr(run)(q, k, v).jaxpr) == []
+    gradient = jax.grad(lambda q, k, v: jnp.sum(run(q, k, v)), argnums=(0, 1, 2))
+    assert (copies(jax.make_jaxpr(gradient)(q, k, v).jaxpr) == []) == bool(kv_batch_loop)
 
     def loss(implementation, q, k, v):
         out = run(q, k, v) if implementation else fa.flex_attention(

@@ -493,6 +493,33 @@ def test_backward_lowers_to_triton_for_cuda(which):
     assert _grad_lowered_for_cuda(loss, *args, table).count("__gpu$xla.gpu.triton") == 3
 
 
+@pytest.mark.parametrize("Hkv", [2, 4], ids=["gqa", "mha"])
+def test_key_and_value_of_batch_one_lower_for_cuda_with_the_batch_loop(Hkv):
+    """With ``bwd_kv_batch_loop`` the dK/dV kernel takes key and value of batch 1 and the whole query batch, and
+    dQ's kernel reads batch 0: the gradient lowers to three Triton calls and makes no [B, ...] copy of either."""
+    B, Hq, L, S, D = 3, 4, 256, 384, 64
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Hq, L, D), jnp.bfloat16), sd((1, Hkv, S, D), jnp.bfloat16), sd((1, Hkv, S, D), jnp.bfloat16))
+    block_mask = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 64 * b, B, None, L, S)
+
+    def loss(q, k, v):
+        out, _ = _kernel_attention(q, k, v, fa.tanh_softcap(30.0), block_mask, D**-0.5,
+                                   kernel_options={"bwd_kv_batch_loop": 1})
+        return jnp.sum(out.astype(jnp.float32))
+
+    text = _grad_lowered_for_cuda(loss, *args)
+    assert text.count("__gpu$xla.gpu.triton") == 3
+    copy = rf"stablehlo\.broadcast_in_dim [^\n]*tensor<1x{Hkv}x\d+x{D}xbf16>\) -> tensor<{B}x{Hkv}x"
+    assert not re.search(copy, text)
+
+    # Without the loop the backward does copy them (the check above could fail).
+    def loss_broadcast(q, k, v):
+        out, _ = _kernel_attention(q, k, v, fa.tanh_softcap(30.0), block_mask, D**-0.5)
+        return jnp.sum(out.astype(jnp.float32))
+
+    assert re.search(copy, _grad_lowered_for_cuda(loss_broadcast, *args))
+
+
 def test_custom_derivative_rules_lower_for_cuda():
     """A score_mod's jax.custom_jvp and custom_vjp rules, applied inside the backward kernels, lower to Triton."""
     from tests.test_captures import _halved_gradient, _straight_through_clip

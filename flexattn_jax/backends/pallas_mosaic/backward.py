@@ -279,7 +279,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
         count = plan.group * plan.batches_per_kv
         if count == 1:
             return fn(*head(jnp.int32(0)), carry)
-        return lax.fori_loop(0, count, lambda j, c: fn(*head(j), c), carry)
+        return lax.fori_loop(jnp.int32(0), jnp.int32(count), lambda j, c: fn(*head(j), c), carry)
 
     def body(resident, ring, resident_ready, ready, consumed, fused):
         k_all, v_all = resident

@@ -20,7 +20,9 @@ exactly one program and need no atomics:
   its key block: the partial ones (``q_num_blocks`` / ``q_indices``, mask_mod applied) and the full ones
   (``full_q_num_blocks`` / ``full_q_indices``, no mask_mod). It works on the transposed tile, S^T = K Q^T [BN, BM]
   with q_idx [1, BM] and kv_idx [BN, 1] (the mods are traced for that layout), so that P^T and dS^T are the left
-  operands of dV += P^T dO and dK += dS^T Q as they come out of their dots.
+  operands of dV += P^T dO and dK += dS^T Q as they come out of their dots. Key and value of batch 1 shared by
+  the query batches (``BackwardConfig.kv_batch_loop``): the program walks every query batch's blocks too, and
+  the grid has one batch.
 * **dQ**, gridded over (query tile, query head, batch), walks the key blocks of its query block
   (``kv_num_blocks`` / ``kv_indices`` and the full pair) and adds the gradients of the arrays the score_mod closes
   over (a learned bias table, learned ALiBi slopes) into float32 buffers with ``jax.ref.addupdate``, an atomic add on
@@ -74,7 +76,10 @@ __all__ = [
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 # bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
 # kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
-BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages")
+# bwd_kv_batch_loop (0, the default, or 1): key and value of batch 1, shared by the query batches, read once by a
+# dK/dV program that adds up every query batch (1), or broadcast to the query batch first (0).
+BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages",
+                 "bwd_kv_batch_loop")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +91,8 @@ class BackwardConfig:
       block_m2, block_n2: query and key tiles of the dQ kernel (it owns a query tile and walks key tiles).
       num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
       dq_num_warps, dq_num_stages: those of the dQ kernel.
+      kv_batch_loop: key and value of batch 1 are given to the kernels as they are, each dK/dV program adding up
+        every query batch's contribution (``dkdv``), instead of broadcast to the query batch.
     """
 
     block_m1: int
@@ -96,6 +103,7 @@ class BackwardConfig:
     num_stages: int
     dq_num_warps: int
     dq_num_stages: int
+    kv_batch_loop: bool = False
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
@@ -140,6 +148,8 @@ def check_backward_options(kernel_options: Mapping[str, Any] | None) -> dict[str
             raise ValueError(f"kernel_options has an unknown backward key {key!r}; the backward reads {BACKWARD_KEYS}")
         kind = "tile" if key in _TILE_KEYS else key.removeprefix("bwd_").removeprefix("dq_")
         config_lib.check_option_value(key, value, kind=kind)
+        if key == "bwd_kv_batch_loop" and value not in (0, 1):
+            raise ValueError(f"kernel_options['bwd_kv_batch_loop'] must be 0 or 1, got {value}")
         options[key] = value
     return options
 
@@ -191,6 +201,7 @@ def backward_config(
         num_stages=options.get("bwd_num_stages", default.num_stages),
         dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
         dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
+        kv_batch_loop=bool(options.get("bwd_kv_batch_loop", 0)),
     )
 
 
@@ -386,7 +397,10 @@ def _split_refs(refs, counts: Sequence[int]):
 # --------------------------------------------------------------------------------------------- dK and dV
 
 
-def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool, mask_per_head: bool, counts):
+def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, batches: int, mask_batch: int, has_full: bool,
+                 mask_per_head: bool, counts):
+    """One key tile's dK and dV, added up over the query heads of its group and, where key and value have batch 1
+    and ``batches`` > 1, over every query batch (the query-side blocks then hold the whole batch)."""
     score, mask = mods_static
     (q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref), lists, score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(
         refs, counts
@@ -398,23 +412,29 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
     k = k_ref[...]
     v = v_ref[...]
 
-    def for_head(g, carry):
-        h = kv_head * group + g
+    def for_head(j, carry):
+        g = lax.rem(j, jnp.int32(group)) if group > 1 else jnp.int32(0)
         row = g if mask_per_head else 0
+        if batches > 1:  # one program for every query batch: the blocks hold them all
+            qb = lax.div(j, jnp.int32(group))
+            lead, row = (qb, g), (qb if mask_batch > 1 else 0, row)
+        else:
+            qb, lead, row = b, (g,), (row,)
+        h = kv_head * group + g
 
         def visit(masked):
             def body(q_start, carry):
                 dk, dv = carry
                 rows = pl.ds(q_start, bm)
-                q = q_ref[g, rows, :]
-                d_out = do_ref[g, rows, :]
+                q = q_ref[(*lead, rows, slice(None))]
+                d_out = do_ref[(*lead, rows, slice(None))]
                 # The tile transposed, S^T = K Q^T [BN, BM], so that P^T and dS^T, the left operands of dV and
                 # dK, come out of their dots as they are (a register tile as the left operand of a transposed
                 # dot would be re-laid out through shared memory at every step).
                 q_idx, kv_idx = _tile.index_tiles(kv_start, q_start, bn, bm)[::-1]
                 p_t, ds_t = _score_gradient_tile(
-                    _dot(k, q, 1, 1), _dot(v, d_out, 1, 1), lse2_ref[g, rows][None, :],
-                    delta_ref[g, rows][None, :], b, h, q_idx, kv_idx, score=score, score_refs=score_refs,
+                    _dot(k, q, 1, 1), _dot(v, d_out, 1, 1), lse2_ref[(*lead, rows)][None, :],
+                    delta_ref[(*lead, rows)][None, :], qb, h, q_idx, kv_idx, score=score, score_refs=score_refs,
                     mask=mask, mask_refs=mask_refs, masked=masked, tiling=tiling, score_grad_refs=None,
                 )
                 ds_t = ds_t.astype(q.dtype)
@@ -424,16 +444,17 @@ def _dkdv_kernel(*refs, mods_static, tiling: Tiling, group: int, has_full: bool,
 
             return body
 
-        carry = _walk(lists[0], lists[1], (row, kv_block), tiling.q_block, bm, visit(True), carry)
+        carry = _walk(lists[0], lists[1], (*row, kv_block), tiling.q_block, bm, visit(True), carry)
         if has_full:
-            carry = _walk(lists[2], lists[3], (row, kv_block), tiling.q_block, bm, visit(False), carry)
+            carry = _walk(lists[2], lists[3], (*row, kv_block), tiling.q_block, bm, visit(False), carry)
         return carry
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    if group == 1:
-        dk, dv = for_head(0, carry)
+    if group * batches == 1:
+        dk, dv = for_head(jnp.int32(0), carry)
     else:
-        dk, dv = lax.fori_loop(0, group, for_head, carry)
+        # int32 bounds: an int32 index under jax_enable_x64 too.
+        dk, dv = lax.fori_loop(jnp.int32(0), jnp.int32(group * batches), for_head, carry)
     dk_ref[...] = (dk * tiling.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -443,36 +464,41 @@ def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: T
 
     Args:
       q: [B, Hq, Lp, E]; k: [B, Hkv, Sp, E]; v: [B, Hkv, Sp, Ev]; d_out: [B, Hq, Lp, Ev]. Lp and Sp are whole
-        numbers of walked blocks, E and Ev powers of two.
+        numbers of walked blocks, E and Ev powers of two. Key and value may have batch 1 (shared by the query
+        batches): each program then adds up every query batch's contribution, and dK and dV have batch 1.
       lse2: [B, Hq, Lp] float32, the forward's lse in base 2 (lse * LOG2_E), +inf where a row attends nowhere.
       delta: [B, Hq, Lp] float32, rowsum(dO * O) - dlse.
       q_lists: the q-side block lists (``q_num_blocks`` ... ``full_q_indices``).
       mods: the mods traced for [block_m, block_n] tiles.
     """
     batch, q_heads, q_padded, e = q.shape
-    kv_heads, kv_padded, ev = k.shape[1], k.shape[2], v.shape[3]
+    kv_batch, kv_heads, kv_padded, ev = k.shape[0], k.shape[1], k.shape[2], v.shape[3]
     group = q_heads // kv_heads
+    batches = batch // kv_batch  # query batches per program: B where key and value are shared, else 1
     mask_batch, mask_heads = q_lists.num.shape[:2]
     mask_per_head = mask_heads > 1
     mask_group = group if mask_per_head else 1
     bn = tiling.block_n
+    # Where a program adds up every query batch, the query-side blocks take the whole batch (block index 0).
+    q_lead = None if batches == 1 else batch
+    list_lead = None if batches == 1 else mask_batch
 
     def list_index(b, hk, *rest):
-        return (b if mask_batch > 1 else 0, hk if mask_per_head else 0, *rest)
+        return (b if mask_batch > 1 and batches == 1 else 0, hk if mask_per_head else 0, *rest)
 
-    num_spec = pl.BlockSpec((None, mask_group, q_lists.num.shape[2]), lambda j, hk, b: list_index(b, hk, 0))
+    num_spec = pl.BlockSpec((list_lead, mask_group, q_lists.num.shape[2]), lambda j, hk, b: list_index(b, hk, 0))
     indices_spec = pl.BlockSpec(
-        (None, mask_group, *q_lists.indices.shape[2:]), lambda j, hk, b: list_index(b, hk, 0, 0)
+        (list_lead, mask_group, *q_lists.indices.shape[2:]), lambda j, hk, b: list_index(b, hk, 0, 0)
     )
     has_full = q_lists.full_num is not None
     list_specs = [num_spec, indices_spec] * (2 if has_full else 1)
     in_specs = [
-        pl.BlockSpec((None, group, q_padded, e), lambda j, hk, b: (b, hk, 0, 0)),
+        pl.BlockSpec((q_lead, group, q_padded, e), lambda j, hk, b: (b, hk, 0, 0)),
         pl.BlockSpec((None, None, bn, e), lambda j, hk, b: (b, hk, j, 0)),
         pl.BlockSpec((None, None, bn, ev), lambda j, hk, b: (b, hk, j, 0)),
-        pl.BlockSpec((None, group, q_padded, ev), lambda j, hk, b: (b, hk, 0, 0)),
-        pl.BlockSpec((None, group, q_padded), lambda j, hk, b: (b, hk, 0)),
-        pl.BlockSpec((None, group, q_padded), lambda j, hk, b: (b, hk, 0)),
+        pl.BlockSpec((q_lead, group, q_padded, ev), lambda j, hk, b: (b, hk, 0, 0)),
+        pl.BlockSpec((q_lead, group, q_padded), lambda j, hk, b: (b, hk, 0)),
+        pl.BlockSpec((q_lead, group, q_padded), lambda j, hk, b: (b, hk, 0)),
         *list_specs,
         *[pl.no_block_spec] * (len(mods.score_consts) + len(mods.mask_consts)),
     ]
@@ -489,13 +515,15 @@ def dkdv(q, k, v, d_out, lse2, delta, q_lists: BlockLists, mods: Mods, tiling: T
         mods_static=(mods.score, mods.mask),
         tiling=tiling,
         group=group,
+        batches=batches,
+        mask_batch=mask_batch,
         has_full=has_full,
         mask_per_head=mask_per_head,
         counts=counts,
     )
     return pl.pallas_call(
         kernel,
-        grid=(kv_padded // bn, kv_heads, batch),
+        grid=(kv_padded // bn, kv_heads, kv_batch),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -567,6 +595,9 @@ def dq(
     mask_batch, mask_heads = kv_lists.num.shape[:2]
     bm = tiling.block_m
 
+    def kv_b(b):  # key and value of batch 1 are read by every query batch
+        return b if k.shape[0] == batch else 0
+
     def list_index(b, h, *rest):
         return (b if mask_batch > 1 else 0, h if mask_heads > 1 else 0, *rest)
 
@@ -584,8 +615,8 @@ def dq(
 
     in_specs = [
         pl.BlockSpec((None, None, bm, e), lambda i, h, b: (b, h, i, 0)),
-        pl.BlockSpec((None, None, kv_padded, e), lambda i, h, b: (b, h // group, 0, 0)),
-        pl.BlockSpec((None, None, kv_padded, ev), lambda i, h, b: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, kv_padded, e), lambda i, h, b: (kv_b(b), h // group, 0, 0)),
+        pl.BlockSpec((None, None, kv_padded, ev), lambda i, h, b: (kv_b(b), h // group, 0, 0)),
         pl.BlockSpec((None, None, bm, ev), lambda i, h, b: (b, h, i, 0)),
         pl.BlockSpec((None, None, bm), lambda i, h, b: (b, h, i)),
         pl.BlockSpec((None, None, bm), lambda i, h, b: (b, h, i)),

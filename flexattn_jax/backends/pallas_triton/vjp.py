@@ -71,6 +71,7 @@ class _Plan:
     head_dim: int
     value_dim: int
     interpret: bool
+    kv_batch_loop: bool = False  # the Triton kernels take key and value of batch 1 as they are (BackwardConfig)
 
 
 def _padded_length(length: int, block: int, num_blocks: int, tiles) -> int:
@@ -112,16 +113,17 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         head_dim=padded_head_dim(q_shape[3]),
         value_dim=padded_head_dim(v_shape[3]),
         interpret=interpret,
+        kv_batch_loop=bwd.kv_batch_loop,
     )
 
 
 def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None = None):
     """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted); on ``kernels`` when
     given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, go to
-    ``kernels`` as they are; the Triton kernels take them once per batch, and their gradients are the sums over the
-    batches."""
+    ``kernels`` as they are, and to the Triton kernels with ``bwd_kv_batch_loop``; otherwise the Triton kernels take
+    them once per batch, and their gradients are the sums over the batches."""
     q, k, v, *rest = residuals
-    if k.shape[0] == q.shape[0] or (kernels is not None and not any(wanted)):
+    if k.shape[0] == q.shape[0] or plan.kv_batch_loop or (kernels is not None and not any(wanted)):
         return _backward_per_batch(plan, programs, residuals, cotangents, wanted, kernels)
     k, v = (jnp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
     dq, dk, dv, grads = _backward_per_batch(plan, programs, (q, k, v, *rest), cotangents, wanted, kernels)
@@ -129,7 +131,7 @@ def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: Bac
 
 
 def _backward_per_batch(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None):
-    """``_backward`` with key and value of the query's batch size (or of batch 1, for ``kernels``)."""
+    """``_backward`` with key and value of the query's batch size, or of batch 1 (see there)."""
     q, k, v, out, lse, score_consts, mask_consts, kv_lists, q_lists = residuals
     d_out, d_lse = cotangents
     f32 = jnp.float32
