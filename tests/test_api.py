@@ -320,11 +320,13 @@ def test_key_and_value_of_batch_one_are_read_without_copies(L, kv_batch_loop, Hk
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", [None, "pallas_triton"], ids=["default", "pallas_triton"])
+@pytest.mark.parametrize("implementation,options", [(None, None), ("pallas_triton", None),
+                                                    ("pallas_triton", {"bwd_kv_batch_loop": 1})],
+                         ids=["default", "pallas_triton", "pallas_triton-kv-batch-loop"])
 @pytest.mark.parametrize("L", [512, 1], ids=["prefill", "decode"])
-def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L, implementation):
+def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L, implementation, options):
     """On the GPU, where a kernel reading past key and value of batch 1 would read other memory (interpret mode
-    clamps the block index and cannot tell)."""
+    clamps the block index and cannot tell); the Triton backward also with its batch loop."""
     B, Hq, Hkv, S = 3, 4, 2, 512
     q = jax.random.normal(jax.random.key(0), (B, Hq, L, 128)).astype(jnp.bfloat16)
     k, v = (jax.random.normal(jax.random.key(i), (1, Hkv, S, 128)).astype(jnp.bfloat16) for i in (1, 2))
@@ -332,7 +334,8 @@ def test_gpu_key_and_value_of_batch_one_on_the_default_kernels(L, implementation
     bm = fa.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + (S - L), None, None, L, S)
 
     def loss(implementation, q, k, v):
-        out = fa.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, implementation=implementation)
+        out = fa.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, implementation=implementation,
+                                kernel_options=options)
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
     (_, out), got = jax.value_and_grad(functools.partial(loss, implementation), (0, 1, 2), has_aux=True)(q, k, v)
