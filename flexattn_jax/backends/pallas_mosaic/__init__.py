@@ -318,6 +318,10 @@ class _MosaicBackward:
     scale: float
     tile = (_backward.TILE, _backward.TILE, "full")
 
+    def takes_batch_one_kv(self, k_shape, kv_lists: BlockLists) -> bool:
+        return _backward.loops_over_query_batches(self.config, k_shape[1], k_shape[2], self.mask_block_size[1],
+                                                  kv_lists.indices.shape[-1])
+
     def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
                  mask_consts):
         return _backward.flex_backward(

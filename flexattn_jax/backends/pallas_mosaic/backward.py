@@ -89,7 +89,7 @@ class Config:
     benchmarks/NOTES.md section 34);
     ``kv_batch_loop``: where key and value have batch 1 (shared by the query batches), True has each dK/dV program
     add up every query batch's contribution, reading key and value once; False broadcasts them to the query batch
-    and adds the per-batch gradients up; None, the first where the dK/dV programs fill the GPU (``flex_backward``)."""
+    and adds the per-batch gradients up; None, the first where the dK/dV programs fill the GPU (``loops_over_query_batches``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
@@ -142,7 +142,7 @@ class _Plan:
 
     group: int  # query heads per key/value head
     # Query batches whose gradients one dK/dV program adds up: the query batch size where key and value have batch
-    # 1 and are read once (``flex_backward``), else 1 (the program's batch is the grid's).
+    # 1 and are read once (``loops_over_query_batches``), else 1 (the program's batch is the grid's).
     batches_per_kv: int
     mask_batch: int
     mask_heads: int
@@ -620,6 +620,18 @@ def _dq_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, 
 # ------------------------------------------------------------------------------------------------ wrapper
 
 
+def loops_over_query_batches(config: Config, kv_heads: int, kv_len: int, kv_block_size: int,
+                             num_kv_blocks: int) -> bool:
+    """Whether ``flex_backward`` takes key and value of batch 1 as they are, each dK/dV program adding up every
+    query batch (``Config.kv_batch_loop``; unset: where those programs, key tiles times key/value heads, are at least
+    the GPU's SMs, since the loop leaves B times fewer of them). Otherwise the caller broadcasts them to the query
+    batch and adds the per-batch gradients up."""
+    if config.kv_batch_loop is not None:
+        return config.kv_batch_loop
+    kv_padded, _ = _padded(kv_len, kv_block_size, num_kv_blocks)
+    return kv_heads * (kv_padded // PROGRAM_ROWS) >= _forward.num_sms()
+
+
 def _padded(length: int, block: int, num_blocks: int) -> tuple[int, int]:
     """(padded length, walked block): whole mask blocks, or one block of the length rounded up to PROGRAM_ROWS."""
     if num_blocks > 1:
@@ -637,12 +649,9 @@ def flex_backward(
 
     Args:
       q [B, Hq, L, E], k [B, Hkv, S, E], v [B, Hkv, S, E], d_out [B, Hq, L, E]: bfloat16 or float16, E in
-        ``HEAD_DIMS``; Hq a multiple of Hkv. Key and value may have batch 1, shared by every query batch: their
-        gradients are then the sums over the query batches (of batch 1 too). Where their dK/dV programs (key
-        tiles times key/value heads) fill the GPU, each program adds up every query batch's contribution, and
-        neither key and value nor their gradients are copied per batch; where they do not, key and value are
-        broadcast to B and the per-batch gradients added up, so that the B times more programs keep the GPU
-        busy.
+        ``HEAD_DIMS``; Hq a multiple of Hkv. Key and value may have batch 1, shared by every query batch, where
+        ``loops_over_query_batches`` says so: each dK/dV program then adds up every query batch's contribution,
+        and dK and dV (of batch 1) are the sums over the query batches.
       lse2 [B, Hq, L] float32: the forward's lse in base 2, +inf where a row attends nowhere.
       delta [B, Hq, L] float32: rowsum(dO * O) - dlse.
       kv_lists, q_lists: the BlockMask's kv-side and q-side lists (``pallas_triton.backward.BlockLists``). Its
@@ -656,17 +665,9 @@ def flex_backward(
     num_q_blocks, num_kv_blocks = kv_lists.indices.shape[-2:]
     q_padded, q_block = _padded(q_len, mask_block_size[0], num_q_blocks)
     kv_padded, kv_block = _padded(kv_len, mask_block_size[1], num_kv_blocks)
-    kv_batch_loop = config.kv_batch_loop
-    if kv_batch_loop is None:
-        kv_batch_loop = kv_heads * (kv_padded // PROGRAM_ROWS) >= _forward.num_sms()
-    if k.shape[0] != batch and not kv_batch_loop:
-        k, v = (jnp.broadcast_to(x, (batch, *x.shape[1:])) for x in (k, v))
-        dq, dk, dv = flex_backward(
-            q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_mod=score_mod, score_consts=score_consts,
-            mask_mod=mask_mod, mask_consts=mask_consts, mask_block_size=mask_block_size, scale=scale, config=config,
-        )
-        return dq, *(jnp.sum(x, axis=0, keepdims=True, dtype=jnp.float32).astype(x.dtype) for x in (dk, dv))
     kv_batch = k.shape[0]
+    assert kv_batch == batch or loops_over_query_batches(config, kv_heads, kv_len, mask_block_size[1],
+                                                         num_kv_blocks), (k.shape, q.shape, config)
     assert q_block % PROGRAM_ROWS == 0 and kv_block % PROGRAM_ROWS == 0, (mask_block_size, q_len, kv_len)
     score_sites, problem = _forward.analyze_reads(score_mod, TILE)
     assert problem is None, problem

@@ -46,10 +46,14 @@ class BackwardKernels(Protocol):
 
     tile: tuple  # the tile their mods are traced for, as ``_captures.trace_for_tiles`` takes it
 
+    def takes_batch_one_kv(self, k_shape, kv_lists: backward.BlockLists) -> bool:
+        """Whether ``__call__`` takes key and value of batch 1 (shared by every query batch) as they are, for
+        these shapes; otherwise ``_backward`` broadcasts them."""
+
     def __call__(self, q, k, v, d_out, lse2, delta, kv_lists, q_lists, score_program, score_consts, mask_program,
                  mask_consts):
         """(dq, dk, dv) in the inputs' dtypes, from unpadded arrays; ``lse2`` and ``delta`` as ``_backward``
-        computes them. Key and value may have batch 1 (shared by every query batch), and dk, dv then too."""
+        computes them. Key and value of batch 1 where ``takes_batch_one_kv`` says so, and dk, dv then too."""
 
 
 @jax.tree_util.register_static
@@ -119,11 +123,14 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
 
 def _backward(plan: _Plan, programs, residuals, cotangents, wanted, kernels: BackwardKernels | None = None):
     """Gradients of q, k, v and of the score_mod's hoisted arrays (None where not wanted); on ``kernels`` when
-    given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, go to
-    ``kernels`` as they are, and to the Triton kernels with ``bwd_kv_batch_loop``; otherwise the Triton kernels take
-    them once per batch, and their gradients are the sums over the batches."""
+    given and no array's gradient is wanted. Key and value of batch 1, shared by every query batch, go to the
+    kernels as they are where they take them (``kernels.takes_batch_one_kv``; the Triton kernels with
+    ``bwd_kv_batch_loop``); otherwise they are broadcast, and their gradients are the sums over the batches."""
     q, k, v, *rest = residuals
-    if k.shape[0] == q.shape[0] or plan.kv_batch_loop or (kernels is not None and not any(wanted)):
+    *_, kv_lists, _ = rest
+    on_kernels = kernels is not None and not any(wanted)
+    takes_batch_one = kernels.takes_batch_one_kv(k.shape, kv_lists) if on_kernels else plan.kv_batch_loop
+    if k.shape[0] == q.shape[0] or takes_batch_one:
         return _backward_per_batch(plan, programs, residuals, cotangents, wanted, kernels)
     k, v = (jnp.broadcast_to(x, (q.shape[0], *x.shape[1:])) for x in (k, v))
     dq, dk, dv, grads = _backward_per_batch(plan, programs, (q, k, v, *rest), cotangents, wanted, kernels)
