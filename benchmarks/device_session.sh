@@ -41,6 +41,11 @@
 #                                             programs of many items), the Triton files'
 #   bash benchmarks/device_session.sh kvloop  NOTES.md section 39: the Mosaic backward's dK/dV programs adding up the query
 #                                             batches of key and value of batch 1: gpu tests, then timed against the broadcast
+#   bash benchmarks/device_session.sh scaleq  NOTES.md sections 39 and 40: the gpu tests of the Triton backward's batch loop and
+#                                             of the queries scaled in shared memory; their sweeps (scaled queries against
+#                                             scaled scores on soft-capping and ALiBi; the Triton batch loop on and off)
+#   bash benchmarks/device_session.sh alibi   NOTES.md section 40: the gpu tests `check` did not reach on an H200, then ALiBi
+#                                             (the queries scaled by default) and full attention beside the anchors
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -63,11 +68,11 @@ case "${1:-}" in
     timeout 150 python3 -m pytest -m gpu $triton_files -n 8 -p no:benchmark -v -rf --tb=short \
       >"$OUT/gpu_tests.txt" 2>&1
     ignored=$(for f in $triton_files; do printf -- "--ignore=%s " "$f"; done)
-    timeout 330 python3 -m pytest -m gpu tests $ignored -n 8 -p no:benchmark -v -rf --tb=short \
+    timeout 370 python3 -m pytest -m gpu tests $ignored -n 8 -p no:benchmark -v -rf --tb=short \
       >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -30
     # What ptxas says of every kernel (a C7513 line: its wgmmas serialized, NOTES.md section 12).
-    timeout 70 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    timeout 60 python3 -m benchmarks.ptxas_report 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   sweep)
     # NOTES.md section 26: with the walks' starts carried, 3 stages overlap a step's copies with the compute; 2 do
@@ -375,6 +380,32 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     timeout 120 python3 -m benchmarks.shared_kv 2>&1 | grep -E "^\||rror" | tee "$OUT/shared_kv.md"
     timeout 80 python3 -m benchmarks.shared_kv -S 8192 -B 2 2>&1 | grep -E "^\||rror" | tee -a "$OUT/shared_kv.md"
+    ;;
+  scaleq)
+    timeout 160 python3 -m pytest -m gpu tests/test_api.py tests/test_pallas_mosaic.py \
+      -k "batch_one_on_the_default_kernels or scaled or scalings_folded or head_dim_64_where" -n 8 -p no:benchmark -v -rf --tb=short \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    # The same configuration twice, first and last, shows the spread of one process.
+    sweep 110 -D 64 --cases softcap causal alibi --configs scaled_scores scaled_queries scaled_scores scaled_queries
+    sweep 90 -B 8 -S 2048 --cases softcap causal alibi --configs scaled_scores scaled_queries scaled_scores \
+      scaled_queries
+    sweep 70 --cases softcap alibi --configs scaled_scores scaled_queries
+    timeout 90 python3 -m benchmarks.shared_kv --implementation pallas_triton 2>&1 | grep -E "^\||rror" \
+      | tee "$OUT/shared_kv.md"
+    timeout 45 python3 -m benchmarks.shared_kv --implementation pallas_triton -S 8192 -B 2 2>&1 \
+      | grep -E "^\||rror" | tee -a "$OUT/shared_kv.md"
+    ;;
+  alibi)
+    timeout 120 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "batch_one_gradients or gradient_of_a_captured_array or selections_of_a_document or no_index or x64" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    timeout 200 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x64 --cases alibi,noop --modes fwd,fwdbwd \
+      --implementations pallas_mosaic --runs 10 --budget-s 130 --out "$OUT/run_d64" 2>&1 | grep -v Warning | tail -12
+    timeout 200 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128 --cases alibi \
+      --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 130 --out "$OUT/run_d128" 2>&1 \
+      | grep -v Warning | tail -12
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -52,6 +52,9 @@ CONFIGS = {
     # NOTES.md section 36: the score_mod's index conversions from float index tiles (the default) or score by score
     "fwd_float_indices": dict(mosaic_fwd_float_indices=1),
     "fwd_int_indices": dict(mosaic_fwd_float_indices=0),
+    # NOTES.md section 40: the scale multiplied into each query tile once per item, or into every score
+    "scaled_queries": dict(mosaic_fwd_scale_queries=1),
+    "scaled_scores": dict(mosaic_fwd_scale_queries=0),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

@@ -80,9 +80,10 @@ def test_every_supported_mod_lowers_for_cuda(case):
      (128, jnp.bfloat16, {"mosaic_block_n": 64, "mosaic_num_stages": 3}),
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
      (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4}),
-     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0})],
+     (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0}), (64, jnp.float16, {"mosaic_fwd_scale_queries": 1}),
+     (128, jnp.bfloat16, {"mosaic_fwd_scale_queries": 1, "mosaic_fwd_overlap": 1})],
     ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
-         "int-indices"],
+         "int-indices", "f16-64-scaled-queries", "overlap-scaled-queries"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -108,6 +109,36 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     assert built == []
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2))
     assert built == [{(-1, 1)}]
+
+
+@pytest.mark.parametrize(
+    "score_mod, scale_queries, query_scale, score_scale",
+    [(fa.tanh_softcap(20.0), 1, 0.125 / 20.0, 1.0), (fa.tanh_softcap(20.0), None, 1.0, 0.125 / 20.0),
+     (fa.identity, 1, 1.0, 1.0), (fa.generate_alibi_bias(2), None, 0.125, 1.0),
+     (fa.generate_alibi_bias(2), 0, 1.0, 0.125)],
+    ids=["softcap", "softcap-default", "no-score-mod", "alibi-default", "alibi-option-off"],
+)
+def test_queries_are_scaled_in_the_kernel_where_the_score_mod_needs_the_scaled_score(
+    score_mod, scale_queries, query_scale, score_scale, monkeypatch
+):
+    """mosaic_fwd_scale_queries moves the multiply by the scale (with soft-capping's 1 / cap) from every score to the
+    query tile; by default unless the score_mod calls a special function (tanh), whose unit bounds the step. Without
+    a score_mod the scale is already folded into exp2, and there is nothing to move."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    plans = []
+    kernel = forward._kernel
+
+    def recorded(*refs, plan, **kwargs):
+        plans.append(plan)
+        return kernel(*refs, plan=plan, **kwargs)
+
+    monkeypatch.setattr(forward, "_kernel", recorded)
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
+    options = None if scale_queries is None else {"mosaic_fwd_scale_queries": scale_queries}
+    _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
+    (plan,) = plans
+    assert (plan.query_scale, plan.scaling.score_scale) == pytest.approx((query_scale, score_scale))
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -185,7 +216,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
-     ({"mosaic_fwd_float_indices": 2}, ValueError)],
+     ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -297,7 +328,7 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 
 _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
-    "int-indices": {"mosaic_fwd_float_indices": 0},
+    "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
 }
 
 
@@ -306,7 +337,8 @@ _FORWARD_VARIANTS = {
 @pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
 def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
-    # the index conversions score by score (the default builds them from float index tiles).
+    # the index conversions score by score (the default builds them from float index tiles), the queries scaled
+    # in shared memory.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -339,8 +371,8 @@ def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "options", [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}],
-    ids=["defaults", "int-indices", "bn64"],
+    "options", [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}, {"mosaic_fwd_scale_queries": 1}],
+    ids=["defaults", "int-indices", "bn64", "scaled-queries"],
 )
 def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
     # No mask and lengths the key tile divides (no bounds to mask): ALiBi's indices.
@@ -349,13 +381,15 @@ def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scale_queries", [0, 1])
 @pytest.mark.parametrize("scale", [0.3, -0.2])
 @pytest.mark.parametrize("score_mod", SCALED_SCORE_MODS.values(), ids=SCALED_SCORE_MODS.keys())
-def test_gpu_scalings_folded_into_the_softmax(score_mod, scale):
-    # The forward moves literal factors around the score_mod into its exp2 (peel_scalings): either sign of the
-    # scale, and a factor that would move the row maximum if it were folded.
+def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
+    # The forward moves literal factors around the score_mod into its exp2 (peel_scalings), or the leading ones
+    # into the query tile: either sign of the scale, and a factor that would move the row maximum if it were folded.
     q, k, v = random_qkv(9, B=1, Hq=2, Hkv=2, L=384, S=320, E=64, Ev=64, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, scale=scale, grads=False)
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, scale=scale, grads=False,
+                    kernel_options={"mosaic_fwd_scale_queries": scale_queries})
 
 
 @pytest.mark.gpu

@@ -520,6 +520,22 @@ def test_key_and_value_of_batch_one_lower_for_cuda_with_the_batch_loop(Hkv):
     assert re.search(copy, _grad_lowered_for_cuda(loss_broadcast, *args))
 
 
+def test_the_batch_loop_is_the_default_where_the_dkdv_programs_fill_the_gpu():
+    """Unset, bwd_kv_batch_loop follows the dK/dV programs the loop leaves (key tiles times key/value heads) against
+    the GPU's SMs (132 without one); set, it is taken as given."""
+    config = backward.default_backward_config(128, jnp.bfloat16)
+    tiles_for_132 = -(-132 // 16) * config.block_n1  # keys that make 16 heads' programs at least 132
+    assert backward.loops_over_query_batches(config, 16, 8192)
+    assert backward.loops_over_query_batches(config, 16, tiles_for_132)
+    assert not backward.loops_over_query_batches(config, 16, tiles_for_132 - config.block_n1)
+    assert not backward.loops_over_query_batches(config, 2, 384)
+    for value in (0, 1):
+        given = backward.backward_config({"bwd_kv_batch_loop": value}, head_dim=128, dtype=jnp.bfloat16, q_len=8192,
+                                         kv_len=8192, mask_block_size=(128, 128), mask_num_blocks=(64, 64))
+        assert backward.loops_over_query_batches(given, 16, 8192) is bool(value)
+        assert backward.loops_over_query_batches(given, 2, 384) is bool(value)
+
+
 def test_custom_derivative_rules_lower_for_cuda():
     """A score_mod's jax.custom_jvp and custom_vjp rules, applied inside the backward kernels, lower to Triton."""
     from tests.test_captures import _halved_gradient, _straight_through_clip

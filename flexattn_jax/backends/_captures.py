@@ -157,9 +157,17 @@ class ModProgram:
 
     def calls(self, primitive_name: str) -> bool:
         """Whether the program, or a call inlined in it, binds ``primitive_name`` (``"custom_vjp_call"``)."""
+        return self._binds(lambda eqn: eqn.primitive.name == primitive_name)
 
+    def applies_to_tiles(self, primitive_names: Sequence[str]) -> bool:
+        """Whether the program, or a call inlined in it, binds one of ``primitive_names`` to a value of more than one
+        element (once per score, not once per tile as ALiBi's ``exp2`` of the head index)."""
+        return self._binds(lambda eqn: eqn.primitive.name in primitive_names
+                           and any(math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars))
+
+    def _binds(self, matches: Callable) -> bool:
         def found(jaxpr) -> bool:
-            return any(eqn.primitive.name == primitive_name or any(found(inner) for inner in _sub_jaxprs(eqn))
+            return any(matches(eqn) or any(found(inner) for inner in _sub_jaxprs(eqn))
                        or (_body(eqn) is not None and found(_body(eqn)[0])) for eqn in jaxpr.eqns)
 
         return found(self.jaxpr)

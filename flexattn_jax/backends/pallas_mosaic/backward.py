@@ -52,6 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends._device import num_sms
 from flexattn_jax.backends.pallas_mosaic import forward as _forward
 
 __all__ = ["HEAD_DIMS", "TILE", "Config", "flex_backward", "smem_bytes"]
@@ -629,7 +630,7 @@ def loops_over_query_batches(config: Config, kv_heads: int, kv_len: int, kv_bloc
     if config.kv_batch_loop is not None:
         return config.kv_batch_loop
     kv_padded, _ = _padded(kv_len, kv_block_size, num_kv_blocks)
-    return kv_heads * (kv_padded // PROGRAM_ROWS) >= _forward.num_sms()
+    return kv_heads * (kv_padded // PROGRAM_ROWS) >= num_sms()
 
 
 def _padded(length: int, block: int, num_blocks: int) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flexattn_jax.backends._arrays import pad_axis
 from flexattn_jax.backends._captures import ModProgram, SoftmaxScaling, fold_scalings
+from flexattn_jax.backends._device import num_sms
 
 __all__ = [
     "BLOCK_M",
@@ -67,6 +68,9 @@ Q_TILE = BLOCK_M * COMPUTE_WARPGROUPS  # queries per program
 _LOG2_E = math.log2(math.e)
 _LN_2 = math.log(2.0)
 _NEG_INF = float("-inf")
+# Primitives that run on the special-function unit (MUFU), beside the softmax's exp2 (Config.scale_queries).
+SPECIAL_FUNCTIONS = ("tanh", "exp", "exp2", "log", "log1p", "expm1", "logistic", "sin", "cos", "tan", "atan2",
+                     "erf", "erfc", "erf_inv", "pow", "sqrt", "rsqrt", "cbrt")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +85,12 @@ class Config:
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
       float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
         float index tiles computed once per program (``IndexTiles``), not converted score by score.
+      scale_queries: where the score_mod needs the scaled score (``SoftmaxScaling.score_scale`` is not 1), each
+        query tile is multiplied by that scale in shared memory once per work item, in place of one multiply per
+        score of every key tile. The scaled queries are rounded to the input dtype, a relative error of at most
+        one half unit in its last place per element, the size of the inputs' own rounding. None: unless the
+        score_mod applies a special function (``SPECIAL_FUNCTIONS``) to every score, whose unit then bounds the step
+        and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower).
     """
 
     block_n: int
@@ -89,6 +99,7 @@ class Config:
     overlap: bool = False
     copy_warps: int = 1
     float_indices: bool = True
+    scale_queries: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,6 +507,7 @@ class _Plan:
     has_full: bool
     apply_mask_mod: bool
     scaling: SoftmaxScaling
+    query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -736,6 +748,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     fetch_queries(i)
 
                 plgpu.barrier_wait(q_ready.at[buffer * COMPUTE_WARPGROUPS + wg])
+                if plan.query_scale != 1.0:
+                    # Once per item here, in place of a multiply per score of every key tile (Config.scale_queries).
+                    q = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+                    q_smem[...] = (q.astype(jnp.float32) * jnp.float32(plan.query_scale)).astype(dtype)
+                    plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
@@ -1001,15 +1018,6 @@ def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_b
     return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
-def num_sms() -> int:
-    """Streaming multiprocessors of the GPU (one persistent program each); an H100's 132 when lowering without one."""
-    try:
-        device = jax.devices()[0]
-    except RuntimeError:
-        return 132
-    return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
-
-
 def walked_consts(program: ModProgram, consts: Sequence[jax.Array], sites: Sequence[ReadSite], q_pad: int,
                   kv_pad: int) -> tuple[tuple[jax.Array, ...], tuple[ReadSite, ...]]:
     """The kernel's inputs for ``program``'s captured arrays, and the sites that read them.
@@ -1117,6 +1125,12 @@ def flex_forward(
         kv_pad = num_kv_blocks * mask_kv_block
     # Literal factors around the score_mod (soft-capping's cap and 1 / cap) join the kernel's own multiplies.
     score_mod, scaling = fold_scalings(score_mod, scale)
+    query_scale = 1.0
+    scale_queries = config.scale_queries
+    if scale_queries is None:
+        scale_queries = not score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
+    if scale_queries and scaling.apply_score_mod and scaling.score_scale != 1.0:
+        query_scale, scaling = scaling.score_scale, dataclasses.replace(scaling, score_scale=1.0)
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
@@ -1147,6 +1161,7 @@ def flex_forward(
         has_full=has_full,
         apply_mask_mod=not is_everywhere(mask_mod),
         scaling=scaling,
+        query_scale=query_scale,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,

@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flexattn_jax.backends._captures import ModProgram
+from flexattn_jax.backends._device import num_sms
 from flexattn_jax.backends.pallas_triton import _tile
 from flexattn_jax.backends.pallas_triton import config as config_lib
 
@@ -76,8 +77,9 @@ __all__ = [
 _TILE_KEYS = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
 # bwd_num_warps / bwd_num_stages launch both kernels; bwd_dq_num_warps / bwd_dq_num_stages override them for the dQ
 # kernel, whose best launch differs from the dK/dV kernel's (benchmarks/NOTES.md section 19).
-# bwd_kv_batch_loop (0, the default, or 1): key and value of batch 1, shared by the query batches, read once by a
-# dK/dV program that adds up every query batch (1), or broadcast to the query batch first (0).
+# bwd_kv_batch_loop (0 or 1; unset: 1 where the dK/dV programs fill the GPU, ``loops_over_query_batches``): key and
+# value of batch 1, shared by the query batches, read once by a dK/dV program that adds up every query batch (1), or
+# broadcast to the query batch first (0).
 BACKWARD_KEYS = (*_TILE_KEYS, "bwd_num_warps", "bwd_num_stages", "bwd_dq_num_warps", "bwd_dq_num_stages",
                  "bwd_kv_batch_loop")
 
@@ -92,7 +94,8 @@ class BackwardConfig:
       num_warps, num_stages: Triton's launch parameters of the dK/dV kernel.
       dq_num_warps, dq_num_stages: those of the dQ kernel.
       kv_batch_loop: key and value of batch 1 are given to the kernels as they are, each dK/dV program adding up
-        every query batch's contribution (``dkdv``), instead of broadcast to the query batch.
+        every query batch's contribution (``dkdv``), instead of broadcast to the query batch; None: where those
+        programs fill the GPU (``loops_over_query_batches``).
     """
 
     block_m1: int
@@ -103,7 +106,7 @@ class BackwardConfig:
     num_stages: int
     dq_num_warps: int
     dq_num_stages: int
-    kv_batch_loop: bool = False
+    kv_batch_loop: bool | None = None
 
 
 def default_backward_config(head_dim: int, dtype) -> BackwardConfig:
@@ -201,8 +204,19 @@ def backward_config(
         num_stages=options.get("bwd_num_stages", default.num_stages),
         dq_num_warps=options.get("bwd_dq_num_warps", options.get("bwd_num_warps", default.dq_num_warps)),
         dq_num_stages=options.get("bwd_dq_num_stages", options.get("bwd_num_stages", default.dq_num_stages)),
-        kv_batch_loop=bool(options.get("bwd_kv_batch_loop", 0)),
+        kv_batch_loop=bool(options["bwd_kv_batch_loop"]) if "bwd_kv_batch_loop" in options else None,
     )
+
+
+def loops_over_query_batches(config: BackwardConfig, kv_heads: int, kv_padded: int) -> bool:
+    """Whether the dK/dV kernel takes key and value of batch 1 as they are, each program adding up every query batch
+    (``BackwardConfig.kv_batch_loop``; unset: where those programs, key tiles times key/value heads, are at least the
+    GPU's SMs, since the loop leaves B times fewer of them). Measured on an H100 (benchmarks/NOTES.md section 41):
+    full attention 2-6% faster with the loop, causal 6% slower at B=8, S=2048, where the fewer programs balance
+    the triangle's uneven walks less well; it also keeps no B copies of key, value and their gradients."""
+    if config.kv_batch_loop is not None:
+        return config.kv_batch_loop
+    return kv_heads * (kv_padded // config.block_n1) >= num_sms()
 
 
 # Shared memory is the limit on the stages of a score_mod that reads captured arrays: a gather at tile-shaped

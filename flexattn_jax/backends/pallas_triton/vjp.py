@@ -117,7 +117,7 @@ def _plan(bwd: backward.BackwardConfig, q_shape, v_shape, kv_len, block_size, nu
         head_dim=padded_head_dim(q_shape[3]),
         value_dim=padded_head_dim(v_shape[3]),
         interpret=interpret,
-        kv_batch_loop=bwd.kv_batch_loop,
+        kv_batch_loop=backward.loops_over_query_batches(bwd, v_shape[1], kv_padded),
     )
 
 
