@@ -62,6 +62,9 @@ CONFIGS = {
     "exp2_48": dict(mosaic_fwd_exp2_emulated=48),
     "exp2_64": dict(mosaic_fwd_exp2_emulated=64),
     "exp2_96": dict(mosaic_fwd_exp2_emulated=96),
+    # and soft-capping's tanh in float16 (two results per special-function instruction), alone or with the above
+    "tanh_f16": dict(mosaic_fwd_tanh_f16=1),
+    "tanh_f16_exp2_32": dict(mosaic_fwd_tanh_f16=1, mosaic_fwd_exp2_emulated=32),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

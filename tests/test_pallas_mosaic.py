@@ -83,9 +83,11 @@ def test_every_supported_mod_lowers_for_cuda(case):
      (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0}), (64, jnp.float16, {"mosaic_fwd_scale_queries": 1}),
      (128, jnp.bfloat16, {"mosaic_fwd_scale_queries": 1, "mosaic_fwd_overlap": 1}),
      (64, jnp.bfloat16, {"mosaic_fwd_exp2_emulated": 48}),
-     (128, jnp.float16, {"mosaic_fwd_exp2_emulated": 64, "mosaic_block_n": 64, "mosaic_fwd_overlap": 1})],
+     (128, jnp.float16, {"mosaic_fwd_exp2_emulated": 64, "mosaic_block_n": 64, "mosaic_fwd_overlap": 1}),
+     (64, jnp.bfloat16, {"mosaic_fwd_tanh_f16": 1}), (128, jnp.float16, {"mosaic_fwd_tanh_f16": 1})],
     ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
-         "int-indices", "f16-64-scaled-queries", "overlap-scaled-queries", "exp2-48", "exp2-all-of-64-overlap"],
+         "int-indices", "f16-64-scaled-queries", "overlap-scaled-queries", "exp2-48", "exp2-all-of-64-overlap",
+         "tanh-f16-64", "f16-tanh-f16-128"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -141,6 +143,16 @@ def test_queries_are_scaled_in_the_kernel_where_the_score_mod_needs_the_scaled_s
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = plans
     assert (plan.query_scale, plan.scaling.score_scale) == pytest.approx((query_scale, score_scale))
+
+
+def test_tanh_in_float16_lowers_to_the_packed_instruction():
+    """mosaic_fwd_tanh_f16 computes soft-capping's tanh with tanh.approx.f16x2 (two results an instruction); without
+    it the kernel has the float32 instruction only."""
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
+    packed = _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), kernel_options={"mosaic_fwd_tanh_f16": 1})
+    assert "tanh.approx.f16x2" in packed
+    plain = _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0))
+    assert "tanh.approx.f32" in plain and "tanh.approx.f16x2" not in plain
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -219,7 +231,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
-     ({"mosaic_fwd_exp2_emulated": 40}, ValueError), ({"mosaic_fwd_exp2_emulated": 96, "mosaic_block_n": 64}, ValueError)],
+     ({"mosaic_fwd_exp2_emulated": 40}, ValueError), ({"mosaic_fwd_exp2_emulated": 96, "mosaic_block_n": 64}, ValueError),
+     ({"mosaic_fwd_tanh_f16": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -319,10 +332,12 @@ def test_gpu_backward_schedules_match_reference(case, options):
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_auto_barriers": 1}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1}),
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_heads_inner": 1}),
-     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1})],
+     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1}),
+     (64, jnp.bfloat16, {"mosaic_fwd_tanh_f16": 1, "mosaic_fwd_exp2_emulated": 64}),
+     (64, jnp.float16, {"mosaic_fwd_tanh_f16": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
          "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel", "heads-inner-fused",
-         "heads-inner-dq-kernel"],
+         "heads-inner-dq-kernel", "64-tanh-f16-exp2-64", "f16-64-tanh-f16"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -332,7 +347,7 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
-    "exp2-48": {"mosaic_fwd_exp2_emulated": 48},
+    "exp2-48": {"mosaic_fwd_exp2_emulated": 48}, "tanh-f16": {"mosaic_fwd_tanh_f16": 1},
 }
 
 
@@ -342,7 +357,7 @@ _FORWARD_VARIANTS = {
 def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
-    # in shared memory, exp2 of the last 48 columns from the polynomial.
+    # in shared memory, exp2 of the last 48 columns from the polynomial, tanh in float16.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)

@@ -43,6 +43,9 @@ scatter-add, which only the Triton dQ kernel has).
   tile, how many columns take the softmax's exp2 from a cubic on the FMA units instead of the special-function
   unit (``forward.exp2_polynomial``), for steps that unit bounds: soft-capping at head dim 64 (section 40's lead;
   section 14 measured it no faster where the unit is not the bound);
+* ``mosaic_fwd_tanh_f16`` (0, the default, or 1): the forward computes the score_mod's tanh of each score in
+  float16 (tanh.approx.f16x2: two results per special-function instruction), for the same steps; its output error
+  stays near bfloat16's rounding (``forward.tanh_in_float16``); not yet measured;
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -87,7 +90,7 @@ OPTION_KEYS = (
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-    "mosaic_fwd_scale_queries", "mosaic_fwd_exp2_emulated",
+    "mosaic_fwd_scale_queries", "mosaic_fwd_exp2_emulated", "mosaic_fwd_tanh_f16",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -131,7 +134,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-                   "mosaic_fwd_scale_queries") \
+                   "mosaic_fwd_scale_queries", "mosaic_fwd_tanh_f16") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_emulated" and value not in _EXP2_EMULATED:
@@ -182,9 +185,10 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     if exp2_emulated > block_n:
         raise ValueError(f"kernel_options['mosaic_fwd_exp2_emulated'] must be at most the key tile, {block_n} here "
                          f"(mosaic_block_n), got {exp2_emulated}")
+    tanh_f16 = bool(options.get("mosaic_fwd_tanh_f16", 0))
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
                            copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
-                           exp2_emulated=exp2_emulated), ""
+                           exp2_emulated=exp2_emulated, tanh_f16=tanh_f16), ""
 
 
 def unsupported_reason(

@@ -94,6 +94,8 @@ class Config:
       exp2_emulated: of each key tile's columns, how many (the last ones) take the softmax's exp2 from a polynomial
         on the FMA units (``exp2_polynomial``) instead of the special-function unit, for steps that unit bounds
         (soft-capping's tanh beside exp2 at head dim 64, NOTES.md section 40). 0: none.
+      tanh_f16: the score_mod's tanh of float32 tiles is computed in float16 (``tanh_in_float16``): two results
+        per special-function instruction, for the same steps.
     """
 
     block_n: int
@@ -104,6 +106,7 @@ class Config:
     float_indices: bool = True
     scale_queries: bool | None = None
     exp2_emulated: int = 0
+    tanh_f16: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,6 +516,7 @@ class _Plan:
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     exp2_emulated: int  # key columns whose exp2 is a polynomial (Config.exp2_emulated)
+    tanh_f16: bool  # the score_mod's tanh in float16 (Config.tanh_f16)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -695,6 +699,16 @@ def exp2_polynomial(x, *, may_be_minus_inf: bool):
     return result
 
 
+def tanh_in_float16(x):
+    """tanh of a float32 tile through float16. In the kernel (``approx_math``) Mosaic GPU computes it with
+    tanh.approx.f16x2, two results per special-function instruction where tanh.approx.f32 gives one, plus a
+    conversion to float16 pairs and two back. Its error: float16's rounding of the argument and the result (a
+    relative 2**-11 each) beside tanh.approx's own (2**-10.7 for f16x2, 2**-11 for f32); on soft-capped causal
+    attention the output's relative error against float64 is about 1.7e-3, against 1.5e-3 with the float32
+    approximation and 1.6e-3 for rounding the output to bfloat16 (``benchmarks.tanh_precision``)."""
+    return jnp.tanh(x.astype(jnp.float16)).astype(jnp.float32)
+
+
 def exp2_split(x, emulated: int, *, may_be_minus_inf: bool):
     """exp2 of a [rows, columns] tile: the last ``emulated`` columns by ``exp2_polynomial``, the others on the
     special-function unit."""
@@ -841,7 +855,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
                         y = as_tile(score_mod(
                             score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
-                            float_indices=float_indices,
+                            float_indices=float_indices, tanh=tanh_in_float16 if plan.tanh_f16 else None,
                         ), (BLOCK_M, block_n), jnp.float32)
                     if scaling.value_scale != 1.0:
                         y = y * jnp.float32(scaling.value_scale)
@@ -1214,6 +1228,7 @@ def flex_forward(
         scaling=scaling,
         query_scale=query_scale,
         exp2_emulated=config.exp2_emulated,
+        tanh_f16=config.tanh_f16,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
