@@ -414,7 +414,7 @@ case "${1:-}" in
       | grep -v Warning | tail -12
     ;;
   softcap64)
-    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "exp2 or tanh" -n 8 -p no:benchmark -v -rf \
+    timeout 170 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "exp2 or tanh" -n 8 -p no:benchmark -v -rf \
       --tb=short >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     # exp2_0 first and last: the spread of one process.
