@@ -523,11 +523,13 @@ def test_key_and_value_of_batch_one_lower_for_cuda_with_the_batch_loop(Hkv):
 def test_the_batch_loop_is_the_default_where_the_dkdv_programs_fill_the_gpu():
     """Unset, bwd_kv_batch_loop follows the dK/dV programs the loop leaves (key tiles times key/value heads) against
     the GPU's SMs (132 without one); set, it is taken as given."""
+    from flexattn_jax.backends._device import num_sms
+
     config = backward.default_backward_config(128, jnp.bfloat16)
-    tiles_for_132 = -(-132 // 16) * config.block_n1  # keys that make 16 heads' programs at least 132
+    filling = -(-num_sms() // 16) * config.block_n1  # the fewest keys whose 16 heads' programs fill the GPU
     assert backward.loops_over_query_batches(config, 16, 8192)
-    assert backward.loops_over_query_batches(config, 16, tiles_for_132)
-    assert not backward.loops_over_query_batches(config, 16, tiles_for_132 - config.block_n1)
+    assert backward.loops_over_query_batches(config, 16, filling)
+    assert not backward.loops_over_query_batches(config, 16, filling - config.block_n1)
     assert not backward.loops_over_query_batches(config, 2, 384)
     for value in (0, 1):
         given = backward.backward_config({"bwd_kv_batch_loop": value}, head_dim=128, dtype=jnp.bfloat16, q_len=8192,

@@ -163,8 +163,7 @@ class ModProgram:
     def applies_to_tiles(self, primitive_names: Sequence[str]) -> bool:
         """Whether the program, or a call inlined in it, binds one of ``primitive_names`` to a value of more than one
         element (once per score, not once per tile as ALiBi's ``exp2`` of the head index)."""
-        return self._binds(lambda eqn: eqn.primitive.name in primitive_names
-                           and any(math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars))
+        return self._binds(lambda eqn: eqn.primitive.name in primitive_names and _on_tiles(eqn))
 
     def _binds(self, matches: Callable) -> bool:
         def found(jaxpr) -> bool:
@@ -353,6 +352,12 @@ class _ConstRef:
     aval: Any
 
 
+def _on_tiles(eqn) -> bool:
+    """Whether the equation makes a value of more than one element: once per score, not once per tile (a function of
+    the head index)."""
+    return any(math.prod(getattr(v.aval, "shape", ())) > 1 for v in eqn.outvars)
+
+
 class _Interpreter:
     """Evaluates a program on demand, from its outputs back, so that index arithmetic jnp builds for a gather
     (``concatenate`` of broadcast index tiles, 3-D values the Triton lowering would reject) is never materialised:
@@ -430,8 +435,7 @@ class _Interpreter:
             converted = self.float_index_sum(eqn, read_raw, producers)
             if converted is not None:
                 return [converted]
-        if name == "tanh" and self.tanh is not None and eqn.outvars[0].aval.dtype == jnp.float32 \
-                and math.prod(eqn.outvars[0].aval.shape) > 1:
+        if name == "tanh" and self.tanh is not None and eqn.outvars[0].aval.dtype == jnp.float32 and _on_tiles(eqn):
             return [self.tanh(self.value(read_raw(eqn.invars[0])))]
         if name in ("add", "sub") and self.fma is not None:
             contracted = self.contract(eqn, read_raw, producers, uses)

@@ -34,8 +34,8 @@ scatter-add, which only the Triton dQ kernel has).
   kv_idx, their sum or difference (ALiBi's ``kv_idx - q_idx``) from index tiles converted once per program, one
   float add per score, instead of converting the integer tiles score by score (``forward.IndexTiles``; measured
   4-10% faster on ALiBi's forward, section 36);
-* ``mosaic_fwd_scale_queries`` (0 or 1; unset: 1 unless the score_mod calls a special function such as tanh):
-  where the score_mod needs the scaled score (ALiBi's sum, soft-capping's ``tanh(score / cap)``), 1 multiplies each
+* ``mosaic_fwd_scale_queries`` (0 or 1; unset: 1 unless the score_mod applies a special function such as tanh to
+  every score): where the score_mod needs the scaled score (ALiBi's sum, soft-capping's ``tanh(score / cap)``), 1 multiplies each
   query tile by the scale once per work item in shared memory, rounded to the input dtype, in place of one multiply
   per score (``forward.Config.scale_queries``; measured 2-8% faster on ALiBi, 0-4% slower on soft-capping, section
   40);
