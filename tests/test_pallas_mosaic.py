@@ -35,7 +35,7 @@ def _lists(q, k, block_mask):
     return block_mask
 
 
-def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_scores=False):
+def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_scores=False, scale=0.125):
     block_mask = _lists(q, k, _block_mask(mask_mod, q.shape[0], q.shape[2], k.shape[2]))
     mask_mod = block_mask.mask_mod or fa.noop_mask
 
@@ -51,7 +51,7 @@ def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_
             full_kv_num_blocks=full_kv_num_blocks,
             full_kv_indices=full_kv_indices,
             block_size=block_mask.BLOCK_SIZE,
-            scale=0.125,
+            scale=scale,
             kernel_options=kernel_options,
             with_max_scores=with_max_scores,
         )
@@ -143,6 +143,39 @@ def test_queries_are_scaled_in_the_kernel_where_the_score_mod_needs_the_scaled_s
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = plans
     assert (plan.query_scale, plan.scaling.score_scale) == pytest.approx((query_scale, score_scale))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head_dim, monkeypatch):
+    """The backward recomputes the scores from the unscaled queries with the forward's lse: queries scaled and rounded
+    in the forward (head dim 128's 0.0884...) would make its probabilities' rows sum to other than 1. Head dim 64's
+    0.125 scales exactly; a forward no backward follows scales either; mosaic_fwd_scale_queries 1 is obeyed."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    plans = []
+    kernel = forward._kernel
+
+    def recorded(*refs, plan, **kwargs):
+        plans.append(plan)
+        return kernel(*refs, plan=plan, **kwargs)
+
+    monkeypatch.setattr(forward, "_kernel", recorded)
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    scale = head_dim**-0.5
+    alibi = fa.generate_alibi_bias(2)
+    _lower_for_cuda(q, k, v, fa.causal_mask, alibi, scale=scale)
+    _lower_gradient_for_cuda(q, k, v, fa.causal_mask, alibi, scale=scale)
+    _lower_gradient_for_cuda(q, k, v, fa.causal_mask, alibi, scale=scale, kernel_options={"mosaic_fwd_scale_queries": 1})
+    exact = head_dim == 64
+    assert [plan.query_scale for plan in plans] == pytest.approx([scale, scale if exact else 1.0, scale])
+    assert [plan.scaling.score_scale for plan in plans] == pytest.approx([1.0, 1.0 if exact else scale, 1.0])
+
+
+def test_is_power_of_two():
+    from flexattn_jax.backends.pallas_mosaic.forward import is_power_of_two
+
+    assert [is_power_of_two(x) for x in (0.125, 1.0, 4.0, 2.0**-20)] == [True] * 4
+    assert [is_power_of_two(x) for x in (128**-0.5, 0.0, -0.125, 3.0, 0.125 / 20.0)] == [False] * 5
 
 
 def test_tanh_in_float16_lowers_to_the_packed_instruction():
@@ -783,7 +816,7 @@ def test_query_block_selections_with_captured_reads_stay_on_mosaic():
 
 
 def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None, array_gradient=False,
-                             kernel_options=None):
+                             kernel_options=None, scale=0.125):
     """The text of the CUDA lowering of the gradient of sum(out) with respect to q, k, v, and with respect to the
     array the score_mod closes over when ``array_gradient`` (``score_mod_of(array)`` builds the mod then)."""
     B, L, S = q.shape[0], q.shape[2], k.shape[2]
@@ -794,7 +827,7 @@ def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None,
         out, _ = pallas_mosaic.attention(
             q, k, v, score_mod=mod, mask_mod=block_mask.mask_mod, kv_num_blocks=block_mask.kv_num_blocks,
             kv_indices=block_mask.kv_indices, full_kv_num_blocks=block_mask.full_kv_num_blocks,
-            full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=0.125,
+            full_kv_indices=block_mask.full_kv_indices, block_size=block_mask.BLOCK_SIZE, scale=scale,
             kernel_options=kernel_options,
         )
         return jnp.sum(out.astype(jnp.float32))

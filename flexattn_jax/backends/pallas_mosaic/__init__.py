@@ -35,7 +35,8 @@ scatter-add, which only the Triton dQ kernel has).
   float add per score, instead of converting the integer tiles score by score (``forward.IndexTiles``; measured
   4-10% faster on ALiBi's forward, section 36);
 * ``mosaic_fwd_scale_queries`` (0 or 1; unset: 1 unless the score_mod applies a special function such as tanh to
-  every score): where the score_mod needs the scaled score (ALiBi's sum, soft-capping's ``tanh(score / cap)``), 1 multiplies each
+  every score, or a backward follows and the scale is not a power of two, whose rounded product would leave the
+  forward's lse off the scores the backward recomputes): where the score_mod needs the scaled score (ALiBi's sum, soft-capping's ``tanh(score / cap)``), 1 multiplies each
   query tile by the scale once per work item in shared memory, rounded to the input dtype, in place of one multiply
   per score (``forward.Config.scale_queries``; measured 2-8% faster on ALiBi, 0-4% slower on soft-capping, section
   40);
@@ -380,7 +381,7 @@ class _MosaicForward:
         return (_forward.BLOCK_M, self.config.block_n, "full")
 
     def __call__(self, q, k, v, score_consts, mask_consts, kv_lists: BlockLists, score_program, mask_program, *,
-                 with_max_scores: bool):
+                 with_max_scores: bool, for_backward: bool):
         return _forward.flex_forward(
             q,
             k,
@@ -394,6 +395,7 @@ class _MosaicForward:
             mask_block_size=self.mask_block_size,
             scale=self.scale,
             with_max_scores=with_max_scores,
+            for_backward=for_backward,
         )
 
 

@@ -90,7 +90,9 @@ class Config:
         score of every key tile. The scaled queries are rounded to the input dtype, a relative error of at most
         one half unit in its last place per element, the size of the inputs' own rounding. None: unless the
         score_mod applies a special function (``SPECIAL_FUNCTIONS``) to every score, whose unit then bounds the step
-        and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower).
+        and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower),
+        and, in a forward a backward follows, unless that rounding is not exact (``flex_forward``'s
+        ``for_backward``).
       exp2_emulated: of each key tile's columns, how many (the last ones) take the softmax's exp2 from a polynomial
         on the FMA units (``exp2_polynomial``) instead of the special-function unit, for steps that unit bounds
         (soft-capping's tanh beside exp2 at head dim 64, NOTES.md section 40). 0: none.
@@ -1137,6 +1139,12 @@ def _shifted(array: jax.Array, axis: int, offset, length: int) -> jax.Array:
     return jnp.take(array, jnp.clip(positions, 0, size - 1), axis=axis)
 
 
+def is_power_of_two(x: float) -> bool:
+    """Whether ``x`` is a positive power of two (0.125 for head dim 64; not 128's 0.0884...)."""
+    mantissa, _ = math.frexp(x)
+    return x > 0 and mantissa == 0.5
+
+
 def flex_forward(
     query: jax.Array,
     key: jax.Array,
@@ -1154,6 +1162,7 @@ def flex_forward(
     mask_block_size: tuple[int, int],
     scale: float,
     with_max_scores: bool = False,
+    for_backward: bool = False,
 ) -> tuple[jax.Array, ...]:
     """The forward kernel on plain arrays.
 
@@ -1168,6 +1177,12 @@ def flex_forward(
       mask_block_size: the BlockMask's (Q_BLOCK, KV_BLOCK).
       scale: multiplies q.k before score_mod.
       with_max_scores: also return each query's maximum modified score.
+      for_backward: a backward will recompute the scores from the unscaled queries and take each probability as
+        exp(score - lse). ``config.scale_queries`` unset then scales the queries only by a power of two, which
+        their dtype holds exactly: lse of rounded scaled queries breaks the rows' sums of those probabilities
+        by their rounding, and a gradient that sums score gradients over many keys (learned ALiBi slopes) loses
+        its cancellation (1.6e-2 relative error measured on an H200, where bfloat16's rounding of the output alone
+        gives 3e-3).
 
     Returns:
       out [B, Hq, L, E] in the query's dtype, lse [B, Hq, L] float32 (natural log; -inf and out 0 where a query
@@ -1193,7 +1208,8 @@ def flex_forward(
     query_scale = 1.0
     scale_queries = config.scale_queries
     if scale_queries is None:
-        scale_queries = not score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
+        scale_queries = not score_mod.applies_to_tiles(SPECIAL_FUNCTIONS) and (
+            not for_backward or is_power_of_two(scaling.score_scale))
     if scale_queries and scaling.apply_score_mod and scaling.score_scale != 1.0:
         query_scale, scaling = scaling.score_scale, dataclasses.replace(scaling, score_scale=1.0)
     float_index_signs = frozenset()

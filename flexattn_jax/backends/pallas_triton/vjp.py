@@ -35,9 +35,10 @@ class ForwardKernel(Protocol):
     tile: tuple  # the tile its mods are traced for, as ``_captures.trace_for_tiles`` takes it
 
     def __call__(self, q, k, v, score_consts, mask_consts, kv_lists, score_program, mask_program, *,
-                 with_max_scores: bool):
+                 with_max_scores: bool, for_backward: bool):
         """(out, lse), and max_scores with ``with_max_scores``, as ``flex_forward`` returns them; ``kv_lists`` a
-        ``backward.BlockLists``."""
+        ``backward.BlockLists``. ``for_backward``: the backward kernels will recompute the scores from these
+        inputs and take the probabilities as exp(score - lse), so lse must be of the scores they compute."""
 
 
 class BackwardKernels(Protocol):
@@ -298,10 +299,10 @@ def attention(
     else:
         q_lists = backward.BlockLists(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
 
-    def run_forward(q, k, v, score_consts, mask_consts, kv_lists):
+    def run_forward(q, k, v, score_consts, mask_consts, kv_lists, for_backward):
         if forward is not None:
             return forward(q, k, v, score_consts, mask_consts, kv_lists, score_programs[0], mask_programs[0],
-                           with_max_scores=with_max_scores)
+                           with_max_scores=with_max_scores, for_backward=for_backward)
         return flex_forward(
             q,
             k,
@@ -321,7 +322,7 @@ def attention(
     @jax.custom_vjp
     def attend(q, k, v, score_consts, mask_consts, kv_lists, q_lists):
         del q_lists
-        return run_forward(q, k, v, score_consts, mask_consts, kv_lists)
+        return run_forward(q, k, v, score_consts, mask_consts, kv_lists, for_backward=False)
 
     def attend_fwd(q, k, v, score_consts, mask_consts, kv_lists, q_lists):
         # With symbolic_zeros every leaf arrives as (value, perturbed).
@@ -331,7 +332,7 @@ def attention(
         q, k, v, score_consts, mask_consts, kv_lists, q_lists = custom_vjp_primal_tree_values(
             (q, k, v, score_consts, mask_consts, kv_lists, q_lists)
         )
-        outputs = run_forward(q, k, v, score_consts, mask_consts, kv_lists)
+        outputs = run_forward(q, k, v, score_consts, mask_consts, kv_lists, for_backward=True)
         residuals = (q, k, v, *outputs[:2], score_consts, mask_consts, kv_lists, q_lists, _Static(wanted))
         return outputs, residuals
 
