@@ -47,9 +47,6 @@
 #                                             scaled scores on soft-capping and ALiBi; the Triton batch loop on and off)
 #   bash benchmarks/device_session.sh alibi   NOTES.md section 40: the gpu tests `check` did not reach on an H200, then ALiBi
 #                                             (the queries scaled by default) and full attention beside the anchors
-#   bash benchmarks/device_session.sh softcap64  NOTES.md section 40's lead: the gpu tests of mosaic_fwd_exp2_emulated and
-#                                             mosaic_fwd_tanh_f16, then soft-capping's forward at D=64, at B=8, S=2048 and
-#                                             at 8K with 0 to 96 key columns' exp2 on the FMA units, tanh in float16, both
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -412,16 +409,6 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128 --cases alibi \
       --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 130 --out "$OUT/run_d128" 2>&1 \
       | grep -v Warning | tail -12
-    ;;
-  softcap64)
-    timeout 170 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k "exp2 or tanh" -n 8 -p no:benchmark -v -rf \
-      --tb=short >"$OUT/gpu_tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    # exp2_0 first and last: the spread of one process.
-    sweep 120 -D 64 --cases softcap --configs exp2_0 exp2_32 exp2_64 exp2_96 tanh_f16 tanh_f16_exp2_32 exp2_0
-    sweep 90 -B 8 -S 2048 --cases softcap --configs exp2_0 exp2_48 tanh_f16 tanh_f16_exp2_32 exp2_0
-    sweep 60 --cases softcap --configs exp2_0 tanh_f16 exp2_32
-    timeout 60 python3 -m benchmarks.ptxas_report --only softcap 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -55,16 +55,6 @@ CONFIGS = {
     # NOTES.md section 40: the scale multiplied into each query tile once per item, or into every score
     "scaled_queries": dict(mosaic_fwd_scale_queries=1),
     "scaled_scores": dict(mosaic_fwd_scale_queries=0),
-    # NOTES.md sections 14 and 40: exp2 of the last 32 to 96 columns of each key tile from the polynomial on the FMA
-    # units, against none (for soft-capping at D=64, whose tanh and exp2 saturate the special-function unit)
-    "exp2_0": dict(mosaic_fwd_exp2_emulated=0),
-    "exp2_32": dict(mosaic_fwd_exp2_emulated=32),
-    "exp2_48": dict(mosaic_fwd_exp2_emulated=48),
-    "exp2_64": dict(mosaic_fwd_exp2_emulated=64),
-    "exp2_96": dict(mosaic_fwd_exp2_emulated=96),
-    # and soft-capping's tanh in float16 (two results per special-function instruction), alone or with the above
-    "tanh_f16": dict(mosaic_fwd_tanh_f16=1),
-    "tanh_f16_exp2_32": dict(mosaic_fwd_tanh_f16=1, mosaic_fwd_exp2_emulated=32),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

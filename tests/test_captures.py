@@ -448,27 +448,3 @@ def test_products_used_by_a_sum_go_through_fma(name):
     in_kernel = _in_kernel(lambda refs, *a: program(refs, *a, fma=functools.partial(_tile.fma, fast=False)),
                            consts, args, True)
     np.testing.assert_allclose(in_kernel, jnp.broadcast_to(mod(*args), (BM, BN)), rtol=1e-6, atol=1e-6)
-
-
-def test_the_tanh_hook_evaluates_the_tanh_of_tiles_only():
-    """ModProgram's ``tanh``: the mod's tanh of a float32 tile goes through it (the Mosaic forward's float16
-    tanh), a tanh of a scalar (here of the head index) does not, and the rest of the mod is as written."""
-
-    def capped_by_head(score, b, h, q_idx, kv_idx):
-        return 30.0 * jnp.tanh(score / 30.0) * jnp.tanh(h.astype(jnp.float32) + 1.0)
-
-    program, consts = _captures.trace_score_mod(capped_by_head, BM, BN)
-    shapes = []
-
-    def tanh(x):
-        shapes.append(jnp.shape(x))
-        return jnp.tanh(x.astype(jnp.float16)).astype(jnp.float32)
-
-    args = _tile_args(seed=4)
-    got = program(consts, *args, tanh=tanh)
-    assert shapes == [(BM, BN)]
-    want = capped_by_head(*args)
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
-    assert not np.allclose(got, want, rtol=1e-6, atol=1e-6)  # the hook's float16 shows
-    np.testing.assert_allclose(program(consts, *args), want, rtol=1e-6, atol=1e-6)
-    assert program.applies_to_tiles(("tanh",)) and not program.applies_to_tiles(("exp2",))

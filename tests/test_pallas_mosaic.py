@@ -81,13 +81,9 @@ def test_every_supported_mod_lowers_for_cuda(case):
      (128, jnp.bfloat16, {"mosaic_fwd_overlap": 1}), (64, jnp.bfloat16, {"mosaic_fwd_overlap": 0}),
      (128, jnp.bfloat16, {"mosaic_fwd_q_buffers": 1}), (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4}),
      (128, jnp.bfloat16, {"mosaic_fwd_float_indices": 0}), (64, jnp.float16, {"mosaic_fwd_scale_queries": 1}),
-     (128, jnp.bfloat16, {"mosaic_fwd_scale_queries": 1, "mosaic_fwd_overlap": 1}),
-     (64, jnp.bfloat16, {"mosaic_fwd_exp2_emulated": 48}),
-     (128, jnp.float16, {"mosaic_fwd_exp2_emulated": 64, "mosaic_block_n": 64, "mosaic_fwd_overlap": 1}),
-     (64, jnp.bfloat16, {"mosaic_fwd_tanh_f16": 1}), (128, jnp.float16, {"mosaic_fwd_tanh_f16": 1})],
+     (128, jnp.bfloat16, {"mosaic_fwd_scale_queries": 1, "mosaic_fwd_overlap": 1})],
     ids=["f16-128", "bf16-256", "bn64-3stages", "overlap", "no-overlap", "one-query-buffer", "four-copy-warps",
-         "int-indices", "f16-64-scaled-queries", "overlap-scaled-queries", "exp2-48", "exp2-all-of-64-overlap",
-         "tanh-f16-64", "f16-tanh-f16-128"],
+         "int-indices", "f16-64-scaled-queries", "overlap-scaled-queries"],
 )
 def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -178,16 +174,6 @@ def test_is_power_of_two():
     assert [is_power_of_two(x) for x in (128**-0.5, 0.0, -0.125, 3.0, 0.125 / 20.0)] == [False] * 5
 
 
-def test_tanh_in_float16_lowers_to_the_packed_instruction():
-    """mosaic_fwd_tanh_f16 computes soft-capping's tanh with tanh.approx.f16x2 (two results an instruction); without
-    it the kernel has the float32 instruction only."""
-    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
-    packed = _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), kernel_options={"mosaic_fwd_tanh_f16": 1})
-    assert "tanh.approx.f16x2" in packed
-    plain = _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0))
-    assert "tanh.approx.f32" in plain and "tanh.approx.f16x2" not in plain
-
-
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_max_scores_are_a_third_output_only_when_asked_for(head_dim):
     """With ``with_max_scores`` the kernel stages each row's maximum through shared memory as it does the lse, and
@@ -263,9 +249,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
-     ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
-     ({"mosaic_fwd_exp2_emulated": 40}, ValueError), ({"mosaic_fwd_exp2_emulated": 96, "mosaic_block_n": 64}, ValueError),
-     ({"mosaic_fwd_tanh_f16": 2}, ValueError)],
+     ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -365,12 +349,10 @@ def test_gpu_backward_schedules_match_reference(case, options):
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_auto_barriers": 1}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1}),
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_heads_inner": 1}),
-     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1}),
-     (64, jnp.bfloat16, {"mosaic_fwd_tanh_f16": 1, "mosaic_fwd_exp2_emulated": 64}),
-     (64, jnp.float16, {"mosaic_fwd_tanh_f16": 1})],
+     (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
          "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel", "heads-inner-fused",
-         "heads-inner-dq-kernel", "64-tanh-f16-exp2-64", "f16-64-tanh-f16"],
+         "heads-inner-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
     q, k, v = random_qkv(6, B=1, Hq=4, Hkv=1, L=2048, S=2048, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -380,7 +362,6 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
-    "exp2-48": {"mosaic_fwd_exp2_emulated": 48}, "tanh-f16": {"mosaic_fwd_tanh_f16": 1},
 }
 
 
@@ -390,7 +371,7 @@ _FORWARD_VARIANTS = {
 def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
-    # in shared memory, exp2 of the last 48 columns from the polynomial, tanh in float16.
+    # in shared memory.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -423,9 +404,8 @@ def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "options", [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}, {"mosaic_fwd_scale_queries": 1},
-                {"mosaic_fwd_exp2_emulated": 128}],
-    ids=["defaults", "int-indices", "bn64", "scaled-queries", "exp2-all"],
+    "options", [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}, {"mosaic_fwd_scale_queries": 1}],
+    ids=["defaults", "int-indices", "bn64", "scaled-queries"],
 )
 def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
     # No mask and lengths the key tile divides (no bounds to mask): ALiBi's indices.
@@ -447,9 +427,7 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "options",
-    [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_exp2_emulated": 64}],
-    ids=["plain", "overlap", "exp2-64"],
+    "options", [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}], ids=["plain", "overlap"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -500,31 +478,6 @@ def _program_and_consts(mod, score=False):
 
 def _program(mod, score=False):
     return _program_and_consts(mod, score)[0]
-
-
-def test_exp2_polynomial_is_within_its_bound_and_zero_at_minus_inf():
-    from flexattn_jax.backends.pallas_mosaic.forward import exp2_polynomial, exp2_split
-
-    x = jnp.concatenate([-jnp.abs(jax.random.normal(jax.random.key(0), (4096,))) * 30.0,
-                         jnp.linspace(-124.0, 0.0, 4097)])
-    # Op by op, not under jit: XLA's CPU compiler would fold the rounding's (x + M) - M (the kernel keeps it).
-    got = exp2_polynomial(x, may_be_minus_inf=False)
-    relative = jnp.abs(got - jnp.exp2(x)) / jnp.exp2(x)
-    assert float(relative.max()) < 1e-4
-    assert float(exp2_polynomial(jnp.float32(0.0), may_be_minus_inf=False)) == pytest.approx(1.0, abs=1e-4)
-    # The softmax's FMA can round the row maximum's own exponent a little above 0.
-    assert float(exp2_polynomial(jnp.float32(3e-7), may_be_minus_inf=False)) == pytest.approx(1.0, abs=1e-4)
-    edges = jnp.array([-jnp.inf, -1e30, -126.0, -125.0], jnp.float32)
-    masked = exp2_polynomial(edges, may_be_minus_inf=True)
-    assert masked[:3].tolist() == [0.0, 0.0, 0.0] and float(masked[3]) > 0.0
-    assert bool(jnp.all(jnp.isfinite(exp2_polynomial(edges, may_be_minus_inf=False))))
-    tile = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.2, (64, 128)), -jnp.inf,
-                     -jnp.abs(jax.random.normal(jax.random.key(2), (64, 128))) * 8.0)
-    split = exp2_split(tile, 48, may_be_minus_inf=True)
-    assert bool(jnp.all((split == 0) == jnp.isneginf(tile)))
-    assert float(jnp.max(jnp.abs(split - jnp.exp2(tile)))) < 1e-4
-    assert bool(jnp.all(split[:, :80] == jnp.exp2(tile[:, :80])))  # the first columns stay on exp2 itself
-    assert bool(jnp.all(exp2_split(tile, 0, may_be_minus_inf=True) == jnp.exp2(tile)))
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])

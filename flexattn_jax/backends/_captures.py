@@ -150,11 +150,10 @@ class ModProgram:
         """
         return dataclasses.replace(self, exact_indices=True) if bound <= 2**24 else self
 
-    def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False, clamp_reads=True,
-                     tanh=None):
+    def _interpreter(self, const_refs, load, fma=None, float_indices=None, differentiated=False, clamp_reads=True):
         index_vars = tuple(self.jaxpr.invars[-2:]) if self.exact_indices else ()
         return _Interpreter(const_refs, load, index_vars, fma, float_indices, keep_custom_rules=differentiated,
-                            clamp_reads=clamp_reads, tanh=tanh)
+                            clamp_reads=clamp_reads)
 
     def calls(self, primitive_name: str) -> bool:
         """Whether the program, or a call inlined in it, binds ``primitive_name`` (``"custom_vjp_call"``)."""
@@ -204,7 +203,6 @@ class ModProgram:
         load: Callable | None = None,
         fma: Callable | None = None,
         float_indices: Callable | None = None,
-        tanh: Callable | None = None,
         clamp_reads: bool = True,
     ):
         """Evaluates the mod on tiles; ``const_refs`` are the consts' refs (or the arrays themselves, off-kernel).
@@ -221,13 +219,10 @@ class ModProgram:
         float32 of ``q_idx``, ``kv_idx``, their sum or either difference is taken from it instead of converting
         the integer tile score by score (``float_index_signs``).
 
-        ``tanh(x)``, if given, evaluates the mod's tanh of float32 tiles (a kernel's cheaper approximation).
-
         ``clamp_reads=False`` gives ``load`` the indices as the mod computes them, not clamped into the const (for
         an analysis of the reads; the loads themselves must then clamp).
         """
-        interpreter = self._interpreter(const_refs, load or _plain_load, fma, float_indices, tanh=tanh,
-                                        clamp_reads=clamp_reads)
+        interpreter = self._interpreter(const_refs, load or _plain_load, fma, float_indices, clamp_reads=clamp_reads)
         return interpreter(self.jaxpr, args)
 
     def vjp(self, const_refs: Sequence[Any], *args, load: Callable | None = None):
@@ -372,7 +367,6 @@ class _Interpreter:
         float_indices: Callable | None = None,
         keep_custom_rules: bool = False,
         clamp_reads: bool = True,
-        tanh: Callable | None = None,
     ):
         self.const_refs = const_refs
         self.load = load
@@ -383,7 +377,6 @@ class _Interpreter:
         # Where the mod is differentiated, custom derivative rules are kept (_CUSTOM_RULE_CALLS).
         self.keep_custom_rules = keep_custom_rules
         self.clamp_reads = clamp_reads  # False: loads see the indices as computed (ModProgram.__call__)
-        self.tanh = tanh  # float32 tile -> its tanh, in place of the primitive's (ModProgram.__call__)
 
     def __call__(self, jaxpr, args):
         assert len(self.const_refs) <= len(jaxpr.invars)
@@ -435,8 +428,6 @@ class _Interpreter:
             converted = self.float_index_sum(eqn, read_raw, producers)
             if converted is not None:
                 return [converted]
-        if name == "tanh" and self.tanh is not None and eqn.outvars[0].aval.dtype == jnp.float32 and _on_tiles(eqn):
-            return [self.tanh(self.value(read_raw(eqn.invars[0])))]
         if name in ("add", "sub") and self.fma is not None:
             contracted = self.contract(eqn, read_raw, producers, uses)
             if contracted is not None:

@@ -40,13 +40,6 @@ scatter-add, which only the Triton dQ kernel has).
   query tile by the scale once per work item in shared memory, rounded to the input dtype, in place of one multiply
   per score (``forward.Config.scale_queries``; measured 2-8% faster on ALiBi, 0-4% slower on soft-capping, section
   40);
-* ``mosaic_fwd_exp2_emulated`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): of each key
-  tile, how many columns take the softmax's exp2 from a cubic on the FMA units instead of the special-function
-  unit (``forward.exp2_polynomial``), for steps that unit bounds: soft-capping at head dim 64 (section 40's lead;
-  section 14 measured it no faster where the unit is not the bound);
-* ``mosaic_fwd_tanh_f16`` (0, the default, or 1): the forward computes the score_mod's tanh of each score in
-  float16 (tanh.approx.f16x2: two results per special-function instruction), for the same steps; its output error
-  stays near bfloat16's rounding (``forward.tanh_in_float16``); not yet measured;
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -91,11 +84,10 @@ OPTION_KEYS = (
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-    "mosaic_fwd_scale_queries", "mosaic_fwd_exp2_emulated", "mosaic_fwd_tanh_f16",
+    "mosaic_fwd_scale_queries",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
-_EXP2_EMULATED = tuple(range(0, 129, 16))  # key columns whose exp2 is a polynomial: multiples of 16
 _MAX_STAGES = 4
 _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 # What Mosaic GPU adds to the buffers counted below (barriers, alignment): 128 KiB-key-tile, 3-stage D=128 needs
@@ -135,11 +127,9 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-                   "mosaic_fwd_scale_queries", "mosaic_fwd_tanh_f16") \
+                   "mosaic_fwd_scale_queries") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
-        if key == "mosaic_fwd_exp2_emulated" and value not in _EXP2_EMULATED:
-            raise ValueError(f"kernel_options['mosaic_fwd_exp2_emulated'] must be one of {_EXP2_EMULATED}, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
             raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
@@ -182,14 +172,8 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     copy_warps = options.get("mosaic_fwd_copy_warps", 1)
     float_indices = bool(options.get("mosaic_fwd_float_indices", 1))
     scale_queries = bool(options["mosaic_fwd_scale_queries"]) if "mosaic_fwd_scale_queries" in options else None
-    exp2_emulated = options.get("mosaic_fwd_exp2_emulated", 0)
-    if exp2_emulated > block_n:
-        raise ValueError(f"kernel_options['mosaic_fwd_exp2_emulated'] must be at most the key tile, {block_n} here "
-                         f"(mosaic_block_n), got {exp2_emulated}")
-    tanh_f16 = bool(options.get("mosaic_fwd_tanh_f16", 0))
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
-                           copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
-                           exp2_emulated=exp2_emulated, tanh_f16=tanh_f16), ""
+                           copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries), ""
 
 
 def unsupported_reason(

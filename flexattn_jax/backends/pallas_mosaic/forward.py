@@ -90,14 +90,9 @@ class Config:
         score of every key tile. The scaled queries are rounded to the input dtype, a relative error of at most
         one half unit in its last place per element, the size of the inputs' own rounding. None: unless the
         score_mod applies a special function (``SPECIAL_FUNCTIONS``) to every score, whose unit then bounds the step
-        and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower),
-        and, in a forward a backward follows, unless that rounding is not exact (``flex_forward``'s
+        and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower);
+        in a forward a backward follows, only where the scale is a power of two (``flex_forward``'s
         ``for_backward``).
-      exp2_emulated: of each key tile's columns, how many (the last ones) take the softmax's exp2 from a polynomial
-        on the FMA units (``exp2_polynomial``) instead of the special-function unit, for steps that unit bounds
-        (soft-capping's tanh beside exp2 at head dim 64, NOTES.md section 40). 0: none.
-      tanh_f16: the score_mod's tanh of float32 tiles is computed in float16 (``tanh_in_float16``): two results
-        per special-function instruction, for the same steps.
     """
 
     block_n: int
@@ -107,8 +102,6 @@ class Config:
     copy_warps: int = 1
     float_indices: bool = True
     scale_queries: bool | None = None
-    exp2_emulated: int = 0
-    tanh_f16: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,8 +510,6 @@ class _Plan:
     apply_mask_mod: bool
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
-    exp2_emulated: int  # key columns whose exp2 is a polynomial (Config.exp2_emulated)
-    tanh_f16: bool  # the score_mod's tanh in float16 (Config.tanh_f16)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -669,61 +660,6 @@ class IndexTiles:
         return float_indices
 
 
-# 2**f on [-1/2, 1/2] to a relative error of 7.5e-5 (a cubic fitted to the relative error by reweighted least
-# squares): below the rounding of P to bfloat16 (3.9e-3) or float16 (4.9e-4) before it multiplies V.
-_EXP2_CUBIC = (0.05517111799717522, 0.24260978234093275, 0.6932609536727427, 0.999928156505169)
-_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23: x + this rounds x to an integer held in the low mantissa bits
-_EXP2_FLOOR = -125.0  # below this 2**x would not be a normal float32; the result is 0 there when asked
-
-
-def exp2_polynomial(x, *, may_be_minus_inf: bool):
-    """2**x for x <= 0 (or a rounding above) with FMA-unit arithmetic only: x = n + f with n an integer and
-    |f| <= 1/2, 2**f from a cubic, n added into the exponent bits. About 9 float and 2 integer instructions in
-    place of one on the special-function unit, which does 16 results a clock per SM and also computes tanh: a
-    softmax that saturates that unit can hand part of its exp2s to the FMA units. ``may_be_minus_inf``: exactly 0
-    where x is -inf (masked scores: a row that attends nowhere must sum to 0); otherwise values below 2**-125 come
-    out as about that.
-
-    The rounding relies on (x + M) - M being evaluated as written: so it is in the kernel (Mosaic GPU's float adds
-    carry only LLVM's ``contract`` flag), but XLA's CPU compiler folds it under ``jax.jit``."""
-    clamped = jnp.maximum(x, jnp.float32(_EXP2_FLOOR))
-    shifted = clamped + jnp.float32(_ROUNDING_MAGIC)
-    fraction = clamped - (shifted - jnp.float32(_ROUNDING_MAGIC))
-    c3, c2, c1, c0 = (jnp.float32(c) for c in _EXP2_CUBIC)
-    mantissa = ((c3 * fraction + c2) * fraction + c1) * fraction + c0
-    # The low bits of ``shifted`` hold n (two's complement): shifted left by 23 they are n in the exponent field.
-    bits = lax.bitcast_convert_type(mantissa, jnp.int32) + lax.shift_left(
-        lax.bitcast_convert_type(shifted, jnp.int32), jnp.int32(23)
-    )
-    result = lax.bitcast_convert_type(bits, jnp.float32)
-    if may_be_minus_inf:
-        result = jnp.where(x >= jnp.float32(_EXP2_FLOOR), result, jnp.float32(0.0))
-    return result
-
-
-def tanh_in_float16(x):
-    """tanh of a float32 tile through float16. In the kernel (``approx_math``) Mosaic GPU computes it with
-    tanh.approx.f16x2, two results per special-function instruction where tanh.approx.f32 gives one, plus a
-    conversion to float16 pairs and two back. Its error: float16's rounding of the argument and the result (a
-    relative 2**-11 each) beside tanh.approx's own (2**-10.7 for f16x2, 2**-11 for f32); on soft-capped causal
-    attention the output's relative error against float64 is about 1.7e-3, against 1.5e-3 with the float32
-    approximation and 1.6e-3 for rounding the output to bfloat16 (``benchmarks.tanh_precision``)."""
-    return jnp.tanh(x.astype(jnp.float16)).astype(jnp.float32)
-
-
-def exp2_split(x, emulated: int, *, may_be_minus_inf: bool):
-    """exp2 of a [rows, columns] tile: the last ``emulated`` columns by ``exp2_polynomial``, the others on the
-    special-function unit."""
-    if emulated == 0:
-        return jnp.exp2(x)
-    columns = x.shape[1]
-    if emulated == columns:
-        return exp2_polynomial(x, may_be_minus_inf=may_be_minus_inf)
-    on_unit = jnp.exp2(x[:, : columns - emulated])
-    on_fma = exp2_polynomial(x[:, columns - emulated:], may_be_minus_inf=may_be_minus_inf)
-    return jnp.concatenate([on_unit, on_fma], axis=1)
-
-
 def persistent_schedule(program, total: int, num_programs: int):
     """Which work items persistent program ``program`` runs: (how many, the item number of its i-th).
 
@@ -857,7 +793,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
                         y = as_tile(score_mod(
                             score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
-                            float_indices=float_indices, tanh=tanh_in_float16 if plan.tanh_f16 else None,
+                            float_indices=float_indices,
                         ), (BLOCK_M, block_n), jnp.float32)
                     if scaling.value_scale != 1.0:
                         y = y * jnp.float32(scaling.value_scale)
@@ -879,8 +815,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
                     correction = jnp.exp2(row_max * exp_scale - shift)
-                    p = exp2_split(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]), plan.exp2_emulated,
-                                   may_be_minus_inf=needs_mask or scaling.apply_score_mod)
+                    p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
                     row_sum = row_sum * correction + p.sum(axis=1)
                     return (p.astype(dtype) if convert else p), new_max, row_sum, correction
 
@@ -1243,8 +1178,6 @@ def flex_forward(
         apply_mask_mod=not is_everywhere(mask_mod),
         scaling=scaling,
         query_scale=query_scale,
-        exp2_emulated=config.exp2_emulated,
-        tanh_f16=config.tanh_f16,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
