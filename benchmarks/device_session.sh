@@ -47,6 +47,8 @@
 #                                             scaled scores on soft-capping and ALiBi; the Triton batch loop on and off)
 #   bash benchmarks/device_session.sh alibi   NOTES.md section 40: the gpu tests `check` did not reach on an H200, then ALiBi
 #                                             (the queries scaled by default) and full attention beside the anchors
+#   bash benchmarks/device_session.sh softcap NOTES.md sections 42-43: the gpu tests of the fixed maximum and the
+#                                             captured array's gradient, then soft-capping with the fixed maximum or not
 #   bash benchmarks/device_session.sh ncu     Nsight Compute on our D=64 forward and PyTorch's: launch, occupancy,
 #                                             issue, and the SASS the GPU runs (NOTES.md section 27)
 # Each step has its own time limit, so that a slow one cannot take the whole call.
@@ -409,6 +411,18 @@ case "${1:-}" in
     timeout 200 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128 --cases alibi \
       --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 130 --out "$OUT/run_d128" 2>&1 \
       | grep -v Warning | tail -12
+    ;;
+  softcap)
+    # NOTES.md sections 42 and 43: the gpu tests of the softmax against soft-capping's cap and of the captured
+    # array's gradient (queries scaled exactly where a backward follows), with every supported mod's; then
+    # soft-capping's forward with the fixed maximum and the running one (each first and last: one process' spread).
+    timeout 200 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "fixed_maximum or captured_array or scalings_folded or max_scores_match or every_supported_mod" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    sweep 120 -D 64 --cases softcap causal --configs running_max fixed_max running_max
+    sweep 100 -B 8 -S 2048 --cases softcap --configs running_max fixed_max running_max
+    sweep 80 --cases softcap --configs running_max fixed_max
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

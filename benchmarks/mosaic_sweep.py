@@ -55,6 +55,9 @@ CONFIGS = {
     # NOTES.md section 40: the scale multiplied into each query tile once per item, or into every score
     "scaled_queries": dict(mosaic_fwd_scale_queries=1),
     "scaled_scores": dict(mosaic_fwd_scale_queries=0),
+    # NOTES.md section 43: soft-capping's softmax against the cap (the default) or the running maximum
+    "fixed_max": dict(mosaic_fwd_fixed_max=1),
+    "running_max": dict(mosaic_fwd_fixed_max=0),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

@@ -167,6 +167,44 @@ def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head
     assert [plan.scaling.score_scale for plan in plans] == pytest.approx([1.0, 1.0 if exact else scale, 1.0])
 
 
+@pytest.mark.parametrize(
+    "score_mod, dtype, options, with_max_scores, fixed_max",
+    [(fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 1.0),
+     (fa.tanh_softcap(41.0), jnp.bfloat16, None, False, 1.0),
+     (fa.tanh_softcap(42.0), jnp.bfloat16, None, False, None),  # 2 * 42 * log2(e) = 121 > 120
+     (fa.tanh_softcap(30.0), jnp.float16, None, False, None),
+     (fa.tanh_softcap(4.0), jnp.float16, None, False, 1.0),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, None, True, None),
+     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, None, False, 1.0),
+     (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, None, False, None),
+     (fa.generate_alibi_bias(2), jnp.bfloat16, None, False, None),
+     (None, jnp.bfloat16, None, False, None)],
+    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "option-off", "max-scores",
+         "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
+)
+def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
+    score_mod, dtype, options, with_max_scores, fixed_max, monkeypatch
+):
+    """Soft-capping's values lie in [-1, 1] before the cap's factor (folded into the exponent): the softmax subtracts
+    1, not the running maximum, where every probability then stays a normal number of P's dtype. So does 2 sigmoid
+    (logistic's [0, 1]); a negative factor after it is not folded out, and the program's last step is a multiply."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    plans = []
+    kernel = forward._kernel
+
+    def recorded(*refs, plan, **kwargs):
+        plans.append(plan)
+        return kernel(*refs, plan=plan, **kwargs)
+
+    monkeypatch.setattr(forward, "_kernel", recorded)
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=dtype)
+    _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options, with_max_scores=with_max_scores)
+    (plan,) = plans
+    assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max))
+
+
 def test_is_power_of_two():
     from flexattn_jax.backends.pallas_mosaic.forward import is_power_of_two
 
@@ -249,7 +287,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
     [({"mosaic_block_n": 32}, ValueError), ({"mosaic_num_stages": 1}, ValueError), ({"mosaic_block_n": 64.0}, TypeError),
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
-     ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError)],
+     ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
+     ({"mosaic_fwd_fixed_max": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -441,6 +480,33 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
                                  kernel_options=options)
     assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "cap, dtype, head_dim, options",
+    [(30.0, jnp.bfloat16, 64, None), (30.0, jnp.bfloat16, 128, {"mosaic_fwd_overlap": 1}),
+     (41.0, jnp.bfloat16, 128, {"mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, None),
+     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0})],
+    ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max"],
+)
+def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
+    """The softmax against the cap (mosaic_fwd_fixed_max, on by default where it applies): scores driven to both
+    ends of the cap, a length no tile divides, and every fifth row attending nowhere (output 0, lse -inf)."""
+    L = 700
+    q, k, v = random_qkv(12, B=1, Hq=4, Hkv=2, L=L, S=L, E=head_dim, Ev=head_dim, dtype=jnp.float32)
+    q = (q * 3.0 * cap**0.5).astype(dtype)  # q.k * scale of spread about 3 * cap: most scores beyond the cap
+    k, v = k.astype(dtype), v.astype(dtype)
+
+    def some_rows_attend_nowhere(b, h, q_idx, kv_idx):
+        return (q_idx % 5 != 3) & (kv_idx <= q_idx)
+
+    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, fa.tanh_softcap(cap), kernel_options=options)
+    block_mask = _block_mask(some_rows_attend_nowhere, 1, L, L)
+    out, lse = fa.flex_attention(q, k, v, fa.tanh_softcap(cap), block_mask, enable_gqa=True, return_lse=True,
+                                 implementation="pallas_mosaic", kernel_options=options)
+    assert float(jnp.abs(out[:, :, 3::5].astype(jnp.float32)).max()) == 0.0
+    assert bool(jnp.all(lse[:, :, 3::5] == -jnp.inf))
 
 
 _MAX_SCORES_CASES = [case for case in _SUPPORTED

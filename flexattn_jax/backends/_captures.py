@@ -187,6 +187,14 @@ class ModProgram:
         return frozenset(uses)
 
     @property
+    def output_range(self) -> tuple[float, float] | None:
+        """Bounds of every value the program returns, where its last equation bounds it (tanh: [-1, 1], logistic:
+        [0, 1]); None otherwise."""
+        out = self.jaxpr.outvars[0]
+        last = next((e for e in self.jaxpr.eqns if e.outvars[0] is out), None)
+        return None if last is None else _BOUNDED_PRIMITIVES.get(last.primitive.name)
+
+    @property
     def is_identity(self) -> bool:
         """A score_mod that returns its score argument unchanged (no equations)."""
         return not self.jaxpr.eqns and self.jaxpr.outvars[0] is self.jaxpr.invars[self.num_consts]
@@ -345,6 +353,10 @@ class _ConstRef:
     const: int
     ref: Any
     aval: Any
+
+
+# Primitives whose every result lies in a fixed interval (ModProgram.output_range).
+_BOUNDED_PRIMITIVES = {"tanh": (-1.0, 1.0), "logistic": (0.0, 1.0)}
 
 
 def _on_tiles(eqn) -> bool:

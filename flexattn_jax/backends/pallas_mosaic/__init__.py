@@ -40,6 +40,10 @@ scatter-add, which only the Triton dQ kernel has).
   query tile by the scale once per work item in shared memory, rounded to the input dtype, in place of one multiply
   per score (``forward.Config.scale_queries``; measured 2-8% faster on ALiBi, 0-4% slower on soft-capping, section
   40);
+* ``mosaic_fwd_fixed_max`` (1, the default, or 0): where the score_mod's result is bounded
+  (soft-capping's tanh), the forward's softmax subtracts the bound instead of each row's running maximum, with no
+  maximum to reduce and no accumulator to rescale per key tile (``forward.Config.fixed_max``; bfloat16 up to a cap
+  of 41, float16 up to 4.8, so that every probability stays a normal number; not with the maximum scores);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -84,7 +88,7 @@ OPTION_KEYS = (
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-    "mosaic_fwd_scale_queries",
+    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -127,7 +131,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-                   "mosaic_fwd_scale_queries") \
+                   "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
@@ -172,8 +176,10 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     copy_warps = options.get("mosaic_fwd_copy_warps", 1)
     float_indices = bool(options.get("mosaic_fwd_float_indices", 1))
     scale_queries = bool(options["mosaic_fwd_scale_queries"]) if "mosaic_fwd_scale_queries" in options else None
+    fixed_max = bool(options.get("mosaic_fwd_fixed_max", 1))
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
-                           copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries), ""
+                           copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
+                           fixed_max=fixed_max), ""
 
 
 def unsupported_reason(

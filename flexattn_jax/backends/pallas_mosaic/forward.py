@@ -93,6 +93,11 @@ class Config:
         and leaves the multiply free (benchmarks/NOTES.md section 40: ALiBi 2-8% faster, soft-capping 0-4% slower);
         in a forward a backward follows, only where the scale is a power of two (``flex_forward``'s
         ``for_backward``).
+      fixed_max: where the score_mod's result is bounded (soft-capping's tanh: ``ModProgram.output_range``), the
+        online softmax subtracts that bound instead of each row's running maximum: no maximum to reduce per key
+        tile, no rescaling of the accumulator, and each score's exp2 need not wait for its row's other scores.
+        Only where every probability stays a normal number of the input dtype relative to the bound
+        (``FIXED_MAX_SPAN``), and not with ``with_max_scores``. False: the running maximum everywhere.
     """
 
     block_n: int
@@ -102,6 +107,7 @@ class Config:
     copy_warps: int = 1
     float_indices: bool = True
     scale_queries: bool | None = None
+    fixed_max: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +516,7 @@ class _Plan:
     apply_mask_mod: bool
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
+    fixed_max: float | None  # the value every row's maximum is taken to be (Config.fixed_max); None: the running one
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -757,7 +764,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
-                row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), _NEG_INF, jnp.float32), row_layout)
+                initial_max = _NEG_INF if plan.fixed_max is None else plan.fixed_max
+                row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
                 row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
                 acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -811,6 +819,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
                     exp_scale = jnp.float32(scaling.exp_scale)
+                    if plan.fixed_max is not None:
+                        # Every value lies at or below the bound: exp2 against it, a constant (Config.fixed_max).
+                        p = jnp.exp2(y * exp_scale - jnp.float32(plan.fixed_max * scaling.exp_scale))
+                        row_sum = row_sum + p.sum(axis=1)
+                        return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
@@ -836,7 +849,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     p_low, new_max, row_sum, correction = probabilities(
                         s, step, row_max, row_sum, partial=not is_full_block
                     )
-                    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+                    if correction is not None:
+                        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
                     # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
                     plgpu.barrier_arrive(schedule)
@@ -908,7 +922,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         # barrier orders the conversion after the wait), and the rescaled accumulator and P are
                         # computed here rather than sunk by LLVM towards their use behind the next Q K^T.
                         o, p = lax.optimization_barrier((o, p))
-                        o = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                        if correction is not None:
+                            o = o * lax.broadcast_in_dim(correction, o.shape, [0])
                         p_low = p.astype(dtype)
                         o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
                         o_ref[...] = o
@@ -1074,6 +1089,25 @@ def _shifted(array: jax.Array, axis: int, offset, length: int) -> jax.Array:
     return jnp.take(array, jnp.clip(positions, 0, size - 1), axis=axis)
 
 
+# How far below a fixed maximum (in log2 units: exp2's argument) a value may lie, so that its probability stays a
+# normal number of P's dtype: 2^-120 for bfloat16 (float32's exponent range, 6 binades to spare), 2^-14 for float16.
+FIXED_MAX_SPAN = {jnp.dtype(jnp.bfloat16): 120.0, jnp.dtype(jnp.float16): 14.0}
+
+
+def bounded_max(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> float | None:
+    """The bound of the kernel's value (``score_mod``'s result times ``value_scale``) where ``score_mod`` is applied
+    and bounds its result (``ModProgram.output_range``) within ``FIXED_MAX_SPAN`` of exp2's argument; else None.
+    Soft-capping at cap c: values in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c (cap 30: 87; in bfloat16
+    up to a cap of 41)."""
+    bounds = score_mod.output_range if scaling.apply_score_mod else None
+    if bounds is None:
+        return None
+    low, high = sorted(b * scaling.value_scale for b in bounds)
+    if (high - low) * scaling.exp_scale > FIXED_MAX_SPAN.get(jnp.dtype(dtype), 0.0):
+        return None
+    return high
+
+
 def is_power_of_two(x: float) -> bool:
     """Whether ``x`` is a positive power of two (0.125 for head dim 64; not 128's 0.0884...)."""
     mantissa, _ = math.frexp(x)
@@ -1147,6 +1181,9 @@ def flex_forward(
             not for_backward or is_power_of_two(scaling.score_scale))
     if scale_queries and scaling.apply_score_mod and scaling.score_scale != 1.0:
         query_scale, scaling = scaling.score_scale, dataclasses.replace(scaling, score_scale=1.0)
+    fixed_max = None
+    if config.fixed_max and not with_max_scores:
+        fixed_max = bounded_max(score_mod, scaling, jnp.dtype(query.dtype))
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
@@ -1178,6 +1215,7 @@ def flex_forward(
         apply_mask_mod=not is_everywhere(mask_mod),
         scaling=scaling,
         query_scale=query_scale,
+        fixed_max=fixed_max,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
