@@ -167,27 +167,31 @@ def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head
     assert [plan.scaling.score_scale for plan in plans] == pytest.approx([1.0, 1.0 if exact else scale, 1.0])
 
 
+_FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
+
+
 @pytest.mark.parametrize(
     "score_mod, dtype, options, with_max_scores, fixed_max",
-    [(fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 1.0),
-     (fa.tanh_softcap(41.0), jnp.bfloat16, None, False, 1.0),
-     (fa.tanh_softcap(42.0), jnp.bfloat16, None, False, None),  # 2 * 42 * log2(e) = 121 > 120
-     (fa.tanh_softcap(30.0), jnp.float16, None, False, None),
-     (fa.tanh_softcap(4.0), jnp.float16, None, False, 1.0),
-     (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
-     (fa.tanh_softcap(30.0), jnp.bfloat16, None, True, None),
-     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, None, False, 1.0),
-     (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, None, False, None),
-     (fa.generate_alibi_bias(2), jnp.bfloat16, None, False, None),
-     (None, jnp.bfloat16, None, False, None)],
-    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "option-off", "max-scores",
+    [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
+     (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
+     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 2 * 42 * log2(e) = 121 > 120
+     (fa.tanh_softcap(30.0), jnp.float16, _FIXED_MAX, False, None),
+     (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, 1.0),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, None),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, True, None),
+     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, 1.0),
+     (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, None),
+     (fa.generate_alibi_bias(2), jnp.bfloat16, _FIXED_MAX, False, None),
+     (None, jnp.bfloat16, _FIXED_MAX, False, None)],
+    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "default-off", "max-scores",
          "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
     score_mod, dtype, options, with_max_scores, fixed_max, monkeypatch
 ):
-    """Soft-capping's values lie in [-1, 1] before the cap's factor (folded into the exponent): the softmax subtracts
-    1, not the running maximum, where every probability then stays a normal number of P's dtype. So does 2 sigmoid
+    """With mosaic_fwd_fixed_max: soft-capping's values lie in [-1, 1] before the cap's factor (folded into the
+    exponent), so the softmax subtracts 1, not the running maximum, where every probability then stays a normal
+    number of P's dtype. So does 2 sigmoid
     (logistic's [0, 1]); a negative factor after it is not folded out, and the program's last step is a multiply."""
     from flexattn_jax.backends.pallas_mosaic import forward
 
@@ -485,13 +489,13 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "cap, dtype, head_dim, options",
-    [(30.0, jnp.bfloat16, 64, None), (30.0, jnp.bfloat16, 128, {"mosaic_fwd_overlap": 1}),
-     (41.0, jnp.bfloat16, 128, {"mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, None),
-     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0})],
+    [(30.0, jnp.bfloat16, 64, _FIXED_MAX), (30.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 1}),
+     (41.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, _FIXED_MAX),
+     (30.0, jnp.bfloat16, 64, None)],
     ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max"],
 )
 def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
-    """The softmax against the cap (mosaic_fwd_fixed_max, on by default where it applies): scores driven to both
+    """The softmax against the cap (mosaic_fwd_fixed_max): scores driven to both
     ends of the cap, a length no tile divides, and every fifth row attending nowhere (output 0, lse -inf)."""
     L = 700
     q, k, v = random_qkv(12, B=1, Hq=4, Hkv=2, L=L, S=L, E=head_dim, Ev=head_dim, dtype=jnp.float32)
