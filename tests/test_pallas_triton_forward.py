@@ -247,6 +247,35 @@ def test_online_softmax_matches_one_shot_and_survives_empty_rows():
     assert lse[3] == -jnp.inf and np.all(np.asarray(out[3]) == 0)
 
 
+def test_online_softmax_rescales_by_the_rounded_shifts_so_lse_does_not_drift(monkeypatch):
+    """With the GPU's fused multiply-add (emulated here in float64), exp2(max * exp_scale - shift) is exp2 of the
+    shift's rounding error, not 1, at every step where the maximum stays: over 256 key tiles that compounded into
+    lse (4.6e-5 here, at |lse| near 10, and as much in the backward's probabilities). Rescaling by the difference of the two
+    rounded shifts keeps lse within a few units in its last place."""
+
+    def hardware_fma(a, b, c, *, fast):
+        del fast
+        exact = np.float64(np.asarray(a)) * np.float64(b) + np.float64(np.asarray(c))
+        return jnp.asarray(exact.astype(np.float32))
+
+    monkeypatch.setattr(_tile, "fma", hardware_fma)
+    rng = np.random.default_rng(0)
+    rows, keys, tile, exp_scale = 8, 4096, 16, _tile.LOG2_E * 0.125
+    s = (rng.standard_normal((rows, keys)) * 8 + 40).astype(np.float32)
+    s[:, 0] = s.max(axis=1) + 5  # the maximum comes first and stays
+    v = jnp.ones((keys, 16), jnp.float32)
+    state = _tile.softmax_init(rows, 16)
+    for start in range(0, keys, tile):
+        state = _tile.softmax_update(state, jnp.asarray(s[:, start : start + tile]), v[start : start + tile],
+                                     exp_scale=exp_scale, inline_ptx=False)
+    _, lse = _tile.softmax_finalize(state, exp_scale=exp_scale)
+    scaled = s.astype(np.float64) * 0.125
+    top = scaled.max(axis=1)
+    want = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+    ulp = np.spacing(np.float32(np.abs(want).max()))
+    assert np.abs(np.asarray(lse, np.float64) - want).max() < 4 * ulp
+
+
 # --------------------------------------------------------------------------------- realistic sizes, on a GPU
 
 
