@@ -1,5 +1,7 @@
 """The pallas_triton forward kernel against the dense reference (interpret mode on CPU; gpu-marked tests on a GPU)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,8 +252,8 @@ def test_online_softmax_matches_one_shot_and_survives_empty_rows():
 def test_online_softmax_rescales_by_the_rounded_shifts_so_lse_does_not_drift(monkeypatch):
     """With the GPU's fused multiply-add (emulated here in float64), exp2(max * exp_scale - shift) is exp2 of the
     shift's rounding error, not 1, at every step where the maximum stays: over 256 key tiles that compounded into
-    lse (4.6e-5 here, at |lse| near 10, and as much in the backward's probabilities). Rescaling by the difference of the two
-    rounded shifts keeps lse within a few units in its last place."""
+    lse (4.6e-5 here, at |lse| near 10, and as much in the backward's probabilities). The state keeps the rounded
+    shift, and a rescaling is by the difference of two of them."""
 
     def hardware_fma(a, b, c, *, fast):
         del fast
@@ -268,12 +270,45 @@ def test_online_softmax_rescales_by_the_rounded_shifts_so_lse_does_not_drift(mon
     for start in range(0, keys, tile):
         state = _tile.softmax_update(state, jnp.asarray(s[:, start : start + tile]), v[start : start + tile],
                                      exp_scale=exp_scale, inline_ptx=False)
-    _, lse = _tile.softmax_finalize(state, exp_scale=exp_scale)
+    _, lse = _tile.softmax_finalize(state)
     scaled = s.astype(np.float64) * 0.125
     top = scaled.max(axis=1)
     want = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
     ulp = np.spacing(np.float32(np.abs(want).max()))
     assert np.abs(np.asarray(lse, np.float64) - want).max() < 4 * ulp
+
+
+def test_lse_of_large_scores_is_as_accurate_at_any_key_tile():
+    """The kernel itself, where XLA's CPU compiler contracts a multiply into the next add as the GPU's FMA does:
+    scores up to about 140 (a bias growing with the distance), their lse against float64 at key tiles of 16 and 128
+    (before the state kept the rounded shift: 8.9e-5 and 1.7e-5), and the gradients, whose probabilities take lse
+    (a randomized comparison found them 2.2e-5 from the reference at tiles of 16)."""
+    B, H, L, S, E = 1, 2, 128, 256, 16
+    q, k, v = random_qkv(69, B=B, Hq=H, Hkv=H, L=L, S=S, E=E, Ev=32)
+
+    def distance_bias(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx).astype(jnp.float32)
+
+    scores = np.einsum("bhqd,bhkd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) * E**-0.5
+    scores += np.arange(L)[:, None] - np.arange(S)[None, :]
+    top = scores.max(axis=-1)
+    want = top + np.log(np.exp(scores - top[..., None]).sum(axis=-1))
+    cotangent = jax.random.normal(jax.random.key(70), (B, H, L, 32))
+
+    def loss(implementation, options, q, k, v):
+        out = fa.flex_attention(q, k, v, distance_bias, implementation=implementation, kernel_options=options,
+                                interpret=implementation != "reference")
+        return jnp.sum(out * cotangent)
+
+    reference = jax.grad(functools.partial(loss, "reference", None), argnums=(0, 1, 2))(q, k, v)
+    for block_n in (16, 128):
+        options = dict(BLOCK_M=32, BLOCK_N=block_n, BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16)
+        _, lse = fa.flex_attention(q, k, v, distance_bias, return_lse=True, implementation="pallas_triton",
+                                   interpret=True, kernel_options=options)
+        assert np.abs(np.asarray(lse, np.float64) - want).max() < 1.5e-5, block_n  # one unit at |lse| near 130
+        grads = jax.grad(functools.partial(loss, "pallas_triton", options), argnums=(0, 1, 2))(q, k, v)
+        for name, got, ref in zip("qkv", grads, reference):
+            assert_close(got, ref, jnp.float32, f"d{name} at key tiles of {block_n}")
 
 
 # --------------------------------------------------------------------------------- realistic sizes, on a GPU

@@ -58,16 +58,21 @@ class SoftmaxState(NamedTuple):
     """The online-softmax carry of one query tile.
 
     Attributes:
-      acc: float32 [BM, Ev], sum over visited keys of exp2((score - row_max) * exp_scale) v.
-      row_max: float32 [BM], the running maximum of the scores (-inf while nothing is allowed).
-      row_sum: float32 [BM], sum over visited keys of exp2((score - row_max) * exp_scale).
+      acc: float32 [BM, Ev], sum over visited keys of exp2(score * exp_scale - scaled_max) v.
+      scaled_max: float32 [BM], the running maximum of the scores times exp_scale, rounded once (-inf while nothing
+        is allowed): the shift every exp2 is taken against. It is kept, not recomputed from the maximum, so that a
+        rescaling is by exp2 of the difference of two shifts as they were rounded, exactly 1 while the maximum
+        stays. exp2(max * exp_scale - shift) is not: contracted into an FMA (on the GPU by ``fma``, on the CPU by
+        XLA) it is exp2 of the shift's rounding error at every key tile, and lse drifted by it (benchmarks/NOTES.md
+        section 44).
+      row_sum: float32 [BM], sum over visited keys of exp2(score * exp_scale - scaled_max).
 
     ``exp_scale`` is LOG2_E for scores in natural units; a kernel that folds constant factors into it
     (``_captures.SoftmaxScaling``) passes its own, which must be positive.
     """
 
     acc: jax.Array
-    row_max: jax.Array
+    scaled_max: jax.Array
     row_sum: jax.Array
 
 
@@ -165,7 +170,7 @@ def mask_scores(s: jax.Array, allowed: jax.Array | None) -> jax.Array:
 def softmax_init(block_m: int, value_dim: int) -> SoftmaxState:
     return SoftmaxState(
         acc=jnp.zeros((block_m, value_dim), jnp.float32),
-        row_max=jnp.full((block_m,), _NEG_INF, jnp.float32),
+        scaled_max=jnp.full((block_m,), _NEG_INF, jnp.float32),
         row_sum=jnp.zeros((block_m,), jnp.float32),
     )
 
@@ -223,18 +228,14 @@ def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale
     """Folds one tile into the state: s [BM, BN] float32 scores (-inf where masked), v [BN, Ev]; ``inline_ptx``:
     ``exp2``'s and ``fma``'s ``fast``."""
     exp_scale = float(exp_scale)
-    row_max = jnp.maximum(state.row_max, jnp.max(s, axis=1))
+    # The maximum is taken before scaling (rounding is monotonic: the largest rounded product is the rounded product
+    # of the largest), so each score costs one FMA below.
+    scaled_max = jnp.maximum(state.scaled_max, jnp.max(s, axis=1) * jnp.float32(exp_scale))
     # While a row has seen nothing allowed its maximum is -inf; exponentiate against 0 so exp2 gives 0, not NaN.
-    neg_shift = jnp.where(row_max == _NEG_INF, jnp.float32(0.0), row_max * jnp.float32(-exp_scale))
-    # The sum so far is of exp2 against the previous shift as it was rounded: rescale by the difference of the two
-    # rounded shifts (exactly 1 while the maximum stays), not by exp2(max * exp_scale - shift), which an FMA leaves
-    # at exp2(the shift's rounding error), compounding step by step into lse (4.6e-5 at |lse| near 10 over 256 key
-    # tiles: tests/test_pallas_triton_forward.py).
-    # A previous maximum of -inf makes the old shift +inf and the correction exp2(-inf) = 0.
-    old_neg_shift = state.row_max * jnp.float32(-exp_scale)
-    correction = exp2(neg_shift - old_neg_shift, fast=inline_ptx)
-    # The maximum is taken before scaling, so each score costs one FMA here.
-    p = exp2(fma(s, exp_scale, neg_shift[:, None], fast=inline_ptx), fast=inline_ptx)
+    shift = jnp.where(scaled_max == _NEG_INF, jnp.float32(0.0), scaled_max)
+    # A previous maximum of -inf gives exp2(-inf) = 0.
+    correction = exp2(state.scaled_max - shift, fast=inline_ptx)
+    p = exp2(fma(s, exp_scale, -shift[:, None], fast=inline_ptx), fast=inline_ptx)
     row_sum = fma(state.row_sum, correction, jnp.sum(p, axis=1), fast=inline_ptx)
     pv = lax.dot_general(
         p.astype(v.dtype),
@@ -244,22 +245,21 @@ def softmax_update(state: SoftmaxState, s: jax.Array, v: jax.Array, *, exp_scale
         preferred_element_type=jnp.float32,
     )
     acc = state.acc * correction[:, None] + pv
-    return SoftmaxState(acc, row_max, row_sum)
+    return SoftmaxState(acc, scaled_max, row_sum)
 
 
-def softmax_max_scores(state: SoftmaxState, *, exp_scale: float = LOG2_E) -> jax.Array:
+def softmax_max_scores(state: SoftmaxState) -> jax.Array:
     """The row maxima of the modified scores [BM] float32, in the score_mod's own units; -inf where nothing is
-    allowed. The state's maximum is of the value whose exp2(value * exp_scale) is exp(score), so the score is
-    value * exp_scale * ln 2."""
+    allowed. The state's maximum is of the value whose exp2(value * exp_scale) is exp(score), times exp_scale: the
+    score is that times ln 2."""
     has_any = state.row_sum > 0
-    return jnp.where(has_any, state.row_max * jnp.float32(exp_scale * LN_2), jnp.float32(_NEG_INF))
+    return jnp.where(has_any, state.scaled_max * jnp.float32(LN_2), jnp.float32(_NEG_INF))
 
 
-def softmax_finalize(state: SoftmaxState, *, exp_scale: float = LOG2_E) -> tuple[jax.Array, jax.Array]:
+def softmax_finalize(state: SoftmaxState) -> tuple[jax.Array, jax.Array]:
     """(out [BM, Ev] float32, lse [BM] float32 natural log); a row with nothing allowed gets 0 and -inf."""
     has_any = state.row_sum > 0
     safe_sum = jnp.where(has_any, state.row_sum, jnp.float32(1.0))
     out = state.acc / safe_sum[:, None]
-    log2_lse = state.row_max * jnp.float32(exp_scale) + jnp.log2(safe_sum)
-    lse = jnp.where(has_any, log2_lse * jnp.float32(LN_2), jnp.float32(_NEG_INF))
+    lse = jnp.where(has_any, (state.scaled_max + jnp.log2(safe_sum)) * jnp.float32(LN_2), jnp.float32(_NEG_INF))
     return out, lse

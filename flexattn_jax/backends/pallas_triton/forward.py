@@ -136,11 +136,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram):
     state = visit(state, kv_num_ref, kv_idx_ref, is_full_block=False)
     if plan.has_full:
         state = visit(state, full_num_ref, full_idx_ref, is_full_block=True)
-    out, lse = _tile.softmax_finalize(state, exp_scale=plan.scaling.exp_scale)
+    out, lse = _tile.softmax_finalize(state)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
     if plan.with_max_scores:
-        max_ref[0][...] = _tile.softmax_max_scores(state, exp_scale=plan.scaling.exp_scale)
+        max_ref[0][...] = _tile.softmax_max_scores(state)
 
 
 def _whole(x) -> pl.BlockSpec:
