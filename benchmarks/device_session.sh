@@ -455,5 +455,5 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|sweep|indices|exp2|fma|copywarps|clocks|tiles64|split|run|run64|torch|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|checkmosaic|sweep|indices|exp2|fma|copywarps|clocks|tiles64|split|run|run64|torch|scaleq|alibi|softcap|ncu" >&2; exit 2 ;;
 esac
