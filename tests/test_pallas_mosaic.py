@@ -111,6 +111,22 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     assert built == [{(-1, 1)}]
 
 
+@pytest.fixture
+def forward_plans(monkeypatch):
+    """The plan of each Mosaic forward kernel traced while the test runs, in order."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    plans = []
+    kernel = forward._kernel
+
+    def recorded(*refs, plan, **kwargs):
+        plans.append(plan)
+        return kernel(*refs, plan=plan, **kwargs)
+
+    monkeypatch.setattr(forward, "_kernel", recorded)
+    return plans
+
+
 @pytest.mark.parametrize(
     "score_mod, scale_queries, query_scale, score_scale",
     [(fa.tanh_softcap(20.0), 1, 0.125 / 20.0, 1.0), (fa.tanh_softcap(20.0), None, 1.0, 0.125 / 20.0),
@@ -119,43 +135,23 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     ids=["softcap", "softcap-default", "no-score-mod", "alibi-default", "alibi-option-off"],
 )
 def test_queries_are_scaled_in_the_kernel_where_the_score_mod_needs_the_scaled_score(
-    score_mod, scale_queries, query_scale, score_scale, monkeypatch
+    score_mod, scale_queries, query_scale, score_scale, forward_plans
 ):
     """mosaic_fwd_scale_queries moves the multiply by the scale (with soft-capping's 1 / cap) from every score to the
     query tile; by default unless the score_mod calls a special function (tanh), whose unit bounds the step. Without
     a score_mod the scale is already folded into exp2, and there is nothing to move."""
-    from flexattn_jax.backends.pallas_mosaic import forward
-
-    plans = []
-    kernel = forward._kernel
-
-    def recorded(*refs, plan, **kwargs):
-        plans.append(plan)
-        return kernel(*refs, plan=plan, **kwargs)
-
-    monkeypatch.setattr(forward, "_kernel", recorded)
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
     options = None if scale_queries is None else {"mosaic_fwd_scale_queries": scale_queries}
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
-    (plan,) = plans
+    (plan,) = forward_plans
     assert (plan.query_scale, plan.scaling.score_scale) == pytest.approx((query_scale, score_scale))
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head_dim, monkeypatch):
+def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head_dim, forward_plans):
     """The backward recomputes the scores from the unscaled queries with the forward's lse: queries scaled and rounded
     in the forward (head dim 128's 0.0884...) would make its probabilities' rows sum to other than 1. Head dim 64's
     0.125 scales exactly; a forward no backward follows scales either; mosaic_fwd_scale_queries 1 is obeyed."""
-    from flexattn_jax.backends.pallas_mosaic import forward
-
-    plans = []
-    kernel = forward._kernel
-
-    def recorded(*refs, plan, **kwargs):
-        plans.append(plan)
-        return kernel(*refs, plan=plan, **kwargs)
-
-    monkeypatch.setattr(forward, "_kernel", recorded)
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     scale = head_dim**-0.5
     alibi = fa.generate_alibi_bias(2)
@@ -163,8 +159,8 @@ def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head
     _lower_gradient_for_cuda(q, k, v, fa.causal_mask, alibi, scale=scale)
     _lower_gradient_for_cuda(q, k, v, fa.causal_mask, alibi, scale=scale, kernel_options={"mosaic_fwd_scale_queries": 1})
     exact = head_dim == 64
-    assert [plan.query_scale for plan in plans] == pytest.approx([scale, scale if exact else 1.0, scale])
-    assert [plan.scaling.score_scale for plan in plans] == pytest.approx([1.0, 1.0 if exact else scale, 1.0])
+    assert [plan.query_scale for plan in forward_plans] == pytest.approx([scale, scale if exact else 1.0, scale])
+    assert [plan.scaling.score_scale for plan in forward_plans] == pytest.approx([1.0, 1.0 if exact else scale, 1.0])
 
 
 _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
@@ -187,25 +183,15 @@ _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
          "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
-    score_mod, dtype, options, with_max_scores, fixed_max, monkeypatch
+    score_mod, dtype, options, with_max_scores, fixed_max, forward_plans
 ):
     """With mosaic_fwd_fixed_max: soft-capping's values lie in [-1, 1] before the cap's factor (folded into the
     exponent), so the softmax subtracts 1, not the running maximum, where every probability then stays a normal
     number of P's dtype. So does 2 sigmoid
     (logistic's [0, 1]); a negative factor after it is not folded out, and the program's last step is a multiply."""
-    from flexattn_jax.backends.pallas_mosaic import forward
-
-    plans = []
-    kernel = forward._kernel
-
-    def recorded(*refs, plan, **kwargs):
-        plans.append(plan)
-        return kernel(*refs, plan=plan, **kwargs)
-
-    monkeypatch.setattr(forward, "_kernel", recorded)
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=dtype)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options, with_max_scores=with_max_scores)
-    (plan,) = plans
+    (plan,) = forward_plans
     assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max))
 
 
