@@ -173,13 +173,14 @@ _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
      (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 2 * 42 * log2(e) = 121 > 120
      (fa.tanh_softcap(30.0), jnp.float16, _FIXED_MAX, False, None),
      (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, 1.0),
-     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, None),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 1.0),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
      (fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, True, None),
      (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, 1.0),
      (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, None),
      (fa.generate_alibi_bias(2), jnp.bfloat16, _FIXED_MAX, False, None),
      (None, jnp.bfloat16, _FIXED_MAX, False, None)],
-    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "default-off", "max-scores",
+    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "default-on", "off", "max-scores",
          "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
@@ -477,7 +478,7 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     "cap, dtype, head_dim, options",
     [(30.0, jnp.bfloat16, 64, _FIXED_MAX), (30.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 1}),
      (41.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, _FIXED_MAX),
-     (30.0, jnp.bfloat16, 64, None)],
+     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0})],
     ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max"],
 )
 def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
