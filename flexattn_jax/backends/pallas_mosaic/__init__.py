@@ -36,10 +36,10 @@ scatter-add, which only the Triton dQ kernel has).
   4-10% faster on ALiBi's forward, section 36);
 * ``mosaic_fwd_scale_queries`` (0 or 1; unset: 1 unless the score_mod applies a special function such as tanh to
   every score, or a backward follows and the scale is not a power of two, whose rounded product would leave the
-  forward's lse off the scores the backward recomputes): where the score_mod needs the scaled score (ALiBi's sum, soft-capping's ``tanh(score / cap)``), 1 multiplies each
-  query tile by the scale once per work item in shared memory, rounded to the input dtype, in place of one multiply
-  per score (``forward.Config.scale_queries``; measured 2-8% faster on ALiBi, 0-4% slower on soft-capping, section
-  40);
+  forward's lse off the scores the backward recomputes): where the score_mod needs the scaled score (ALiBi's sum,
+  soft-capping's ``tanh(score / cap)``), 1 multiplies each query tile by the scale once per work item in shared
+  memory, rounded to the input dtype, in place of one multiply per score (``forward.Config.scale_queries``; measured
+  2-8% faster on ALiBi, 0-4% slower on soft-capping, section 40);
 * ``mosaic_fwd_fixed_max`` (1, the default, or 0): 1, where the score_mod's result is bounded (soft-capping's
   tanh), the forward's softmax subtracts the bound instead of each row's running maximum, with no maximum to reduce
   and no accumulator to rescale per key tile (``forward.Config.fixed_max``; bfloat16 up to a cap of 41, float16 up
