@@ -3,6 +3,7 @@ backward and the choice of implementation on this machine; the comparisons with 
 gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
 
 import functools
+import math
 import re
 
 import jax
@@ -164,15 +165,21 @@ def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head
 
 
 _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
+_LOG2_E = math.log2(math.e)
 
 
 @pytest.mark.parametrize(
     "score_mod, dtype, options, with_max_scores, fixed_max",
     [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
      (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
-     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 2 * 42 * log2(e) = 121 > 120
+     # 2 * 42 * log2(e) = 121 > 120: the shift puts -1 at 120 below it, 1.2 above it.
+     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (42.0 * _LOG2_E)),
+     (fa.tanh_softcap(50.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (50.0 * _LOG2_E)),
+     (fa.tanh_softcap(63.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (63.0 * _LOG2_E)),
+     (fa.tanh_softcap(64.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 184.7 > 120 + 64
      (fa.tanh_softcap(30.0), jnp.float16, _FIXED_MAX, False, None),
      (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, 1.0),
+     (fa.tanh_softcap(10.0), jnp.float16, _FIXED_MAX, False, -1.0 + 14.0 / (10.0 * _LOG2_E)),
      (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 1.0),
      (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
      (fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, True, None),
@@ -180,7 +187,8 @@ _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
      (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, None),
      (fa.generate_alibi_bias(2), jnp.bfloat16, _FIXED_MAX, False, None),
      (None, jnp.bfloat16, _FIXED_MAX, False, None)],
-    ids=["cap-30", "cap-41", "cap-42-too-wide", "f16-cap-30-too-wide", "f16-cap-4", "default-on", "off", "max-scores",
+    ids=["cap-30", "cap-41", "cap-42-shifted", "cap-50-shifted", "cap-63-shifted", "cap-64-too-wide",
+         "f16-cap-30-too-wide", "f16-cap-4", "f16-cap-10-shifted", "default-on", "off", "max-scores",
          "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
@@ -188,7 +196,8 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
 ):
     """With mosaic_fwd_fixed_max: soft-capping's values lie in [-1, 1] before the cap's factor (folded into the
     exponent), so the softmax subtracts 1, not the running maximum, where every probability then stays a normal
-    number of P's dtype. So does 2 sigmoid
+    number of P's dtype; for wider caps a shift below 1 that keeps -1's probability normal and 1's finite. 2 sigmoid
+    takes 1 too
     (logistic's [0, 1]); a negative factor after it is not folded out, and the program's last step is a multiply."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=dtype)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options, with_max_scores=with_max_scores)
@@ -478,8 +487,10 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     "cap, dtype, head_dim, options",
     [(30.0, jnp.bfloat16, 64, _FIXED_MAX), (30.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 1}),
      (41.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, _FIXED_MAX),
-     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0})],
-    ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max"],
+     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0}), (50.0, jnp.bfloat16, 128, None),
+     (63.0, jnp.bfloat16, 64, None), (10.0, jnp.float16, 128, None)],
+    ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max", "bf16-50-shifted",
+         "bf16-63-shifted", "f16-10-shifted"],
 )
 def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
     """The softmax against the cap (mosaic_fwd_fixed_max): scores driven to both

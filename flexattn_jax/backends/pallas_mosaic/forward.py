@@ -97,7 +97,8 @@ class Config:
         online softmax subtracts that bound instead of each row's running maximum: no maximum to reduce per key
         tile, no rescaling of the accumulator, and each score's exp2 need not wait for its row's other scores.
         Only where every probability stays a normal number of the input dtype relative to the bound
-        (``FIXED_MAX_SPAN``), and not with ``with_max_scores``. On by default: on an H100, soft-capping's forward
+        (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
+        ``with_max_scores``. On by default: on an H100, soft-capping's forward
         5-10% faster at D=128, the same at D=64 (NOTES.md section 43).
     """
 
@@ -517,7 +518,7 @@ class _Plan:
     apply_mask_mod: bool
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
-    fixed_max: float | None  # the value every row's maximum is taken to be (Config.fixed_max); None: the running one
+    fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -821,7 +822,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                     exp_scale = jnp.float32(scaling.exp_scale)
                     if plan.fixed_max is not None:
-                        # Every value lies at or below the bound: exp2 against it, a constant (Config.fixed_max).
+                        # Every value lies within a known range of the shift: exp2 against it, a constant
+                        # (Config.fixed_max, bounded_max).
                         p = jnp.exp2(y * exp_scale - jnp.float32(plan.fixed_max * scaling.exp_scale))
                         row_sum = row_sum + p.sum(axis=1)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
@@ -1090,23 +1092,33 @@ def _shifted(array: jax.Array, axis: int, offset, length: int) -> jax.Array:
     return jnp.take(array, jnp.clip(positions, 0, size - 1), axis=axis)
 
 
-# How far below a fixed maximum (in log2 units: exp2's argument) a value may lie, so that its probability stays a
-# normal number of P's dtype: 2^-120 for bfloat16 (float32's exponent range, 6 binades to spare), 2^-14 for float16.
-FIXED_MAX_SPAN = {jnp.dtype(jnp.bfloat16): 120.0, jnp.dtype(jnp.float16): 14.0}
+# The softmax's fixed shift (Config.fixed_max), in log2 units (exp2's argument): how far below it a value may lie, so
+# that its probability stays a normal number of P's dtype (2^-120 for bfloat16: float32's exponent range, 6 binades
+# to spare; 2^-14 for float16), and how far above, so that neither P nor a row's sum over 2^30 keys of P times a
+# value up to 2^30 overflows (2^64 for bfloat16 with float32 sums; 2^15 for float16's P, whose largest is 65504).
+FIXED_SHIFT_BELOW = {jnp.dtype(jnp.bfloat16): 120.0, jnp.dtype(jnp.float16): 14.0}
+FIXED_SHIFT_ABOVE = {jnp.dtype(jnp.bfloat16): 64.0, jnp.dtype(jnp.float16): 15.0}
 
 
 def bounded_max(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> float | None:
-    """The bound of the kernel's value (``score_mod``'s result times ``value_scale``) where ``score_mod`` is applied
-    and bounds its result (``ModProgram.output_range``) within ``FIXED_MAX_SPAN`` of exp2's argument; else None.
-    Soft-capping at cap c: values in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c (cap 30: 87; in bfloat16
-    up to a cap of 41)."""
+    """The fixed shift of the softmax (Config.fixed_max) where ``score_mod`` is applied and bounds its result
+    (``ModProgram.output_range``) to values (times ``value_scale``) in [low, high]; else None. The bound itself
+    where the span fits below it (``FIXED_SHIFT_BELOW``); else the lowest shift that keeps low within that
+    distance, where high then lies within ``FIXED_SHIFT_ABOVE`` above it; else None. Soft-capping at cap c: values
+    in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c: in bfloat16 the bound up to a cap of 41, a shift
+    below it up to 63 (Gemma 2's 50); in float16 up to 4.8 and 10."""
     bounds = score_mod.output_range if scaling.apply_score_mod else None
     if bounds is None:
         return None
     low, high = sorted(b * scaling.value_scale for b in bounds)
-    if (high - low) * scaling.exp_scale > FIXED_MAX_SPAN.get(jnp.dtype(dtype), 0.0):
-        return None
-    return high
+    dtype = jnp.dtype(dtype)
+    below, above = FIXED_SHIFT_BELOW.get(dtype, 0.0), FIXED_SHIFT_ABOVE.get(dtype, 0.0)
+    span = (high - low) * scaling.exp_scale
+    if span <= below:
+        return high
+    if span <= below + above:
+        return low + below / scaling.exp_scale
+    return None
 
 
 def is_power_of_two(x: float) -> bool:
