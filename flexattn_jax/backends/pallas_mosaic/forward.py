@@ -767,6 +767,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 initial_max = _NEG_INF if plan.fixed_max is None else plan.fixed_max
+                # The shift in exp2's units, rounded to float32 once: the probabilities and lse use this one value.
+                fixed_shift = None if plan.fixed_max is None else jnp.float32(plan.fixed_max * plan.scaling.exp_scale)
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
                 row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
                 acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -824,7 +826,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if plan.fixed_max is not None:
                         # Every value lies within a known range of the shift: exp2 against it, a constant
                         # (Config.fixed_max, bounded_max).
-                        p = jnp.exp2(y * exp_scale - jnp.float32(plan.fixed_max * scaling.exp_scale))
+                        p = jnp.exp2(y * exp_scale - jnp.float32(fixed_shift))
                         row_sum = row_sum + p.sum(axis=1)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
@@ -974,7 +976,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
-                lse = jnp.where(has_any, (row_max * jnp.float32(plan.scaling.exp_scale) + log2_sum) * _LN_2, _NEG_INF)
+                # With the fixed maximum, lse adds back the very constant the probabilities subtracted.
+                max_shift = row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None else fixed_shift
+                lse = jnp.where(has_any, (max_shift + log2_sum) * _LN_2, _NEG_INF)
                 # The query tile is free again: stage the output through it (the next item waits for the reads).
                 q_smem[...] = out.astype(dtype)
                 lse_smem[...] = lse
