@@ -205,6 +205,23 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
     assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max))
 
 
+@pytest.mark.parametrize(
+    "score_mod, options, exp2_fma",
+    [(fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 32}, 32),
+     (fa.tanh_softcap(50.0), {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1}, 128),
+     (fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_fixed_max": 0}, 0),
+     (fa.generate_alibi_bias(2), {"mosaic_fwd_exp2_fma": 64}, 0)],
+    ids=["softcap-32", "shifted-all-overlap", "running-max-none", "alibi-none"],
+)
+def test_exp2_on_the_fma_units_only_with_a_fixed_maximum(score_mod, options, exp2_fma, forward_plans):
+    """mosaic_fwd_exp2_fma lowers where the fixed maximum bounds the exp2's argument, and is dropped elsewhere (the
+    polynomial takes no -inf)."""
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
+    (plan,) = forward_plans
+    assert plan.exp2_fma == exp2_fma
+
+
 def test_is_power_of_two():
     from flexattn_jax.backends.pallas_mosaic.forward import is_power_of_two
 
@@ -288,7 +305,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_tile": 64}, ValueError), ({"mosaic_fwd_q_buffers": 3}, ValueError),
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
-     ({"mosaic_fwd_fixed_max": 2}, ValueError)],
+     ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
+     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -488,9 +506,11 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     [(30.0, jnp.bfloat16, 64, _FIXED_MAX), (30.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 1}),
      (41.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, _FIXED_MAX),
      (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0}), (50.0, jnp.bfloat16, 128, None),
-     (63.0, jnp.bfloat16, 64, None), (10.0, jnp.float16, 128, None)],
+     (63.0, jnp.bfloat16, 64, None), (10.0, jnp.float16, 128, None),
+     (30.0, jnp.bfloat16, 64, {"mosaic_fwd_exp2_fma": 32}), (50.0, jnp.bfloat16, 64, {"mosaic_fwd_exp2_fma": 128}),
+     (4.0, jnp.float16, 128, {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_overlap": 1})],
     ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max", "bf16-50-shifted",
-         "bf16-63-shifted", "f16-10-shifted"],
+         "bf16-63-shifted", "f16-10-shifted", "exp2-fma-32", "exp2-fma-all-shifted", "exp2-fma-64-f16-overlap"],
 )
 def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
     """The softmax against the cap (mosaic_fwd_fixed_max): scores driven to both
@@ -546,6 +566,24 @@ def _program_and_consts(mod, score=False):
 
 def _program(mod, score=False):
     return _program_and_consts(mod, score)[0]
+
+
+def test_exp2_polynomial_is_within_its_bound():
+    from flexattn_jax.backends.pallas_mosaic.forward import exp2_polynomial, exp2_split
+
+    # The range a fixed shift leaves: down to -120 below it (FIXED_SHIFT_BELOW), up to 64 above.
+    x = jnp.concatenate([-jnp.abs(jax.random.normal(jax.random.key(0), (4096,))) * 30.0,
+                         jnp.linspace(-125.0, 64.0, 8193)])
+    # Op by op, not under jit: XLA's CPU compiler would fold the rounding's (x + M) - M (the kernel keeps it).
+    got = exp2_polynomial(x)
+    relative = jnp.abs(got - jnp.exp2(x)) / jnp.exp2(x)
+    assert float(relative.max()) < 1e-4
+    tile = jax.random.uniform(jax.random.key(2), (64, 128), jnp.float32, -100.0, 20.0)
+    split = exp2_split(tile, 48)
+    assert float(jnp.max(jnp.abs(split - jnp.exp2(tile)) / jnp.exp2(tile))) < 1e-4
+    assert bool(jnp.all(split[:, :80] == jnp.exp2(tile[:, :80])))  # the first columns stay on exp2 itself
+    assert not bool(jnp.all(split[:, 80:] == jnp.exp2(tile[:, 80:])))  # the others come from the polynomial
+    assert bool(jnp.all(exp2_split(tile, 0) == jnp.exp2(tile)))
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])

@@ -46,6 +46,9 @@ scatter-add, which only the Triton dQ kernel has).
   to 4.8, so that every probability stays a normal number; past that, a fixed shift below the bound, bfloat16 up to
   a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10%
   faster on soft-capping at D=128, the same at D=64, section 43); 0 keeps the running maximum;
+* ``mosaic_fwd_exp2_fma`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): where the fixed
+  maximum applies, of each key tile how many columns take the softmax's exp2 from a cubic on the FMA units instead
+  of the special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -90,10 +93,11 @@ OPTION_KEYS = (
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max",
+    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
+_EXP2_FMA = tuple(range(0, 129, 16))  # key columns whose exp2 is a polynomial: multiples of 16
 _MAX_STAGES = 4
 _SMEM_BYTES = 227 * 1024  # shared memory one H100 block may use
 # What Mosaic GPU adds to the buffers counted below (barriers, alignment): 128 KiB-key-tile, 3-stage D=128 needs
@@ -136,6 +140,8 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
                    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
+        if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
+            raise ValueError(f"kernel_options['mosaic_fwd_exp2_fma'] must be one of {_EXP2_FMA}, got {value}")
         if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
             raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
@@ -179,9 +185,13 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
     float_indices = bool(options.get("mosaic_fwd_float_indices", 1))
     scale_queries = bool(options["mosaic_fwd_scale_queries"]) if "mosaic_fwd_scale_queries" in options else None
     fixed_max = bool(options.get("mosaic_fwd_fixed_max", 1))
+    exp2_fma = options.get("mosaic_fwd_exp2_fma", 0)
+    if exp2_fma > block_n:
+        raise ValueError(f"kernel_options['mosaic_fwd_exp2_fma'] must be at most the key tile, {block_n} here "
+                         f"(mosaic_block_n), got {exp2_fma}")
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
                            copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
-                           fixed_max=fixed_max), ""
+                           fixed_max=fixed_max, exp2_fma=exp2_fma), ""
 
 
 def unsupported_reason(

@@ -100,6 +100,10 @@ class Config:
         (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
         ``with_max_scores``. On by default: on an H100, soft-capping's forward
         5-10% faster at D=128, the same at D=64 (NOTES.md section 43).
+      exp2_fma: with the fixed maximum, of each key tile's columns how many (the last ones) take the softmax's exp2
+        from a polynomial on the FMA units (``exp2_polynomial``) instead of the special-function unit, which
+        soft-capping's tanh shares (NOTES.md section 46). The fixed shift bounds the argument, so no clamp is
+        needed; masked scores are zeroed after the exp2. 0: none.
     """
 
     block_n: int
@@ -110,6 +114,7 @@ class Config:
     float_indices: bool = True
     scale_queries: bool | None = None
     fixed_max: bool = True
+    exp2_fma: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,6 +524,7 @@ class _Plan:
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
+    exp2_fma: int  # with fixed_max, key columns whose exp2 is a polynomial (Config.exp2_fma)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -667,6 +673,41 @@ class IndexTiles:
             return corner.astype(jnp.float32) + self.offsets[q_sign, kv_sign]
 
         return float_indices
+
+
+# 2**f on [-1/2, 1/2] to a relative error of 7.5e-5 (a cubic fitted to the relative error by reweighted least
+# squares), below the rounding of P to bfloat16 (3.9e-3) or float16 (4.9e-4) before it multiplies V.
+_EXP2_CUBIC = (0.05517111799717522, 0.24260978234093275, 0.6932609536727427, 0.999928156505169)
+_ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23: x + this rounds x to an integer held in the low mantissa bits
+
+
+def exp2_polynomial(x):
+    """2**x for finite x whose result is a normal float32 (-126 < x < 128), with FMA-unit arithmetic only:
+    x = n + f with n an integer and |f| <= 1/2, 2**f from a cubic, n added into the exponent bits. Seven
+    instructions in place of one on the special-function unit (16 results a clock per SM, shared with tanh).
+
+    The rounding relies on (x + M) - M being evaluated as written: so it is in the kernel (Mosaic GPU's float adds
+    carry only LLVM's ``contract`` flag), but XLA's CPU compiler folds it under ``jax.jit``."""
+    shifted = x + jnp.float32(_ROUNDING_MAGIC)
+    fraction = x - (shifted - jnp.float32(_ROUNDING_MAGIC))
+    c3, c2, c1, c0 = (jnp.float32(c) for c in _EXP2_CUBIC)
+    mantissa = ((c3 * fraction + c2) * fraction + c1) * fraction + c0
+    # The low bits of ``shifted`` hold n (two's complement): shifted left by 23 they are n in the exponent field.
+    bits = lax.bitcast_convert_type(mantissa, jnp.int32) + lax.shift_left(
+        lax.bitcast_convert_type(shifted, jnp.int32), jnp.int32(23)
+    )
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def exp2_split(x, on_fma: int):
+    """exp2 of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the others on the
+    special-function unit."""
+    columns = x.shape[1]
+    if on_fma == 0:
+        return jnp.exp2(x)
+    if on_fma == columns:
+        return exp2_polynomial(x)
+    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), exp2_polynomial(x[:, columns - on_fma:])], axis=1)
 
 
 def persistent_schedule(program, total: int, num_programs: int):
@@ -820,13 +861,19 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
                             allowed = in_bounds if allowed is None else allowed & in_bounds
-                        y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
+                        if not plan.exp2_fma:  # the polynomial takes finite values only: masked after it
+                            y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
                     exp_scale = jnp.float32(scaling.exp_scale)
                     if plan.fixed_max is not None:
                         # Every value lies within a known range of the shift: exp2 against it, a constant
                         # (Config.fixed_max, bounded_max).
-                        p = jnp.exp2(y * exp_scale - jnp.float32(fixed_shift))
+                        if plan.exp2_fma:
+                            p = exp2_split(y * exp_scale - jnp.float32(fixed_shift), plan.exp2_fma)
+                            if needs_mask:
+                                p = jnp.where(allowed, p, jnp.float32(0.0))
+                        else:
+                            p = jnp.exp2(y * exp_scale - jnp.float32(fixed_shift))
                         row_sum = row_sum + p.sum(axis=1)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
@@ -1233,6 +1280,7 @@ def flex_forward(
         scaling=scaling,
         query_scale=query_scale,
         fixed_max=fixed_max,
+        exp2_fma=config.exp2_fma if fixed_max is not None else 0,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
