@@ -44,8 +44,8 @@ scatter-add, which only the Triton dQ kernel has).
   tanh), the forward's softmax subtracts the bound instead of each row's running maximum, with no maximum to reduce
   and no accumulator to rescale per key tile (``forward.Config.fixed_max``; bfloat16 up to a cap of 41, float16 up
   to 4.8, so that every probability stays a normal number; past that, a fixed shift below the bound, bfloat16 up to
-  a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10%
-  faster on soft-capping at D=128, the same at D=64, section 43); 0 keeps the running maximum;
+  a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10% faster on soft-capping at
+  D=128, the same at D=64, section 43); 0 keeps the running maximum;
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at

@@ -98,8 +98,8 @@ class Config:
         tile, no rescaling of the accumulator, and each score's exp2 need not wait for its row's other scores.
         Only where every probability stays a normal number of the input dtype relative to the bound
         (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
-        ``with_max_scores``. On by default: on an H100, soft-capping's forward
-        5-10% faster at D=128, the same at D=64 (NOTES.md section 43).
+        ``with_max_scores``. On by default: on an H100, soft-capping's forward 5-10% faster at D=128, the same
+        at D=64 (NOTES.md section 43).
     """
 
     block_n: int
@@ -826,7 +826,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if plan.fixed_max is not None:
                         # Every value lies within a known range of the shift: exp2 against it, a constant
                         # (Config.fixed_max, bounded_max).
-                        p = jnp.exp2(y * exp_scale - jnp.float32(fixed_shift))
+                        p = jnp.exp2(y * exp_scale - fixed_shift)
                         row_sum = row_sum + p.sum(axis=1)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
