@@ -44,8 +44,8 @@ scatter-add, which only the Triton dQ kernel has).
   tanh), the forward's softmax subtracts the bound instead of each row's running maximum, with no maximum to reduce
   and no accumulator to rescale per key tile (``forward.Config.fixed_max``; bfloat16 up to a cap of 41, float16 up
   to 4.8, so that every probability stays a normal number; past that, a fixed shift below the bound, bfloat16 up to
-  a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10%
-  faster on soft-capping at D=128, the same at D=64, section 43); 0 keeps the running maximum;
+  a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10% faster on soft-capping at
+  D=128, the same at D=64, section 43); 0 keeps the running maximum;
 * ``mosaic_fwd_exp2_fma`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): where the fixed
   maximum applies, of each key tile how many columns take the softmax's exp2 from a cubic on the FMA units instead
   of the special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46);

@@ -98,8 +98,8 @@ class Config:
         tile, no rescaling of the accumulator, and each score's exp2 need not wait for its row's other scores.
         Only where every probability stays a normal number of the input dtype relative to the bound
         (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
-        ``with_max_scores``. On by default: on an H100, soft-capping's forward
-        5-10% faster at D=128, the same at D=64 (NOTES.md section 43).
+        ``with_max_scores``. On by default: on an H100, soft-capping's forward 5-10% faster at D=128, the same
+        at D=64 (NOTES.md section 43).
       exp2_fma: with the fixed maximum, of each key tile's columns how many (the last ones) take the softmax's exp2
         from a polynomial on the FMA units (``exp2_polynomial``) instead of the special-function unit, which
         soft-capping's tanh shares (NOTES.md section 46). The fixed shift bounds the argument, so no clamp is
@@ -869,11 +869,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         # Every value lies within a known range of the shift: exp2 against it, a constant
                         # (Config.fixed_max, bounded_max).
                         if plan.exp2_fma:
-                            p = exp2_split(y * exp_scale - jnp.float32(fixed_shift), plan.exp2_fma)
+                            p = exp2_split(y * exp_scale - fixed_shift, plan.exp2_fma)
                             if needs_mask:
                                 p = jnp.where(allowed, p, jnp.float32(0.0))
                         else:
-                            p = jnp.exp2(y * exp_scale - jnp.float32(fixed_shift))
+                            p = jnp.exp2(y * exp_scale - fixed_shift)
                         row_sum = row_sum + p.sum(axis=1)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
