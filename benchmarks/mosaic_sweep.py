@@ -58,11 +58,8 @@ CONFIGS = {
     # NOTES.md section 43: soft-capping's softmax against the cap (the default) or the running maximum
     "fixed_max": dict(mosaic_fwd_fixed_max=1),
     "running_max": dict(mosaic_fwd_fixed_max=0),
-    # NOTES.md section 46: with the fixed maximum, exp2 of the last 32 to 128 key columns from the FMA units' cubic
-    "exp2_fma_0": dict(mosaic_fwd_exp2_fma=0),
-    "exp2_fma_32": dict(mosaic_fwd_exp2_fma=32),
-    "exp2_fma_64": dict(mosaic_fwd_exp2_fma=64),
-    "exp2_fma_128": dict(mosaic_fwd_exp2_fma=128),
+    # NOTES.md section 46: with the fixed maximum, exp2 of the last 0 to 128 key columns from the FMA units' cubic
+    **{f"exp2_fma_{columns}": dict(mosaic_fwd_exp2_fma=columns) for columns in range(0, 129, 16)},
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
