@@ -46,9 +46,9 @@ scatter-add, which only the Triton dQ kernel has).
   to 4.8, so that every probability stays a normal number; past that, a fixed shift below the bound, bfloat16 up to
   a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10% faster on soft-capping at
   D=128, the same at D=64, section 43); 0 keeps the running maximum;
-* ``mosaic_fwd_exp2_fma`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): where the fixed
-  maximum applies, of each key tile how many columns take the softmax's exp2 from a cubic on the FMA units instead
-  of the special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46);
+* ``mosaic_fwd_exp2_fma`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): of each key tile
+  how many columns take the softmax's exp2 from a cubic on the FMA units instead of the special-function unit that
+  soft-capping's tanh shares (``forward.exp2_polynomial``, section 46);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at

@@ -100,10 +100,10 @@ class Config:
         (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
         ``with_max_scores``. On by default: on an H100, soft-capping's forward 5-10% faster at D=128, the same
         at D=64 (NOTES.md section 43).
-      exp2_fma: with the fixed maximum, of each key tile's columns how many (the last ones) take the softmax's exp2
-        from a polynomial on the FMA units (``exp2_polynomial``) instead of the special-function unit, which
-        soft-capping's tanh shares (NOTES.md section 46). The fixed shift bounds the argument, so no clamp is
-        needed; masked scores are zeroed after the exp2. 0: none.
+      exp2_fma: of each key tile's columns how many (the last ones) take the softmax's exp2 from a polynomial on
+        the FMA units (``exp2_polynomial``) instead of the special-function unit, which soft-capping's tanh
+        shares (NOTES.md section 46). With the fixed maximum the shift bounds the argument and masked scores are
+        zeroed after the exp2; with the running maximum the argument is floored at ``EXP2_FLOOR``. 0: none.
     """
 
     block_n: int
@@ -524,7 +524,7 @@ class _Plan:
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
-    exp2_fma: int  # with fixed_max, key columns whose exp2 is a polynomial (Config.exp2_fma)
+    exp2_fma: int  # key columns whose exp2 is a polynomial (Config.exp2_fma)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -699,15 +699,24 @@ def exp2_polynomial(x):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def exp2_split(x, on_fma: int):
+# The least argument the polynomial's columns take where it is not bounded (the running maximum): 2**-125 keeps
+# the exponent field positive, and any smaller probability is nothing beside the row maximum's 1.
+EXP2_FLOOR = -125.0
+
+
+def exp2_split(x, on_fma: int, *, floor: float | None = None):
     """exp2 of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the others on the
-    special-function unit."""
+    special-function unit. ``floor``: the polynomial's columns take ``max(x, floor)`` (-inf included)."""
     columns = x.shape[1]
+
+    def polynomial(x):
+        return exp2_polynomial(x if floor is None else jnp.maximum(x, jnp.float32(floor)))
+
     if on_fma == 0:
         return jnp.exp2(x)
     if on_fma == columns:
-        return exp2_polynomial(x)
-    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), exp2_polynomial(x[:, columns - on_fma:])], axis=1)
+        return polynomial(x)
+    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), polynomial(x[:, columns - on_fma:])], axis=1)
 
 
 def persistent_schedule(program, total: int, num_programs: int):
@@ -861,7 +870,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
                             allowed = in_bounds if allowed is None else allowed & in_bounds
-                        if not plan.exp2_fma:  # the polynomial takes finite values only: masked after it
+                        if plan.fixed_max is None or not plan.exp2_fma:  # else zeroed after the polynomial
                             y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
                     exp_scale = jnp.float32(scaling.exp_scale)
@@ -880,7 +889,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
                     correction = jnp.exp2(row_max * exp_scale - shift)
-                    p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
+                    # With exp2_fma the polynomial's columns floor masked (-inf) scores to 2**-125: next to the
+                    # row's maximum's 1 they vanish, and a row with no allowed key is told by its maximum below.
+                    p = exp2_split(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]), plan.exp2_fma,
+                                   floor=EXP2_FLOOR)
                     row_sum = row_sum * correction + p.sum(axis=1)
                     return (p.astype(dtype) if convert else p), new_max, row_sum, correction
 
@@ -1019,7 +1031,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
-                has_any = row_sum > 0
+                # A row that has seen no allowed key: its sum is 0, except where the polynomial's floor added
+                # 2**-125 per masked score; its running maximum stayed -inf.
+                has_any = row_max > _NEG_INF if plan.exp2_fma and fixed_shift is None else row_sum > 0
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
@@ -1280,7 +1294,7 @@ def flex_forward(
         scaling=scaling,
         query_scale=query_scale,
         fixed_max=fixed_max,
-        exp2_fma=config.exp2_fma if fixed_max is not None else 0,
+        exp2_fma=config.exp2_fma,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
