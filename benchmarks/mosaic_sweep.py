@@ -60,6 +60,10 @@ CONFIGS = {
     "running_max": dict(mosaic_fwd_fixed_max=0),
     # NOTES.md section 46: with the fixed maximum, exp2 of the last 0 to 128 key columns from the FMA units' cubic
     **{f"exp2_fma_{columns}": dict(mosaic_fwd_exp2_fma=columns) for columns in range(0, 129, 16)},
+    # NOTES.md section 48: the row sums reduced across threads at every key tile or once per item
+    "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
+    "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
+    "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

@@ -211,16 +211,31 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
      (fa.tanh_softcap(50.0), {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1}, 128),
      (fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_fixed_max": 0}, 64),
      (fa.generate_alibi_bias(2), {"mosaic_fwd_exp2_fma": 64}, 64),
-     (None, {"mosaic_fwd_exp2_fma": 16, "mosaic_fwd_overlap": 1}, 16)],
-    ids=["softcap-32", "shifted-all-overlap", "running-max", "alibi", "noop-overlap"],
+     (None, {"mosaic_fwd_exp2_fma": 16, "mosaic_fwd_overlap": 1}, 16),
+     (fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_overlap": 1}, 64),
+     (None, {"mosaic_fwd_row_sum_fold": 1}, 0)],
+    ids=["softcap-32", "shifted-all-overlap", "running-max", "alibi", "noop-overlap", "softcap-fold-overlap",
+         "noop-fold"],
 )
-def test_exp2_on_the_fma_units_lowers(score_mod, options, exp2_fma, forward_plans):
+def test_exp2_on_the_fma_units_and_folded_row_sums_lower(score_mod, options, exp2_fma, forward_plans):
     """mosaic_fwd_exp2_fma lowers with the fixed maximum (a bounded argument) and with the running maximum (the
-    argument floored)."""
+    argument floored); mosaic_fwd_row_sum_fold with either maximum."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = forward_plans
     assert plan.exp2_fma == exp2_fma
+    assert plan.row_sum_fold == bool(options.get("mosaic_fwd_row_sum_fold", 0))
+
+
+def test_fold_columns_keeps_row_sums():
+    from flexattn_jax.backends.pallas_mosaic.forward import ROW_SUM_COLUMNS, fold_columns
+
+    x = jax.random.uniform(jax.random.key(5), (64, 128), jnp.float32)
+    folded = fold_columns(x, ROW_SUM_COLUMNS)
+    assert folded.shape == (64, ROW_SUM_COLUMNS)
+    # Column c of the fold adds the columns congruent to c modulo its width: each thread's own columns.
+    assert_close(folded, x.reshape(64, -1, ROW_SUM_COLUMNS).sum(axis=1), jnp.float32, "fold")
+    assert_close(folded.sum(axis=1), x.sum(axis=1), jnp.float32, "row sums")
 
 
 def test_is_power_of_two():
@@ -307,7 +322,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
-     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError)],
+     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -420,7 +435,7 @@ def test_gpu_head_dims_and_options(head_dim, dtype, options):
 _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
-    "exp2-fma": {"mosaic_fwd_exp2_fma": 48},
+    "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
 }
 
 
@@ -430,7 +445,7 @@ _FORWARD_VARIANTS = {
 def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
-    # in shared memory, some exp2 from the FMA units' polynomial.
+    # in shared memory, some exp2 from the FMA units' polynomial, the row sums reduced across threads once.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -490,8 +505,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.parametrize(
     "options",
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_exp2_fma": 64},
-     {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1}],
-    ids=["plain", "overlap", "exp2-fma-64", "exp2-fma-all-overlap"],
+     {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}],
+    ids=["plain", "overlap", "exp2-fma-64", "exp2-fma-all-overlap-fold"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)

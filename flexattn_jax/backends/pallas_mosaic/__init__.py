@@ -49,6 +49,9 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_fwd_exp2_fma`` (0, the default, or 16 to 128 in steps of 16, at most the key tile): of each key tile
   how many columns take the softmax's exp2 from a cubic on the FMA units instead of the special-function unit that
   soft-capping's tanh shares (``forward.exp2_polynomial``, section 46);
+* ``mosaic_fwd_row_sum_fold`` (0, the default, or 1): 1 keeps each thread's partial row sums of the softmax
+  across key tiles and adds a row's threads' together once, after the walk (``forward.Config.row_sum_fold``,
+  section 48);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -93,7 +96,7 @@ OPTION_KEYS = (
     "mosaic_bwd_num_stages", "mosaic_bwd_fuse_dq", "mosaic_backward",
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma",
+    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -137,7 +140,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-                   "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max") \
+                   "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_row_sum_fold") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
@@ -191,7 +194,8 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
                          f"(mosaic_block_n), got {exp2_fma}")
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
                            copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
-                           fixed_max=fixed_max, exp2_fma=exp2_fma), ""
+                           fixed_max=fixed_max, exp2_fma=exp2_fma,
+                           row_sum_fold=bool(options.get("mosaic_fwd_row_sum_fold", 0))), ""
 
 
 def unsupported_reason(

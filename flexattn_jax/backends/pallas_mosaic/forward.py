@@ -104,6 +104,9 @@ class Config:
         the FMA units (``exp2_polynomial``) instead of the special-function unit, which soft-capping's tanh
         shares (NOTES.md section 46). With the fixed maximum the shift bounds the argument and masked scores are
         zeroed after the exp2; with the running maximum the argument is floored at ``EXP2_FLOOR``. 0: none.
+      row_sum_fold: each thread adds its probabilities into partial row sums of its own columns
+        (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
+        exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48).
     """
 
     block_n: int
@@ -115,6 +118,7 @@ class Config:
     scale_queries: bool | None = None
     fixed_max: bool = True
     exp2_fma: int = 0
+    row_sum_fold: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,6 +529,7 @@ class _Plan:
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
     exp2_fma: int  # key columns whose exp2 is a polynomial (Config.exp2_fma)
+    row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -719,6 +724,20 @@ def exp2_split(x, on_fma: int, *, floor: float | None = None):
     return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), polynomial(x[:, columns - on_fma:])], axis=1)
 
 
+# The columns of a per-thread partial row sum (Config.row_sum_fold): in the wgmma layout a thread holds two
+# adjacent columns of every eight, so an eight-column tile is the narrowest whose sum needs no other thread.
+ROW_SUM_COLUMNS = 8
+
+
+def fold_columns(x, columns: int):
+    """A [rows, n] tile's column blocks of width ``columns`` added together: [rows, columns], by halves (no
+    exchange between threads in the wgmma layout while ``columns`` is at least 8)."""
+    while x.shape[1] > columns:
+        half = x.shape[1] // 2
+        x = x[:, :half] + x[:, half:]
+    return x
+
+
 def persistent_schedule(program, total: int, num_programs: int):
     """Which work items persistent program ``program`` runs: (how many, the item number of its i-th).
 
@@ -820,7 +839,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 # The shift in exp2's units, rounded to float32 once: the probabilities and lse use this one value.
                 fixed_shift = None if plan.fixed_max is None else jnp.float32(plan.fixed_max * plan.scaling.exp_scale)
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
-                row_sum = plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout)
+                # With row_sum_fold each thread keeps its own columns' partial sums (ROW_SUM_COLUMNS of them a
+                # row), reduced across the row's threads once, after the walk.
+                row_sum = (plgpu.layout_cast(jnp.full((BLOCK_M, ROW_SUM_COLUMNS), 0.0, jnp.float32),
+                                             plgpu.Layout.WGMMA)
+                           if plan.row_sum_fold else
+                           plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout))
                 acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
                 @pl.when(num_steps > 0)
@@ -883,7 +907,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                                 p = jnp.where(allowed, p, jnp.float32(0.0))
                         else:
                             p = jnp.exp2(y * exp_scale - fixed_shift)
-                        row_sum = row_sum + p.sum(axis=1)
+                        row_sum = row_sum + tile_row_sum(p)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
@@ -893,8 +917,14 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     # row's maximum's 1 they vanish, and a row with no allowed key is told by its maximum below.
                     p = exp2_split(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]), plan.exp2_fma,
                                    floor=EXP2_FLOOR)
-                    row_sum = row_sum * correction + p.sum(axis=1)
+                    if plan.row_sum_fold:
+                        row_sum = row_sum * lax.broadcast_in_dim(correction, row_sum.shape, [0]) + tile_row_sum(p)
+                    else:
+                        row_sum = row_sum * correction + tile_row_sum(p)
                     return (p.astype(dtype) if convert else p), new_max, row_sum, correction
+
+                def tile_row_sum(p):
+                    return fold_columns(p, ROW_SUM_COLUMNS) if plan.row_sum_fold else p.sum(axis=1)
 
                 def slot_of(step):
                     return lax.rem(base + step, jnp.int32(stages))
@@ -1031,6 +1061,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
+                if plan.row_sum_fold:
+                    row_sum = row_sum.sum(axis=1)
                 # A row that has seen no allowed key: its sum is 0, except where the polynomial's floor added
                 # 2**-125 per masked score; its running maximum stayed -inf.
                 has_any = row_max > _NEG_INF if plan.exp2_fma and fixed_shift is None else row_sum > 0
@@ -1295,6 +1327,7 @@ def flex_forward(
         query_scale=query_scale,
         fixed_max=fixed_max,
         exp2_fma=config.exp2_fma,
+        row_sum_fold=config.row_sum_fold,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
