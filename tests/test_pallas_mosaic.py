@@ -206,25 +206,30 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
 
 
 @pytest.mark.parametrize(
-    "score_mod, options, exp2_fma",
-    [(fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 32}, 32),
-     (fa.tanh_softcap(50.0), {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1}, 128),
-     (fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_fixed_max": 0}, 64),
-     (fa.generate_alibi_bias(2), {"mosaic_fwd_exp2_fma": 64}, 64),
-     (None, {"mosaic_fwd_exp2_fma": 16, "mosaic_fwd_overlap": 1}, 16),
-     (fa.tanh_softcap(30.0), {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_overlap": 1}, 64),
-     (None, {"mosaic_fwd_row_sum_fold": 1}, 0)],
-    ids=["softcap-32", "shifted-all-overlap", "running-max", "alibi", "noop-overlap", "softcap-fold-overlap",
-         "noop-fold"],
+    "score_mod, head_dim, options, exp2_fma, row_sum_fold",
+    [(fa.tanh_softcap(30.0), 64, {"mosaic_fwd_exp2_fma": 32}, 32, False),
+     (fa.tanh_softcap(50.0), 64, {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1}, 128, False),
+     (fa.tanh_softcap(30.0), 64, {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_fixed_max": 0}, 0, False),
+     (fa.generate_alibi_bias(2), 64, {"mosaic_fwd_exp2_fma": 64}, 0, False),
+     (fa.tanh_softcap(30.0), 64, {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_overlap": 1},
+      64, True),
+     (None, 64, {"mosaic_fwd_row_sum_fold": 1}, 0, True),
+     (fa.tanh_softcap(30.0), 64, None, 64, False), (fa.tanh_softcap(30.0), 64, {"mosaic_block_n": 64}, 32, False),
+     (fa.tanh_softcap(30.0), 128, None, 0, True), (fa.tanh_softcap(30.0), 128, {"mosaic_fwd_fixed_max": 0}, 0, False),
+     (None, 128, None, 0, False), (fa.generate_alibi_bias(2), 64, None, 0, False)],
+    ids=["softcap-32", "shifted-all-overlap", "running-max-none", "alibi-none", "softcap-fold-overlap", "noop-fold",
+         "default-softcap-64", "default-softcap-64-bn64", "default-softcap-128", "default-running-max-128",
+         "default-noop", "default-alibi"],
 )
-def test_exp2_on_the_fma_units_and_folded_row_sums_lower(score_mod, options, exp2_fma, forward_plans):
-    """mosaic_fwd_exp2_fma lowers with the fixed maximum (a bounded argument) and with the running maximum (the
-    argument floored); mosaic_fwd_row_sum_fold with either maximum."""
-    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=jnp.bfloat16)
+def test_exp2_on_the_fma_units_and_folded_row_sums_plans(score_mod, head_dim, options, exp2_fma, row_sum_fold,
+                                                         forward_plans):
+    """mosaic_fwd_exp2_fma lowers where the fixed maximum bounds the exp2's argument and is dropped elsewhere (the
+    polynomial takes no -inf); mosaic_fwd_row_sum_fold with either maximum; unset, soft-capping takes the first at
+    head dim 64 (half the key tile) and the second above it, other mods neither."""
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = forward_plans
-    assert plan.exp2_fma == exp2_fma
-    assert plan.row_sum_fold == bool(options.get("mosaic_fwd_row_sum_fold", 0))
+    assert (plan.exp2_fma, plan.row_sum_fold) == (exp2_fma, row_sum_fold)
 
 
 def test_fold_columns_keeps_row_sums():
@@ -445,7 +450,8 @@ _FORWARD_VARIANTS = {
 def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
-    # in shared memory, some exp2 from the FMA units' polynomial, the row sums reduced across threads once.
+    # in shared memory, some exp2 from the FMA units' polynomial (with the fixed maximum), the row sums reduced
+    # across threads once.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -480,8 +486,8 @@ def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
 @pytest.mark.parametrize(
     "options",
     [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}, {"mosaic_fwd_scale_queries": 1},
-     {"mosaic_fwd_exp2_fma": 64}],
-    ids=["defaults", "int-indices", "bn64", "scaled-queries", "exp2-fma-64"],
+     {"mosaic_fwd_row_sum_fold": 1}],
+    ids=["defaults", "int-indices", "bn64", "scaled-queries", "row-sum-fold"],
 )
 def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
     # No mask and lengths the key tile divides (no bounds to mask): ALiBi's indices.
@@ -504,9 +510,9 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "options",
-    [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_exp2_fma": 64},
-     {"mosaic_fwd_exp2_fma": 128, "mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}],
-    ids=["plain", "overlap", "exp2-fma-64", "exp2-fma-all-overlap-fold"],
+    [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
+     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -591,7 +597,7 @@ def _program(mod, score=False):
 
 
 def test_exp2_polynomial_is_within_its_bound():
-    from flexattn_jax.backends.pallas_mosaic.forward import EXP2_FLOOR, exp2_polynomial, exp2_split
+    from flexattn_jax.backends.pallas_mosaic.forward import exp2_polynomial, exp2_split
 
     # The range a fixed shift leaves: down to -120 below it (FIXED_SHIFT_BELOW), up to 64 above.
     x = jnp.concatenate([-jnp.abs(jax.random.normal(jax.random.key(0), (4096,))) * 30.0,
@@ -606,9 +612,6 @@ def test_exp2_polynomial_is_within_its_bound():
     assert bool(jnp.all(split[:, :80] == jnp.exp2(tile[:, :80])))  # the first columns stay on exp2 itself
     assert not bool(jnp.all(split[:, 80:] == jnp.exp2(tile[:, 80:])))  # the others come from the polynomial
     assert bool(jnp.all(exp2_split(tile, 0) == jnp.exp2(tile)))
-    # Floored, as with the running maximum: -inf and anything below the floor give 2**floor, a normal number.
-    floored = exp2_split(jnp.array([[-jnp.inf, -1000.0, -125.0, -3.0]]), 4, floor=EXP2_FLOOR)
-    assert float(jnp.max(jnp.abs(floored / jnp.exp2(jnp.array([[EXP2_FLOOR] * 3 + [-3.0]])) - 1.0))) < 1e-4
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])

@@ -103,10 +103,13 @@ class Config:
       exp2_fma: of each key tile's columns how many (the last ones) take the softmax's exp2 from a polynomial on
         the FMA units (``exp2_polynomial``) instead of the special-function unit, which soft-capping's tanh
         shares (NOTES.md section 46). With the fixed maximum the shift bounds the argument and masked scores are
-        zeroed after the exp2; with the running maximum the argument is floored at ``EXP2_FLOOR``. 0: none.
+        zeroed after the exp2. 0: none. Unset: half the key tile where the fixed maximum applies to a score_mod
+        that applies a special function (soft-capping's tanh) and the head dim is at most 64, else 0 (NOTES.md
+        section 49).
       row_sum_fold: each thread adds its probabilities into partial row sums of its own columns
         (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
-        exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48).
+        exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on where the
+        fixed maximum applies to a score_mod that applies a special function and the head dim is over 64.
     """
 
     block_n: int
@@ -117,8 +120,8 @@ class Config:
     float_indices: bool = True
     scale_queries: bool | None = None
     fixed_max: bool = True
-    exp2_fma: int = 0
-    row_sum_fold: bool = False
+    exp2_fma: int | None = None
+    row_sum_fold: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -704,24 +707,15 @@ def exp2_polynomial(x):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-# The least argument the polynomial's columns take where it is not bounded (the running maximum): 2**-125 keeps
-# the exponent field positive, and any smaller probability is nothing beside the row maximum's 1.
-EXP2_FLOOR = -125.0
-
-
-def exp2_split(x, on_fma: int, *, floor: float | None = None):
+def exp2_split(x, on_fma: int):
     """exp2 of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the others on the
-    special-function unit. ``floor``: the polynomial's columns take ``max(x, floor)`` (-inf included)."""
+    special-function unit."""
     columns = x.shape[1]
-
-    def polynomial(x):
-        return exp2_polynomial(x if floor is None else jnp.maximum(x, jnp.float32(floor)))
-
     if on_fma == 0:
         return jnp.exp2(x)
     if on_fma == columns:
-        return polynomial(x)
-    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), polynomial(x[:, columns - on_fma:])], axis=1)
+        return exp2_polynomial(x)
+    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), exp2_polynomial(x[:, columns - on_fma:])], axis=1)
 
 
 # The columns of a per-thread partial row sum (Config.row_sum_fold): in the wgmma layout a thread holds two
@@ -894,7 +888,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         if plan.mask_kv_bounds:
                             in_bounds = kv_idx < plan.kv_len
                             allowed = in_bounds if allowed is None else allowed & in_bounds
-                        if plan.fixed_max is None or not plan.exp2_fma:  # else zeroed after the polynomial
+                        if not plan.exp2_fma:  # the polynomial takes finite values only: masked after it
                             y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
                     exp_scale = jnp.float32(scaling.exp_scale)
@@ -913,10 +907,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
                     correction = jnp.exp2(row_max * exp_scale - shift)
-                    # With exp2_fma the polynomial's columns floor masked (-inf) scores to 2**-125: next to the
-                    # row's maximum's 1 they vanish, and a row with no allowed key is told by its maximum below.
-                    p = exp2_split(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]), plan.exp2_fma,
-                                   floor=EXP2_FLOOR)
+                    p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
                     if plan.row_sum_fold:
                         row_sum = row_sum * lax.broadcast_in_dim(correction, row_sum.shape, [0]) + tile_row_sum(p)
                     else:
@@ -1063,9 +1054,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                 if plan.row_sum_fold:
                     row_sum = row_sum.sum(axis=1)
-                # A row that has seen no allowed key: its sum is 0, except where the polynomial's floor added
-                # 2**-125 per masked score; its running maximum stayed -inf.
-                has_any = row_max > _NEG_INF if plan.exp2_fma and fixed_shift is None else row_sum > 0
+                has_any = row_sum > 0
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
@@ -1294,6 +1283,18 @@ def flex_forward(
     fixed_max = None
     if config.fixed_max and not with_max_scores:
         fixed_max = bounded_max(score_mod, scaling, jnp.dtype(query.dtype))
+    # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
+    # (head dim 64), half the exp2 move to the FMA units; above, the row sums' exchanges go (NOTES.md section 49).
+    # Both measured on an H100 only with the fixed maximum, which the polynomial needs.
+    special_bounded = fixed_max is not None and score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
+    exp2_fma = config.exp2_fma
+    if exp2_fma is None:
+        exp2_fma = block_n // 2 if special_bounded and head_dim <= 64 else 0
+    if fixed_max is None:
+        exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
+    row_sum_fold = config.row_sum_fold
+    if row_sum_fold is None:
+        row_sum_fold = special_bounded and head_dim > 64
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
@@ -1326,8 +1327,8 @@ def flex_forward(
         scaling=scaling,
         query_scale=query_scale,
         fixed_max=fixed_max,
-        exp2_fma=config.exp2_fma,
-        row_sum_fold=config.row_sum_fold,
+        exp2_fma=exp2_fma,
+        row_sum_fold=row_sum_fold,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
