@@ -2,6 +2,7 @@
 # What one session on the GPU machine runs, in calls that fit its 10-minute limit, logs under $OUT:
 #   bash benchmarks/device_session.sh check   the gpu-marked tests but test_pallas_mosaic.py's; the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh checkmosaic  the gpu-marked tests of test_pallas_mosaic.py
+#   bash benchmarks/device_session.sh softcap2 NOTES.md sections 47-49: soft-capping's new defaults, tests and sweeps
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -423,6 +424,18 @@ case "${1:-}" in
     sweep 120 -D 64 --cases softcap causal --configs running_max fixed_max running_max
     sweep 100 -B 8 -S 2048 --cases softcap --configs running_max fixed_max running_max
     sweep 80 --cases softcap --configs running_max fixed_max
+    ;;
+  softcap2)
+    # NOTES.md sections 47-49: soft-capping's defaults (exp2 on the FMA units at D=64, row sums folded above) under
+    # the gpu tests of every supported mod and the fixed maximum's, then each default against the former one, and
+    # the document mask's loss to the fold at D=128 (section 48) once more.
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 8 -p no:benchmark -v -rf --tb=short \
+      -k "fixed_maximum or every_supported_mod or head_dims_and_options or fully_masked" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    sweep 60 -D 64 --cases softcap --configs exp2_fma_0 exp2_fma_64 exp2_fma_0 exp2_fma_64
+    sweep 60 --cases softcap document --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
+    sweep 60 -B 8 -S 2048 --cases softcap --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
