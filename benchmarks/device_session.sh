@@ -448,7 +448,7 @@ case "${1:-}" in
     # (NCU_KERNELS is a regular expression over kernel names; "." also takes the input generation's kernels, which
     # come first; NCU_LAUNCHES caps the launches profiled, 8 by default; NCU_MODE=fwdbwd runs the gradients too;
     # NCU_B and NCU_S set the batch and the length, 2 and 8192 by default; NCU_TAG prefixes the files' case names,
-    # so that one call can profile one case at two shapes.)
+    # so that one call can profile one case at two shapes; NCU_OPTIONS, our kernel_options as JSON.)
     # The reports are reduced here to one text file and one SASS file per case, to stay within $OUT's limit; read
     # the SASS files back here with python -m benchmarks.ncu_sass ncu_<case>_sass.csv.gz.
     wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
@@ -459,7 +459,8 @@ case "${1:-}" in
         --section MemoryWorkloadAnalysis \
         --section SourceCounters --import-source no -o "/tmp/ncu_${NCU_TAG:-}$case" -f \
         python3 -m benchmarks.profile_forward --case "$case" -D "${NCU_D:-64}" -B "${NCU_B:-2}" -S "${NCU_S:-8192}" --calls 0 \
-        --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" --mode "${NCU_MODE:-fwd}" 2>&1 | grep -v Warning | tail -4
+        --implementation "${NCU_IMPL:-pallas_triton}" --torch "${NCU_TORCH:-flex}" --mode "${NCU_MODE:-fwd}" \
+        ${NCU_OPTIONS:+--kernel-options "$NCU_OPTIONS"} 2>&1 | grep -v Warning | tail -4
       timeout 60 ncu --import "/tmp/ncu_${NCU_TAG:-}$case.ncu-rep" --page details 2>&1 | grep -E "$wanted" \
         > "$OUT/ncu_${NCU_TAG:-}$case.txt"
       head -40 "$OUT/ncu_${NCU_TAG:-}$case.txt"
@@ -468,5 +469,5 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh check|checkmosaic|sweep|indices|exp2|fma|copywarps|clocks|tiles64|split|run|run64|torch|scaleq|alibi|softcap|ncu" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/device_session.sh check|checkmosaic|sweep|indices|exp2|fma|copywarps|clocks|tiles64|split|run|run64|torch|scaleq|alibi|softcap|softcap2|ncu" >&2; exit 2 ;;
 esac
