@@ -216,16 +216,17 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
      (None, 64, {"mosaic_fwd_row_sum_fold": 1}, 0, True),
      (fa.tanh_softcap(30.0), 64, None, 64, False), (fa.tanh_softcap(30.0), 64, {"mosaic_block_n": 64}, 32, False),
      (fa.tanh_softcap(30.0), 128, None, 0, True), (fa.tanh_softcap(30.0), 128, {"mosaic_fwd_fixed_max": 0}, 0, False),
-     (None, 128, None, 0, False), (fa.generate_alibi_bias(2), 64, None, 0, False)],
+     (None, 128, None, 0, False), (fa.generate_alibi_bias(2), 64, None, 0, False),
+     (fa.tanh_softcap(30.0), 256, None, 0, False)],
     ids=["softcap-32", "shifted-all-overlap", "running-max-none", "alibi-none", "softcap-fold-overlap", "noop-fold",
          "default-softcap-64", "default-softcap-64-bn64", "default-softcap-128", "default-running-max-128",
-         "default-noop", "default-alibi"],
+         "default-noop", "default-alibi", "default-softcap-256"],
 )
 def test_exp2_on_the_fma_units_and_folded_row_sums_plans(score_mod, head_dim, options, exp2_fma, row_sum_fold,
                                                          forward_plans):
     """mosaic_fwd_exp2_fma lowers where the fixed maximum bounds the exp2's argument and is dropped elsewhere (the
     polynomial takes no -inf); mosaic_fwd_row_sum_fold with either maximum; unset, soft-capping takes the first at
-    head dim 64 (half the key tile) and the second above it, other mods neither."""
+    head dim 64 (half the key tile) and the second at 128 (where each was measured), other mods neither."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = forward_plans

@@ -53,7 +53,7 @@ scatter-add, which only the Triton dQ kernel has).
   soft-capping at D=64, section 49);
 * ``mosaic_fwd_row_sum_fold`` (0 or 1): 1 keeps each thread's partial row sums of the softmax across key tiles
   and adds a row's threads' together once, after the walk (``forward.Config.row_sum_fold``, section 48); unset: 1
-  where the fixed maximum applies to a score_mod that applies a special function above head dim 64, else 0
+  where the fixed maximum applies to a score_mod that applies a special function at head dim 128, else 0
   (soft-capping +3-8% at D=128, section 49);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;

@@ -102,14 +102,14 @@ class Config:
         at D=64 (NOTES.md section 43).
       exp2_fma: of each key tile's columns how many (the last ones) take the softmax's exp2 from a polynomial on
         the FMA units (``exp2_polynomial``) instead of the special-function unit, which soft-capping's tanh
-        shares (NOTES.md section 46). With the fixed maximum the shift bounds the argument and masked scores are
-        zeroed after the exp2. 0: none. Unset: half the key tile where the fixed maximum applies to a score_mod
-        that applies a special function (soft-capping's tanh) and the head dim is at most 64, else 0 (NOTES.md
-        section 49).
+        shares (NOTES.md section 46). Only with the fixed maximum, whose shift bounds the argument; masked scores
+        are zeroed after the exp2. 0: none. Unset: half the key tile where the fixed maximum applies to a
+        score_mod that applies a special function (soft-capping's tanh) and the head dim is at most 64, else 0
+        (NOTES.md section 49).
       row_sum_fold: each thread adds its probabilities into partial row sums of its own columns
         (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
         exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on where the
-        fixed maximum applies to a score_mod that applies a special function and the head dim is over 64.
+        fixed maximum applies to a score_mod that applies a special function and the head dim is 65 to 128.
     """
 
     block_n: int
@@ -531,7 +531,7 @@ class _Plan:
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
     fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
-    exp2_fma: int  # key columns whose exp2 is a polynomial (Config.exp2_fma)
+    exp2_fma: int  # key columns whose exp2 is a polynomial, with the fixed maximum only (Config.exp2_fma)
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     num_score_consts: int
     num_mask_consts: int
@@ -1284,8 +1284,8 @@ def flex_forward(
     if config.fixed_max and not with_max_scores:
         fixed_max = bounded_max(score_mod, scaling, jnp.dtype(query.dtype))
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
-    # (head dim 64), half the exp2 move to the FMA units; above, the row sums' exchanges go (NOTES.md section 49).
-    # Both measured on an H100 only with the fixed maximum, which the polynomial needs.
+    # (head dim 64), half the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md section 49).
+    # Both measured on an H100 only with the fixed maximum (which the polynomial needs), and only at 64 and 128.
     special_bounded = fixed_max is not None and score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
     exp2_fma = config.exp2_fma
     if exp2_fma is None:
@@ -1294,7 +1294,7 @@ def flex_forward(
         exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
     row_sum_fold = config.row_sum_fold
     if row_sum_fold is None:
-        row_sum_fold = special_bounded and head_dim > 64
+        row_sum_fold = special_bounded and 64 < head_dim <= 128
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
