@@ -49,12 +49,12 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_fwd_exp2_fma`` (0 or 16 to 128 in steps of 16, at most the key tile): where the fixed maximum applies,
   of each key tile how many columns take the softmax's exp2 from a cubic on the FMA units instead of the
   special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46); unset: half the
-  key tile for a score_mod that applies a special function at head dim 64, else 0 (measured on an H100 +12-16% on
+  key tile for a score_mod that applies a special function at head dim 64, else 0 (measured on an H100 +15% on
   soft-capping at D=64, section 49);
 * ``mosaic_fwd_row_sum_fold`` (0 or 1): 1 keeps each thread's partial row sums of the softmax across key tiles
   and adds a row's threads' together once, after the walk (``forward.Config.row_sum_fold``, section 48); unset: 1
   where the fixed maximum applies to a score_mod that applies a special function at head dim 128, else 0
-  (soft-capping +3-8% at D=128, section 49);
+  (soft-capping +4-7% at D=128, section 49);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
