@@ -908,10 +908,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
                     correction = jnp.exp2(row_max * exp_scale - shift)
                     p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
-                    if plan.row_sum_fold:
-                        row_sum = row_sum * lax.broadcast_in_dim(correction, row_sum.shape, [0]) + tile_row_sum(p)
-                    else:
-                        row_sum = row_sum * correction + tile_row_sum(p)
+                    rescale = lax.broadcast_in_dim(correction, row_sum.shape, [0]) if plan.row_sum_fold else correction
+                    row_sum = row_sum * rescale + tile_row_sum(p)
                     return (p.astype(dtype) if convert else p), new_max, row_sum, correction
 
                 def tile_row_sum(p):
