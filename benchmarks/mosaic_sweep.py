@@ -21,6 +21,7 @@ import flexattn_jax as fa
 from benchmarks import timing
 from benchmarks.cases import CASES
 from flexattn_jax.backends import _captures
+from flexattn_jax.backends.pallas_mosaic import forward as mosaic_forward
 from flexattn_jax.backends.pallas_triton import _tile
 
 CONFIGS = {
@@ -93,6 +94,10 @@ CONFIGS = {
     "int_indices": dict(),
     # The defaults, with every exp2 of the Triton kernels through libdevice (see _traced_as)
     "libdevice_exp2": dict(),
+    # The defaults, with the Mosaic forward's exp2 polynomial as before section 50, or of degree 2 (see _traced_as)
+    "exp2_shift_first": dict(),
+    "exp2_shift_first_80": dict(mosaic_fwd_exp2_fma=80),
+    "exp2_quadratic": dict(),
     # The defaults, with the Triton kernels' multiply-adds as a multiply and an add (see _traced_as)
     "separate_mul_add": dict(),
 }
@@ -122,13 +127,22 @@ def _traced_as(config: str):
     without ``ModProgram.with_index_bound`` (NOTES.md section 25: float32(kv_idx - q_idx) converted per score, not
     per index vector); "libdevice_exp2", the Triton kernels' exp2 through libdevice's ``__nv_exp2f``, not PTX's
     flush-to-zero instruction (section 28); "separate_mul_add", ``_tile.fma`` as a multiply and an add, which XLA
-    compiles to two instructions (section 29)."""
+    compiles to two instructions (section 29); "exp2_shift_first", the Mosaic forward's ``exp2_polynomial`` rounding
+    its argument after the fixed shift is subtracted, two adds more (section 50); "exp2_quadratic", its polynomial
+    a quadratic (relative error 1.7e-3, an experiment: not precise enough for float16's P)."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
         patched, name = _tile, "exp2"
         fast_exp2 = _tile.exp2
         replacement = lambda x, *, fast: fast_exp2(x, fast=False)  # noqa: E731
+    elif config.startswith("exp2_shift_first"):
+        patched, name = mosaic_forward, "exp2_polynomial"
+        rounding_the_shift = mosaic_forward.exp2_polynomial
+        replacement = lambda y, scale, shift: rounding_the_shift(  # noqa: E731
+            y * jnp.float32(scale) - jnp.float32(shift), 1.0, 0)
+    elif config == "exp2_quadratic":  # 2**f on [-1/2, 1/2], relative error fitted as for the cubic
+        patched, name, replacement = mosaic_forward, "_EXP2_COEFFICIENTS", (0.23840183, 0.70339494, 1.00044095)
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
         fast_fma = _tile.fma

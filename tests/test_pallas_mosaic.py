@@ -8,6 +8,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 import pytest
@@ -168,28 +169,40 @@ _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
 _LOG2_E = math.log2(math.e)
 
 
+def _up(cap):
+    """Soft-capping's fixed maximum at ``cap``: the bound 1, rounded up to an integer in exp2's units."""
+    return math.ceil(cap * _LOG2_E) / (cap * _LOG2_E)
+
+
+def _down(cap, below):
+    """The integer shift (in exp2's units) that puts -1 at most ``below`` under it, in the values' units."""
+    return math.floor(below - cap * _LOG2_E) / (cap * _LOG2_E)
+
+
 @pytest.mark.parametrize(
     "score_mod, dtype, options, with_max_scores, fixed_max",
-    [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
-     (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, 1.0),
-     # 2 * 42 * log2(e) = 121 > 120: the shift puts -1 at 120 below it, 1.2 above it.
-     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (42.0 * _LOG2_E)),
-     (fa.tanh_softcap(50.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (50.0 * _LOG2_E)),
-     (fa.tanh_softcap(63.0), jnp.bfloat16, _FIXED_MAX, False, -1.0 + 120.0 / (63.0 * _LOG2_E)),
-     (fa.tanh_softcap(64.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 184.7 > 120 + 64
+    [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, _up(30.0)),
+     (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, _up(41.0)),
+     # 42 log2(e) = 60.6: 61 + 60.6 > 120, so the shift is the integer that puts -1 at most 120 below it (59).
+     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, _down(42.0, 120.0)),
+     (fa.tanh_softcap(50.0), jnp.bfloat16, _FIXED_MAX, False, _down(50.0, 120.0)),
+     (fa.tanh_softcap(63.0), jnp.bfloat16, _FIXED_MAX, False, _down(63.0, 120.0)),
+     (fa.tanh_softcap(64.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 92.3 - 27 > 64
      (fa.tanh_softcap(30.0), jnp.float16, _FIXED_MAX, False, None),
-     (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, 1.0),
-     (fa.tanh_softcap(10.0), jnp.float16, _FIXED_MAX, False, -1.0 + 14.0 / (10.0 * _LOG2_E)),
-     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 1.0),
+     (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, _up(4.0)),
+     (fa.tanh_softcap(9.0), jnp.float16, _FIXED_MAX, False, _down(9.0, 14.0)),
+     (fa.tanh_softcap(10.0), jnp.float16, _FIXED_MAX, False, None),  # 14.4 - (-1) > 15: the integer shift's cost
+     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, _up(30.0)),
      (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
      (fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, True, None),
-     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, 1.0),
+     # The factor 2 folds into exp2's scale as a cap's does: logistic's bound 1 rounded up the same way.
+     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, _up(2.0)),
      (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, None),
      (fa.generate_alibi_bias(2), jnp.bfloat16, _FIXED_MAX, False, None),
      (None, jnp.bfloat16, _FIXED_MAX, False, None)],
     ids=["cap-30", "cap-41", "cap-42-shifted", "cap-50-shifted", "cap-63-shifted", "cap-64-too-wide",
-         "f16-cap-30-too-wide", "f16-cap-4", "f16-cap-10-shifted", "default-on", "off", "max-scores",
-         "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
+         "f16-cap-30-too-wide", "f16-cap-4", "f16-cap-9-shifted", "f16-cap-10-too-wide", "default-on", "off",
+         "max-scores", "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
     score_mod, dtype, options, with_max_scores, fixed_max, forward_plans
@@ -202,7 +215,10 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=dtype)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options, with_max_scores=with_max_scores)
     (plan,) = forward_plans
-    assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max))
+    assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max, rel=1e-12))
+    if fixed_max is not None:  # an integer in exp2's units, which exp2_polynomial folds into its rounding
+        shift = plan.fixed_max * plan.scaling.exp_scale
+        assert shift == pytest.approx(round(shift), abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +230,7 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
      (fa.tanh_softcap(30.0), 64, {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_overlap": 1},
       64, True),
      (None, 64, {"mosaic_fwd_row_sum_fold": 1}, 0, True),
-     (fa.tanh_softcap(30.0), 64, None, 64, False), (fa.tanh_softcap(30.0), 64, {"mosaic_block_n": 64}, 32, False),
+     (fa.tanh_softcap(30.0), 64, None, 80, False), (fa.tanh_softcap(30.0), 64, {"mosaic_block_n": 64}, 32, False),
      (fa.tanh_softcap(30.0), 128, None, 0, True), (fa.tanh_softcap(30.0), 128, {"mosaic_fwd_fixed_max": 0}, 0, False),
      (None, 128, None, 0, False), (fa.generate_alibi_bias(2), 64, None, 0, False),
      (fa.tanh_softcap(30.0), 256, None, 0, False)],
@@ -226,7 +242,7 @@ def test_exp2_on_the_fma_units_and_folded_row_sums_plans(score_mod, head_dim, op
                                                          forward_plans):
     """mosaic_fwd_exp2_fma lowers where the fixed maximum bounds the exp2's argument and is dropped elsewhere (the
     polynomial takes no -inf); mosaic_fwd_row_sum_fold with either maximum; unset, soft-capping takes the first at
-    head dim 64 (half the key tile) and the second at 128 (where each was measured), other mods neither."""
+    head dim 64 (80 of 128 columns, 32 of 64) and the second at 128 (where each was measured), other mods neither."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = forward_plans
@@ -535,11 +551,11 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     [(30.0, jnp.bfloat16, 64, _FIXED_MAX), (30.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 1}),
      (41.0, jnp.bfloat16, 128, {**_FIXED_MAX, "mosaic_fwd_overlap": 0}), (4.0, jnp.float16, 64, _FIXED_MAX),
      (30.0, jnp.bfloat16, 64, {"mosaic_fwd_fixed_max": 0}), (50.0, jnp.bfloat16, 128, None),
-     (63.0, jnp.bfloat16, 64, None), (10.0, jnp.float16, 128, None),
+     (63.0, jnp.bfloat16, 64, None), (9.0, jnp.float16, 128, None),
      (30.0, jnp.bfloat16, 64, {"mosaic_fwd_exp2_fma": 32}), (50.0, jnp.bfloat16, 64, {"mosaic_fwd_exp2_fma": 128}),
      (4.0, jnp.float16, 128, {"mosaic_fwd_exp2_fma": 64, "mosaic_fwd_overlap": 1})],
     ids=["bf16-30-64", "bf16-30-128-overlap", "bf16-41-128-plain", "f16-4-64", "running-max", "bf16-50-shifted",
-         "bf16-63-shifted", "f16-10-shifted", "exp2-fma-32", "exp2-fma-all-shifted", "exp2-fma-64-f16-overlap"],
+         "bf16-63-shifted", "f16-9-shifted", "exp2-fma-32", "exp2-fma-all-shifted", "exp2-fma-64-f16-overlap"],
 )
 def test_gpu_soft_capping_with_a_fixed_maximum_matches_reference(cap, dtype, head_dim, options):
     """The softmax against the cap (mosaic_fwd_fixed_max): scores driven to both
@@ -597,22 +613,26 @@ def _program(mod, score=False):
     return _program_and_consts(mod, score)[0]
 
 
-def test_exp2_polynomial_is_within_its_bound():
+@pytest.mark.parametrize("scale, shift", [(43.28085122666891, 44), (72.13475204444818, 26), (1.0, 0), (1.0, -3)])
+def test_exp2_polynomial_is_within_its_bound(scale, shift):
     from flexattn_jax.backends.pallas_mosaic.forward import exp2_polynomial, exp2_split
 
     # The range a fixed shift leaves: down to -120 below it (FIXED_SHIFT_BELOW), up to 64 above.
     x = jnp.concatenate([-jnp.abs(jax.random.normal(jax.random.key(0), (4096,))) * 30.0,
                          jnp.linspace(-125.0, 64.0, 8193)])
-    # Op by op, not under jit: XLA's CPU compiler would fold the rounding's (x + M) - M (the kernel keeps it).
-    got = exp2_polynomial(x)
-    relative = jnp.abs(got - jnp.exp2(x)) / jnp.exp2(x)
-    assert float(relative.max()) < 1e-4
+    y = (x + shift) / scale
+    want = np.exp2(np.asarray(y, np.float64) * scale - shift)
+    # Op by op, not under jit: XLA's CPU compiler would fold the rounding's (.. + M) - M (the kernel keeps it).
+    got = exp2_polynomial(y, scale, shift)
+    assert float(np.max(np.abs(np.asarray(got, np.float64) - want) / want)) < 1e-4
     tile = jax.random.uniform(jax.random.key(2), (64, 128), jnp.float32, -100.0, 20.0)
-    split = exp2_split(tile, 48)
-    assert float(jnp.max(jnp.abs(split - jnp.exp2(tile)) / jnp.exp2(tile))) < 1e-4
-    assert bool(jnp.all(split[:, :80] == jnp.exp2(tile[:, :80])))  # the first columns stay on exp2 itself
-    assert not bool(jnp.all(split[:, 80:] == jnp.exp2(tile[:, 80:])))  # the others come from the polynomial
-    assert bool(jnp.all(exp2_split(tile, 0) == jnp.exp2(tile)))
+    tile = (tile + shift) / scale
+    split = exp2_split(tile, scale, shift, 48)
+    want = jnp.exp2(tile * jnp.float32(scale) - jnp.float32(shift))
+    assert float(jnp.max(jnp.abs(split - want) / want)) < 1e-4
+    assert bool(jnp.all(split[:, :80] == want[:, :80]))  # the first columns stay on exp2 itself
+    assert not bool(jnp.all(split[:, 80:] == want[:, 80:]))  # the others come from the polynomial
+    assert bool(jnp.all(exp2_split(tile, scale, shift, 0) == want))
 
 
 @pytest.mark.parametrize("total", [1, 7, 131, 132, 133, 263, 264, 2048])

@@ -41,16 +41,17 @@ scatter-add, which only the Triton dQ kernel has).
   memory, rounded to the input dtype, in place of one multiply per score (``forward.Config.scale_queries``; measured
   2-8% faster on ALiBi, 0-4% slower on soft-capping, section 40);
 * ``mosaic_fwd_fixed_max`` (1, the default, or 0): 1, where the score_mod's result is bounded (soft-capping's
-  tanh), the forward's softmax subtracts the bound instead of each row's running maximum, with no maximum to reduce
-  and no accumulator to rescale per key tile (``forward.Config.fixed_max``; bfloat16 up to a cap of 41, float16 up
-  to 4.8, so that every probability stays a normal number; past that, a fixed shift below the bound, bfloat16 up to
-  a cap of 63, float16 up to 10; not with the maximum scores; measured on an H100 5-10% faster on soft-capping at
-  D=128, the same at D=64, section 43); 0 keeps the running maximum;
+  tanh), the forward's softmax subtracts the bound (rounded up to an integer in exp2's units) instead of each row's
+  running maximum, with no maximum to reduce and no accumulator to rescale per key tile
+  (``forward.Config.fixed_max``; bfloat16 up to a cap of 41, float16 up to 4.8, so that every probability stays a
+  normal number; past that, a fixed shift below the bound, bfloat16 up to a cap of 63, float16 up to 9.7; not with
+  the maximum scores; measured on an H100 5-10% faster on soft-capping at D=128, the same at D=64, section 43); 0
+  keeps the running maximum;
 * ``mosaic_fwd_exp2_fma`` (0 or 16 to 128 in steps of 16, at most the key tile): where the fixed maximum applies,
   of each key tile how many columns take the softmax's exp2 from a cubic on the FMA units instead of the
-  special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46); unset: half the
-  key tile for a score_mod that applies a special function at head dim 64, else 0 (measured on an H100 +15% on
-  soft-capping at D=64, section 49);
+  special-function unit that soft-capping's tanh shares (``forward.exp2_polynomial``, section 46); unset: 80 of
+  128 columns (``forward.default_exp2_fma``) for a score_mod that applies a special function at head dim 64, else
+  0 (measured on an H100 +15% on soft-capping at D=64, section 49, and 3-5% more with section 50's polynomial);
 * ``mosaic_fwd_row_sum_fold`` (0 or 1): 1 keeps each thread's partial row sums of the softmax across key tiles
   and adds a row's threads' together once, after the walk (``forward.Config.row_sum_fold``, section 48); unset: 1
   where the fixed maximum applies to a score_mod that applies a special function at head dim 128, else 0

@@ -94,8 +94,9 @@ class Config:
         in a forward a backward follows, only where the scale is a power of two (``flex_forward``'s
         ``for_backward``).
       fixed_max: where the score_mod's result is bounded (soft-capping's tanh: ``ModProgram.output_range``), the
-        online softmax subtracts that bound instead of each row's running maximum: no maximum to reduce per key
-        tile, no rescaling of the accumulator, and each score's exp2 need not wait for its row's other scores.
+        online softmax subtracts that bound (rounded up to an integer in exp2's units, which ``exp2_polynomial``
+        needs) instead of each row's running maximum: no maximum to reduce per key tile, no rescaling of the
+        accumulator, and each score's exp2 need not wait for its row's other scores.
         Only where every probability stays a normal number of the input dtype relative to the bound
         (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
         ``with_max_scores``. On by default: on an H100, soft-capping's forward 5-10% faster at D=128, the same
@@ -103,9 +104,9 @@ class Config:
       exp2_fma: of each key tile's columns how many (the last ones) take the softmax's exp2 from a polynomial on
         the FMA units (``exp2_polynomial``) instead of the special-function unit, which soft-capping's tanh
         shares (NOTES.md section 46). Only with the fixed maximum, whose shift bounds the argument; masked scores
-        are zeroed after the exp2. 0: none. Unset: half the key tile where the fixed maximum applies to a
-        score_mod that applies a special function (soft-capping's tanh) and the head dim is at most 64, else 0
-        (NOTES.md section 49).
+        are zeroed after the exp2. 0: none. Unset: ``default_exp2_fma`` (80 of 128 columns) where the fixed
+        maximum applies to a score_mod that applies a special function (soft-capping's tanh) and the head dim is
+        at most 64, else 0 (NOTES.md sections 49 and 50).
       row_sum_fold: each thread adds its probabilities into partial row sums of its own columns
         (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
         exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on where the
@@ -684,22 +685,31 @@ class IndexTiles:
 
 
 # 2**f on [-1/2, 1/2] to a relative error of 7.5e-5 (a cubic fitted to the relative error by reweighted least
-# squares), below the rounding of P to bfloat16 (3.9e-3) or float16 (4.9e-4) before it multiplies V.
-_EXP2_CUBIC = (0.05517111799717522, 0.24260978234093275, 0.6932609536727427, 0.999928156505169)
+# squares), below the rounding of P to bfloat16 (3.9e-3) or float16 (4.9e-4) before it multiplies V. Highest degree
+# first, evaluated by Horner's rule.
+_EXP2_COEFFICIENTS = (0.05517111799717522, 0.24260978234093275, 0.6932609536727427, 0.999928156505169)
 _ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23: x + this rounds x to an integer held in the low mantissa bits
 
 
-def exp2_polynomial(x):
-    """2**x for finite x whose result is a normal float32 (-126 < x < 128), with FMA-unit arithmetic only:
-    x = n + f with n an integer and |f| <= 1/2, 2**f from a cubic, n added into the exponent bits. Seven
-    instructions in place of one on the special-function unit (16 results a clock per SM, shared with tanh).
+def exp2_polynomial(y, scale, shift: int):
+    """2**(y * scale - shift) for an integer ``shift`` (the fixed maximum's, ``bounded_max``) and arguments whose
+    result is a normal float32 (-126 < x < 128), with FMA-unit arithmetic only: the argument is n + f with n an
+    integer and |f| <= 1/2, 2**f comes from a cubic and n is added into the exponent bits. Seven instructions in
+    place of a multiply-add and one exp2 on the special-function unit (16 results a clock per SM, shared with
+    tanh).
 
-    The rounding relies on (x + M) - M being evaluated as written: so it is in the kernel (Mosaic GPU's float adds
-    carry only LLVM's ``contract`` flag), but XLA's CPU compiler folds it under ``jax.jit``."""
-    shifted = x + jnp.float32(_ROUNDING_MAGIC)
-    fraction = x - (shifted - jnp.float32(_ROUNDING_MAGIC))
-    c3, c2, c1, c0 = (jnp.float32(c) for c in _EXP2_CUBIC)
-    mantissa = ((c3 * fraction + c2) * fraction + c1) * fraction + c0
+    The integer shift goes into the rounding constant, so that one FMA rounds the argument (y * scale + M - shift
+    is M + n) and a second gives f = y * scale - (n + shift) with one rounding: an instruction fewer than rounding
+    the argument after subtracting the shift (NOTES.md section 50). The rounding relies on (.. + M) - M being
+    evaluated as written: so it is in the kernel (Mosaic GPU's float adds carry only LLVM's ``contract`` flag), but
+    XLA's CPU compiler folds it under ``jax.jit``."""
+    magic_less_shift = jnp.float32(_ROUNDING_MAGIC - shift)  # exact: an integer below 2**24
+    scaled = y * jnp.float32(scale)
+    shifted = scaled + magic_less_shift  # M + n, n = round(y * scale - shift); NVPTX fuses the multiply into both
+    fraction = scaled - (shifted - magic_less_shift)  # shifted - (M - shift) = n + shift exactly
+    mantissa = jnp.float32(_EXP2_COEFFICIENTS[0])
+    for coefficient in _EXP2_COEFFICIENTS[1:]:
+        mantissa = mantissa * fraction + jnp.float32(coefficient)
     # The low bits of ``shifted`` hold n (two's complement): shifted left by 23 they are n in the exponent field.
     bits = lax.bitcast_convert_type(mantissa, jnp.int32) + lax.shift_left(
         lax.bitcast_convert_type(shifted, jnp.int32), jnp.int32(23)
@@ -707,15 +717,23 @@ def exp2_polynomial(x):
     return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def exp2_split(x, on_fma: int):
-    """exp2 of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the others on the
-    special-function unit."""
-    columns = x.shape[1]
+def exp2_split(y, scale, shift: int, on_fma: int):
+    """2**(y * scale - shift) of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the
+    others on the special-function unit."""
+    columns = y.shape[1]
     if on_fma == 0:
-        return jnp.exp2(x)
+        return jnp.exp2(y * jnp.float32(scale) - jnp.float32(shift))
     if on_fma == columns:
-        return exp2_polynomial(x)
-    return jnp.concatenate([jnp.exp2(x[:, : columns - on_fma]), exp2_polynomial(x[:, columns - on_fma:])], axis=1)
+        return exp2_polynomial(y, scale, shift)
+    first, last = y[:, : columns - on_fma], y[:, columns - on_fma:]
+    return jnp.concatenate([jnp.exp2(first * jnp.float32(scale) - jnp.float32(shift)),
+                            exp2_polynomial(last, scale, shift)], axis=1)
+
+
+def default_exp2_fma(block_n: int) -> int:
+    """Config.exp2_fma's default where it applies: five eighths of the key tile in whole 16-column steps (80 of
+    128, 32 of 64), the fastest of 64, 80, 96 and 112 on an H100 at D=64 soft-capping (NOTES.md section 50)."""
+    return block_n * 5 // 8 // 16 * 16
 
 
 # The columns of a per-thread partial row sum (Config.row_sum_fold): in the wgmma layout a thread holds two
@@ -830,8 +848,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 initial_max = _NEG_INF if plan.fixed_max is None else plan.fixed_max
-                # The shift in exp2's units, rounded to float32 once: the probabilities and lse use this one value.
-                fixed_shift = None if plan.fixed_max is None else jnp.float32(plan.fixed_max * plan.scaling.exp_scale)
+                # The shift in exp2's units, an integer (bounded_max): the probabilities and lse use this one value.
+                fixed_shift = None if plan.fixed_max is None else round(plan.fixed_max * plan.scaling.exp_scale)
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
                 # With row_sum_fold each thread keeps its own columns' partial sums (ROW_SUM_COLUMNS of them a
                 # row), reduced across the row's threads once, after the walk.
@@ -895,12 +913,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if plan.fixed_max is not None:
                         # Every value lies within a known range of the shift: exp2 against it, a constant
                         # (Config.fixed_max, bounded_max).
-                        if plan.exp2_fma:
-                            p = exp2_split(y * exp_scale - fixed_shift, plan.exp2_fma)
-                            if needs_mask:
-                                p = jnp.where(allowed, p, jnp.float32(0.0))
-                        else:
-                            p = jnp.exp2(y * exp_scale - fixed_shift)
+                        p = exp2_split(y, scaling.exp_scale, fixed_shift, plan.exp2_fma)
+                        if plan.exp2_fma and needs_mask:
+                            p = jnp.where(allowed, p, jnp.float32(0.0))
                         row_sum = row_sum + tile_row_sum(p)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, y.max(axis=1))
@@ -1057,7 +1072,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
                 # With the fixed maximum, lse adds back the very constant the probabilities subtracted.
-                max_shift = row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None else fixed_shift
+                max_shift = (row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None
+                             else jnp.float32(fixed_shift))
                 lse = jnp.where(has_any, (max_shift + log2_sum) * _LN_2, _NEG_INF)
                 # The query tile is free again: stage the output through it (the next item waits for the reads).
                 q_smem[...] = out.astype(dtype)
@@ -1186,23 +1202,26 @@ FIXED_SHIFT_ABOVE = {jnp.dtype(jnp.bfloat16): 64.0, jnp.dtype(jnp.float16): 15.0
 
 def bounded_max(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> float | None:
     """The fixed shift of the softmax (Config.fixed_max) where ``score_mod`` is applied and bounds its result
-    (``ModProgram.output_range``) to values (times ``value_scale``) in [low, high]; else None. The bound itself
-    where the span fits below it (``FIXED_SHIFT_BELOW``); else the lowest shift that keeps low within that
-    distance, where high then lies within ``FIXED_SHIFT_ABOVE`` above it; else None. Soft-capping at cap c: values
-    in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c: in bfloat16 the bound up to a cap of 41, a shift
-    below it up to 63 (Gemma 2's 50); in float16 up to 4.8 and 10."""
+    (``ModProgram.output_range``) to values (times ``value_scale``) in [low, high]; else None. In exp2's units
+    (times ``exp_scale``) the shift is an integer, which ``exp2_polynomial`` folds into its rounding: the bound
+    rounded up where low then lies within ``FIXED_SHIFT_BELOW`` of it; else the lowest integer shift that keeps low
+    within that distance, where high then lies within ``FIXED_SHIFT_ABOVE`` above it; else None. Soft-capping at
+    cap c: values in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c: in bfloat16 the rounded bound up to a
+    cap of 41, a shift below it up to 63 (Gemma 2's 50); in float16 up to 4.8 and 9.7."""
     bounds = score_mod.output_range if scaling.apply_score_mod else None
     if bounds is None:
         return None
-    low, high = sorted(b * scaling.value_scale for b in bounds)
+    low, high = sorted(b * scaling.value_scale * scaling.exp_scale for b in bounds)
     dtype = jnp.dtype(dtype)
     below, above = FIXED_SHIFT_BELOW.get(dtype, 0.0), FIXED_SHIFT_ABOVE.get(dtype, 0.0)
-    span = (high - low) * scaling.exp_scale
-    if span <= below:
-        return high
-    if span <= below + above:
-        return low + below / scaling.exp_scale
-    return None
+    shift = math.ceil(high)
+    if shift - low > below:
+        shift = math.floor(low + below)
+        if high - shift > above:
+            return None
+    if abs(shift) >= 2**22:  # exp2_polynomial's rounding constant less the shift must stay exact
+        return None
+    return shift / scaling.exp_scale
 
 
 def is_power_of_two(x: float) -> bool:
@@ -1282,12 +1301,13 @@ def flex_forward(
     if config.fixed_max and not with_max_scores:
         fixed_max = bounded_max(score_mod, scaling, jnp.dtype(query.dtype))
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
-    # (head dim 64), half the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md section 49).
+    # (head dim 64), most of the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md sections
+    # 49 and 50).
     # Both measured on an H100 only with the fixed maximum (which the polynomial needs), and only at 64 and 128.
     special_bounded = fixed_max is not None and score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
     exp2_fma = config.exp2_fma
     if exp2_fma is None:
-        exp2_fma = block_n // 2 if special_bounded and head_dim <= 64 else 0
+        exp2_fma = default_exp2_fma(block_n) if special_bounded and head_dim <= 64 else 0
     if fixed_max is None:
         exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
     row_sum_fold = config.row_sum_fold
