@@ -3,6 +3,9 @@
 #   bash benchmarks/device_session.sh check   the gpu-marked tests but test_pallas_mosaic.py's; the Mosaic kernels' ptxas reports
 #   bash benchmarks/device_session.sh checkmosaic  the gpu-marked tests of test_pallas_mosaic.py
 #   bash benchmarks/device_session.sh softcap2 NOTES.md sections 47-49: soft-capping's new defaults, tests and sweeps
+#   bash benchmarks/device_session.sh softcap38 the same tests, then run 37's shapes beside the anchors (run 38)
+#   bash benchmarks/device_session.sh checkmosaic2 checkmosaic less softcap38's tests
+#   bash benchmarks/device_session.sh exp2int NOTES.md section 50: the integer shift's gpu tests and sweeps
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -436,6 +439,34 @@ case "${1:-}" in
     sweep 60 -D 64 --cases softcap --configs exp2_fma_0 exp2_fma_64 exp2_fma_0 exp2_fma_64
     sweep 60 --cases softcap document --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
     sweep 60 -B 8 -S 2048 --cases softcap --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
+    ;;
+  softcap38)
+    # The gpu tests of soft-capping's defaults (NOTES.md section 49), then run 37's shapes beside the anchors.
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 12 -p no:benchmark -v -rf --tb=short \
+      -k "fixed_maximum or every_supported_mod or head_dims_and_options or fully_masked" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    timeout 300 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
+      --cases softcap,causal --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 250 \
+      --out "$OUT/run38" 2>&1 | grep -v Warning | tail -30
+    ;;
+  checkmosaic2)
+    # checkmosaic less softcap38's tests, at 14 workers (the compiles are the time).
+    timeout 560 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "not (fixed_maximum or every_supported_mod or head_dims_and_options or fully_masked)" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -30
+    ;;
+  exp2int)
+    # NOTES.md section 50: the fixed maximum's shift an integer, folded into the exp2 polynomial's rounding. Its gpu
+    # tests (the fixed maximum's, every supported mod's forward with the polynomial), then at D=64 soft-capping the
+    # new form against the former (exp2_shift_first), the scaled queries, a quadratic, more columns.
+    timeout 230 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "fixed_maximum or (forward_variants and (exp2 or softcap)) or (head_dims_and_options and 64)" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    sweep 130 -D 64 --cases softcap --configs defaults exp2_shift_first scaled_queries exp2_quadratic exp2_fma_96 \
+      defaults exp2_shift_first exp2_fma_80
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
