@@ -6,6 +6,7 @@
 #   bash benchmarks/device_session.sh softcap38 the same tests, then run 37's shapes beside the anchors (run 38)
 #   bash benchmarks/device_session.sh checkmosaic2 checkmosaic less softcap38's tests
 #   bash benchmarks/device_session.sh exp2int NOTES.md section 50: the integer shift's gpu tests and sweeps
+#   bash benchmarks/device_session.sh softcap51 section 50's open questions: sweeps at 80 columns, SASS of 64 and 80
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -467,6 +468,18 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     sweep 130 -D 64 --cases softcap --configs defaults exp2_shift_first scaled_queries exp2_quadratic exp2_fma_96 \
       defaults exp2_shift_first exp2_fma_80
+    ;;
+  softcap51)
+    # NOTES.md section 50's open questions at D=64 soft-capping: the scaled queries and the quadratic at the new
+    # default's 80 columns, and the SASS of 64 columns against 80 (the integer form was 7% slower at 64). Read the
+    # SASS back here with python -m benchmarks.ncu_sass ncu_c64_softcap_sass.csv.gz --against ...c80...
+    sweep 100 -D 64 --cases softcap --configs defaults scaled_queries exp2_quadratic exp2_fma_64 defaults \
+      scaled_queries exp2_quadratic exp2_fma_64
+    for columns in 64 80; do
+      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=64 NCU_CASES=softcap NCU_KERNELS=flex_attention_forward \
+        NCU_LAUNCHES=1 NCU_TAG=c${columns}_ NCU_OPTIONS="{\"mosaic_fwd_exp2_fma\": $columns}" bash "$0" ncu \
+        | grep -E "Duration|Issue Slots|No Eligible"
+    done
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
