@@ -3,7 +3,6 @@ backward and the choice of implementation on this machine; the comparisons with 
 gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
 
 import functools
-import math
 import re
 
 import jax
@@ -166,37 +165,25 @@ def test_a_forward_a_backward_follows_scales_queries_only_by_a_power_of_two(head
 
 
 _FIXED_MAX = {"mosaic_fwd_fixed_max": 1}
-_LOG2_E = math.log2(math.e)
-
-
-def _up(cap):
-    """Soft-capping's fixed maximum at ``cap``: the bound 1, rounded up to an integer in exp2's units."""
-    return math.ceil(cap * _LOG2_E) / (cap * _LOG2_E)
-
-
-def _down(cap, below):
-    """The integer shift (in exp2's units) that puts -1 at most ``below`` under it, in the values' units."""
-    return math.floor(below - cap * _LOG2_E) / (cap * _LOG2_E)
-
-
 @pytest.mark.parametrize(
-    "score_mod, dtype, options, with_max_scores, fixed_max",
-    [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, _up(30.0)),
-     (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, _up(41.0)),
-     # 42 log2(e) = 60.6: 61 + 60.6 > 120, so the shift is the integer that puts -1 at most 120 below it (59).
-     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, _down(42.0, 120.0)),
-     (fa.tanh_softcap(50.0), jnp.bfloat16, _FIXED_MAX, False, _down(50.0, 120.0)),
-     (fa.tanh_softcap(63.0), jnp.bfloat16, _FIXED_MAX, False, _down(63.0, 120.0)),
+    "score_mod, dtype, options, with_max_scores, fixed_shift",
+    # The shift in exp2's units, an integer: cap c's values times c log2(e) lie in [-c log2(e), c log2(e)].
+    [(fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, False, 44),  # 43.3 rounded up
+     (fa.tanh_softcap(41.0), jnp.bfloat16, _FIXED_MAX, False, 60),  # 59.2 up; -59.2 lies 119.2 below
+     # 60.6 up to 61 would leave -60.6 121.6 below: the shift that keeps it 120 below, rounded down, 59.4 to 59.
+     (fa.tanh_softcap(42.0), jnp.bfloat16, _FIXED_MAX, False, 59),
+     (fa.tanh_softcap(50.0), jnp.bfloat16, _FIXED_MAX, False, 47),  # 120 - 72.1 = 47.9 down
+     (fa.tanh_softcap(63.0), jnp.bfloat16, _FIXED_MAX, False, 29),  # 120 - 90.9 = 29.1 down; 90.9 - 29 <= 64
      (fa.tanh_softcap(64.0), jnp.bfloat16, _FIXED_MAX, False, None),  # 92.3 - 27 > 64
      (fa.tanh_softcap(30.0), jnp.float16, _FIXED_MAX, False, None),
-     (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, _up(4.0)),
-     (fa.tanh_softcap(9.0), jnp.float16, _FIXED_MAX, False, _down(9.0, 14.0)),
+     (fa.tanh_softcap(4.0), jnp.float16, _FIXED_MAX, False, 6),  # 5.8 up; -5.8 lies 11.8 below
+     (fa.tanh_softcap(9.0), jnp.float16, _FIXED_MAX, False, 1),  # 14 - 13.0 = 1.02 down; 13.0 - 1 <= 15
      (fa.tanh_softcap(10.0), jnp.float16, _FIXED_MAX, False, None),  # 14.4 - (-1) > 15: the integer shift's cost
-     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, _up(30.0)),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, 44),
      (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_fixed_max": 0}, False, None),
      (fa.tanh_softcap(30.0), jnp.bfloat16, _FIXED_MAX, True, None),
-     # The factor 2 folds into exp2's scale as a cap's does: logistic's bound 1 rounded up the same way.
-     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, _up(2.0)),
+     # The factor 2 folds into exp2's scale as a cap's does: logistic's bound 1 times 2 log2(e) = 2.9, up to 3.
+     (lambda s, b, h, q_idx, kv_idx: 2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, 3),
      (lambda s, b, h, q_idx, kv_idx: -2.0 * jax.nn.sigmoid(s), jnp.bfloat16, _FIXED_MAX, False, None),
      (fa.generate_alibi_bias(2), jnp.bfloat16, _FIXED_MAX, False, None),
      (None, jnp.bfloat16, _FIXED_MAX, False, None)],
@@ -205,20 +192,17 @@ def _down(cap, below):
          "max-scores", "sigmoid", "negative-factor-not-peeled", "alibi", "no-score-mod"],
 )
 def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result(
-    score_mod, dtype, options, with_max_scores, fixed_max, forward_plans
+    score_mod, dtype, options, with_max_scores, fixed_shift, forward_plans
 ):
     """With mosaic_fwd_fixed_max: soft-capping's values lie in [-1, 1] before the cap's factor (folded into the
-    exponent), so the softmax subtracts 1, not the running maximum, where every probability then stays a normal
-    number of P's dtype; for wider caps a shift below 1 that keeps -1's probability normal and 1's finite. 2 sigmoid
-    takes 1 too
-    (logistic's [0, 1]); a negative factor after it is not folded out, and the program's last step is a multiply."""
+    exponent), so the softmax subtracts 1 (rounded up to an integer in exp2's units), not the running maximum,
+    where every probability then stays a normal number of P's dtype; for wider caps an integer shift below it that
+    keeps -1's probability normal and 1's finite. 2 sigmoid takes 1 too (logistic's [0, 1]); a negative factor
+    after it is not folded out, and the program's last step is a multiply."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=64, Ev=64, dtype=dtype)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options, with_max_scores=with_max_scores)
     (plan,) = forward_plans
-    assert plan.fixed_max == (None if fixed_max is None else pytest.approx(fixed_max, rel=1e-12))
-    if fixed_max is not None:  # an integer in exp2's units, which exp2_polynomial folds into its rounding
-        shift = plan.fixed_max * plan.scaling.exp_scale
-        assert shift == pytest.approx(round(shift), abs=1e-9)
+    assert plan.fixed_shift == fixed_shift
 
 
 @pytest.mark.parametrize(

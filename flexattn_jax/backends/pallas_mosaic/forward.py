@@ -98,7 +98,7 @@ class Config:
         needs) instead of each row's running maximum: no maximum to reduce per key tile, no rescaling of the
         accumulator, and each score's exp2 need not wait for its row's other scores.
         Only where every probability stays a normal number of the input dtype relative to the bound
-        (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``bounded_max``), and not with
+        (``FIXED_SHIFT_BELOW``; past that a shift below the bound, ``fixed_shift_of``), and not with
         ``with_max_scores``. On by default: on an H100, soft-capping's forward 5-10% faster at D=128, the same
         at D=64 (NOTES.md section 43).
       exp2_fma: of each key tile's columns how many (the last ones) take the softmax's exp2 from a polynomial on
@@ -531,7 +531,7 @@ class _Plan:
     apply_mask_mod: bool
     scaling: SoftmaxScaling
     query_scale: float  # multiplies each query tile in shared memory (Config.scale_queries); 1.0: not applied
-    fixed_max: float | None  # the softmax's fixed shift, the bound or below it (Config.fixed_max); None: running
+    fixed_shift: int | None  # the softmax's fixed shift in exp2's units (Config.fixed_max); None: running maximum
     exp2_fma: int  # key columns whose exp2 is a polynomial, with the fixed maximum only (Config.exp2_fma)
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     num_score_consts: int
@@ -692,7 +692,7 @@ _ROUNDING_MAGIC = 12582912.0  # 1.5 * 2**23: x + this rounds x to an integer hel
 
 
 def exp2_polynomial(y, scale, shift: int):
-    """2**(y * scale - shift) for an integer ``shift`` (the fixed maximum's, ``bounded_max``) and arguments whose
+    """2**(y * scale - shift) for an integer ``shift`` (the fixed maximum's, ``fixed_shift_of``) and arguments whose
     result is a normal float32 (-126 < x < 128), with FMA-unit arithmetic only: the argument is n + f with n an
     integer and |f| <= 1/2, 2**f comes from a cubic and n is added into the exponent bits. Seven instructions in
     place of a multiply-add and one exp2 on the special-function unit (16 results a clock per SM, shared with
@@ -720,14 +720,15 @@ def exp2_polynomial(y, scale, shift: int):
 def exp2_split(y, scale, shift: int, on_fma: int):
     """2**(y * scale - shift) of a [rows, columns] tile: the last ``on_fma`` columns by ``exp2_polynomial``, the
     others on the special-function unit."""
-    columns = y.shape[1]
+    def on_the_unit(x):
+        return jnp.exp2(x * jnp.float32(scale) - jnp.float32(shift))
+
+    on_unit = y.shape[1] - on_fma
     if on_fma == 0:
-        return jnp.exp2(y * jnp.float32(scale) - jnp.float32(shift))
-    if on_fma == columns:
+        return on_the_unit(y)
+    if on_unit == 0:
         return exp2_polynomial(y, scale, shift)
-    first, last = y[:, : columns - on_fma], y[:, columns - on_fma:]
-    return jnp.concatenate([jnp.exp2(first * jnp.float32(scale) - jnp.float32(shift)),
-                            exp2_polynomial(last, scale, shift)], axis=1)
+    return jnp.concatenate([on_the_unit(y[:, :on_unit]), exp2_polynomial(y[:, on_unit:], scale, shift)], axis=1)
 
 
 def default_exp2_fma(block_n: int) -> int:
@@ -847,9 +848,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
-                initial_max = _NEG_INF if plan.fixed_max is None else plan.fixed_max
-                # The shift in exp2's units, an integer (bounded_max): the probabilities and lse use this one value.
-                fixed_shift = None if plan.fixed_max is None else round(plan.fixed_max * plan.scaling.exp_scale)
+                # With the fixed shift the row maximum stays that shift in the values' units (never read).
+                fixed_shift = plan.fixed_shift
+                initial_max = _NEG_INF if fixed_shift is None else fixed_shift / plan.scaling.exp_scale
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
                 # With row_sum_fold each thread keeps its own columns' partial sums (ROW_SUM_COLUMNS of them a
                 # row), reduced across the row's threads once, after the walk.
@@ -910,9 +911,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
 
                     exp_scale = jnp.float32(scaling.exp_scale)
-                    if plan.fixed_max is not None:
+                    if fixed_shift is not None:
                         # Every value lies within a known range of the shift: exp2 against it, a constant
-                        # (Config.fixed_max, bounded_max).
+                        # (Config.fixed_max, fixed_shift_of).
                         p = exp2_split(y, scaling.exp_scale, fixed_shift, plan.exp2_fma)
                         if plan.exp2_fma and needs_mask:
                             p = jnp.where(allowed, p, jnp.float32(0.0))
@@ -1200,12 +1201,12 @@ FIXED_SHIFT_BELOW = {jnp.dtype(jnp.bfloat16): 120.0, jnp.dtype(jnp.float16): 14.
 FIXED_SHIFT_ABOVE = {jnp.dtype(jnp.bfloat16): 64.0, jnp.dtype(jnp.float16): 15.0}
 
 
-def bounded_max(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> float | None:
-    """The fixed shift of the softmax (Config.fixed_max) where ``score_mod`` is applied and bounds its result
-    (``ModProgram.output_range``) to values (times ``value_scale``) in [low, high]; else None. In exp2's units
-    (times ``exp_scale``) the shift is an integer, which ``exp2_polynomial`` folds into its rounding: the bound
-    rounded up where low then lies within ``FIXED_SHIFT_BELOW`` of it; else the lowest integer shift that keeps low
-    within that distance, where high then lies within ``FIXED_SHIFT_ABOVE`` above it; else None. Soft-capping at
+def fixed_shift_of(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> int | None:
+    """The fixed shift of the softmax (Config.fixed_max), in exp2's units (values times ``exp_scale``), where
+    ``score_mod`` is applied and bounds its result (``ModProgram.output_range``) to values (times ``value_scale``)
+    in [low, high]; else None. An integer, which ``exp2_polynomial`` folds into its rounding: the bound rounded up
+    where low then lies within ``FIXED_SHIFT_BELOW`` of it; else the lowest integer shift that keeps low within
+    that distance, where high then lies within ``FIXED_SHIFT_ABOVE`` above it; else None. Soft-capping at
     cap c: values in [-1, 1] with ``exp_scale`` c log2(e), a span of 2.9 c: in bfloat16 the rounded bound up to a
     cap of 41, a shift below it up to 63 (Gemma 2's 50); in float16 up to 4.8 and 9.7."""
     bounds = score_mod.output_range if scaling.apply_score_mod else None
@@ -1221,7 +1222,7 @@ def bounded_max(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> float 
             return None
     if abs(shift) >= 2**22:  # exp2_polynomial's rounding constant less the shift must stay exact
         return None
-    return shift / scaling.exp_scale
+    return shift
 
 
 def is_power_of_two(x: float) -> bool:
@@ -1297,18 +1298,18 @@ def flex_forward(
             not for_backward or is_power_of_two(scaling.score_scale))
     if scale_queries and scaling.apply_score_mod and scaling.score_scale != 1.0:
         query_scale, scaling = scaling.score_scale, dataclasses.replace(scaling, score_scale=1.0)
-    fixed_max = None
+    fixed_shift = None
     if config.fixed_max and not with_max_scores:
-        fixed_max = bounded_max(score_mod, scaling, jnp.dtype(query.dtype))
+        fixed_shift = fixed_shift_of(score_mod, scaling, jnp.dtype(query.dtype))
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
     # (head dim 64), most of the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md sections
     # 49 and 50).
     # Both measured on an H100 only with the fixed maximum (which the polynomial needs), and only at 64 and 128.
-    special_bounded = fixed_max is not None and score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
+    special_bounded = fixed_shift is not None and score_mod.applies_to_tiles(SPECIAL_FUNCTIONS)
     exp2_fma = config.exp2_fma
     if exp2_fma is None:
         exp2_fma = default_exp2_fma(block_n) if special_bounded and head_dim <= 64 else 0
-    if fixed_max is None:
+    if fixed_shift is None:
         exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
     row_sum_fold = config.row_sum_fold
     if row_sum_fold is None:
@@ -1344,7 +1345,7 @@ def flex_forward(
         apply_mask_mod=not is_everywhere(mask_mod),
         scaling=scaling,
         query_scale=query_scale,
-        fixed_max=fixed_max,
+        fixed_shift=fixed_shift,
         exp2_fma=exp2_fma,
         row_sum_fold=row_sum_fold,
         num_score_consts=len(score_consts),
