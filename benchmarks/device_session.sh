@@ -7,6 +7,7 @@
 #   bash benchmarks/device_session.sh checkmosaic2 checkmosaic less softcap38's tests
 #   bash benchmarks/device_session.sh exp2int NOTES.md section 50: the integer shift's gpu tests and sweeps
 #   bash benchmarks/device_session.sh softcap51 section 50's open questions: sweeps at 80 columns, SASS of 64 and 80
+#   bash benchmarks/device_session.sh fold51  section 51: full attention's folded row sums, gpu tests, beside the anchors
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -449,7 +450,7 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     timeout 300 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
       --cases softcap,causal --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 250 \
-      --out "$OUT/run38" 2>&1 | grep -v Warning | tail -30
+      --out "$OUT/${RUN_TAG:-run38}" 2>&1 | grep -v Warning | tail -30
     ;;
   checkmosaic2)
     # checkmosaic less softcap38's tests, at 14 workers (the compiles are the time).
@@ -480,6 +481,16 @@ case "${1:-}" in
         NCU_LAUNCHES=1 NCU_TAG=c${columns}_ NCU_OPTIONS="{\"mosaic_fwd_exp2_fma\": $columns}" bash "$0" ncu \
         | grep -E "Duration|Issue Slots|No Eligible"
     done
+    ;;
+  fold51)
+    # NOTES.md section 51: the row sums folded by default for full attention at D=128. Its gpu tests (and every
+    # supported mod's, noop among them), then full attention beside the anchors at run 38's shapes.
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "full_attention or every_supported_mod" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    timeout 170 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
+      --cases noop --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 150 \
+      --out "$OUT/${RUN_TAG:-run40}" 2>&1 | grep -v Warning | tail -22
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
