@@ -484,13 +484,14 @@ case "${1:-}" in
     ;;
   fold51)
     # NOTES.md section 51: the row sums folded by default for full attention at D=128. Its gpu tests (and every
-    # supported mod's, noop among them), then full attention beside the anchors at run 38's shapes.
-    # 150 s did not reach the tests' end on a cold machine (session 32): the compiles are the time.
+    # supported mod's, noop among them), then full attention beside the anchors at run 38's shapes, in three
+    # interleaved rounds (benchmarks.run --rounds).
+    # 150 s did not reach the tests' end on a cold machine (twenty-sixth session): the compiles are the time.
     timeout 260 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
       -k "full_attention or every_supported_mod" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    timeout 170 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
-      --cases noop --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 150 \
+    timeout 260 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
+      --cases noop --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --rounds 3 --budget-s 220 \
       --out "$OUT/${RUN_TAG:-run40}" 2>&1 | grep -v Warning | tail -22
     ;;
   ncu)

@@ -147,56 +147,95 @@ def prefill_suite(args, torch_impls, ceilings, results, progress):
 
             check_out = None  # the output every implementation is compared with: the first one that ran
             check_label = None
+            rows = []  # the cell's rows in the candidates' order
+            timed = {}  # label -> (row, {field: timer})
             for label, (build, kind) in candidates.items():
                 row = dict(suite="prefill", case=case_name, shape=[B, H, L, D], density=density, implementation=label)
+                rows.append(row)
                 try:
-                    forward = build()
-                    if forward is None:
+                    prepared = _prepare(build, kind, input_sets, args, torch_impls, row)
+                    if prepared is None:
                         continue
-                    if kind == "jax":
-                        q, k, v, do = input_sets[0]
-                        row["first_call_s"] = timing.time_first_call(forward, (q, k, v))
-                        out = forward(q, k, v)
-                        fwd_ms = timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs)
-                        fwd_bwd_ms = None
-                        if "fwdbwd" in args.modes:
-                            grad = jax_impls.forward_backward(forward)
-                            fwd_bwd_ms = timing.time_jax(grad, input_sets, runs=args.runs)
-                    else:
-                        import torch
-
-                        q, k, v, do = (torch_impls.from_jax(x) for x in input_sets[0])
-                        out_t = forward(q, k, v)
-                        out = jnp.asarray(out_t.float().cpu().numpy())
-                        fwd_ms = timing.time_torch(lambda: forward(q, k, v))
-                        fwd_bwd_ms = None
-                        if "fwdbwd" in args.modes:
-                            qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-                            do_t = do.to(q.dtype)
-
-                            def step():
-                                forward(qg, kg, vg).backward(do_t)
-
-                            fwd_bwd_ms = timing.time_torch(step)
-                            del qg, kg, vg
-                        torch.cuda.empty_cache()
+                    out, timers = prepared
                     if check_out is None:
                         check_out, check_label = out, label
                         row["checked_against"] = "itself (first to run)"
                     else:
                         row["checked_against"] = check_label
                         row["relative_error"] = _relative_error(out, check_out)
-                    row["forward_ms"] = fwd_ms
-                    row["forward_tflops"] = flops / (fwd_ms * 1e-3) / 1e12
-                    row["forward_fraction_of_matmul"] = row["forward_tflops"] / ceilings["matmul_tflops"]
-                    if fwd_bwd_ms is not None:
-                        row["fwd_bwd_ms"] = fwd_bwd_ms
-                        row["fwd_bwd_tflops"] = 3.5 * flops / (fwd_bwd_ms * 1e-3) / 1e12
+                    timed[label] = (row, timers)
                 except Exception as error:  # noqa: BLE001 - one failing case must not end the run
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
                     if args.verbose:
                         traceback.print_exc()
-                results.append(row)
+            # Every implementation is timed once per round, in turn: the GPU's clock drifts with its power state, and
+            # interleaved rounds spread that drift over all of them instead of handing it to whichever ran last.
+            samples = {label: {} for label in timed}
+            for _ in range(args.rounds):
+                for label, (row, timers) in timed.items():
+                    if "error" in row:
+                        continue
+                    try:
+                        for field, timer in timers.items():
+                            samples[label].setdefault(field, []).append(timer())
+                    except Exception as error:  # noqa: BLE001
+                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                        if args.verbose:
+                            traceback.print_exc()
+            for label, (row, _) in timed.items():
+                if "error" not in row:
+                    _add_times(row, samples[label], flops, ceilings, args.rounds)
+            for row in rows:
+                if row["implementation"] in timed or "error" in row:
+                    results.append(row)
+            if torch_impls is not None:
+                import torch
+
+                del timed
+                torch.cuda.empty_cache()
+
+
+def _prepare(build, kind, input_sets, args, torch_impls, row):
+    """One candidate ready to time: its output on the first input set and its timers (field -> milliseconds), or
+    None where the candidate does not apply. Compiles (JAX) or warms up (torch) on the way."""
+    forward = build()
+    if forward is None:
+        return None
+    timers = {}
+    if kind == "jax":
+        q, k, v, do = input_sets[0]
+        row["first_call_s"] = timing.time_first_call(forward, (q, k, v))
+        out = forward(q, k, v)
+        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs)
+        if "fwdbwd" in args.modes:
+            grad = jax_impls.forward_backward(forward)
+            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs)
+        return out, timers
+    q, k, v, do = (torch_impls.from_jax(x) for x in input_sets[0])
+    out = jnp.asarray(forward(q, k, v).float().cpu().numpy())
+    timers["forward_ms"] = lambda: timing.time_torch(lambda: forward(q, k, v))
+    if "fwdbwd" in args.modes:
+        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+        do_t = do.to(q.dtype)
+
+        def step():
+            forward(qg, kg, vg).backward(do_t)
+
+        timers["fwd_bwd_ms"] = lambda: timing.time_torch(step)
+    return out, timers
+
+
+def _add_times(row, samples, flops, ceilings, rounds):
+    """The row's times: the median of its rounds' (each round's own median of runs), every round kept."""
+    for field, values in samples.items():
+        row[field] = float(np.median(values))
+        if rounds > 1:
+            row[f"{field}_rounds"] = values
+    if "forward_ms" in row:
+        row["forward_tflops"] = flops / (row["forward_ms"] * 1e-3) / 1e12
+        row["forward_fraction_of_matmul"] = row["forward_tflops"] / ceilings["matmul_tflops"]
+    if "fwd_bwd_ms" in row:
+        row["fwd_bwd_tflops"] = 3.5 * flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
 
 
 def decode_suite(args, torch_impls, ceilings, results, progress):
@@ -314,6 +353,10 @@ def markdown(results, context, ceilings) -> str:
         "relative error of the forward output against the first implementation listed for that case.",
         "",
     ]
+    rounds = max((len(r["forward_ms_rounds"]) for r in results if "forward_ms_rounds" in r), default=1)
+    if rounds > 1:
+        lines[-1:-1] = [f"Prefill cells: the median of {rounds} rounds, every implementation of a cell timed once a "
+                        "round, in turn (each round's times in results.json).", ]
     prefill = [r for r in results if r["suite"] == "prefill"]
     for shape in sorted({tuple(r["shape"]) for r in prefill}, key=lambda s: (-s[2], -s[3])):
         rows = [r for r in prefill if tuple(r["shape"]) == shape]
@@ -406,6 +449,8 @@ def main(argv=None) -> int:
     parser.add_argument("--implementations", default="", help="flexattn_jax implementations (default: the kernels)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="prefill: time every implementation of a cell this many times, in turn; report medians")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting prefill cases after this")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--no-torch", action="store_true")

@@ -28,6 +28,28 @@ def test_tiny_run_writes_results(tmp_path):
     assert (tmp_path / "tflops.png").stat().st_size > 1000
 
 
+def test_rounds_time_every_implementation_in_turn_and_report_the_median(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_time_jax(fn, input_sets, runs):
+        calls.append(fn)
+        return float(len(calls))  # each timing reads higher than the last: the median must be the middle round's
+
+    monkeypatch.setattr(run.timing, "time_jax", fake_time_jax)
+    with jax.numpy_dtype_promotion("standard"):
+        run.main(["--tiny", "--no-torch", "--suite", "prefill", "--cases", "causal", "--modes", "fwd",
+                  "--rounds", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    labels = [r["implementation"] for r in rows]
+    first = len(calls) - 3 * len(labels)  # the calls before are the ceilings' (measure_ceilings)
+    assert len(labels) >= 2 and first >= 0
+    for i, r in enumerate(rows):
+        # Round j times implementation i in the (j * len + i)-th call of the cell: the rounds interleave them.
+        assert r["forward_ms_rounds"] == [float(first + j * len(labels) + i + 1) for j in range(3)]
+        assert r["forward_ms"] == r["forward_ms_rounds"][1]
+    assert "the median of 3 rounds" in (tmp_path / "results.md").read_text()
+
+
 def test_case_densities_match_the_published_anchors():
     # PERF_TARGETS.md: causal 0.5001, sliding_window 0.1172, prefix_lm 0.5313, document 0.0831 at S=8192.
     S = 8192
