@@ -21,7 +21,8 @@
 #                                             the B=8, S=2048 backward's dQ paths
 #   bash benchmarks/device_session.sh tiles64 the D=64 forward's launches, and its cells timed without the host
 #   bash benchmarks/device_session.sh split   the Triton backward's time, kernel by kernel
-#   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128)
+#   bash benchmarks/device_session.sh run     the full benchmark (forward and forward+backward, every mask; D=128);
+#                                             ROUNDS=N for run, run2k and run64: benchmarks.run --rounds N
 #   bash benchmarks/device_session.sh run2k   the B=8, S=2048 shape alone (every mask; run 20 did not reach the last three)
 #   bash benchmarks/device_session.sh run64   the same at head dim 64
 #   bash benchmarks/device_session.sh torch   PyTorch FlexAttention's compiled forward kernels (IR, PTX) at D=64
@@ -219,18 +220,18 @@ case "${1:-}" in
     ;;
   run)
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,8x16x2048x128 --modes fwd,fwdbwd \
-      --runs 10 --budget-s 480 --out "$OUT/run" 2>&1 | grep -v Warning | tail -40
+      --runs 10 --rounds "${ROUNDS:-1}" --budget-s 480 --out "$OUT/run" 2>&1 | grep -v Warning | tail -40
     ;;
   run2k)
     # The B=8, S=2048 shape alone: `run` spends most of its budget at 8K and skipped the last masks here (run 20).
     # pallas_mosaic beside the anchors (pallas_triton left out for time).
     timeout 500 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128 --modes fwd,fwdbwd \
-      --implementations pallas_mosaic --runs 10 --budget-s 420 --out "$OUT/run2k" 2>&1 | grep -v Warning | tail -25
+      --implementations pallas_mosaic --runs 10 --rounds "${ROUNDS:-1}" --budget-s 420 --out "$OUT/run2k" 2>&1 | grep -v Warning | tail -25
     ;;
   run64)
     # Head dim 64, the forward issue's third shape.
     timeout 560 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x64 --modes fwd,fwdbwd \
-      --runs 10 --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
+      --runs 10 --rounds "${ROUNDS:-1}" --budget-s 480 --out "$OUT/run64" 2>&1 | grep -v Warning | tail -25
     ;;
   torch)
     # NOTES.md section 27: what PyTorch's kernel compiles to, read offline beside triton_report's view of ours.
