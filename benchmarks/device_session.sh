@@ -8,6 +8,7 @@
 #   bash benchmarks/device_session.sh exp2int NOTES.md section 50: the integer shift's gpu tests and sweeps
 #   bash benchmarks/device_session.sh softcap51 section 50's open questions: sweeps at 80 columns, SASS of 64 and 80
 #   bash benchmarks/device_session.sh fold51  section 51: full attention's folded row sums, gpu tests, beside the anchors
+#   bash benchmarks/device_session.sh window51 section 51: the JAX timings over PyTorch's 600 ms window, or not
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -494,6 +495,16 @@ case "${1:-}" in
     timeout 260 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
       --cases noop --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --rounds 3 --budget-s 220 \
       --out "$OUT/${RUN_TAG:-run40}" 2>&1 | grep -v Warning | tail -22
+    ;;
+  window51)
+    # NOTES.md section 51: the JAX timer's window. Until the twenty-sixth session time_jax loaded the GPU for about
+    # 10 bursts (some 80 ms at 8K) while PyTorch's do_bench loads it for 600 ms; now benchmarks.run stretches the JAX
+    # timings to the same (--jax-window-ms, 500 by default). The same cells both ways, two rounds each.
+    for window in 0 500; do
+      timeout 270 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,2x16x8192x64 --cases noop,causal \
+        --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --rounds 2 --jax-window-ms $window \
+        --budget-s 230 --out "$OUT/window$window" 2>&1 | grep -E "^\|" | tail -8
+    done
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

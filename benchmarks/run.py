@@ -73,6 +73,11 @@ def _context(args) -> dict:
         "python": platform.python_version(),
         "flop_model": "forward 4*B*H*L*S*D*density; forward+backward 3.5x forward",
         "dtype": args.dtype,
+        "timing": (f"JAX: median of bursts of 5 calls, at least {args.runs} bursts"
+                   + (f" over at least {args.jax_window_ms:.0f} ms after a "
+                      f"{_jax_window(args)['warmup_ms']:.0f} ms warm-up" if args.jax_window_ms else "")
+                   + f"; torch: triton.testing.do_bench, median, {timing.TORCH_WARMUP_MS:.0f} ms warm-up, "
+                   f"{timing.TORCH_REP_MS:.0f} ms timed"),
     }
     try:
         import torch
@@ -84,15 +89,17 @@ def _context(args) -> dict:
     return context
 
 
-def measure_ceilings(tiny: bool) -> dict:
-    """The GPU's bf16 matmul rate and copy bandwidth, measured in this run."""
+def measure_ceilings(tiny: bool, window: dict | None = None) -> dict:
+    """The GPU's bf16 matmul rate and copy bandwidth, measured in this run (``window``: time_jax's warm-up and
+    timed milliseconds, as the implementations are timed)."""
+    window = window or {}
     n = 256 if tiny else 8192
     a, b = (jax.random.normal(key, (n, n), jnp.bfloat16) for key in jax.random.split(jax.random.key(1), 2))
     matmul = jax.jit(lambda a, b: a @ b)
-    ms = timing.time_jax(matmul, [(a, b), (b, a)], runs=5 if tiny else 20)
+    ms = timing.time_jax(matmul, [(a, b), (b, a)], runs=5 if tiny else 20, **window)
     elements = (1 << 16) if tiny else (1 << 30)
     x = jax.random.normal(jax.random.key(2), (elements,), jnp.bfloat16)
-    copy_ms = timing.time_jax(jax.jit(lambda x: x + 1), [(x,)], runs=5 if tiny else 20)
+    copy_ms = timing.time_jax(jax.jit(lambda x: x + 1), [(x,)], runs=5 if tiny else 20, **window)
     return {
         "matmul_tflops": 2 * n**3 / (ms * 1e-3) / 1e12,
         "copy_gbps": 2 * elements * 2 / (copy_ms * 1e-3) / 1e9,
@@ -195,6 +202,13 @@ def prefill_suite(args, torch_impls, ceilings, results, progress):
                 torch.cuda.empty_cache()
 
 
+def _jax_window(args) -> dict:
+    """time_jax's warm-up and timed milliseconds: as long as PyTorch's timer loads the GPU (--jax-window-ms)."""
+    if not args.jax_window_ms:
+        return {}
+    return dict(warmup_ms=timing.TORCH_WARMUP_MS * args.jax_window_ms / timing.TORCH_REP_MS, min_ms=args.jax_window_ms)
+
+
 def _prepare(build, kind, input_sets, args, torch_impls, row):
     """One candidate ready to time: its output on the first input set and its timers (field -> milliseconds), or
     None where the candidate does not apply. Compiles (JAX) or warms up (torch) on the way."""
@@ -206,10 +220,11 @@ def _prepare(build, kind, input_sets, args, torch_impls, row):
         q, k, v, do = input_sets[0]
         row["first_call_s"] = timing.time_first_call(forward, (q, k, v))
         out = forward(q, k, v)
-        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs)
+        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs,
+                                                       **_jax_window(args))
         if "fwdbwd" in args.modes:
             grad = jax_impls.forward_backward(forward)
-            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs)
+            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs, **_jax_window(args))
         return out, timers
     q, k, v, do = (torch_impls.from_jax(x) for x in input_sets[0])
     out = jnp.asarray(forward(q, k, v).float().cpu().numpy())
@@ -268,7 +283,7 @@ def decode_suite(args, torch_impls, ceilings, results, progress):
                     check = out
                 else:
                     row["relative_error"] = _relative_error(out, check)
-                ms = timing.time_jax(forward, [(q, k, v)], runs=args.runs)
+                ms = timing.time_jax(forward, [(q, k, v)], runs=args.runs, **_jax_window(args))
                 row.update(ms=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9, fraction_of_copy=kv_bytes / (ms * 1e-3) / 1e9 /
                            ceilings["copy_gbps"])
             except Exception as error:  # noqa: BLE001
@@ -351,6 +366,7 @@ def markdown(results, context, ceilings) -> str:
         f"Measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_gbps']:.0f} GB/s.",
         f"FLOP model: {context['flop_model']}. Density-adjusted TFLOP/s, forward / forward+backward; "
         "relative error of the forward output against the first implementation listed for that case.",
+        f"Timing: {context['timing']}." if "timing" in context else "",
         "",
     ]
     rounds = max((len(r["forward_ms_rounds"]) for r in results if "forward_ms_rounds" in r), default=1)
@@ -451,6 +467,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1,
                         help="prefill: time every implementation of a cell this many times, in turn; report medians")
+    parser.add_argument("--jax-window-ms", type=float, default=timing.TORCH_REP_MS,
+                        help="time each JAX implementation over at least this long, as PyTorch's timer does "
+                             "(0: --runs bursts only, the timing before the twenty-sixth session)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting prefill cases after this")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--no-torch", action="store_true")
@@ -460,13 +479,14 @@ def main(argv=None) -> int:
     if args.tiny:
         args.shapes = "1x2x128x16"
         args.runs = 3
+        args.jax_window_ms = 0.0
 
     from tqdm.auto import tqdm
 
     torch_impls = None if args.no_torch else _torch()
     suites = args.suite.split(",")
     context = _context(args)
-    ceilings = measure_ceilings(args.tiny)
+    ceilings = measure_ceilings(args.tiny, _jax_window(args))
     os.makedirs(args.out, exist_ok=True)
     results = _SavedResults(os.path.join(args.out, "results.json"), context, ceilings)
     total = (len(_parse_shapes(args.shapes)) * len(args.cases.split(",")) if "prefill" in suites else 0) + \

@@ -9,26 +9,38 @@ import jax
 import numpy as np
 
 
-def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: int = 20, burst: int = 5) -> float:
+# PyTorch's timer (triton.testing.do_bench, below) warms up for 100 ms and times for 500.
+TORCH_WARMUP_MS, TORCH_REP_MS = 100.0, 500.0
+
+
+def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: int = 20, burst: int = 5,
+             warmup_ms: float = 0.0, min_ms: float = 0.0) -> float:
     """Median milliseconds of fn(*inputs), rotating over ``input_sets``.
 
     Each run dispatches ``burst`` calls back to back and waits for the last: the host enqueues the next call while
     the device runs the current one, so the launch and synchronisation gaps of a single call (tens of microseconds,
     up to 2x at sub-millisecond sizes) stay out of the number, as they do for CUDA-event timings of the torch
-    implementations. The median over ``runs`` of (elapsed / burst) is returned.
+    implementations. The median over the runs of (elapsed / burst) is returned.
+
+    ``warmup_ms`` and ``min_ms`` stretch the warm-up and the timed runs to at least that long (more calls, never
+    fewer than ``warmup`` and ``runs``). A GPU held at its power limit lowers its clock as the load goes on, so a
+    number set beside ``time_torch``'s should load the GPU as long as it does: TORCH_WARMUP_MS, TORCH_REP_MS.
     """
-    for i in range(warmup):
-        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-    times = []
     call = 0
-    for _ in range(runs):
+    start = time.perf_counter()
+    while call < warmup or (time.perf_counter() - start) * 1e3 < warmup_ms:
+        jax.block_until_ready(fn(*input_sets[call % len(input_sets)]))
+        call += 1
+    times = []
+    start = time.perf_counter()
+    while len(times) < runs or (time.perf_counter() - start) * 1e3 < min_ms:
         outs = []
-        start = time.perf_counter()
+        burst_start = time.perf_counter()
         for _ in range(burst):
             outs.append(fn(*input_sets[call % len(input_sets)]))
             call += 1
         jax.block_until_ready(outs)
-        times.append((time.perf_counter() - start) / burst)
+        times.append((time.perf_counter() - burst_start) / burst)
     return float(np.median(times)) * 1e3
 
 
@@ -62,7 +74,7 @@ def time_first_call(fn: Callable, args: tuple) -> float:
     return time.perf_counter() - start
 
 
-def time_torch(fn: Callable, warmup_ms: float = 100, rep_ms: float = 500) -> float:
+def time_torch(fn: Callable, warmup_ms: float = TORCH_WARMUP_MS, rep_ms: float = TORCH_REP_MS) -> float:
     """Median milliseconds of a CUDA callable, timed with CUDA events by triton.testing.do_bench."""
     import triton.testing
 

@@ -1,6 +1,7 @@
 """The benchmark suite's CPU smoke run: every suite runs at tiny sizes and writes its JSON, table and plot."""
 
 import json
+import time
 
 import jax
 
@@ -48,6 +49,26 @@ def test_rounds_time_every_implementation_in_turn_and_report_the_median(tmp_path
         assert r["forward_ms_rounds"] == [float(first + j * len(labels) + i + 1) for j in range(3)]
         assert r["forward_ms"] == r["forward_ms_rounds"][1]
     assert "the median of 3 rounds" in (tmp_path / "results.md").read_text()
+
+
+def test_time_jax_loads_the_device_for_its_window():
+    # PyTorch's timer loads the GPU for 100 + 500 ms; time_jax's window does the same with more bursts, not fewer.
+    from benchmarks import timing
+
+    calls = []
+
+    def one_ms(x):
+        calls.append(time.perf_counter())
+        time.sleep(1e-3)
+        return x
+
+    x = jax.numpy.ones(4)
+    assert timing.time_jax(one_ms, [(x,)], warmup=1, runs=2, burst=2) >= 1.0
+    assert len(calls) == 1 + 2 * 2  # without a window: the counts alone
+    calls.clear()
+    ms = timing.time_jax(one_ms, [(x,)], warmup=1, runs=2, burst=2, warmup_ms=20, min_ms=60)
+    assert 1.0 <= ms < 5.0
+    assert calls[-1] - calls[0] >= 0.075 and len(calls) >= 20
 
 
 def test_case_densities_match_the_published_anchors():
