@@ -152,54 +152,61 @@ def prefill_suite(args, torch_impls, ceilings, results, progress):
                 candidates["torch:flex_attention"] = (lambda: torch_impls.flex(case, B, H, L, S), "torch")
                 candidates["torch:sdpa"] = (lambda: torch_impls.sdpa(case), "torch")
 
-            check_out = None  # the output every implementation is compared with: the first one that ran
-            check_label = None
-            rows = []  # the cell's rows in the candidates' order
-            timed = {}  # label -> (row, {field: timer})
-            for label, (build, kind) in candidates.items():
-                row = dict(suite="prefill", case=case_name, shape=[B, H, L, D], density=density, implementation=label)
-                rows.append(row)
-                try:
-                    prepared = _prepare(build, kind, input_sets, args, torch_impls, row)
-                    if prepared is None:
-                        continue
-                    out, timers = prepared
-                    if check_out is None:
-                        check_out, check_label = out, label
-                        row["checked_against"] = "itself (first to run)"
-                    else:
-                        row["checked_against"] = check_label
-                        row["relative_error"] = _relative_error(out, check_out)
-                    timed[label] = (row, timers)
-                except Exception as error:  # noqa: BLE001 - one failing case must not end the run
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                    if args.verbose:
-                        traceback.print_exc()
-            # Every implementation is timed once per round, in turn: the GPU's clock drifts with its power state, and
-            # interleaved rounds spread that drift over all of them instead of handing it to whichever ran last.
-            samples = {label: {} for label in timed}
-            for _ in range(args.rounds):
-                for label, (row, timers) in timed.items():
-                    if "error" in row:
-                        continue
-                    try:
-                        for field, timer in timers.items():
-                            samples[label].setdefault(field, []).append(timer())
-                    except Exception as error:  # noqa: BLE001
-                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-                        if args.verbose:
-                            traceback.print_exc()
-            for label, (row, _) in timed.items():
-                if "error" not in row:
-                    _add_times(row, samples[label], flops, ceilings, args.rounds)
-            for row in rows:
-                if row["implementation"] in timed or "error" in row:
-                    results.append(row)
-            if torch_impls is not None:
+            for row in _time_cell(candidates, input_sets, args, torch_impls, flops, ceilings,
+                                  dict(suite="prefill", case=case_name, shape=[B, H, L, D], density=density)):
+                results.append(row)
+            if torch_impls is not None:  # the cell's tensors went with _time_cell's frame
                 import torch
 
-                del timed
                 torch.cuda.empty_cache()
+
+
+def _time_cell(candidates, input_sets, args, torch_impls, flops, ceilings, cell: dict) -> list[dict]:
+    """One prefill cell: each candidate's row (``cell``'s fields and its own), its output checked against the
+    first candidate's, its times over ``args.rounds`` rounds."""
+    check_out = None  # the output every implementation is compared with: the first one that ran
+    check_label = None
+    rows = []  # the cell's rows in the candidates' order, less the candidates that do not apply
+    timed = {}  # label -> (row, {field: timer})
+    for label, (build, kind) in candidates.items():
+        row = dict(cell, implementation=label)
+        try:
+            prepared = _prepare(build, kind, input_sets, args, torch_impls, row)
+            if prepared is None:
+                continue
+            out, timers = prepared
+            if check_out is None:
+                check_out, check_label = out, label
+                row["checked_against"] = "itself (first to run)"
+            else:
+                row["checked_against"] = check_label
+                row["relative_error"] = _relative_error(out, check_out)
+            timed[label] = (row, timers)
+        except Exception as error:  # noqa: BLE001 - one failing case must not end the run
+            _record_error(row, error, args)
+        rows.append(row)
+    # Every implementation is timed once per round, in turn: the GPU's clock drifts with its power state, and
+    # interleaved rounds spread that drift over all of them instead of handing it to whichever ran last.
+    samples = {label: {} for label in timed}
+    for _ in range(args.rounds):
+        for label, (row, timers) in timed.items():
+            if "error" in row:
+                continue
+            try:
+                for field, timer in timers.items():
+                    samples[label].setdefault(field, []).append(timer())
+            except Exception as error:  # noqa: BLE001
+                _record_error(row, error, args)
+    for label, (row, _) in timed.items():
+        if "error" not in row:
+            _add_times(row, samples[label], flops, ceilings, args.rounds)
+    return rows
+
+
+def _record_error(row: dict, error: Exception, args) -> None:
+    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    if args.verbose:
+        traceback.print_exc()
 
 
 def _jax_window(args) -> dict:
