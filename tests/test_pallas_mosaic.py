@@ -233,6 +233,24 @@ def test_exp2_on_the_fma_units_and_folded_row_sums_plans(score_mod, head_dim, op
     assert (plan.exp2_fma, plan.row_sum_fold) == (exp2_fma, row_sum_fold)
 
 
+@pytest.mark.parametrize("mask_mod, head_dim, row_sum_fold",
+                         [(None, 128, True), (fa.noop_mask, 128, True), (None, 64, False), (fa.causal_mask, 128, False)],
+                         ids=["none-128", "noop-128", "none-64", "causal-128"])
+def test_full_attention_folds_row_sums_at_head_dim_128(mask_mod, head_dim, row_sum_fold, forward_plans):
+    """Unset, mosaic_fwd_row_sum_fold is on where no mask_mod masks at head dim 128 (NOTES.md section 51)."""
+    q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, mask_mod, None)
+    (plan,) = forward_plans
+    assert plan.row_sum_fold == row_sum_fold
+
+
+@pytest.mark.gpu
+def test_gpu_full_attention_with_its_default_folded_row_sums():
+    # Lengths the key tile does not divide: the last tile's padded keys are masked by bounds, not by a mask_mod.
+    q, k, v = random_qkv(8, B=2, Hq=4, Hkv=2, L=640, S=1000, E=128, Ev=128, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, None, None)
+
+
 def test_fold_columns_keeps_row_sums():
     from flexattn_jax.backends.pallas_mosaic.forward import ROW_SUM_COLUMNS, fold_columns
 

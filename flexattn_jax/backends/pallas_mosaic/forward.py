@@ -109,8 +109,9 @@ class Config:
         at most 64, else 0 (NOTES.md sections 49 and 50).
       row_sum_fold: each thread adds its probabilities into partial row sums of its own columns
         (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
-        exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on where the
-        fixed maximum applies to a score_mod that applies a special function and the head dim is 65 to 128.
+        exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on at head
+        dim 65 to 128 where the fixed maximum applies to a score_mod that applies a special function, or where
+        nothing is masked by a mask_mod (sections 49 and 51).
     """
 
     block_n: int
@@ -1313,7 +1314,8 @@ def flex_forward(
         exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
     row_sum_fold = config.row_sum_fold
     if row_sum_fold is None:
-        row_sum_fold = special_bounded and 64 < head_dim <= 128
+        # Full attention too: no tile of it is masked, and at 128 its per-tile exchanges cost 3% (section 51).
+        row_sum_fold = (special_bounded or is_everywhere(mask_mod)) and 64 < head_dim <= 128
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
