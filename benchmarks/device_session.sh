@@ -9,6 +9,9 @@
 #   bash benchmarks/device_session.sh softcap51 section 50's open questions: sweeps at 80 columns, SASS of 64 and 80
 #   bash benchmarks/device_session.sh fold51  section 51: full attention's folded row sums, gpu tests, beside the anchors
 #   bash benchmarks/device_session.sh window51 section 51: the JAX timings over PyTorch's 600 ms window, or not
+#   bash benchmarks/device_session.sh ramp52  section 52: speed and clock over the first second of load, ours, cuDNN, SDPA
+#   bash benchmarks/device_session.sh fold52  section 52: the folded row sums on causal (and D=64 full attention) in sweeps
+#                                             timed over the sustained window
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -504,6 +507,24 @@ case "${1:-}" in
       timeout 270 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,2x16x8192x64 --cases noop,causal \
         --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --rounds 2 --jax-window-ms $window \
         --budget-s 230 --out "$OUT/window$window" 2>&1 | grep -E "^\|" | tail -8
+    done
+    ;;
+  ramp52)
+    # NOTES.md section 52: why the former 45-85 ms window read our forward 9-13% high and cuDNN's 1-6%: each
+    # implementation's speed and SM clock over the first 1.2 s of load after 3 s of idle, 8K D=128.
+    for case in noop causal; do
+      timeout 140 python3 -m benchmarks.clocks --ramp --case $case 2>&1 | grep -E "^\||H200|H100|rror" \
+        | tee -a "$OUT/ramp.md"
+    done
+    ;;
+  fold52)
+    # NOTES.md section 52: section 48's folded row sums were measured on causal only at 8K D=128 (+2%, short
+    # window) and on full attention at D=64 (-2%). Both again, now that sweeps load the GPU for 600 ms a cell,
+    # interleaved twice. Causal has one partial tile in each query tile's walk, where section 50 placed the fold's
+    # loss on the document mask (many partial tiles).
+    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128" "-S 8192 -D 64"; do
+      echo "$shape" >> "$OUT/sweeps.md"
+      sweep 150 $shape --cases causal noop --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
     done
     ;;
   ncu)

@@ -5,7 +5,9 @@
 
 B=2, H=16, S=8192, bf16 by default; the cases of ``benchmarks.cases``. Each output (or gradient, for ``fwdbwd``)
 is checked against pallas_triton's before it is timed. Density-adjusted TFLOP/s (4 B H L S D density, times 3.5
-for forward+backward), medians of bursts of back-to-back calls (``benchmarks.timing.time_jax``).
+for forward+backward), medians of bursts of back-to-back calls (``benchmarks.timing.time_jax``) over a window as long
+as ``benchmarks.run`` times (``--jax-window-ms``: a GPU at its power limit slows down over the first tenths of a
+second, NOTES.md section 52).
 """
 
 from __future__ import annotations
@@ -179,6 +181,10 @@ def main() -> None:
     parser.add_argument("--timer", choices=("burst", "unrolled"), default="burst",
                         help="burst: timing.time_jax (calls dispatched back to back); unrolled: "
                              "timing.time_jax_unrolled (eight calls in one program, no host work between them)")
+    parser.add_argument("--jax-window-ms", type=float, default=timing.TORCH_REP_MS,
+                        help="burst timer: time each cell over at least this long, after a warm-up in proportion, as "
+                             "benchmarks.run does (0: ten bursts after three calls, the sweeps before the "
+                             "twenty-seventh session)")
     args = parser.parse_args()
     B, H, S, D = args.B, args.H, args.S, args.D
     configs = args.configs or _MODE_CONFIGS[args.mode]
@@ -191,7 +197,7 @@ def main() -> None:
                                 for i in range(0, 18, 3)]
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, B={B} H={H} S={S} D={D} bf16, {args.mode}"
           f"{'' if args.wrt == 'qkv' else ' of ' + args.wrt}, {args.implementation}, {'ms' if args.ms else 'TFLOP/s'}, "
-          f"{args.timer} timer")
+          f"{args.timer} timer" + (f", {args.jax_window_ms:.0f} ms window" if args.timer == "burst" else ""))
     print("| case | " + " | ".join(configs) + " |")
     cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
     for name in args.cases:
@@ -232,7 +238,7 @@ def main() -> None:
                 return f"refused: {str(error).splitlines()[0][:60]}"
             error = relative_error(out, check)
             if args.timer == "burst":
-                ms = timing.time_jax(step, sets, runs=10)
+                ms = timing.time_jax(step, sets, runs=10, **timing.load_window(args.jax_window_ms))
             else:
                 ms = timing.time_jax_unrolled(step, unrolled_sets)
             tflops = 4 * B * H * S * S * D * density * (3.5 if backward else 1.0) / ms / 1e9

@@ -211,9 +211,7 @@ def _record_error(row: dict, error: Exception, args) -> None:
 
 def _jax_window(args) -> dict:
     """time_jax's warm-up and timed milliseconds: as long as PyTorch's timer loads the GPU (--jax-window-ms)."""
-    if not args.jax_window_ms:
-        return {}
-    return dict(warmup_ms=timing.TORCH_WARMUP_MS * args.jax_window_ms / timing.TORCH_REP_MS, min_ms=args.jax_window_ms)
+    return timing.load_window(args.jax_window_ms)
 
 
 def _prepare(build, kind, input_sets, args, torch_impls, row):

@@ -44,6 +44,14 @@ def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: i
     return float(np.median(times)) * 1e3
 
 
+def load_window(window_ms: float) -> dict:
+    """``time_jax``'s ``warmup_ms`` and ``min_ms`` for a timed window of ``window_ms``, with a warm-up in PyTorch's
+    proportion (TORCH_WARMUP_MS to TORCH_REP_MS); 0 or None: no window, ``warmup`` calls and ``runs`` bursts only."""
+    if not window_ms:
+        return {}
+    return dict(warmup_ms=TORCH_WARMUP_MS * window_ms / TORCH_REP_MS, min_ms=window_ms)
+
+
 def time_jax_unrolled(fn: Callable, input_sets: Sequence[tuple], runs: int = 10) -> float:
     """Median milliseconds of fn(*inputs) when one call per input set runs in a single program.
 

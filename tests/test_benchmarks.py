@@ -69,6 +69,9 @@ def test_time_jax_loads_the_device_for_its_window():
     ms = timing.time_jax(one_ms, [(x,)], warmup=1, runs=2, burst=2, warmup_ms=20, min_ms=60)
     assert 1.0 <= ms < 20.0  # a burst's time per call, not the window's (60 ms and more)
     assert calls[-1] - calls[0] >= 0.075 and len(calls) >= 20
+    # benchmarks.run's and mosaic_sweep's --jax-window-ms: PyTorch's warm-up in proportion, or no window at all
+    assert timing.load_window(500.0) == {"warmup_ms": 100.0, "min_ms": 500.0}
+    assert timing.load_window(0.0) == {}
 
 
 def test_case_densities_match_the_published_anchors():
@@ -117,6 +120,29 @@ def test_clock_readings_summarised_per_window(capsys):
     clocks.measure("f", lambda: None, lambda: None, 2e9, sampler, seconds=0.01, gap_ms=0.0, alone=3)
     rows = capsys.readouterr().out.splitlines()
     assert [row.split(" | ")[1] for row in rows] == ["alone", "back to back"]
+
+
+def test_clock_ramp_reports_each_stretch_of_the_load(capsys):
+    from benchmarks import clocks
+
+    sampler = clocks.Sampler.__new__(clocks.Sampler)
+    sampler.samples = []
+    calls = []
+
+    def call():
+        calls.append(time.perf_counter())
+        time.sleep(2e-3)
+
+    clocks.ramp("f", call, lambda: None, 2e9, sampler, idle_s=0.0, ramp_ms=120.0)
+    rows = [row.split(" | ") for row in capsys.readouterr().out.splitlines()]
+    stretches = [row[1] for row in rows]  # in order; a stretch no burst ended in is left out
+    assert stretches[-1] == "100-200 ms" and "50-100 ms" in stretches
+    assert stretches == [f"{low}-{high} ms" for low, high in zip(clocks.RAMP_EDGES_MS, clocks.RAMP_EDGES_MS[1:])
+                         if f"{low}-{high} ms" in stretches]
+    assert all(row[4] == "no samples |" for row in rows)
+    # a call takes about 2 ms: 2e9 FLOP in 2 ms is 1 TFLOP/s, printed rounded (0 or 1 as the sleep overshoots)
+    assert all(row[3] in ("0", "1") for row in rows)
+    assert sum(int(row[2]) for row in rows) * 5 == len(calls) - 1  # one call before the idle
 
 
 def test_sass_counters_summarised_per_kernel():
