@@ -153,7 +153,8 @@ def main() -> None:
     print(f"{jax.devices()[0].device_kind}, {args.case}, B={B} H={H} S={S} D={D} bf16")
     if args.ramp:
         print(f"After {args.idle_s:g} s idle, bursts of 5 calls for {args.ramp_ms:g} ms; a burst counts where it ends.")
-        print("| implementation | since the load began | bursts | TFLOP/s | SM clock, power, temperature, limiting reasons |")
+        print("| implementation | since the load began | bursts | TFLOP/s "
+              "| SM clock, power, temperature, limiting reasons |")
     else:
         print("| implementation | launched | ms | TFLOP/s | SM clock, power, temperature, limiting reasons |")
     print("|---|---|---|---|---|")
