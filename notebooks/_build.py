@@ -762,8 +762,8 @@ PERFORMANCE = [
     The numbers come from the benchmark suite in `benchmarks/`, which runs each mask through flexattn_jax,
     PyTorch FlexAttention, PyTorch SDPA and `jax.nn.dot_product_attention` (cuDNN and XLA) in one process, checks
     every output against the first implementation that ran before its time counts, and saves everything in
-    `results.json`. This notebook plots the GPU results kept in the repository as `benchmarks/results.json`; the
-    last section says how to produce them again.
+    `results.json`. This notebook plots the GPU results kept in the repository as `benchmarks/results.json`, which
+    keeps every run, each cell from the newest run that measured it; the last section says how to produce them again.
     """),
     install_cell("notebooks,benchmarks", needs_repository=True),
     code("""
@@ -784,6 +784,7 @@ PERFORMANCE = [
     # The repository's root: the notebook's parent folder in a checkout, or the clone the install cell made.
     ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / "benchmarks" / "run.py").is_file())
     sys.path.insert(0, str(ROOT))
+    from benchmarks import history
     from benchmarks import run as benchmark
 
     RESULTS_FILE = ROOT / "benchmarks" / "results.json"
@@ -818,9 +819,17 @@ PERFORMANCE = [
         data = run_benchmark("--tiny", "--no-torch", "--suite", "prefill", "--cases", ",".join(MASKS))
         source = "no saved results: a --tiny run made just now, its numbers say nothing about speed"
 
-    context, ceilings, results = data["context"], data["ceilings"], data["results"]
+    context, ceilings = data["context"], data["ceilings"]
     print(source)
-    for key in ("date", "device", "backend", "jax", "torch", "triton", "command", "dtype", "flop_model"):
+    if "runs" in data:
+        # The saved file keeps every run (benchmarks.history); each cell is shown from the newest run that measured it.
+        results = history.latest(data)
+        used = sorted({r["run"] for r in results})
+        print(f"  {len(data['runs'])} runs kept; each cell from the newest run that measured it (runs {used}, "
+              "as numbered in benchmarks/RESULTS.md); the newest run:")
+    else:
+        results = data["results"]
+    for key in ("date", "device", "backend", "jax", "torch", "triton", "command", "dtype", "flop_model", "timing"):
         if key in context:
             print(f"  {key:<10} {context[key]}")
     print(f"  measured ceilings: bf16 matmul {ceilings['matmul_tflops']:.3g} TFLOP/s, copy {ceilings['copy_gbps']:.3g} GB/s")
@@ -966,8 +975,8 @@ PERFORMANCE = [
 
     It takes about 7 minutes (`--budget-s` bounds the prefill part; `--shapes`, `--cases` and `--suite` select a
     part, `--help` lists the rest), prints its tables, and writes `results.json`, `results.md` and `tflops.png` to
-    `$OUT` if set, else to `benchmarks/out/`. Copy `results.json` to `benchmarks/results.json` and rerun this
-    notebook to plot it. On Colab (a GPU runtime; PyTorch comes preinstalled), the cell below does the same when
+    `$OUT` if set, else to `benchmarks/out/`. `python -m benchmarks.history benchmarks/results.json
+    benchmarks/out/results.json` adds it to the repository's record as the newest run; rerun this notebook to plot it. On Colab (a GPU runtime; PyTorch comes preinstalled), the cell below does the same when
     `RERUN` is set to `True`; it then plots the new results in place of the saved ones.
     """),
     code("""

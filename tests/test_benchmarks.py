@@ -145,6 +145,28 @@ def test_clock_ramp_reports_each_stretch_of_the_load(capsys):
     assert sum(int(row[2]) for row in rows) * 5 == len(calls) - 1  # one call before the idle
 
 
+def test_history_appends_runs_and_shows_each_cell_newest():
+    from benchmarks import history
+
+    def row(case, implementation, tflops=None, error=None):
+        r = {"suite": "prefill", "case": case, "shape": [2, 16, 8192, 128]}
+        if implementation:
+            r["implementation"] = implementation
+        return {**r, "forward_tflops": tflops} if error is None else {**r, "error": error}
+
+    record = {"context": {}, "ceilings": {}, "runs": [], "results": []}
+    first = {"context": {"date": "1"}, "ceilings": {"matmul_tflops": 1.0},
+             "results": [row("noop", "a", 500), row("causal", "a", 400), row("noop", "b", 450)]}
+    second = {"context": {"date": "2"}, "ceilings": {"matmul_tflops": 2.0},
+              "results": [row("noop", "a", 520), row("causal", "a", error="RuntimeError: out of memory"),
+                          row("softcap", None, error="skipped: time budget")]}
+    assert history.append(record, first) == 0 and history.append(record, second) == 1
+    assert record["context"] == {"date": "2"} and len(record["runs"]) == 2 and len(record["results"]) == 6
+    newest = {(r["case"], r["implementation"]): (r["run"], r.get("forward_tflops")) for r in history.latest(record)}
+    # noop of a from the second run; causal of a kept from the first, whose number had no error; the skip is no cell
+    assert newest == {("noop", "a"): (1, 520), ("causal", "a"): (0, 400), ("noop", "b"): (0, 450)}
+
+
 def test_sass_counters_summarised_per_kernel():
     from benchmarks import ncu_sass
 
