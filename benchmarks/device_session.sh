@@ -519,13 +519,18 @@ case "${1:-}" in
     ;;
   fold52)
     # NOTES.md section 52: section 48's folded row sums were measured on causal only at 8K D=128 (+2%, short
-    # window) and on full attention at D=64 (-2%). Both again, now that sweeps load the GPU for 600 ms a cell,
+    # window) and on full attention at D=64 (-2%); ALiBi (no mask_mod) takes them by default at D=128 since
+    # section 51 without a measurement. All three again, now that sweeps load the GPU for 600 ms a cell,
     # interleaved twice. Causal has one partial tile in each query tile's walk, where section 50 placed the fold's
     # loss on the document mask (many partial tiles).
-    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128" "-S 8192 -D 64"; do
+    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128"; do
       echo "$shape" >> "$OUT/sweeps.md"
-      sweep 150 $shape --cases causal noop --configs row_sum_each_tile row_sum_fold row_sum_each_tile row_sum_fold
+      sweep 200 $shape --cases causal alibi noop --configs row_sum_each_tile row_sum_fold row_sum_each_tile \
+        row_sum_fold
     done
+    echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
+    sweep 150 -S 8192 -D 64 --cases causal noop --configs row_sum_each_tile row_sum_fold row_sum_each_tile \
+      row_sum_fold
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
