@@ -516,6 +516,16 @@ case "${1:-}" in
       timeout 140 python3 -m benchmarks.clocks --ramp --case $case 2>&1 | grep -E "^\||H200|H100|rror" \
         | tee -a "$OUT/ramp.md"
     done
+    # Does cuDNN's timed program copy for the layout swaps around jax.nn.dot_product_attention? Its compiled HLO.
+    timeout 100 python3 -c "
+import jax, jax.numpy as jnp
+from benchmarks import jax_impls
+from benchmarks.cases import CASES
+q = jnp.zeros((2, 16, 8192, 128), jnp.bfloat16)
+f = jax_impls.dot_product_attention(CASES['noop'], 'cudnn', 2, 16, 8192, 8192)
+print(jax.jit(f).lower(q, q, q).compile().as_text())" >"$OUT/cudnn_hlo.txt" 2>&1
+    echo "copies or transposes in cuDNN's program: \
+$(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     ;;
   fold52)
     # NOTES.md section 52: section 48's folded row sums were measured on causal only at 8K D=128 (+2%, short
