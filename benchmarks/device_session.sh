@@ -204,6 +204,8 @@ case "${1:-}" in
       bwd_mosaic bwd_fused_dq bwd_dq_kernel_s3
     ;;
   tiles64)
+    # (Twenty-seventh session: ALiBi and per-head masks first, the two where the D=64 forward reads under 0.85x
+    # PyTorch FlexAttention on equal windows, NOTES.md section 52.)
     # The D=64 forward's launch, after section 29, and how much of each cell is the host's: the defaults timed with
     # eight calls in one program (no host work between them) beside the usual bursts, then launches with 128-query
     # tiles, which read each key tile from L2 half as often, and 3 stages.
@@ -211,7 +213,7 @@ case "${1:-}" in
     sweep 120 --implementation pallas_triton -D 64 --timer unrolled --cases noop causal sliding_window prefix_lm \
       alibi document --configs defaults
     echo "D=64 forward, burst timer" >> "$OUT/sweeps.md"
-    sweep 240 --implementation pallas_triton -D 64 --cases noop causal sliding_window prefix_lm alibi \
+    sweep 240 --implementation pallas_triton -D 64 --cases alibi per_head noop causal sliding_window prefix_lm \
       --configs defaults fwd128x64w4s2 fwd128x64w4s3 fwd64x128w4s3 fwd128x128w8s2 fwd64x64w4s3 defaults
     ;;
   split)
