@@ -62,6 +62,7 @@ def _relative_error(out, ref) -> float:
 
 
 def _context(args) -> dict:
+    window = timing.load_window(args.jax_window_ms)
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.run", *sys.argv[1:]]),
@@ -74,8 +75,8 @@ def _context(args) -> dict:
         "flop_model": "forward 4*B*H*L*S*D*density; forward+backward 3.5x forward",
         "dtype": args.dtype,
         "timing": (f"JAX: median of bursts of 5 calls, at least {args.runs} bursts"
-                   + (f" over at least {args.jax_window_ms:.0f} ms after a "
-                      f"{_jax_window(args)['warmup_ms']:.0f} ms warm-up" if args.jax_window_ms else "")
+                   + (f" over at least {window['min_ms']:.0f} ms after a {window['warmup_ms']:.0f} ms warm-up"
+                      if window else "")
                    + f"; torch: triton.testing.do_bench, median, {timing.TORCH_WARMUP_MS:.0f} ms warm-up, "
                    f"{timing.TORCH_REP_MS:.0f} ms timed"),
     }
@@ -209,11 +210,6 @@ def _record_error(row: dict, error: Exception, args) -> None:
         traceback.print_exc()
 
 
-def _jax_window(args) -> dict:
-    """time_jax's warm-up and timed milliseconds: as long as PyTorch's timer loads the GPU (--jax-window-ms)."""
-    return timing.load_window(args.jax_window_ms)
-
-
 def _prepare(build, kind, input_sets, args, torch_impls, row):
     """One candidate ready to time: its output on the first input set and its timers (field -> milliseconds), or
     None where the candidate does not apply. Compiles (JAX) or warms up (torch) on the way."""
@@ -225,12 +221,12 @@ def _prepare(build, kind, input_sets, args, torch_impls, row):
         q, k, v, do = input_sets[0]
         row["first_call_s"] = timing.time_first_call(forward, (q, k, v))
         out = forward(q, k, v)
-        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs,
-                                                       **_jax_window(args))
+        window = timing.load_window(args.jax_window_ms)
+        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs, **window)
         if "fwdbwd" in args.modes:
             grad = jax_impls.forward_backward(forward)
             jax.block_until_ready(grad(*input_sets[0]))  # compiled here, not inside the timer's warm-up window
-            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs, **_jax_window(args))
+            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs, **window)
         return out, timers
     q, k, v, do = (torch_impls.from_jax(x) for x in input_sets[0])
     out = jnp.asarray(forward(q, k, v).float().cpu().numpy())
@@ -289,7 +285,7 @@ def decode_suite(args, torch_impls, ceilings, results, progress):
                     check = out
                 else:
                     row["relative_error"] = _relative_error(out, check)
-                ms = timing.time_jax(forward, [(q, k, v)], runs=args.runs, **_jax_window(args))
+                ms = timing.time_jax(forward, [(q, k, v)], runs=args.runs, **timing.load_window(args.jax_window_ms))
                 row.update(ms=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9, fraction_of_copy=kv_bytes / (ms * 1e-3) / 1e9 /
                            ceilings["copy_gbps"])
             except Exception as error:  # noqa: BLE001
@@ -492,7 +488,7 @@ def main(argv=None) -> int:
     torch_impls = None if args.no_torch else _torch()
     suites = args.suite.split(",")
     context = _context(args)
-    ceilings = measure_ceilings(args.tiny, _jax_window(args))
+    ceilings = measure_ceilings(args.tiny, timing.load_window(args.jax_window_ms))
     os.makedirs(args.out, exist_ok=True)
     results = _SavedResults(os.path.join(args.out, "results.json"), context, ceilings)
     total = (len(_parse_shapes(args.shapes)) * len(args.cases.split(",")) if "prefill" in suites else 0) + \
