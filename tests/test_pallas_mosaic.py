@@ -216,39 +216,48 @@ def test_the_softmax_takes_a_fixed_maximum_where_the_score_mod_bounds_its_result
      (None, 64, {"mosaic_fwd_row_sum_fold": 1}, 0, True),
      (fa.tanh_softcap(30.0), 64, None, 80, False), (fa.tanh_softcap(30.0), 64, {"mosaic_block_n": 64}, 32, False),
      (fa.tanh_softcap(30.0), 128, None, 0, True), (fa.tanh_softcap(30.0), 128, {"mosaic_fwd_fixed_max": 0}, 0, False),
-     (None, 128, None, 0, False), (fa.generate_alibi_bias(2), 64, None, 0, False),
+     (None, 128, None, 0, True), (fa.generate_alibi_bias(2), 64, None, 0, False),
      (fa.tanh_softcap(30.0), 256, None, 0, False)],
     ids=["softcap-32", "shifted-all-overlap", "running-max-none", "alibi-none", "softcap-fold-overlap", "noop-fold",
          "default-softcap-64", "default-softcap-64-bn64", "default-softcap-128", "default-running-max-128",
-         "default-noop", "default-alibi", "default-softcap-256"],
+         "default-causal", "default-alibi", "default-softcap-256"],
 )
 def test_exp2_on_the_fma_units_and_folded_row_sums_plans(score_mod, head_dim, options, exp2_fma, row_sum_fold,
                                                          forward_plans):
     """mosaic_fwd_exp2_fma lowers where the fixed maximum bounds the exp2's argument and is dropped elsewhere (the
     polynomial takes no -inf); mosaic_fwd_row_sum_fold with either maximum; unset, soft-capping takes the first at
-    head dim 64 (80 of 128 columns, 32 of 64) and the second at 128 (where each was measured), other mods neither."""
+    head dim 64 (80 of 128 columns, 32 of 64) and the second at 128 (where each was measured); other score_mods
+    neither, and causal without a score_mod the fold at 128 (the test below)."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     (plan,) = forward_plans
     assert (plan.exp2_fma, plan.row_sum_fold) == (exp2_fma, row_sum_fold)
 
 
-@pytest.mark.parametrize("mask_mod, head_dim, row_sum_fold",
-                         [(None, 128, True), (fa.noop_mask, 128, True), (None, 64, False), (fa.causal_mask, 128, False)],
-                         ids=["none-128", "noop-128", "none-64", "causal-128"])
-def test_full_attention_folds_row_sums_at_head_dim_128(mask_mod, head_dim, row_sum_fold, forward_plans):
-    """Unset, mosaic_fwd_row_sum_fold is on where no mask_mod masks at head dim 128 (NOTES.md section 51)."""
+@pytest.mark.parametrize("mask_mod, score_mod, head_dim, row_sum_fold",
+                         [(None, None, 128, True), (fa.noop_mask, None, 128, True), (None, None, 64, False),
+                          (fa.causal_mask, None, 128, True), (fa.causal_mask, None, 64, False),
+                          (fa.prefix_lm_mask(100), None, 128, True),
+                          (fa.document_mask(jnp.arange(256) // 100, jnp.arange(384) // 100), None, 128, False),
+                          (None, lambda s, b, h, q, kv: s * 0.5, 128, True),
+                          (None, fa.generate_alibi_bias(2), 128, False)],
+                         ids=["none-128", "noop-128", "none-64", "causal-128", "causal-64", "prefix-128",
+                              "document-128", "scaled-128", "alibi-128"])
+def test_plain_masks_fold_row_sums_at_head_dim_128(mask_mod, score_mod, head_dim, row_sum_fold, forward_plans):
+    """Unset, mosaic_fwd_row_sum_fold is on where the mask_mod reads no captured array and no score_mod is left
+    once its literal factors join the scale, at head dim 128 (NOTES.md sections 51 and 53)."""
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    _lower_for_cuda(q, k, v, mask_mod, None)
+    _lower_for_cuda(q, k, v, mask_mod, score_mod)
     (plan,) = forward_plans
     assert plan.row_sum_fold == row_sum_fold
 
 
 @pytest.mark.gpu
-def test_gpu_full_attention_with_its_default_folded_row_sums():
-    # Lengths the key tile does not divide: the last tile's padded keys are masked by bounds, not by a mask_mod.
+@pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.prefix_lm_mask(300)], ids=["full", "causal", "prefix"])
+def test_gpu_plain_masks_with_their_default_folded_row_sums(mask_mod):
+    # Lengths the key tile does not divide: the last tile's padded keys are masked by bounds as well.
     q, k, v = random_qkv(8, B=2, Hq=4, Hkv=2, L=640, S=1000, E=128, Ev=128, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, None, None)
+    _compare_on_gpu(q, k, v, mask_mod, None)
 
 
 def test_fold_columns_keeps_row_sums():

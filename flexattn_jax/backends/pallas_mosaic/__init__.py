@@ -54,8 +54,9 @@ scatter-add, which only the Triton dQ kernel has).
   0 (measured on an H100 +15% on soft-capping at D=64, section 49, and 3-5% more with section 50's polynomial);
 * ``mosaic_fwd_row_sum_fold`` (0 or 1): 1 keeps each thread's partial row sums of the softmax across key tiles
   and adds a row's threads' together once, after the walk (``forward.Config.row_sum_fold``, section 48); unset: 1
-  where the fixed maximum applies to a score_mod that applies a special function, or where no mask_mod masks,
-  at head dim 128, else 0 (soft-capping +4-7% at D=128, section 49; full attention +3%, section 51);
+  where the fixed maximum applies to a score_mod that applies a special function, or where no score_mod is left to
+  apply and the mask_mod reads no captured array, at head dim 128, else 0 (soft-capping +4-7% at D=128, section
+  49; full attention +3%, section 51; causal +1-3% and prefix LM +2-3%, ALiBi folded -6-7%, section 53);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at

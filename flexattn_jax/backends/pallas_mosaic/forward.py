@@ -111,7 +111,7 @@ class Config:
         (``ROW_SUM_COLUMNS``) and the row's four threads add theirs together once, after the walk, instead of
         exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on at head
         dim 65 to 128 where the fixed maximum applies to a score_mod that applies a special function, or where
-        nothing is masked by a mask_mod (sections 49 and 51).
+        no score_mod is left to apply and the mask_mod reads no captured array (sections 49, 51 and 53).
     """
 
     block_n: int
@@ -1314,8 +1314,12 @@ def flex_forward(
         exp2_fma = 0  # the polynomial takes the fixed maximum's bounded argument only
     row_sum_fold = config.row_sum_fold
     if row_sum_fold is None:
-        # Full attention too: no tile of it is masked, and at 128 its per-tile exchanges cost 3% (section 51).
-        row_sum_fold = (special_bounded or is_everywhere(mask_mod)) and 64 < head_dim <= 128
+        # Without a score_mod left to apply, and with a mask_mod of the indices alone (no captured array): full
+        # attention +3% at 128 (section 51), causal +1-3%, prefix LM +2-3%, sliding window level (section 53).
+        # Not with a score_mod (ALiBi folded -6-7%), nor with a mask reading an array: the document mask's partial
+        # tiles compile to a longer loop folded, -10-20% (section 50).
+        plain_mask = not scaling.apply_score_mod and not mask_consts
+        row_sum_fold = (special_bounded or plain_mask) and 64 < head_dim <= 128
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
