@@ -12,6 +12,8 @@
 #   bash benchmarks/device_session.sh ramp52  section 52: speed and clock over the first second of load, ours, cuDNN, SDPA
 #   bash benchmarks/device_session.sh fold52  section 52: the folded row sums on causal (and D=64 full attention) in sweeps
 #                                             timed over the sustained window
+#   bash benchmarks/device_session.sh tiles53 section 53: the D=64 Triton forward's 64 x 64 default (gpu tests, sweeps);
+#                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -543,6 +545,22 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
     sweep 150 -S 8192 -D 64 --cases causal noop --configs row_sum_each_tile row_sum_fold row_sum_each_tile \
       row_sum_fold
+    ;;
+  tiles53)
+    # NOTES.md section 53: the D=64 Triton forward's new default (64 x 64, 4 warps, 3 stages): its gpu tests, then
+    # beside section 29's 128 x 64 on every mask, interleaved twice; then the Mosaic forward's folded row sums on
+    # the masks without captured arrays at D=128 (sliding window, prefix LM, causal), where a static rule could
+    # take them.
+    timeout 200 python3 -m pytest -p no:benchmark -m gpu -q tests/test_pallas_triton_forward.py \
+      tests/test_pallas_triton_backward.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+    echo "D=64 Triton forward" >> "$OUT/sweeps.md"
+    sweep 150 --implementation pallas_triton -D 64 --cases document softcap per_head alibi causal sliding_window noop \
+      --configs defaults fwd128x64w4s3 defaults fwd128x64w4s3
+    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128"; do
+      echo "$shape" >> "$OUT/sweeps.md"
+      sweep 100 $shape --cases sliding_window prefix_lm causal --configs row_sum_each_tile row_sum_fold \
+        row_sum_each_tile row_sum_fold
+    done
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's

@@ -122,9 +122,10 @@ def default_forward_config(head_dim: int, dtype) -> Config:
             return Config(block_m=64, block_n=32, num_warps=4, num_stages=2)
         return Config(block_m=32, block_n=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        # Measured on an H200 over sustained windows (benchmarks/NOTES.md section 53): 64 x 64 with 3 stages beats
-        # section 29's 128 x 64 by 7-11% on causal, sliding window and per-head masks, 1-3% on noop and prefix LM,
-        # and is 1% under it on ALiBi. Section 29's short windows had read 128 x 64 ahead.
+        # Measured on an H200 and an H100 over sustained windows (benchmarks/NOTES.md section 53): 64 x 64 with 3
+        # stages beats section 29's 128 x 64 by 4-11% on causal, sliding window, per-head masks and soft-capping,
+        # 0-3% on full attention, prefix LM and the document mask, and is 1-2% under it on ALiBi. Section 29's
+        # short windows, at the unloaded clock, had read 128 x 64 ahead.
         return Config(block_m=64, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
         # Measured on an H100 (benchmarks/NOTES.md): 4 warps and 2 stages beat 8 warps and 3 stages by 17-32%.
