@@ -14,6 +14,8 @@
 #                                             timed over the sustained window
 #   bash benchmarks/device_session.sh tiles53 section 53: the D=64 Triton forward's 64 x 64 default (gpu tests, sweeps);
 #                                             the Mosaic fold on sliding window, prefix LM and causal
+#   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
+#                                             ALiBi's forward folded and not in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -560,6 +562,20 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       echo "$shape" >> "$OUT/sweeps.md"
       sweep 100 $shape --cases sliding_window prefix_lm causal --configs row_sum_each_tile row_sum_fold \
         row_sum_each_tile row_sum_fold
+    done
+    ;;
+  leads54)
+    # NOTES.md section 53's open leads. Soft-capping's D=64 forward read 0.896x causal's in run 44 (H100), against
+    # 0.91x on the H200: its exp2 columns on the FMA units (section 50 chose 80 of 128 over short windows) beside
+    # causal, over the sustained window. Then ALiBi's forward at D=128 with the row sums folded and not, one
+    # launch each in Nsight Compute (registers, issue, stalls; SASS as section 50 took for the document mask):
+    # read the SASS back with python -m benchmarks.ncu_sass ncu_fold1_alibi_sass.csv.gz --against ...fold0...
+    sweep 150 -D 64 --cases softcap causal --configs defaults exp2_fma_64 exp2_fma_96 exp2_fma_112 defaults \
+      exp2_fma_64 exp2_fma_96 exp2_fma_112
+    for fold in 0 1; do
+      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES=alibi NCU_KERNELS=flex_attention_forward \
+        NCU_LAUNCHES=1 NCU_TAG=fold${fold}_ NCU_OPTIONS="{\"mosaic_fwd_row_sum_fold\": $fold}" bash "$0" ncu \
+        | grep -E "Duration|Registers Per|Issue Slots|No Eligible"
     done
     ;;
   ncu)
