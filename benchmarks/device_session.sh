@@ -74,6 +74,12 @@ OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
+ncu_mosaic_forward() {  # one launch of our Mosaic forward alone in Nsight Compute (the ncu case below):
+  # head dim, case, the reports' tag, kernel_options as JSON
+  NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D="$1" NCU_CASES="$2" NCU_KERNELS=flex_attention_forward NCU_LAUNCHES=1 \
+    NCU_TAG="$3" NCU_OPTIONS="$4" bash "$0" ncu
+}
+
 sweep() {  # mosaic_sweep, its table lines only
   timeout "$1" python3 -m benchmarks.mosaic_sweep "${@:2}" 2>&1 | grep -E "^\||rror" | tee -a "$OUT/sweeps.md"
 }
@@ -488,8 +494,7 @@ case "${1:-}" in
     sweep 100 -D 64 --cases softcap --configs defaults scaled_queries exp2_quadratic exp2_fma_64 defaults \
       scaled_queries exp2_quadratic exp2_fma_64
     for columns in 64 80; do
-      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=64 NCU_CASES=softcap NCU_KERNELS=flex_attention_forward \
-        NCU_LAUNCHES=1 NCU_TAG=c${columns}_ NCU_OPTIONS="{\"mosaic_fwd_exp2_fma\": $columns}" bash "$0" ncu \
+      ncu_mosaic_forward 64 softcap "c${columns}_" "{\"mosaic_fwd_exp2_fma\": $columns}" \
         | grep -E "Duration|Issue Slots|No Eligible"
     done
     ;;
@@ -573,8 +578,7 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     sweep 150 -D 64 --cases softcap causal --configs defaults exp2_fma_64 exp2_fma_96 exp2_fma_112 defaults \
       exp2_fma_64 exp2_fma_96 exp2_fma_112
     for fold in 0 1; do
-      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES=alibi NCU_KERNELS=flex_attention_forward \
-        NCU_LAUNCHES=1 NCU_TAG=fold${fold}_ NCU_OPTIONS="{\"mosaic_fwd_row_sum_fold\": $fold}" bash "$0" ncu \
+      ncu_mosaic_forward 128 alibi "fold${fold}_" "{\"mosaic_fwd_row_sum_fold\": $fold}" \
         | grep -E "Duration|Registers Per|Issue Slots|No Eligible"
     done
     ;;

@@ -976,8 +976,9 @@ PERFORMANCE = [
     It takes about 7 minutes (`--budget-s` bounds the prefill part; `--shapes`, `--cases` and `--suite` select a
     part, `--help` lists the rest), prints its tables, and writes `results.json`, `results.md` and `tflops.png` to
     `$OUT` if set, else to `benchmarks/out/`. `python -m benchmarks.history benchmarks/results.json
-    benchmarks/out/results.json` adds it to the repository's record as the newest run; rerun this notebook to plot it. On Colab (a GPU runtime; PyTorch comes preinstalled), the cell below does the same when
-    `RERUN` is set to `True`; it then plots the new results in place of the saved ones.
+    benchmarks/out/results.json` adds it to the repository's record as the newest run; rerun this notebook to plot
+    it. On Colab (a GPU runtime; PyTorch comes preinstalled), the cell below does the same when `RERUN` is set to
+    `True`; it then plots the new results in place of the saved ones.
     """),
     code("""
     RERUN = False  # set to True on a GPU runtime to measure this GPU

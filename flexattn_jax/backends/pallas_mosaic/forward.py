@@ -1318,8 +1318,8 @@ def flex_forward(
         # attention +3% at 128 (section 51), causal +1-3%, prefix LM +2-3%, sliding window level (section 53).
         # Not with a score_mod (ALiBi folded -6-7%), nor with a mask reading an array: the document mask's partial
         # tiles compile to a longer loop folded, -10-20% (section 50).
-        plain_mask = not scaling.apply_score_mod and not mask_consts
-        row_sum_fold = (special_bounded or plain_mask) and 64 < head_dim <= 128
+        plain_mods = not scaling.apply_score_mod and not mask_consts
+        row_sum_fold = (special_bounded or plain_mods) and 64 < head_dim <= 128
     float_index_signs = frozenset()
     # Below 2^23 a sum of two indices stays below 2^24, where float32 holds every integer (IndexTiles).
     if config.float_indices and max(q_pad, kv_pad) <= 2**23:
