@@ -16,8 +16,6 @@
 #                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
 #                                             ALiBi's forward folded and not in Nsight Compute
-#   bash benchmarks/device_session.sh defer54 section 54: the fused backward's dQ deferred by a step: gpu tests, sweeps;
-#                                             then D=64 soft-capping's exp2 columns
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -570,25 +568,6 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       sweep 100 $shape --cases sliding_window prefix_lm causal --configs row_sum_each_tile row_sum_fold \
         row_sum_each_tile row_sum_fold
     done
-    ;;
-  defer54)
-    # NOTES.md section 54: the fused dK/dV kernel with each step's dQ product deferred to the next step (three dS^T
-    # buffers; issued behind dK's product, or after the step's products), so that its warpgroups do not meet at
-    # every step: its gpu tests (every backward schedule case, both placements), then
-    # forward+backward beside the defaults, interleaved twice, at 8K D=128 (the schedule without barriers on full
-    # and causal attention, the one with them on soft-capping) and B=8 S=2048 full attention (fused there too);
-    # then leads54's D=64 soft-capping sweep with what time is left.
-    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -q -rf --tb=short \
-      -k "deferred" >"$OUT/gpu_tests.txt" 2>&1
-    tail -4 "$OUT/gpu_tests.txt"
-    echo "-S 8192 -D 128 fwdbwd" >> "$OUT/sweeps.md"
-    sweep 300 -S 8192 -D 128 --mode fwdbwd --cases noop causal softcap --configs defaults bwd_defer_dq \
-      bwd_defer_dq_after defaults bwd_defer_dq bwd_defer_dq_after
-    echo "-B 8 -S 2048 -D 128 fwdbwd" >> "$OUT/sweeps.md"
-    sweep 80 -B 8 -S 2048 -D 128 --mode fwdbwd --cases noop --configs defaults bwd_defer_dq defaults bwd_defer_dq
-    echo "-S 8192 -D 64 fwd" >> "$OUT/sweeps.md"
-    sweep 130 -D 64 --cases softcap causal --configs defaults exp2_fma_64 exp2_fma_96 exp2_fma_112 defaults \
-      exp2_fma_64 exp2_fma_96
     ;;
   leads54)
     # NOTES.md section 53's open leads. Soft-capping's D=64 forward read 0.896x causal's in run 44 (H100), against

@@ -74,9 +74,6 @@ CONFIGS = {
     "bwd_dq_kernel": dict(mosaic_bwd_fuse_dq=0),
     "bwd_dq_kernel_s3": dict(mosaic_bwd_fuse_dq=0, mosaic_bwd_num_stages=3),
     "bwd_triton": dict(mosaic_backward=0),
-    # NOTES.md section 54: the fused dK/dV kernel's dQ product deferred by a step (three dS^T buffers)
-    "bwd_defer_dq": dict(mosaic_bwd_defer_dq=1),
-    "bwd_defer_dq_after": dict(mosaic_bwd_defer_dq=2),  # issued after the step's products are waited for
     "bwd_mosaic_overlap": dict(mosaic_fwd_overlap=1),
     # --implementation pallas_triton: its defaults, and backward tilings (dK/dV query x key tile, warps, stages)
     "triton": dict(),

@@ -69,10 +69,6 @@ def main() -> None:
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}, fa.tanh_softcap(30.0)), 128),
         ("backward overlap 2 softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 2}, fa.tanh_softcap(30.0)), 128),
-        # NOTES.md section 54: dQ deferred by a step
-        ("backward deferred dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_defer_dq": 1}), 128),
-        ("backward softcap deferred dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_defer_dq": 1},
-                                                  fa.tanh_softcap(30.0)), 128),
         ("backward overlap 2 softcap dQ kernel",
          gradient({"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 2}, fa.tanh_softcap(30.0)), 128),
     ]

@@ -3,7 +3,6 @@ backward and the choice of implementation on this machine; the comparisons with 
 gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
 
 import functools
-import inspect
 import re
 
 import jax
@@ -431,9 +430,8 @@ _SCHEDULE_CASES = [case for case in _SUPPORTED
     "options",
     [{"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1},
      {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1},
-     {"mosaic_bwd_fuse_dq": 0},
-     {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_defer_dq": 1}, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_defer_dq": 2}],
-    ids=["overlap0-fused-auto-barriers", "overlap1-fused", "dq-kernel", "deferred-dq", "deferred-dq-after"],
+     {"mosaic_bwd_fuse_dq": 0}],
+    ids=["overlap0-fused-auto-barriers", "overlap1-fused", "dq-kernel"],
 )
 @pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
 def test_gpu_backward_schedules_match_reference(case, options):
@@ -1025,35 +1023,6 @@ def test_both_dq_paths_lower_at_both_head_dims(head_dim, fuse_dq):
     text = _lower_gradient_for_cuda(q, k, v, mask_mod, fa.tanh_softcap(30.0),
                                     kernel_options={"mosaic_bwd_fuse_dq": fuse_dq})
     assert "mosaic_gpu" in text and _TRITON_CALL not in text
-
-
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_deferred_dq_lowers_with_three_ds_buffers_at_head_dim_128(head_dim, monkeypatch):
-    """``mosaic_bwd_defer_dq`` 1 at head dim 128 gives the fused dK/dV kernel a ring of three dS^T buffers (each step
-    adds the step before's dQ); at head dim 64 it does not apply and the kernel keeps two. Both schedules (overlap 2
-    without automatic barriers for no score_mod; overlap 0 with them for soft-capping), GQA (the pending dQ carried
-    from one query head's walk to the next), and lengths no tile divides."""
-    from flexattn_jax.backends.pallas_mosaic import backward
-
-    ds_rings = []
-    smem = backward.plgpu.SMEM
-
-    def recording_smem(shape, dtype, **kwargs):  # the dK/dV kernel's dS^T ring (plgpu is the forward's module too)
-        if tuple(shape[1:]) == (backward.PROGRAM_ROWS, backward.TILE) and \
-                inspect.currentframe().f_back.f_code.co_name == "_dkdv_kernel":
-            ds_rings.append(shape[0])
-        return smem(shape, dtype, **kwargs)
-
-    monkeypatch.setattr(backward.plgpu, "SMEM", recording_smem)
-    q, k, v = random_qkv(15, B=1, Hq=4, Hkv=2, L=300, S=200, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    for score_mod, defer in ((None, 1), (fa.tanh_softcap(30.0), 1), (None, 2)):
-        ds_rings.clear()
-        text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod,
-                                        kernel_options={"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_defer_dq": defer})
-        assert "mosaic_gpu" in text and _TRITON_CALL not in text
-        assert ds_rings == [backward.DEFERRED_DS_BUFFERS if head_dim == 128 else backward.DS_BUFFERS]
-    assert backward.smem_bytes(128, 2, True, True) - backward.smem_bytes(128, 2, True) == backward.PROGRAM_ROWS * \
-        backward.TILE * 2
 
 
 @pytest.mark.parametrize("fuse_dq", [0, 1])

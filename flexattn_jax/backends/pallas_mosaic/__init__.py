@@ -62,11 +62,7 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
   least the GPU's SMs): where key and value have batch 1, 1 has each dK/dV program add up every query batch's
   contribution, reading key and value once, with no per-batch copy of them or of their gradients; 0 broadcasts
-  them to the query batch (B times the programs) and adds the per-batch gradients up;
-* ``mosaic_bwd_defer_dq`` (0, the default, 1 or 2): with dQ fused at head dim 128, each step forms the dQ product
-  of the step before, from three dS^T buffers instead of two, so that the compute warpgroups do not meet at every
-  step (``backward.Config.defer_dq``): 1 issues it behind the step's dK product, 2 after the step's products are
-  waited for; no effect at head dim 64. Both measured slower (NOTES.md section 54).
+  them to the query batch (B times the programs) and adds the per-batch gradients up.
 
 The Triton backward's keys pass through to it; the Triton forward's keys are accepted and unused.
 
@@ -106,7 +102,6 @@ OPTION_KEYS = (
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
     "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
-    "mosaic_bwd_defer_dq",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -159,7 +154,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
             raise ValueError(f"kernel_options[{key!r}] must be 1 or 4, got {value}")
-        if key in ("mosaic_bwd_overlap", "mosaic_bwd_defer_dq") and value not in (0, 1, 2):
+        if key == "mosaic_bwd_overlap" and value not in (0, 1, 2):
             raise ValueError(f"kernel_options[{key!r}] must be 0, 1 or 2, got {value}")
         options[key] = value
     return options
@@ -275,7 +270,7 @@ def unsupported_backward_reason(
         if count > 1 and block % rows:
             return f"the pallas_mosaic backward needs the BlockMask's {axis} to be a multiple of {rows}, got {block}"
     config = _backward_config(options, head_dim, query.shape[-2])
-    smem = _backward.smem_bytes(head_dim, config.num_stages, config.fuse_dq, config.defer_dq)
+    smem = _backward.smem_bytes(head_dim, config.num_stages, config.fuse_dq)
     if smem + _SMEM_RESERVE > _SMEM_BYTES:
         return (
             f"the pallas_mosaic backward with mosaic_bwd_num_stages={config.num_stages}, "
@@ -321,8 +316,7 @@ def _fuse_dq_choice(options: Mapping[str, int], head_dim: int, q_len: int,
         value = options["mosaic_bwd_fuse_dq"]
         return bool(value), f"kernel_options['mosaic_bwd_fuse_dq'] is {value}"
     stages = options.get("mosaic_bwd_num_stages", 2)
-    if _backward.smem_bytes(head_dim, stages, True, bool(options.get("mosaic_bwd_defer_dq", 0))) \
-            + _SMEM_RESERVE > _SMEM_BYTES:
+    if _backward.smem_bytes(head_dim, stages, True) + _SMEM_RESERVE > _SMEM_BYTES:
         return False, f"fused, it would not fit in shared memory at head dim {head_dim} with {stages} stages"
     if key_tiles is not None:
         return key_tiles >= FUSE_DQ_MIN_KEY_TILES, (
@@ -342,8 +336,7 @@ def _backward_config(options: Mapping[str, int], head_dim: int, q_len: int,
                             else bool(options["mosaic_bwd_auto_barriers"]),
                             heads_inner=bool(options.get("mosaic_bwd_heads_inner", 0)),
                             kv_batch_loop=None if "mosaic_bwd_kv_batch_loop" not in options
-                            else bool(options["mosaic_bwd_kv_batch_loop"]),
-                            defer_dq=options.get("mosaic_bwd_defer_dq", 0))
+                            else bool(options["mosaic_bwd_kv_batch_loop"]))
 
 
 def dq_path(kernel_options: Mapping[str, Any] | None, head_dim: int, q_len: int, key_tiles: float | None) -> str:

@@ -70,10 +70,6 @@ _LOG2_E = math.log2(math.e)
 COMPUTE_REGISTERS = 240
 MEMORY_REGISTERS = 24
 DQ_COLUMNS = 64  # columns of dQ one warpgroup forms per step in the fused kernel
-# dS^T buffers of the fused kernel: two in the step-by-step schedule; three where dQ is deferred, so that a warpgroup
-# may run up to a step and a half ahead of the other before it waits for a buffer to be free.
-DS_BUFFERS = 2
-DEFERRED_DS_BUFFERS = 3
 _F32_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))  # 128-byte rows of float32
 
 
@@ -94,12 +90,7 @@ class Config:
     benchmarks/NOTES.md section 34);
     ``kv_batch_loop``: where key and value have batch 1 (shared by the query batches), True has each dK/dV program
     add up every query batch's contribution, reading key and value once; False broadcasts them to the query batch
-    and adds the per-batch gradients up; None, the first where the dK/dV programs fill the GPU (``loops_over_query_batches``);
-    ``defer_dq``: with dQ fused at head dim 128, each step's dQ product is that of the step before, from a ring of
-    ``DEFERRED_DS_BUFFERS`` dS^T buffers, so that a warpgroup does not wait at every step for the other's dS^T:
-    1 issues it behind the step's dK product without waiting for that, 2 after the step's products are waited for;
-    0, each step's own, as before. At head dim 64, where the warpgroups take the single dQ product in turn, it does
-    not apply."""
+    and adds the per-batch gradients up; None, the first where the dK/dV programs fill the GPU (``loops_over_query_batches``)."""
 
     num_stages: int = 2
     fuse_dq: bool = True
@@ -108,7 +99,6 @@ class Config:
     auto_barriers: bool | None = None
     heads_inner: bool = False
     kv_batch_loop: bool | None = None
-    defer_dq: int = 0
 
 
 def derivative_is_one(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> bool:
@@ -135,25 +125,16 @@ def default_schedule(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -
     return (2, False) if derivative_is_one(score_mod, score_consts) else (0, True)
 
 
-def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True, defer_dq: int = 0) -> int:
+def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
     """Shared memory of the largest kernel (the unfused two have the same resident and streamed tile sizes)."""
     tile = TILE * head_dim * 2  # one bf16 [64, D] tile
     resident = 2 * COMPUTE_WARPGROUPS * tile
     streamed = num_stages * (2 * tile + 2 * TILE * 4)
     fused = 0
     if fuse_dq:
-        # [128 keys, 64 queries] bf16 dS^T buffers, one [64, 64] float32 dQ staging tile per warpgroup.
-        fused = ds_buffers(head_dim, defer_dq) * PROGRAM_ROWS * TILE * 2 + COMPUTE_WARPGROUPS * TILE * DQ_COLUMNS * 4
+        # Two [128 keys, 64 queries] bf16 dS^T buffers, one [64, 64] float32 dQ staging tile per warpgroup.
+        fused = 2 * PROGRAM_ROWS * TILE * 2 + COMPUTE_WARPGROUPS * TILE * DQ_COLUMNS * 4
     return resident + streamed + fused
-
-
-def defers_dq(head_dim: int, defer_dq: int) -> bool:
-    """Whether ``Config.defer_dq`` applies: at head dim 128, where each warpgroup forms half of every step's dQ."""
-    return bool(defer_dq) and head_dim // DQ_COLUMNS == COMPUTE_WARPGROUPS
-
-
-def ds_buffers(head_dim: int, defer_dq: int) -> int:
-    return DEFERRED_DS_BUFFERS if defers_dq(head_dim, defer_dq) else DS_BUFFERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +162,6 @@ class _Plan:
     num_stages: int
     copy_warps: int
     overlap: int
-    defer_dq: int  # ``Config.defer_dq``, where it applies (``defers_dq``), else 0
     dtype: jnp.dtype
     score_sites: tuple
     mask_sites: tuple
@@ -281,7 +261,6 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
     stages, dtype = plan.num_stages, plan.dtype
     head_dim = q_ref.shape[-1]
     dq_chunks = head_dim // DQ_COLUMNS  # column chunks of a step's dQ, one per warpgroup (or one for both)
-    num_ds = DEFERRED_DS_BUFFERS if plan.defer_dq else DS_BUFFERS
     kv_tile, kv_head, kv_b = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
     kv_row = lax.div(kv_tile * PROGRAM_ROWS, jnp.int32(plan.kv_block))
 
@@ -307,7 +286,7 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
         k_all, v_all = resident
         q_ring, do_ring, lse_ring, delta_ring = ring
         q_ready, do_ready, lse_ready, delta_ready = ready
-        ds_all, dq_stage, ds_ready, done, ds_free = fused if fuse_dq else (None,) * 5
+        ds_all, dq_stage, ds_ready, done = fused if fuse_dq else (None,) * 4
         wg = lax.axis_index("wg")
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
@@ -322,29 +301,15 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
             zeros_tile = plgpu.layout_cast(jnp.full((TILE, TILE), 0.0, jnp.float32), wgmma_layout)
             column = plgpu.Layout.WGMMA.reduce(0)
 
-            def pending_rows(pending):
-                """The dQ rows of a deferred product: (query batch, query head, query tile), carried as a tile index
-                so that the copy's start is known to be a multiple of the tile."""
-                pending_b, pending_h, pending_tile = pending
-                return dq_ref.at[pending_b, pending_h, pl.ds(pending_tile * TILE, TILE)]
-
-            def dq_chunk(count):
-                """The dQ columns this warpgroup forms at step ``count`` (the warpgroups alternate)."""
-                return lax.rem(wg + count, jnp.int32(2))
-
             def for_head(b, h, lists, carry):
-                dk, dv, base, pending = carry
+                dk, dv, base = carry
 
                 def step_fn(step, carry, *, masked: bool):
-                    dk, dv, pending = carry
+                    dk, dv = carry
                     count = base + step
                     slot = lax.rem(count, jnp.int32(stages))
                     q_start = lists.start(step)
-                    parity = lax.rem(count, jnp.int32(num_ds))
-                    # Deferred dQ: the step before's buffer (at the program's first step, one never written, whose
-                    # product is formed and dropped), its columns (count - 1 and count + 1 alternate alike).
-                    previous = lax.rem(count + jnp.int32(num_ds - 1), jnp.int32(num_ds))
-                    previous_chunk = dq_chunk(count + 1)
+                    parity = lax.rem(count, jnp.int32(2))
                     plgpu.barrier_wait(q_ready.at[slot])
 
                     def issue_s_t(s_ref):
@@ -355,15 +320,6 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
 
                     def issue_dv(dv_ref, p_t):
                         plgpu.wgmma(dv_ref, p_t.astype(dtype), do_ring.at[slot])
-
-                    def issue_previous_dq(dq_ref_acc):
-                        """The step before's dQ product, behind this step's dK product (deferred dQ). The waits
-                        here and before the dS^T store are unconditional (a branch between a wgmma's issue and its
-                        wait makes ptxas serialize the kernel's wgmmas): the phases they would wait for before the
-                        first steps were completed when the walk began."""
-                        plgpu.barrier_wait(ds_ready.at[previous])
-                        columns = pl.ds(previous_chunk * DQ_COLUMNS, DQ_COLUMNS)
-                        plgpu.wgmma(dq_ref_acc, ds_all.at[previous].transpose((1, 0)), k_all.at[:, columns])
 
                     def probabilities(s_t):
                         plgpu.barrier_wait(lse_ready.at[slot])
@@ -380,15 +336,11 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                         delta = plgpu.load(delta_ring.at[slot], layout=column)
                         ds_t = (p_grad_t * (dp_t - lax.broadcast_in_dim(delta, (TILE, TILE), (1,)))).astype(dtype)
                         if fuse_dq:
-                            if plan.defer_dq:
-                                # Both warpgroups' dQ products of num_ds steps back read this buffer.
-                                plgpu.barrier_wait(ds_free.at[parity])
                             ds_all.at[parity, own][...] = ds_t
                             plgpu.commit_smem()
                             plgpu.barrier_arrive(ds_ready.at[parity])
                         return ds_t
 
-                    dq_previous = None
                     if plan.overlap == 0:
                         # Each product waited for before the next step: S^T; dV and dP^T (two wgmmas, one wait); dK.
                         def st(s_ref):
@@ -406,19 +358,16 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                         dv, dp_t = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_tile)))
                         ds_t = gradient_of_scores(p_grad_t, dp_t)
 
-                        def dk_fn(refs):
-                            plgpu.wgmma(refs[0], ds_t, q_ring.at[slot])
-                            if plan.defer_dq == 1:
-                                issue_previous_dq(refs[1])
+                        def dk_fn(acc_ref):
+                            plgpu.wgmma(acc_ref, ds_t, q_ring.at[slot])
 
-                        accumulators = (dk, zeros_tile) if plan.defer_dq == 1 else (dk,)
-                        dk, *dq_previous = pl.run_state(dk_fn)(tuple(map(plgpu.ACC.init, accumulators)))
+                        dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
                     else:
                         # Each product waited for only where its result is needed (wgmma groups complete in the
                         # order issued): dV's product runs while dS^T is formed, and dK's is issued behind it.
                         # With overlap 2, dP^T is also issued beside S^T and runs during the softmax.
                         def products(refs):
-                            s_ref, dp_ref, dv_ref, dk_ref, *dq_ref_acc = refs
+                            s_ref, dp_ref, dv_ref, dk_ref = refs
                             issue_s_t(s_ref)
                             if plan.overlap == 2:
                                 plgpu.barrier_wait(do_ready.at[slot])
@@ -432,59 +381,25 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
                                 issue_dv(dv_ref, p_t)
                             ds_t = gradient_of_scores(p_grad_t, plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
                             plgpu.wgmma(dk_ref, ds_t, q_ring.at[slot])
-                            if plan.defer_dq == 1:
-                                issue_previous_dq(dq_ref_acc[0])
 
-                        accumulators = (zeros_tile, zeros_tile, dv, dk) + ((zeros_tile,) if plan.defer_dq == 1 else ())
-                        _, _, dv, dk, *dq_previous = pl.run_state(products)(tuple(map(plgpu.ACC.init, accumulators)))
+                        accumulators = (zeros_tile, zeros_tile, dv, dk)
+                        _, _, dv, dk = pl.run_state(products)(tuple(map(plgpu.ACC.init, accumulators)))
                     plgpu.barrier_arrive(consumed.at[slot])
-                    if plan.defer_dq == 2:
-
-                        def previous_product(acc_ref):
-                            issue_previous_dq(acc_ref)
-                            return acc_ref[...]
-
-                        dq_previous = [pl.run_scoped(previous_product, plgpu.ACC((TILE, DQ_COLUMNS), jnp.float32))]
-                    if plan.defer_dq:
-                        @pl.when(count > 0)
-                        def _():
-                            _add_dq(dq_previous[0], dq_stage.at[wg], pending_rows(pending), chunk=previous_chunk)
-                            plgpu.barrier_arrive(ds_free.at[previous])
-
-                        pending = (b, h, lax.div(q_start, jnp.int32(TILE)))
-                    elif fuse_dq:
+                    if fuse_dq:
                         plgpu.barrier_wait(ds_ready.at[parity])
                         _accumulate_dq(ds_all.at[parity], k_all, dq_stage.at[wg], dq_ref.at[b, h, pl.ds(q_start, TILE)],
-                                       chunk=dq_chunk(count), num_chunks=dq_chunks)
-                    return dk, dv, pending
+                                       chunk=lax.rem(wg + count, jnp.int32(2)), num_chunks=dq_chunks)
+                    return dk, dv
 
-                carry = lax.fori_loop(0, lists.num_partial, functools.partial(step_fn, masked=True), (dk, dv, pending))
+                carry = lax.fori_loop(0, lists.num_partial, functools.partial(step_fn, masked=True), (dk, dv))
                 if plan.has_full:
                     carry = lax.fori_loop(
                         lists.num_partial, lists.num_steps, functools.partial(step_fn, masked=False), carry
                     )
-                dk, dv, pending = carry
-                return dk, dv, base + lists.num_steps, pending
+                return (*carry, base + lists.num_steps)
 
             acc = plgpu.layout_cast(jnp.full((TILE, head_dim), 0.0, jnp.float32), wgmma_layout)
-            # Deferred dQ: the (query batch, query head, query tile) whose dQ the next step adds.
-            no_pending = (jnp.int32(0),) * 3 if plan.defer_dq else ()
-            if plan.defer_dq:
-                # The phases the first steps wait for: every buffer free (no dQ product of steps -3 to -1), and
-                # the buffer of step -1 ready (its product, at the first step, is formed and dropped).
-                for n in range(num_ds):
-                    plgpu.barrier_arrive(ds_free.at[n])
-                plgpu.barrier_arrive(ds_ready.at[num_ds - 1])
-            dk, dv, total, pending = over_heads(for_head, (acc, acc, jnp.int32(0), no_pending))
-            if plan.defer_dq:
-
-                @pl.when(total > 0)
-                def _():
-                    last = lax.rem(total + jnp.int32(num_ds - 1), jnp.int32(num_ds))
-                    plgpu.barrier_wait(ds_ready.at[last])
-                    _accumulate_dq(ds_all.at[last], k_all, dq_stage.at[wg], pending_rows(pending),
-                                   chunk=dq_chunk(total + 1), num_chunks=dq_chunks)
-
+            dk, dv, _ = over_heads(for_head, (acc, acc, jnp.int32(0)))
             if fuse_dq:
                 # The other warpgroup's last dQ product may still read this warpgroup's keys.
                 plgpu.barrier_arrive(done)
@@ -527,11 +442,10 @@ def _dkdv_kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram
     fused = ()
     if fuse_dq:
         fused = (
-            plgpu.SMEM((num_ds, PROGRAM_ROWS, TILE), dtype, transforms=transforms),
+            plgpu.SMEM((2, PROGRAM_ROWS, TILE), dtype, transforms=transforms),
             plgpu.SMEM((COMPUTE_WARPGROUPS, TILE, DQ_COLUMNS), jnp.float32, transforms=_F32_TRANSFORMS),
-            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=num_ds),
+            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=2),
             plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
-            plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=num_ds) if plan.defer_dq else None,
         )
     pl.run_scoped(
         body,
@@ -569,21 +483,17 @@ def _accumulate_dq(ds_t_ref, k_all, stage, dq_rows, *, chunk, num_chunks: int):
             plgpu.wgmma(acc_ref, ds_t_ref.transpose((1, 0)), k_all.at[:, columns])
             return acc_ref[...]
 
-        _add_dq(pl.run_scoped(product, plgpu.ACC((TILE, DQ_COLUMNS), jnp.float32)), stage, dq_rows, chunk=chunk)
+        dq = pl.run_scoped(product, plgpu.ACC((TILE, DQ_COLUMNS), jnp.float32))
+        # The previous step's reduce-add must have read the staging tile before it is overwritten.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage[...] = dq
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dq_rows.at[:, columns], reduction_op="add")
 
     if num_chunks == COMPUTE_WARPGROUPS:
         accumulate()
     else:
         pl.when(chunk == 0)(accumulate)
-
-
-def _add_dq(dq, stage, dq_rows, *, chunk):
-    """Adds a [64, 64] float32 dQ product (columns ``chunk``) into ``dq_rows`` in global memory through ``stage``."""
-    # The previous reduce-add must have read the staging tile before it is overwritten.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    stage[...] = dq
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(stage, dq_rows.at[:, pl.ds(chunk * DQ_COLUMNS, DQ_COLUMNS)], reduction_op="add")
 
 
 # ---------------------------------------------------------------------------------------------------- dQ
@@ -792,7 +702,6 @@ def flex_backward(
         num_stages=config.num_stages,
         copy_warps=config.copy_warps,
         overlap=overlap,
-        defer_dq=config.defer_dq if config.fuse_dq and defers_dq(head_dim, config.defer_dq) else 0,
         dtype=jnp.dtype(q.dtype),
         score_sites=score_sites,
         mask_sites=mask_sites,
