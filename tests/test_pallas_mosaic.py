@@ -252,6 +252,35 @@ def test_plain_masks_fold_row_sums_at_head_dim_128(mask_mod, score_mod, head_dim
     assert plan.row_sum_fold == row_sum_fold
 
 
+def _per_head_windows(b, h, q_idx, kv_idx):
+    windows = jnp.array([40, 300], jnp.int32)
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < windows[h])
+
+
+@pytest.mark.parametrize(
+    "mask_mod, score_mod, head_dim, options, overlap",
+    [(None, None, 128, None, True), (fa.causal_mask, None, 128, None, True), (fa.causal_mask, None, 64, None, False),
+     (fa.sliding_window_mask(100), None, 128, None, True), (_per_head_windows, None, 128, None, True),
+     (fa.document_mask(jnp.arange(256) // 100, jnp.arange(384) // 100), None, 128, None, False),
+     (None, lambda s, b, h, q, kv: s * 0.5, 128, None, True), (None, fa.generate_alibi_bias(2), 128, None, False),
+     (fa.causal_mask, fa.tanh_softcap(30.0), 128, None, False),
+     (fa.causal_mask, None, 128, {"mosaic_block_n": 64}, False),
+     (fa.causal_mask, None, 128, {"mosaic_fwd_overlap": 0}, False),
+     (None, fa.generate_alibi_bias(2), 128, {"mosaic_fwd_overlap": 1}, True)],
+    ids=["none-128", "causal-128", "causal-64", "sliding-128", "per-head-windows-128", "document-128", "scaled-128",
+         "alibi-128", "softcap-128", "causal-128-key-tile-64", "causal-128-off", "alibi-128-on"],
+)
+def test_overlapped_walk_by_default_where_no_score_mod_is_left_at_head_dim_128(mask_mod, score_mod, head_dim,
+                                                                               options, overlap, forward_plans):
+    """Unset, mosaic_fwd_overlap is on at head dim 128 with 128-key tiles where no score_mod is left once its
+    literal factors join the scale and the mask_mod reads no captured array at q_idx or kv_idx (a scalar read such
+    as per-head window sizes is fine): NOTES.md section 54. Given, it is what it says."""
+    q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options)
+    (plan,) = forward_plans
+    assert plan.overlap == overlap
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.prefix_lm_mask(300)], ids=["full", "causal", "prefix"])
 def test_gpu_plain_masks_with_their_default_folded_row_sums(mask_mod):
@@ -1052,8 +1081,9 @@ def test_backward_schedule_options_reach_the_kernels(fuse_dq, monkeypatch):
         early_reads.clear()
         no_auto_barriers.clear()
         q, k, v = random_qkv(13, B=1, Hq=2, Hkv=2, L=256, S=256, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+        # The forward's overlapped walk (its default here at head dim 128) reads accumulators early too: off.
         _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod,
-                                 kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, **options})
+                                 kernel_options={"mosaic_bwd_fuse_dq": fuse_dq, "mosaic_fwd_overlap": 0, **options})
         return sum(early_reads), list(no_auto_barriers)
 
     steps = 2  # the causal walk's step is traced twice: partial blocks, then full ones

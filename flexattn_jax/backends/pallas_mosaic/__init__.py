@@ -11,9 +11,10 @@ scatter-add, which only the Triton dQ kernel has).
 
 * ``mosaic_block_n`` (64 or 128): keys per TMA copy and wgmma tile of the forward;
 * ``mosaic_num_stages`` (2 to 4): shared-memory slots of the forward's key/value ring;
-* ``mosaic_fwd_overlap`` (0, the default, or 1): each compute warpgroup overlaps its softmax of a key tile with its
-  own P V of the previous tile; measured at par with the plain walk, within the noise (benchmarks/NOTES.md
-  section 12);
+* ``mosaic_fwd_overlap`` (0 or 1): each compute warpgroup overlaps its softmax of a key tile with its own P V of the
+  previous tile; unset: 1 at head dim 65 to 128 with 128-key tiles where no score_mod is left to apply and the
+  mask_mod reads no captured array at q_idx or kv_idx (``forward.Config.overlap``; causal +2%, sliding window +4%
+  at 8K, benchmarks/NOTES.md section 54), else 0 (ALiBi, soft-capping and document masks are slower with it);
 * ``mosaic_fwd_q_buffers`` (1 or 2; unset: 2 where shared memory allows, 1 otherwise): query tiles per compute
   warpgroup in shared memory; with 2, each work item's queries are fetched while the previous item runs (section 16);
 * ``mosaic_bwd_num_stages`` (2 to 4): slots of the backward kernels' rings;
@@ -188,7 +189,7 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
             f"{q_buffers} and head dim {head_dim} needs {smem} bytes of shared memory, over the {_SMEM_BYTES} an "
             "H100 block has"
         )
-    overlap = bool(options.get("mosaic_fwd_overlap", 0))
+    overlap = bool(options["mosaic_fwd_overlap"]) if "mosaic_fwd_overlap" in options else None
     copy_warps = options.get("mosaic_fwd_copy_warps", 1)
     float_indices = bool(options.get("mosaic_fwd_float_indices", 1))
     scale_queries = bool(options["mosaic_fwd_scale_queries"]) if "mosaic_fwd_scale_queries" in options else None

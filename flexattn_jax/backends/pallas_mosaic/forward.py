@@ -11,7 +11,8 @@ dealt in a snake order that balances heavy and light query tiles (``persistent_s
   into an online softmax, and accumulate P V with wgmma. A shared "schedule" barrier alternates the two warpgroups'
   use of the tensor cores, so that one computes its softmax while the other multiplies (the FlashAttention-3 ping-pong,
   Shah et al. 2024). With ``Config.overlap`` a warpgroup also overlaps its softmax with its own P V and the two hand
-  the tensor cores over by turns instead (``overlapped_walk``; off by default, see benchmarks/NOTES.md section 12).
+  the tensor cores over by turns instead (``overlapped_walk``; by default where no score_mod is left and the mask
+  reads no array along the indices, at head dim 128: benchmarks/NOTES.md sections 12 and 54).
   Where shared memory allows, each compute warpgroup has two query buffers, so that the next item's queries are
   fetched while the current item runs (``Config.q_buffers``).
 
@@ -82,6 +83,10 @@ class Config:
       num_stages: shared-memory slots of the key/value ring (at least 2).
       q_buffers: query tiles in shared memory: 2 fetches the next item's queries during the current one.
       overlap: each compute warpgroup overlaps its softmax of one key tile with its own P V of the previous one.
+        Unset: on at head dim 65 to 128 with 128-key tiles where no score_mod is left to apply (after its literal
+        factors join the scale) and the mask_mod reads no captured array at q_idx or kv_idx (scalar reads, such
+        as per-head window sizes, are fine): causal, sliding window, prefix LM, per-head windows, full attention
+        (NOTES.md section 54).
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
       float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
         float index tiles computed once per program (``IndexTiles``), not converted score by score.
@@ -117,7 +122,7 @@ class Config:
     block_n: int
     num_stages: int
     q_buffers: int = 1
-    overlap: bool = False
+    overlap: bool | None = None
     copy_warps: int = 1
     float_indices: bool = True
     scale_queries: bool | None = None
@@ -1329,6 +1334,14 @@ def flex_forward(
     assert problem is None, problem
     mask_sites, problem = analyze_reads(mask_mod, block_n)
     assert problem is None, problem
+    overlap = config.overlap
+    if overlap is None:
+        # Measured over the sustained window at 8K D=128 (section 54): causal +2%, sliding window +4%, prefix LM +2%,
+        # per-head windows (a scalar read) +2-3%, full attention level; with a score_mod left (ALiBi -14%,
+        # soft-capping -7%) or a mask reading an array along q_idx or kv_idx (document -9%) slower, and at D=64
+        # slower on causal (-2-4%).
+        reads_along_indices = any(site.kind in ("row", "column") for site in mask_sites)
+        overlap = not scaling.apply_score_mod and not reads_along_indices and 64 < head_dim <= 128 and block_n == 128
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
     score_consts, score_sites = walked_consts(score_mod, score_consts, score_sites, q_pad, kv_pad)
     mask_consts, mask_sites = walked_consts(mask_mod, mask_consts, mask_sites, q_pad, kv_pad)
@@ -1359,7 +1372,7 @@ def flex_forward(
         block_n=block_n,
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
-        overlap=config.overlap,
+        overlap=overlap,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
