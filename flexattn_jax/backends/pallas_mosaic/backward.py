@@ -205,7 +205,7 @@ def _probabilities(s, lse2, b, h, *, plan: _Plan, mods, const_refs, masked: bool
         load = _forward.site_load(plan.score_sites, score_refs, q_start, kv_start, shape, transposed=transposed)
         ones = plgpu.layout_cast(jnp.full(shape, 1.0, jnp.float32), plgpu.Layout.WGMMA)
         # Row and column reads are vector loads, which jax.jvp cannot differentiate: made first, then replayed.
-        vector_reads = any(site.kind in ("row", "column") for site in plan.score_sites)
+        vector_reads = any(site.along_indices for site in plan.score_sites)
         m, derivative = score_mod.derivative(score_refs[: score_mod.num_consts], s * jnp.float32(plan.scale), b, h,
                                              q_idx, kv_idx, ones=ones, load=load, replay_reads=vector_reads)
         s2 = _forward.as_tile(m, shape, jnp.float32) * jnp.float32(_LOG2_E)

@@ -150,6 +150,11 @@ class ReadSite:
     offset: int | None = 0
     source: int | None = None
 
+    @property
+    def along_indices(self) -> bool:
+        """A row or column read: a vector load per tile, at q_idx or kv_idx plus the offset."""
+        return self.kind in ("row", "column")
+
 
 # Where the analysis classifies the reads: far from 0, so that an index q_idx + offset is not negative (which jnp
 # indexing would count from the end) for any offset a mod could use with an array it fits in memory.
@@ -443,7 +448,7 @@ def _analyze_reads(program: ModProgram, block_n: int) -> tuple[tuple[ReadSite, .
     if problem is not None:
         return None, problem
     return tuple(
-        dataclasses.replace(site, offset=None) if site.kind in ("row", "column") and form.captured else site
+        dataclasses.replace(site, offset=None) if site.along_indices and form.captured else site
         for site, form in zip(first, forms)
     ), None
 
@@ -1160,7 +1165,7 @@ def walked_consts(program: ModProgram, consts: Sequence[jax.Array], sites: Seque
     runtime = _runtime_offsets(program, originals, sites) if any(s.offset is None for s in sites) else {}
     walked = []
     for number, site in enumerate(sites):
-        if site.kind in ("row", "column"):
+        if site.along_indices:
             target = q_pad if site.kind == "row" else kv_pad
             offset = runtime[number] if site.offset is None else site.offset
             if site.offset == 0:
@@ -1183,7 +1188,7 @@ def _runtime_offsets(program: ModProgram, consts: Sequence[jax.Array], sites: Se
         number, site = next(remaining)
         if index is None:
             return ref[...]
-        if site.kind in ("row", "column"):
+        if site.along_indices:
             offsets[number] = jnp.asarray(index[site.axis], jnp.int32)[0, 0] - _FAR
         return ref[tuple(index)]  # clamped by jnp indexing
 
@@ -1340,7 +1345,7 @@ def flex_forward(
         # per-head windows (a scalar read) +2-3%, full attention level; with a score_mod left (ALiBi -14%,
         # soft-capping -7%) or a mask reading an array along q_idx or kv_idx (document -9%) slower, and at D=64
         # slower on causal (-2-4%).
-        reads_along_indices = any(site.kind in ("row", "column") for site in mask_sites)
+        reads_along_indices = any(site.along_indices for site in mask_sites)
         overlap = not scaling.apply_score_mod and not reads_along_indices and 64 < head_dim <= 128 and block_n == 128
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
     score_consts, score_sites = walked_consts(score_mod, score_consts, score_sites, q_pad, kv_pad)
