@@ -16,6 +16,8 @@
 #                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
 #                                             ALiBi's forward folded and not in Nsight Compute
+#   bash benchmarks/device_session.sh chain55 section 55: the chained item walks' ptxas report and gpu tests
+#   bash benchmarks/device_session.sh chain55sweep section 55: the chain against the defaults at B=8 S=2048, 8K, D=64
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -581,6 +583,22 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       ncu_mosaic_forward 128 alibi "fold${fold}_" "{\"mosaic_fwd_row_sum_fold\": $fold}" \
         | grep -E "Duration|Registers Per|Issue Slots|No Eligible"
     done
+    ;;
+  chain55)
+    # NOTES.md section 55: the items' overlapped walks chained (mosaic_fwd_chain_items). What ptxas says of the
+    # chained kernels first (a C7513 line: their wgmmas serialized, which would void any timing), then their gpu
+    # tests: every supported mod, programs of many items, items of no key tile, fully masked rows, max_scores.
+    timeout 100 python3 -m benchmarks.ptxas_report --only chained 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    timeout 300 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k chain -n 14 -p no:benchmark -v -rf \
+      --tb=short >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  chain55sweep)
+    # Section 55's prediction: B=8 S=2048 full and causal attention's forward +3-5%, 8K +1%, interleaved with the
+    # defaults; at D=64 the overlapped walk with and without the chain beside the default plain walk.
+    sweep 200 -B 8 -S 2048 --cases noop causal --configs defaults chain defaults chain
+    sweep 170 --cases noop causal --configs defaults chain defaults chain
+    sweep 130 -D 64 --cases noop causal --configs defaults overlap overlap_chain defaults overlap_chain
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
