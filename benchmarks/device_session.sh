@@ -18,6 +18,7 @@
 #                                             ALiBi's forward folded and not in Nsight Compute
 #   bash benchmarks/device_session.sh chain55 section 55: the chained item walks' ptxas report and gpu tests
 #   bash benchmarks/device_session.sh chain55sweep section 55: the chain against the defaults at B=8 S=2048, 8K, D=64
+#   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
 #   bash benchmarks/device_session.sh exp2    NOTES.md section 28: exp2 by the flush-to-zero instruction or libdevice
@@ -600,6 +601,18 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     sweep 180 -B 8 -S 2048 --cases noop causal --configs defaults chain defaults chain
     sweep 190 --cases noop causal --configs defaults chain defaults chain
     sweep 170 -D 64 --cases noop causal --configs defaults overlap_chain defaults overlap_chain
+    ;;
+  boundary55)
+    # Sections 37 and 55: where full attention's forward spends its time at B=8 S=2048 against 8K, one launch of
+    # our kernel each in Nsight Compute (the default walk at both shapes, the chained one at 2048): its duration,
+    # issue and stall figures, and its SASS with the stall samples of every instruction, read back here with
+    # python -m benchmarks.ncu_sass ncu_b8_chain0_noop_sass.csv.gz --against ncu_b2_chain0_noop_sass.csv.gz.
+    for run in "8 2048 0" "8 2048 1" "2 8192 0"; do
+      read -r batch length chain <<<"$run"
+      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
+        NCU_KERNELS=flex_attention_forward NCU_LAUNCHES=1 NCU_TAG="b${batch}_chain${chain}_" \
+        NCU_OPTIONS="{\"mosaic_fwd_chain_items\": $chain}" bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible"
+    done
     ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
