@@ -281,15 +281,17 @@ def test_overlapped_walk_by_default_where_no_score_mod_is_left_at_head_dim_128(m
     assert plan.overlap == overlap
 
 
-_CHAIN = {"mosaic_fwd_overlap": 1, "mosaic_fwd_chain_items": 1}
+# The chain wherever a mod can take it: on the overlapped walk, with the queries left unscaled in shared memory.
+_CHAIN = {"mosaic_fwd_overlap": 1, "mosaic_fwd_chain_items": 1, "mosaic_fwd_scale_queries": 0}
 
 
 @pytest.mark.parametrize(
     "score_mod, head_dim, options, chained",
     [(None, 128, None, False), (None, 128, {"mosaic_fwd_chain_items": 1}, True), (None, 64, _CHAIN, True),
      (None, 64, {"mosaic_fwd_chain_items": 1}, False), (None, 128, {**_CHAIN, "mosaic_fwd_q_buffers": 1}, False),
-     (fa.tanh_softcap(20.0), 128, _CHAIN, True), (fa.generate_alibi_bias(2), 128, _CHAIN, False),
-     (fa.generate_alibi_bias(2), 128, {**_CHAIN, "mosaic_fwd_scale_queries": 0}, True)],
+     (fa.tanh_softcap(20.0), 128, _CHAIN, True),
+     (fa.generate_alibi_bias(2), 128, {**_CHAIN, "mosaic_fwd_scale_queries": 1}, False),
+     (fa.generate_alibi_bias(2), 128, _CHAIN, True)],
     ids=["default", "128-overlapped-by-default", "64-overlap", "64-plain-walk", "one-query-buffer", "softcap",
          "scaled-queries", "alibi-unscaled-queries"],
 )
@@ -305,11 +307,13 @@ def test_items_chained_only_on_the_overlapped_walk_with_two_query_buffers(score_
 
 
 @pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
-def test_chained_items_lower_for_cuda_on_every_supported_mod(case):
+def test_chained_items_lower_for_cuda_on_every_supported_mod(case, forward_plans):
     B, Hq, Hkv, L, S = 2, 4, 2, 300, 200
     q, k, v = random_qkv(0, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 0)
     _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=_CHAIN, with_max_scores=case.name == "causal")
+    (plan,) = forward_plans
+    assert plan.chain_items
 
 
 @pytest.mark.gpu
@@ -530,7 +534,7 @@ _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
-    "chain": {"mosaic_fwd_overlap": 1, "mosaic_fwd_chain_items": 1},
+    "chain": _CHAIN,
 }
 
 

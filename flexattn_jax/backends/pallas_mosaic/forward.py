@@ -1179,12 +1179,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                     return lax.cond(v.num_steps > 0, first, nothing, initial_stats())
 
-                def chained_last_turn(v, base, p_low, next_v):
-                    """P V of item v's last tile and Q K^T of item next_v's first together, then the latter's
-                    softmax: (v's accumulator, next_v's P, row maximum and row sum)."""
+                def chained_last_turn(v, base, p_low, last, next_v):
+                    """P V of item v's last tile (step ``last``) and Q K^T of item next_v's first together, then
+                    the latter's softmax: (v's accumulator, next_v's P, row maximum and row sum)."""
                     plgpu.barrier_wait(q_ready.at[next_v.buffer * COMPUTE_WARPGROUPS + wg])
                     o, (p, row_max, row_sum, _) = paired_turn(
-                        s_ref, o_ref, next_v.q_smem, slot_of(base, v.num_steps - 1), slot_of(base + v.num_steps, 0),
+                        s_ref, o_ref, next_v.q_smem, slot_of(base, last), slot_of(base, last + 1),
                         p_low, lambda s: probabilities(next_v, s, jnp.int32(0), *initial_stats(),
                                                        partial=first_partial(next_v), convert=False),
                     )
@@ -1212,13 +1212,14 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                                     zeros_s().astype(dtype), *initial_stats())
 
                         def chained_on(p_low):
-                            o, *next_first = chained_last_turn(v, base, p_low, next_v)
+                            o, *next_first = chained_last_turn(v, base, p_low, last, next_v)
                             return (o, jnp.bool_(True), *next_first)
 
                         o, *next_carry = lax.cond(chain_on, chained_on, alone, p_low)
                         return o, row_max, row_sum, *next_carry
 
                     def empty(first):
+                        # No output and no statistics (out 0, lse -inf); the next item starts on its own.
                         return (zeros_o(), *first[1:], jnp.bool_(False), *first)
 
                     acc, row_max, row_sum, *next_carry = lax.cond(v.num_steps > 0, walk, empty, tuple(first))
