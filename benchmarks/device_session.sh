@@ -5,6 +5,7 @@
 #   bash benchmarks/device_session.sh softcap2 NOTES.md sections 47-49: soft-capping's new defaults, tests and sweeps
 #   bash benchmarks/device_session.sh softcap38 the same tests, then run 37's shapes beside the anchors (run 38)
 #   bash benchmarks/device_session.sh checkmosaic2 checkmosaic less softcap38's tests
+#   bash benchmarks/device_session.sh softcap38tests softcap38's tests alone
 #   bash benchmarks/device_session.sh exp2int NOTES.md section 50: the integer shift's gpu tests and sweeps
 #   bash benchmarks/device_session.sh softcap51 section 50's open questions: sweeps at 80 columns, SASS of 64 and 80
 #   bash benchmarks/device_session.sh fold51  section 51: full attention's folded row sums, gpu tests, beside the anchors
@@ -472,6 +473,14 @@ case "${1:-}" in
     timeout 300 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x64,2x16x8192x128 \
       --cases softcap,causal --modes fwd,fwdbwd --implementations pallas_mosaic --runs 10 --budget-s 250 \
       --out "$OUT/${RUN_TAG:-run38}" 2>&1 | grep -v Warning | tail -30
+    ;;
+  softcap38tests)
+    # softcap38's gpu tests alone: every supported mod's forward and gradients on the defaults, the fixed maximum,
+    # head dims and options, fully masked rows (checkmosaic2 leaves them out).
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "fixed_maximum or every_supported_mod or head_dims_and_options or fully_masked" \
+      >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     ;;
   checkmosaic2)
     # checkmosaic less softcap38's tests, at 14 workers (the compiles are the time).
