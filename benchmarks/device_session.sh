@@ -625,6 +625,16 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
         NCU_OPTIONS="{\"mosaic_fwd_chain_items\": $chain}" bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible"
     done
     ;;
+  sdpa56)
+    # Section 56: SDPA's forward at B=8 S=2048 against 8K in Nsight Compute, the first launch of ours and of
+    # SDPA's at each: whether its kernel loses per flop at the shorter walks as ours does (5.8% in boundary55).
+    for run in "8 2048" "2 8192"; do
+      read -r batch length <<<"$run"
+      NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
+        NCU_KERNELS="flex_attention_forward|flash|fmha|cudnn|sdpa" NCU_LAUNCHES=2 NCU_TAG="sdpa_b${batch}_" bash "$0" ncu \
+        | grep -E "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
+    done
+    ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
     # occupancy, issue and stall reasons, L2 and DRAM throughput (NOTES.md section 29 suspects L2 for the D=64
