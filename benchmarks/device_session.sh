@@ -17,9 +17,6 @@
 #                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
 #                                             ALiBi's forward folded and not in Nsight Compute
-#   bash benchmarks/device_session.sh chain55 section 55: the chained item walks' ptxas report and gpu tests, then
-#                                             the chain against the defaults at B=8 S=2048
-#   bash benchmarks/device_session.sh chain55sweep section 55: the same at 8K and D=64
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
@@ -595,34 +592,16 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
         | grep -E "Duration|Registers Per|Issue Slots|No Eligible"
     done
     ;;
-  chain55)
-    # NOTES.md section 55: the items' overlapped walks chained (mosaic_fwd_chain_items). What ptxas says of the
-    # chained kernels first (a C7513 line: their wgmmas serialized, which would void any timing), then their gpu
-    # tests: every supported mod, programs of many items, items of no key tile, fully masked rows, max_scores.
-    timeout 100 python3 -m benchmarks.ptxas_report --only chained 2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
-    # Then section 55's first prediction: B=8 S=2048 full attention's forward +4-6%, causal +5-8%, the chain
-    # interleaved with the defaults.
-    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -k chain -n 14 -p no:benchmark -v -rf \
-      --tb=short >"$OUT/gpu_tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
-    sweep 180 -B 8 -S 2048 --cases noop causal --configs defaults chain defaults chain
-    ;;
-  chain55sweep)
-    # The rest of section 55's prediction: 8K +1-2%; at D=64 the chained overlapped walk beside the default plain
-    # walk (the overlapped walk alone was 1-4% slower there, section 54).
-    sweep 190 --cases noop causal --configs defaults chain defaults chain
-    sweep 170 -D 64 --cases noop causal --configs defaults overlap_chain defaults overlap_chain
-    ;;
   boundary55)
-    # Sections 37 and 55: where full attention's forward spends its time at B=8 S=2048 against 8K, one launch of
-    # our kernel each in Nsight Compute (the default walk at both shapes, the chained one at 2048): its duration,
-    # issue and stall figures, and its SASS with the stall samples of every instruction, read back here with
-    # python -m benchmarks.ncu_sass ncu_b8_chain0_noop_sass.csv.gz --against ncu_b2_chain0_noop_sass.csv.gz.
-    for run in "8 2048 0" "8 2048 1" "2 8192 0"; do
-      read -r batch length chain <<<"$run"
+    # Sections 37, 55 and 56: where full attention's forward spends its time at B=8 S=2048 against 8K, one launch
+    # of our kernel at each in Nsight Compute: its duration, issue and stall figures, and its SASS with the stall
+    # samples of every instruction, read back here with
+    # python -m benchmarks.ncu_sass ncu_b8_noop_sass.csv.gz --against ncu_b2_noop_sass.csv.gz.
+    for run in "8 2048" "2 8192"; do
+      read -r batch length <<<"$run"
       NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
-        NCU_KERNELS=flex_attention_forward NCU_LAUNCHES=1 NCU_TAG="b${batch}_chain${chain}_" \
-        NCU_OPTIONS="{\"mosaic_fwd_chain_items\": $chain}" bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible"
+        NCU_KERNELS=flex_attention_forward NCU_LAUNCHES=1 NCU_TAG="b${batch}_" bash "$0" ncu \
+        | grep -E "Duration|Issue Slots|No Eligible"
     done
     ;;
   sdpa56)

@@ -67,9 +67,6 @@ CONFIGS = {
     "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
     "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
-    # NOTES.md section 55: the overlapped walks of a program's items chained (each item's last turn starts the next)
-    "chain": dict(mosaic_fwd_chain_items=1),
-    "overlap_chain": dict(mosaic_fwd_overlap=1, mosaic_fwd_chain_items=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),

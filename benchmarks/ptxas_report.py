@@ -2,11 +2,11 @@
 
     python -m benchmarks.ptxas_report [--out DIR]
 
-Compiles the forward (overlapped walk, plain walk, chained walks, soft-capped causal, head dim 64) and the backward
-(dQ fused into the dK/dV kernel, and the separate dQ kernel; causal and soft-capped causal) at small sizes, with
-Mosaic GPU's dump switches on, and prints each kernel's ptxas report under the name of the variant that compiled it.
-A line with "C7513" means ptxas serialized the kernel's wgmmas (benchmarks/NOTES.md section 12). The PTX of every
-kernel stays in DIR.
+Compiles the forward (overlapped walk, plain walk, soft-capped causal, head dim 64) and the backward (dQ fused into
+the dK/dV kernel, and the separate dQ kernel; causal and soft-capped causal) at small sizes, with Mosaic GPU's dump
+switches on, and prints each kernel's ptxas report under the name of the variant that compiled it. A line with
+"C7513" means ptxas serialized the kernel's wgmmas (benchmarks/NOTES.md section 12). The PTX of every kernel stays
+in DIR.
 """
 
 from __future__ import annotations
@@ -50,9 +50,6 @@ def main() -> None:
     variants = [
         ("forward", forward(), 128),  # the overlapped walk, its default here (NOTES.md section 54)
         ("forward plain walk", forward(options={"mosaic_fwd_overlap": 0}), 128),
-        # NOTES.md section 55: the items' overlapped walks chained
-        ("forward chained", forward(options={"mosaic_fwd_chain_items": 1}), 128),
-        ("forward chained causal", forward(block_mask=causal, options={"mosaic_fwd_chain_items": 1}), 128),
         ("forward softcap causal", forward(fa.tanh_softcap(30.0), causal), 128),
         ("forward D=64", forward(), 64),
         # NOTES.md section 36: ALiBi's index conversion score by score or from float index tiles

@@ -281,41 +281,6 @@ def test_overlapped_walk_by_default_where_no_score_mod_is_left_at_head_dim_128(m
     assert plan.overlap == overlap
 
 
-# The chain wherever a mod can take it: on the overlapped walk, with the queries left unscaled in shared memory.
-_CHAIN = {"mosaic_fwd_overlap": 1, "mosaic_fwd_chain_items": 1, "mosaic_fwd_scale_queries": 0}
-
-
-@pytest.mark.parametrize(
-    "score_mod, head_dim, options, chained",
-    [(None, 128, None, False), (None, 128, {"mosaic_fwd_chain_items": 1}, True), (None, 64, _CHAIN, True),
-     (None, 64, {"mosaic_fwd_chain_items": 1}, False), (None, 128, {**_CHAIN, "mosaic_fwd_q_buffers": 1}, False),
-     (fa.tanh_softcap(20.0), 128, _CHAIN, True),
-     (fa.generate_alibi_bias(2), 128, {**_CHAIN, "mosaic_fwd_scale_queries": 1}, False),
-     (fa.generate_alibi_bias(2), 128, _CHAIN, True)],
-    ids=["default", "128-overlapped-by-default", "64-overlap", "64-plain-walk", "one-query-buffer", "softcap",
-         "scaled-queries", "alibi-unscaled-queries"],
-)
-def test_items_chained_only_on_the_overlapped_walk_with_two_query_buffers(score_mod, head_dim, options, chained,
-                                                                         forward_plans):
-    """mosaic_fwd_chain_items takes effect where its last turn can start the next item: the overlapped walk (given,
-    or by default at head dim 128 without a score_mod), the next item's queries fetched ahead (two query buffers)
-    and used as they are (no scaling in shared memory). Elsewhere it is ignored; off by default."""
-    q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
-    (plan,) = forward_plans
-    assert plan.chain_items == chained
-
-
-@pytest.mark.parametrize("case", _SUPPORTED, ids=repr)
-def test_chained_items_lower_for_cuda_on_every_supported_mod(case, forward_plans):
-    B, Hq, Hkv, L, S = 2, 4, 2, 300, 200
-    q, k, v = random_qkv(0, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
-    mask_mod, score_mod = case.build(B, Hq, L, S, 0)
-    _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=_CHAIN, with_max_scores=case.name == "causal")
-    (plan,) = forward_plans
-    assert plan.chain_items
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.prefix_lm_mask(300)], ids=["full", "causal", "prefix"])
 def test_gpu_plain_masks_with_their_default_folded_row_sums(mask_mod):
@@ -419,8 +384,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
-     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
-     ({"mosaic_fwd_chain_items": 2}, ValueError), ({"mosaic_fwd_chain_items": True}, TypeError)],
+     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -534,7 +498,6 @@ _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
-    "chain": _CHAIN,
 }
 
 
@@ -553,31 +516,27 @@ def test_gpu_forward_variants_match_reference(case, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [None, _CHAIN], ids=["defaults", "chain"])
 @pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
-def test_gpu_programs_of_many_items_match_reference(case, options):
+def test_gpu_programs_of_many_items_match_reference(case):
     # The persistent forward runs 2-3 work items per program here (17 query tiles x 8 heads x 2 batches over one
     # program per SM), of walks of differing lengths: the key/value ring and the query buffers carry from one item
-    # to the next, and the ping-pong restarts at each (or, chained, each item's last turn starts the next). The
-    # tests above run one item per program.
+    # to the next, and the ping-pong restarts at each. The tests above run one item per program.
     B, Hq, Hkv, L, S = 2, 8, 2, 2100, 1900
     q, k, v = random_qkv(10, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 10)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod, grads=False, kernel_options=options)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, grads=False)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [None, _CHAIN], ids=["defaults", "chain"])
-def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere(options):
+def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
     # Items of no key tile (every third query tile) between items that walk some: no step for the first, and
-    # their queries still fetched and their output still stored through the query buffers. Chained, such an
-    # item breaks the chain and the next one starts on its own.
+    # their queries still fetched and their output still stored through the query buffers.
     q, k, v = random_qkv(11, B=2, Hq=8, Hkv=8, L=2048, S=1024, E=64, Ev=64, dtype=jnp.bfloat16)
 
     def some_rows_attend_nowhere(b, h, q_idx, kv_idx):
         return ((q_idx // 128) % 3 != 1) & (kv_idx <= q_idx)
 
-    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, None, grads=False, kernel_options=options)
+    _compare_on_gpu(q, k, v, some_rows_attend_nowhere, None, grads=False)
 
 
 @pytest.mark.gpu
@@ -609,8 +568,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.parametrize(
     "options",
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
-     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}, _CHAIN],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "chain"],
+     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -663,7 +622,7 @@ _MAX_SCORES_CASES = [case for case in _SUPPORTED
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _MAX_SCORES_CASES, ids=repr)
-@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64}, _CHAIN])
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64}])
 def test_gpu_max_scores_match_reference(case, options):
     """return_aux's max_scores from the Mosaic forward: lengths no tile divides, and a row of each of the first
     query tiles that attends nowhere (max -inf there)."""

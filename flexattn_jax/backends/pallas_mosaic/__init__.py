@@ -15,8 +15,6 @@ scatter-add, which only the Triton dQ kernel has).
   previous tile; unset: 1 at head dim 65 to 128 with 128-key tiles where no score_mod is left to apply and the
   mask_mod reads no captured array at q_idx or kv_idx (``forward.Config.overlap``; causal +2%, sliding window +4%
   at 8K, benchmarks/NOTES.md section 54), else 0 (ALiBi, soft-capping and document masks are slower with it);
-* ``mosaic_fwd_chain_items`` (0, the default, or 1): with the overlapped walk and two query buffers, each work
-  item's last turn on the tensor cores also starts the next item's walk (``forward.Config.chain_items``; section 55);
 * ``mosaic_fwd_q_buffers`` (1 or 2; unset: 2 where shared memory allows, 1 otherwise): query tiles per compute
   warpgroup in shared memory; with 2, each work item's queries are fetched while the previous item runs (section 16);
 * ``mosaic_bwd_num_stages`` (2 to 4): slots of the backward kernels' rings;
@@ -105,7 +103,6 @@ OPTION_KEYS = (
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
     "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
-    "mosaic_fwd_chain_items",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -149,8 +146,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be from 2 to {_MAX_STAGES}, got {value}")
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
-                   "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_row_sum_fold",
-                   "mosaic_fwd_chain_items") \
+                   "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_row_sum_fold") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
@@ -203,7 +199,6 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
         raise ValueError(f"kernel_options['mosaic_fwd_exp2_fma'] must be at most the key tile, {block_n} here "
                          f"(mosaic_block_n), got {exp2_fma}")
     return _forward.Config(block_n=block_n, num_stages=stages, q_buffers=q_buffers, overlap=overlap,
-                           chain_items=bool(options.get("mosaic_fwd_chain_items", 0)),
                            copy_warps=copy_warps, float_indices=float_indices, scale_queries=scale_queries,
                            fixed_max=fixed_max, exp2_fma=exp2_fma,
                            row_sum_fold=bool(options["mosaic_fwd_row_sum_fold"])

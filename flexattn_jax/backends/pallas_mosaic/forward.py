@@ -87,12 +87,6 @@ class Config:
         factors join the scale) and the mask_mod reads no captured array at q_idx or kv_idx (scalar reads, such
         as per-head window sizes, are fine): causal, sliding window, prefix LM, per-head windows, full attention
         (NOTES.md section 54).
-      chain_items: with the overlapped walk, each item's last turn also issues Q K^T of the next item's first key
-        tile and computes that tile's softmax, so that the tensor cores keep working while the item's output is
-        normalized and stored, instead of both warpgroups ending an item, then starting the next one from its
-        first Q K^T alone. Only with ``overlap``, two query buffers (the next item's queries are in shared memory
-        by then) and no query scaling; elsewhere it is ignored. Off by default until measured (benchmarks/NOTES.md
-        section 55).
       copy_warps: warps of the memory warpgroup that run its copy loop: 1, or all 4 (see ``in_copy_warps``).
       float_indices: the score_mod's float32 conversions of q_idx, kv_idx, their sum or difference are built from
         float index tiles computed once per program (``IndexTiles``), not converted score by score.
@@ -129,7 +123,6 @@ class Config:
     num_stages: int
     q_buffers: int = 1
     overlap: bool | None = None
-    chain_items: bool = False
     copy_warps: int = 1
     float_indices: bool = True
     scale_queries: bool | None = None
@@ -558,7 +551,6 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
-    chain_items: bool  # each item's last turn starts the next item's walk (Config.chain_items)
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -1155,91 +1147,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 finish(v, acc, row_max, row_sum)
                 return base + num_steps
 
-            def chained_items(s_ref, o_ref):
-                """The items' overlapped walks as one chain (Config.chain_items): an item's last turn also issues
-                Q K^T of the next item's first key tile and computes its softmax, so the tensor cores work
-                through the item's end while its output is normalized and stored. The scores and the output
-                accumulator stay live across items; the chain breaks at an item that lists no key tile."""
-                zeros_s = functools.partial(plgpu.layout_cast, jnp.full((BLOCK_M, block_n), 0.0, jnp.float32),
-                                            plgpu.Layout.WGMMA)
-                zeros_o = functools.partial(plgpu.layout_cast, jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32),
-                                            plgpu.Layout.WGMMA)
-
-                def unchained_start(v, base):
-                    """The item's queries and its first tile's softmax, when the previous item did not take them."""
-                    wait_queries(v)
-
-                    def first(stats):
-                        plgpu.barrier_wait(k_ready.at[slot_of(base, 0)])
-                        s_ref[...] = zeros_s()
-                        return first_turn(v, base, s_ref, stats)
-
-                    def nothing(stats):
-                        return (zeros_s().astype(dtype), *stats)
-
-                    return lax.cond(v.num_steps > 0, first, nothing, initial_stats())
-
-                def chained_last_turn(v, base, p_low, last, next_v):
-                    """P V of item v's last tile (step ``last``) and Q K^T of item next_v's first together, then
-                    the latter's softmax: (v's accumulator, next_v's P, row maximum and row sum)."""
-                    plgpu.barrier_wait(q_ready.at[next_v.buffer * COMPUTE_WARPGROUPS + wg])
-                    o, (p, row_max, row_sum, _) = paired_turn(
-                        s_ref, o_ref, next_v.q_smem, slot_of(base, last), slot_of(base, last + 1),
-                        p_low, lambda s: probabilities(next_v, s, jnp.int32(0), *initial_stats(),
-                                                       partial=first_partial(next_v), convert=False),
-                    )
-                    # As in ``turn``: P is converted once the P V reading the previous one has completed.
-                    o, p = lax.optimization_barrier((o, p))
-                    p_low = p.astype(dtype)
-                    return lax.optimization_barrier((o, p_low, row_max, row_sum))
-
-                def run_chained(i, carry):
-                    base, chained, *first = carry
-                    v = view_of(i)
-                    fetch_next_queries(i)
-                    first = lax.cond(chained, lambda first: tuple(first), lambda _: unchained_start(v, base),
-                                     tuple(first))
-                    # The next item, if any (its index clamped, so that its mask row is always one that exists).
-                    next_v = view_of(jnp.minimum(i + 1, num_items - 1))
-                    chain_on = (i + 1 < num_items) & (next_v.num_steps > 0)
-
-                    def walk(first):
-                        last = v.num_steps - 1
-                        p_low, row_max, row_sum = middle_turns(v, base, s_ref, o_ref, first, last)
-
-                        def alone(p_low):
-                            return (last_turn(v, base, o_ref, p_low, last), jnp.bool_(False),
-                                    zeros_s().astype(dtype), *initial_stats())
-
-                        def chained_on(p_low):
-                            o, *next_first = chained_last_turn(v, base, p_low, last, next_v)
-                            return (o, jnp.bool_(True), *next_first)
-
-                        o, *next_carry = lax.cond(chain_on, chained_on, alone, p_low)
-                        return o, row_max, row_sum, *next_carry
-
-                    def empty(first):
-                        # No output and no statistics (out 0, lse -inf); the next item starts on its own.
-                        return (zeros_o(), *first[1:], jnp.bool_(False), *first)
-
-                    acc, row_max, row_sum, *next_carry = lax.cond(v.num_steps > 0, walk, empty, tuple(first))
-                    finish(v, acc, row_max, row_sum)
-                    o_ref[...] = zeros_o()  # the next item's first P V accumulates from zero
-                    return (base + v.num_steps, *next_carry)
-
-                first = (zeros_s().astype(dtype), *initial_stats())
-                lax.fori_loop(0, num_items, run_chained, (jnp.int32(0), jnp.bool_(False), *first))
-
             if plan.overlap:
                 # Warpgroup 0 has the first turn; from then on each turn's hand-over gives the next.
                 pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
             if plan.q_buffers == 2:
                 pl.when(num_items > 0)(lambda: fetch_queries(jnp.int32(0)))
-            if plan.chain_items:
-                pl.run_scoped(chained_items, plgpu.ACC((BLOCK_M, block_n), jnp.float32),
-                              plgpu.ACC((BLOCK_M, value_dim), jnp.float32))
-            else:
-                lax.fori_loop(0, num_items, run_item, jnp.int32(0))
+            lax.fori_loop(0, num_items, run_item, jnp.int32(0))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == COMPUTE_WARPGROUPS)
@@ -1480,8 +1393,6 @@ def flex_forward(
         # slower on causal (-2-4%).
         reads_along_indices = any(site.along_indices for site in mask_sites)
         overlap = not scaling.apply_score_mod and not reads_along_indices and 64 < head_dim <= 128 and block_n == 128
-    # The chain's last turn starts the next item on queries already fetched and used as they are.
-    chain_items = config.chain_items and overlap and config.q_buffers == 2 and query_scale == 1.0
     # Row and column reads load whole tiles: reach the padded lengths (the values there are masked or dropped).
     score_consts, score_sites = walked_consts(score_mod, score_consts, score_sites, q_pad, kv_pad)
     mask_consts, mask_sites = walked_consts(mask_mod, mask_consts, mask_sites, q_pad, kv_pad)
@@ -1513,7 +1424,6 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=overlap,
-        chain_items=chain_items,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
