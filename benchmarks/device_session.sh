@@ -614,6 +614,11 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
         | grep -E "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
     done
     ;;
+  gaps56)
+    # Section 56: whether do_bench's cache flushes between SDPA's calls raise its rate under the power cap, most at
+    # B=8 S=2048: ours and SDPA's full-attention forward each timed in bursts and with gaps, three rounds.
+    timeout 200 python3 -m benchmarks.timer_gaps --rounds 3 2>&1 | grep -v -i warning | tee "$OUT/timer_gaps.md"
+    ;;
   ncu)
     # NOTES.md sections 27 and 29: what the GPU runs for our forward beside PyTorch's, per case: each kernel's
     # occupancy, issue and stall reasons, L2 and DRAM throughput (NOTES.md section 29 suspects L2 for the D=64
