@@ -74,6 +74,29 @@ def test_time_jax_loads_the_device_for_its_window():
     assert timing.load_window(0.0) == {}
 
 
+def test_torch_bursts_load_the_device_for_the_same_window(monkeypatch):
+    # timer_gaps times SDPA as time_jax times ours: bursts of calls back to back over 100 + 500 ms, no flush.
+    import sys
+    import types
+
+    from benchmarks import timer_gaps
+
+    synced = []
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(synchronize=lambda: synced.append(time.perf_counter()))))
+    calls = []
+
+    def one_ms():
+        calls.append(time.perf_counter())
+        time.sleep(1e-3)
+
+    ms = timer_gaps.time_torch_bursts(one_ms, burst=5)
+    assert 1.0 <= ms < 20.0  # a call's time within a burst, not the window's
+    assert calls[-1] - calls[0] >= 0.59  # the warm-up's 100 ms and the window's 500 ms
+    bursts = [t for t in synced if t > calls[0] + 0.1]
+    assert len(calls) >= 5 * (len(bursts) - 1)  # five calls between the synchronisations once warm
+
+
 def test_case_densities_match_the_published_anchors():
     # PERF_TARGETS.md: causal 0.5001, sliding_window 0.1172, prefix_lm 0.5313, document 0.0831 at S=8192.
     S = 8192
