@@ -82,6 +82,16 @@ ncu_mosaic_forward() {  # one launch of our Mosaic forward alone in Nsight Compu
     NCU_TAG="$3" NCU_OPTIONS="$4" bash "$0" ncu
 }
 
+ncu_full_attention_shapes() {  # the ncu case below on the D=128 full-attention forward at B=8 S=2048, then 8K:
+  # PyTorch's kernel beside ours (none, sdpa), the kernels' regular expression, launches, the files' tag prefix,
+  # the report lines shown
+  for run in "8 2048" "2 8192"; do
+    read -r batch length <<<"$run"
+    NCU_IMPL=pallas_mosaic NCU_TORCH="$1" NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
+      NCU_KERNELS="$2" NCU_LAUNCHES="$3" NCU_TAG="$4b${batch}_" bash "$0" ncu | grep -E "$5"
+  done
+}
+
 sweep() {  # mosaic_sweep, its table lines only
   timeout "$1" python3 -m benchmarks.mosaic_sweep "${@:2}" 2>&1 | grep -E "^\||rror" | tee -a "$OUT/sweeps.md"
 }
@@ -597,22 +607,13 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # of our kernel at each in Nsight Compute: its duration, issue and stall figures, and its SASS with the stall
     # samples of every instruction, read back here with
     # python -m benchmarks.ncu_sass ncu_b8_noop_sass.csv.gz --against ncu_b2_noop_sass.csv.gz.
-    for run in "8 2048" "2 8192"; do
-      read -r batch length <<<"$run"
-      NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
-        NCU_KERNELS=flex_attention_forward NCU_LAUNCHES=1 NCU_TAG="b${batch}_" bash "$0" ncu \
-        | grep -E "Duration|Issue Slots|No Eligible"
-    done
+    ncu_full_attention_shapes none flex_attention_forward 1 "" "Duration|Issue Slots|No Eligible"
     ;;
   sdpa56)
     # Section 56: SDPA's forward at B=8 S=2048 against 8K in Nsight Compute, the first launch of ours and of
     # SDPA's at each: whether its kernel loses per flop at the shorter walks as ours does (5.8% in boundary55).
-    for run in "8 2048" "2 8192"; do
-      read -r batch length <<<"$run"
-      NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_B="$batch" NCU_S="$length" NCU_CASES=noop \
-        NCU_KERNELS="flex_attention_forward|flash|fmha|cudnn|sdpa" NCU_LAUNCHES=2 NCU_TAG="sdpa_b${batch}_" bash "$0" ncu \
-        | grep -E "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
-    done
+    ncu_full_attention_shapes sdpa "flex_attention_forward|flash|fmha|cudnn|sdpa" 2 sdpa_ \
+      "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
     ;;
   gaps56)
     # Section 56: whether do_bench's cache flushes between SDPA's calls raise its rate under the power cap, most at

@@ -8,7 +8,7 @@ and at 8K, each timed four ways over the same 100 + 500 ms window, in interleave
   own time (timed alone, the same way) taken off;
 - SDPA, ``timing.time_torch`` (``triton.testing.do_bench``, as ``benchmarks.run`` times the anchors): one call
   per CUDA-event pair, a 256 MB L2 flush before each;
-- SDPA in bursts: five calls back to back between host clock readings, no flush, as ours.
+- SDPA in bursts: ``timing.time_bursts``: our timer with torch's synchronisation, no flush.
 
 If the flushes' idle power lets the clock stay higher under the power cap, SDPA reads higher by ``do_bench`` than
 in bursts, and most where a call is short (B=8 S=2048: 0.4 ms against 1.6 ms at 8K).
@@ -17,11 +17,9 @@ in bursts, and most where a call is short (B=8 S=2048: 0.4 ms against 1.6 ms at 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import jax_impls, timing
 from benchmarks.cases import CASES
@@ -29,27 +27,6 @@ from benchmarks.cases import CASES
 SHAPES = ((8, 2048), (2, 8192))
 H, D = 16, 128
 WINDOW_MS = 500.0
-
-
-def time_torch_bursts(fn, burst: int = 5) -> float:
-    """Median milliseconds of fn() in bursts of ``burst`` calls between host clock readings, with
-    ``timing.time_jax``'s window: no cache flush, no gap between calls."""
-    import torch
-
-    window = timing.load_window(WINDOW_MS)
-    start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < window["warmup_ms"]:
-        fn()
-        torch.cuda.synchronize()
-    times = []
-    start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < window["min_ms"]:
-        burst_start = time.perf_counter()
-        for _ in range(burst):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - burst_start) / burst)
-    return float(np.median(times)) * 1e3
 
 
 def main() -> None:
@@ -88,7 +65,8 @@ def main() -> None:
             gaps = timing.time_jax(with_gap, sets, runs=10, **window) - timing.time_jax(
                 lambda *_: touch(scratch), sets, runs=10, **window)
             theirs = timing.time_torch(lambda: sdpa(qt, kt, vt))
-            theirs_bursts = time_torch_bursts(lambda: sdpa(qt, kt, vt))
+            theirs_bursts = timing.time_bursts(lambda: sdpa(qt, kt, vt), [()], lambda _: torch.cuda.synchronize(),
+                                               runs=10, **window)
             cells = [flops / (ms * 1e-3) / 1e12 for ms in (ours, gaps, theirs, theirs_bursts)]
             print(f"| {B}x{H}x{S}x{D} | {round_} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)
 

@@ -26,10 +26,18 @@ def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: i
     fewer than ``warmup`` and ``runs``). A GPU held at its power limit lowers its clock as the load goes on, so a
     number set beside ``time_torch``'s should load the GPU as long as it does: TORCH_WARMUP_MS, TORCH_REP_MS.
     """
+    return time_bursts(fn, input_sets, jax.block_until_ready, warmup=warmup, runs=runs, burst=burst,
+                       warmup_ms=warmup_ms, min_ms=min_ms)
+
+
+def time_bursts(fn: Callable, input_sets: Sequence[tuple], wait: Callable, warmup: int = 3, runs: int = 20,
+                burst: int = 5, warmup_ms: float = 0.0, min_ms: float = 0.0) -> float:
+    """``time_jax`` for any framework: ``wait(outputs)`` returns once the device has computed ``outputs`` (a list
+    of fn's results, or one result during the warm-up); for torch, ``lambda _: torch.cuda.synchronize()``."""
     call = 0
     start = time.perf_counter()
     while call < warmup or (time.perf_counter() - start) * 1e3 < warmup_ms:
-        jax.block_until_ready(fn(*input_sets[call % len(input_sets)]))
+        wait(fn(*input_sets[call % len(input_sets)]))
         call += 1
     times = []
     start = time.perf_counter()
@@ -39,7 +47,7 @@ def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: i
         for _ in range(burst):
             outs.append(fn(*input_sets[call % len(input_sets)]))
             call += 1
-        jax.block_until_ready(outs)
+        wait(outs)
         times.append((time.perf_counter() - burst_start) / burst)
     return float(np.median(times)) * 1e3
 

@@ -74,27 +74,16 @@ def test_time_jax_loads_the_device_for_its_window():
     assert timing.load_window(0.0) == {}
 
 
-def test_torch_bursts_load_the_device_for_the_same_window(monkeypatch):
-    # timer_gaps times SDPA as time_jax times ours: bursts of calls back to back over 100 + 500 ms, no flush.
-    import sys
-    import types
+def test_time_bursts_waits_once_a_burst():
+    # timer_gaps times SDPA by time_jax's bursts with torch's synchronisation as ``wait``: once a warm-up call,
+    # then once a burst, on the burst's outputs.
+    from benchmarks import timing
 
-    from benchmarks import timer_gaps
-
-    synced = []
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
-        cuda=types.SimpleNamespace(synchronize=lambda: synced.append(time.perf_counter()))))
-    calls = []
-
-    def one_ms():
-        calls.append(time.perf_counter())
-        time.sleep(1e-3)
-
-    ms = timer_gaps.time_torch_bursts(one_ms, burst=5)
-    assert 1.0 <= ms < 20.0  # a call's time within a burst, not the window's
-    assert calls[-1] - calls[0] >= 0.59  # the warm-up's 100 ms and the window's 500 ms
-    bursts = [t for t in synced if t > calls[0] + 0.1]
-    assert len(calls) >= 5 * (len(bursts) - 1)  # five calls between the synchronisations once warm
+    waited = []
+    counter = iter(range(1000))
+    ms = timing.time_bursts(lambda: next(counter), [()], waited.append, warmup=2, runs=3, burst=4)
+    assert waited == [0, 1, [2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13]]
+    assert 0.0 <= ms < 1.0
 
 
 def test_case_densities_match_the_published_anchors():

@@ -663,19 +663,6 @@ class _Item:
         self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
 
 
-class _WarpgroupItem:
-    """Work item ``i`` as compute warpgroup ``wg`` sees it: its mask row (``it``), the first of its 64 queries and the
-    shared-memory buffers that hold them (and then stage its output and lse)."""
-
-    def __init__(self, it: _Item, i, wg, q_buffers: int, q_smem, lse_smem):
-        self.it = it
-        self.b, self.h = it.b, it.h
-        self.num_partial, self.num_steps = it.num_partial, it.num_steps
-        self.q_base = it.q_tile * Q_TILE + wg * BLOCK_M
-        self.buffer = lax.rem(i, q_buffers)
-        self.q_smem, self.lse_smem = q_smem.at[self.buffer, wg], lse_smem.at[self.buffer, wg]
-
-
 class IndexTiles:
     """The float32 index tiles a score_mod converts (``ModProgram.__call__``'s ``float_indices``), for one
     warpgroup's [BLOCK_M, block_n] tile in the wgmma layout.
@@ -845,10 +832,13 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     q_ref.at[b, h, rows], q_buffers.at[buffer, wg], q_ready.at[buffer * COMPUTE_WARPGROUPS + wg]
                 )
 
-            def view_of(i):
-                return _WarpgroupItem(item(i), i, wg, plan.q_buffers, q_buffers, lse_buffers)
-
-            def fetch_next_queries(i):
+            def run_item(i, base):
+                it = item(i)
+                b, h = it.b, it.h
+                num_steps = it.num_steps
+                q_base = it.q_tile * Q_TILE + wg * BLOCK_M
+                buffer = lax.rem(i, plan.q_buffers)
+                q_smem, lse_smem = q_buffers.at[buffer, wg], lse_buffers.at[buffer, wg]
                 # The buffer about to be filled staged item i - 1's output: wait until that copy has read it.
                 if plan.q_buffers == 2:
 
@@ -861,20 +851,17 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     fetch_queries(i)
 
-            def wait_queries(v):
-                plgpu.barrier_wait(q_ready.at[v.buffer * COMPUTE_WARPGROUPS + wg])
+                plgpu.barrier_wait(q_ready.at[buffer * COMPUTE_WARPGROUPS + wg])
                 if plan.query_scale != 1.0:
                     # Once per item here, in place of a multiply per score of every key tile (Config.scale_queries).
-                    q = plgpu.load(v.q_smem, layout=plgpu.Layout.WGMMA)
-                    v.q_smem[...] = (q.astype(jnp.float32) * jnp.float32(plan.query_scale)).astype(dtype)
+                    q = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+                    q_smem[...] = (q.astype(jnp.float32) * jnp.float32(plan.query_scale)).astype(dtype)
                     plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
 
-            row_layout = plgpu.Layout.WGMMA.reduce(1)
-            # With the fixed shift the row maximum stays that shift in the values' units (never read).
-            fixed_shift = plan.fixed_shift
-            initial_max = _NEG_INF if fixed_shift is None else fixed_shift / plan.scaling.exp_scale
-
-            def initial_stats():
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+                # With the fixed shift the row maximum stays that shift in the values' units (never read).
+                fixed_shift = plan.fixed_shift
+                initial_max = _NEG_INF if fixed_shift is None else fixed_shift / plan.scaling.exp_scale
                 row_max = plgpu.layout_cast(jnp.full((BLOCK_M,), initial_max, jnp.float32), row_layout)
                 # With row_sum_fold each thread keeps its own columns' partial sums (ROW_SUM_COLUMNS of them a
                 # row), reduced across the row's threads once, after the walk.
@@ -882,220 +869,95 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                                              plgpu.Layout.WGMMA)
                            if plan.row_sum_fold else
                            plgpu.layout_cast(jnp.full((BLOCK_M,), 0.0, jnp.float32), row_layout))
-                return row_max, row_sum
-
-            def probabilities(v, s, step, row_max, row_sum, *, partial, convert=True):
-                """The online softmax of the scores of item ``v``'s key tile ``step``: (P in the input dtype, or
-                float32 without ``convert``; the new row maximum, the new row sum, the factor that rescales the
-                accumulator to the new maximum). ``partial``: apply mask_mod (True), not (False), or where a
-                traced flag says."""
-                apply_mask = plan.apply_mask_mod and partial is not False
-                needs_mask = plan.mask_kv_bounds or apply_mask
-                scaling = plan.scaling
-                b, h, q_base = v.b, v.h, v.q_base
-                if scaling.apply_score_mod or needs_mask:
-                    first_key = v.it.walk.start(step)
-                    q_idx = q_base + plgpu.broadcasted_iota(
-                        jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
-                    )
-                    kv_idx = first_key + plgpu.broadcasted_iota(
-                        jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
-                    )
-                # The row maximum is taken before the softmax's scaling (SoftmaxScaling): one FMA a score.
-                y = s
-                if scaling.apply_score_mod:
-                    if scaling.score_scale != 1.0:
-                        y = y * jnp.float32(scaling.score_scale)
-                    load = site_load(plan.score_sites, score_refs, q_base, first_key, (BLOCK_M, block_n))
-                    float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
-                    y = as_tile(score_mod(
-                        score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
-                        float_indices=float_indices,
-                    ), (BLOCK_M, block_n), jnp.float32)
-                if scaling.value_scale != 1.0:
-                    y = y * jnp.float32(scaling.value_scale)
-                if needs_mask:
-                    allowed = None
-                    if apply_mask:
-                        load = site_load(plan.mask_sites, mask_refs, q_base, first_key, (BLOCK_M, block_n))
-                        allowed = as_tile(mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx,
-                                                   load=load), (BLOCK_M, block_n), jnp.bool_)
-                        if partial is not True:  # a traced flag: a full block allows every key
-                            allowed = allowed | jnp.logical_not(partial)
-                    if plan.mask_kv_bounds:
-                        in_bounds = kv_idx < plan.kv_len
-                        allowed = in_bounds if allowed is None else allowed & in_bounds
-                    if not plan.exp2_fma:  # the polynomial takes finite values only: masked after it
-                        y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
-
-                exp_scale = jnp.float32(scaling.exp_scale)
-                if fixed_shift is not None:
-                    # Every value lies within a known range of the shift: exp2 against it, a constant
-                    # (Config.fixed_max, fixed_shift_of).
-                    p = exp2_split(y, scaling.exp_scale, fixed_shift, plan.exp2_fma)
-                    if plan.exp2_fma and needs_mask:
-                        p = jnp.where(allowed, p, jnp.float32(0.0))
-                    row_sum = row_sum + tile_row_sum(p)
-                    return (p.astype(dtype) if convert else p), row_max, row_sum, None
-                new_max = jnp.maximum(row_max, y.max(axis=1))
-                # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
-                shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
-                correction = jnp.exp2(row_max * exp_scale - shift)
-                p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
-                rescale = lax.broadcast_in_dim(correction, row_sum.shape, [0]) if plan.row_sum_fold else correction
-                row_sum = row_sum * rescale + tile_row_sum(p)
-                return (p.astype(dtype) if convert else p), new_max, row_sum, correction
-
-            def tile_row_sum(p):
-                return fold_columns(p, ROW_SUM_COLUMNS) if plan.row_sum_fold else p.sum(axis=1)
-
-            def slot_of(base, step):
-                return lax.rem(base + step, jnp.int32(stages))
-
-            def first_partial(v):
-                """Whether the item's step 0 is a partial block: it is unless the row lists none."""
-                return True if not plan.has_full else v.num_partial > 0
-
-            # The overlapped walk (Config.overlap): each warpgroup's softmax of key tile j + 1 overlaps its own P V
-            # of tile j (FlashAttention-3's intra-warpgroup pipelining): one turn on the tensor cores issues Q K^T
-            # of tile j + 1 and P V of tile j together; the softmax waits for the first only, and the accumulator
-            # is rescaled after the second. The warpgroups pass the tensor cores to each other with a barrier each
-            # (wait for my turn, issue, hand over) rather than meeting on the shared schedule barrier, so that
-            # one's softmax need not wait for the other's to end.
-
-            def take_turn():
-                plgpu.barrier_wait(turns.at[wg])
-
-            def hand_over():
-                plgpu.barrier_arrive(turns.at[1 - wg])
-
-            def first_turn(v, base, s_ref, stats):
-                """Q K^T of the item's first key tile alone, then its softmax: (P, row maximum, row sum)."""
-                row_max, row_sum = stats
-                take_turn()
-                plgpu.wgmma(s_ref, v.q_smem, k_smem.at[slot_of(base, 0)].transpose((1, 0)))
-                hand_over()
-                s = s_ref[...]
-                plgpu.barrier_arrive(k_consumed.at[slot_of(base, 0)])
-                p_low, row_max, row_sum, _ = probabilities(
-                    v, s, jnp.int32(0), row_max, row_sum, partial=first_partial(v)
-                )
-                return lax.optimization_barrier((p_low, row_max, row_sum))
-
-            def paired_turn(s_ref, o_ref, q_smem, slot, next_slot, p_low, softmax):
-                """Q K^T of the key tile in ``next_slot`` and P V of the tile in ``slot`` issued together, then
-                ``softmax`` of the new scores while the P V runs: (the accumulator, what ``softmax`` returned)."""
-                plgpu.barrier_wait(k_ready.at[next_slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                take_turn()
-                s_ref[...] = plgpu.layout_cast(
-                    jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
-                )
-                plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
-                plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
-                hand_over()
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-                plgpu.barrier_arrive(k_consumed.at[next_slot])
-                result = softmax(s)
-                o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return o, result
-
-            def turn(v, base, s_ref, o_ref, j, carry, *, partial: bool):
-                """Q K^T of key tile j + 1 and P V of tile j, then tile j + 1's softmax."""
-                p_low, row_max, row_sum = carry
-                o, (p, row_max, row_sum, correction) = paired_turn(
-                    s_ref, o_ref, v.q_smem, slot_of(base, j), slot_of(base, j + 1), p_low,
-                    lambda s: probabilities(v, s, j + 1, row_max, row_sum, partial=partial, convert=False),
-                )
-                # A register operand of a wgmma defined while another wgmma is in flight makes ptxas
-                # serialize every wgmma of the kernel (its warning C7513): the new P, the operand of the
-                # next P V, is converted only now that this P V, reading the old one, has completed (the
-                # barrier orders the conversion after the wait), and the rescaled accumulator and P are
-                # computed here rather than sunk by LLVM towards their use behind the next Q K^T.
-                o, p = lax.optimization_barrier((o, p))
-                if correction is not None:
-                    o = o * lax.broadcast_in_dim(correction, o.shape, [0])
-                p_low = p.astype(dtype)
-                o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
-                o_ref[...] = o
-                return p_low, row_max, row_sum
-
-            def middle_turns(v, base, s_ref, o_ref, carry, last):
-                """Turns 0 to ``last`` - 1 (``last``: the item's last step): every tile's P V but the last."""
-                # Turn j computes the softmax of tile j + 1: partial while j + 1 < num_partial.
-                boundary = jnp.maximum(v.num_partial - 1, 0)
-                carry = lax.fori_loop(0, boundary, functools.partial(turn, v, base, s_ref, o_ref, partial=True),
-                                      carry)
-                return lax.fori_loop(boundary, last,
-                                     functools.partial(turn, v, base, s_ref, o_ref, partial=not plan.has_full),
-                                     carry)
-
-            def last_turn(v, base, o_ref, p_low, last):
-                """P V of the item's last key tile (step ``last``) alone."""
-                slot = slot_of(base, last)
-                plgpu.barrier_wait(v_ready.at[slot])
-                take_turn()
-                plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
-                hand_over()
-                o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                plgpu.barrier_arrive(v_consumed.at[slot])
-                return o
-
-            def finish(v, acc, row_max, row_sum):
-                """The item's output and lse, staged through its query buffer and copied out."""
-                if plan.row_sum_fold:
-                    row_sum = row_sum.sum(axis=1)
-                has_any = row_sum > 0
-                inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
-                out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
-                log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
-                # With the fixed maximum, lse adds back the very constant the probabilities subtracted.
-                max_shift = (row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None
-                             else jnp.float32(fixed_shift))
-                lse = jnp.where(has_any, (max_shift + log2_sum) * _LN_2, _NEG_INF)
-                # The query tile is free again: stage the output through it (the next item waits for the reads).
-                v.q_smem[...] = out.astype(dtype)
-                v.lse_smem[...] = lse
-                if plan.with_max_scores:
-                    # The maximum is of the value whose exp2(value * exp_scale) is exp(score) (SoftmaxScaling).
-                    max_scores = row_max * jnp.float32(plan.scaling.exp_scale * _LN_2)
-                    max_buffers[0].at[v.buffer, wg][...] = jnp.where(has_any, max_scores, _NEG_INF)
-                plgpu.commit_smem()
-                rows = pl.ds(v.q_base, BLOCK_M)
-                plgpu.copy_smem_to_gmem(v.q_smem, out_ref.at[v.b, v.h, rows])
-                plgpu.copy_smem_to_gmem(v.lse_smem, lse_ref.at[v.b, v.h, rows])
-                if plan.with_max_scores:
-                    plgpu.copy_smem_to_gmem(max_buffers[0].at[v.buffer, wg], max_ref[0].at[v.b, v.h, rows])
-
-            def run_item(i, base):
-                v = view_of(i)
-                num_steps = v.num_steps
-                fetch_next_queries(i)
-                wait_queries(v)
-                row_max, row_sum = initial_stats()
                 acc = plgpu.layout_cast(jnp.full((BLOCK_M, value_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
                 @pl.when(num_steps > 0)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[slot_of(base, 0)])
+                    plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
                 if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
+                def probabilities(s, step, row_max, row_sum, *, partial, convert=True):
+                    """The online softmax of the scores of key tile ``step``: (P in the input dtype, or float32
+                    without ``convert``; the new row maximum, the new row sum, the factor that rescales the
+                    accumulator to the new maximum). ``partial``: apply mask_mod (True), not (False), or where a
+                    traced flag says."""
+                    apply_mask = plan.apply_mask_mod and partial is not False
+                    needs_mask = plan.mask_kv_bounds or apply_mask
+                    scaling = plan.scaling
+                    if scaling.apply_score_mod or needs_mask:
+                        first_key = it.walk.start(step)
+                        q_idx = q_base + plgpu.broadcasted_iota(
+                            jnp.int32, (BLOCK_M, block_n), 0, layout=plgpu.Layout.WGMMA
+                        )
+                        kv_idx = first_key + plgpu.broadcasted_iota(
+                            jnp.int32, (BLOCK_M, block_n), 1, layout=plgpu.Layout.WGMMA
+                        )
+                    # The row maximum is taken before the softmax's scaling (SoftmaxScaling): one FMA a score.
+                    y = s
+                    if scaling.apply_score_mod:
+                        if scaling.score_scale != 1.0:
+                            y = y * jnp.float32(scaling.score_scale)
+                        load = site_load(plan.score_sites, score_refs, q_base, first_key, (BLOCK_M, block_n))
+                        float_indices = index_tiles.at(q_base, first_key) if index_tiles else None
+                        y = as_tile(score_mod(
+                            score_refs[: score_mod.num_consts], y, b, h, q_idx, kv_idx, load=load,
+                            float_indices=float_indices,
+                        ), (BLOCK_M, block_n), jnp.float32)
+                    if scaling.value_scale != 1.0:
+                        y = y * jnp.float32(scaling.value_scale)
+                    if needs_mask:
+                        allowed = None
+                        if apply_mask:
+                            load = site_load(plan.mask_sites, mask_refs, q_base, first_key, (BLOCK_M, block_n))
+                            allowed = as_tile(mask_mod(mask_refs[: mask_mod.num_consts], b, h, q_idx, kv_idx,
+                                                       load=load), (BLOCK_M, block_n), jnp.bool_)
+                            if partial is not True:  # a traced flag: a full block allows every key
+                                allowed = allowed | jnp.logical_not(partial)
+                        if plan.mask_kv_bounds:
+                            in_bounds = kv_idx < plan.kv_len
+                            allowed = in_bounds if allowed is None else allowed & in_bounds
+                        if not plan.exp2_fma:  # the polynomial takes finite values only: masked after it
+                            y = jnp.where(allowed, y, jnp.float32(_NEG_INF))
+
+                    exp_scale = jnp.float32(scaling.exp_scale)
+                    if fixed_shift is not None:
+                        # Every value lies within a known range of the shift: exp2 against it, a constant
+                        # (Config.fixed_max, fixed_shift_of).
+                        p = exp2_split(y, scaling.exp_scale, fixed_shift, plan.exp2_fma)
+                        if plan.exp2_fma and needs_mask:
+                            p = jnp.where(allowed, p, jnp.float32(0.0))
+                        row_sum = row_sum + tile_row_sum(p)
+                        return (p.astype(dtype) if convert else p), row_max, row_sum, None
+                    new_max = jnp.maximum(row_max, y.max(axis=1))
+                    # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
+                    shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
+                    correction = jnp.exp2(row_max * exp_scale - shift)
+                    p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
+                    rescale = lax.broadcast_in_dim(correction, row_sum.shape, [0]) if plan.row_sum_fold else correction
+                    row_sum = row_sum * rescale + tile_row_sum(p)
+                    return (p.astype(dtype) if convert else p), new_max, row_sum, correction
+
+                def tile_row_sum(p):
+                    return fold_columns(p, ROW_SUM_COLUMNS) if plan.row_sum_fold else p.sum(axis=1)
+
+                def slot_of(step):
+                    return lax.rem(base + step, jnp.int32(stages))
+
                 def step_fn(step, carry, *, is_full_block: bool):
                     acc, row_max, row_sum = carry
-                    slot = slot_of(base, step)
+                    slot = slot_of(step)
 
                     def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, v.q_smem, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                         schedule_barrier()
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
                     plgpu.barrier_arrive(k_consumed.at[slot])
                     p_low, new_max, row_sum, correction = probabilities(
-                        v, s, step, row_max, row_sum, partial=not is_full_block
+                        s, step, row_max, row_sum, partial=not is_full_block
                     )
                     if correction is not None:
                         acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
@@ -1111,18 +973,88 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                         @pl.when(next_step < num_steps)
                         def _():
-                            plgpu.barrier_wait(k_ready.at[slot_of(base, next_step)])
+                            plgpu.barrier_wait(k_ready.at[slot_of(next_step)])
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                     plgpu.barrier_arrive(v_consumed.at[slot])
                     return acc, new_max, row_sum
 
                 def overlapped_walk(s_ref, o_ref):
+                    """The walk with each warpgroup's softmax of key tile j + 1 overlapping its own P V of tile j
+                    (FlashAttention-3's intra-warpgroup pipelining): one turn on the tensor cores issues Q K^T of
+                    tile j + 1 and P V of tile j together; the softmax waits for the first only, and the
+                    accumulator is rescaled after the second. The warpgroups pass the tensor cores to each other
+                    with a barrier each (wait for my turn, issue, hand over) rather than meeting on the shared
+                    schedule barrier, so that one's softmax need not wait for the other's to end."""
+
+                    def take_turn():
+                        plgpu.barrier_wait(turns.at[wg])
+
+                    def hand_over():
+                        plgpu.barrier_arrive(turns.at[1 - wg])
+
+                    def prologue(stats):
+                        row_max, row_sum = stats
+                        take_turn()
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
+                        hand_over()
+                        s = s_ref[...]
+                        plgpu.barrier_arrive(k_consumed.at[slot_of(0)])
+                        # Step 0 is a partial block unless the row lists none.
+                        p_low, row_max, row_sum, _ = probabilities(
+                            s, jnp.int32(0), row_max, row_sum,
+                            partial=True if not plan.has_full else it.num_partial > 0,
+                        )
+                        return lax.optimization_barrier((p_low, row_max, row_sum))
+
+                    def turn(j, carry, *, partial: bool):
+                        p_low, row_max, row_sum = carry
+                        slot, next_slot = slot_of(j), slot_of(j + 1)
+                        plgpu.barrier_wait(k_ready.at[next_slot])
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        take_turn()
+                        s_ref[...] = plgpu.layout_cast(
+                            jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
+                        )
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
+                        hand_over()
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                        plgpu.barrier_arrive(k_consumed.at[next_slot])
+                        p, row_max, row_sum, correction = probabilities(
+                            s, j + 1, row_max, row_sum, partial=partial, convert=False
+                        )
+                        o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_consumed.at[slot])
+                        # A register operand of a wgmma defined while another wgmma is in flight makes ptxas
+                        # serialize every wgmma of the kernel (its warning C7513): the new P, the operand of the
+                        # next P V, is converted only now that this P V, reading the old one, has completed (the
+                        # barrier orders the conversion after the wait), and the rescaled accumulator and P are
+                        # computed here rather than sunk by LLVM towards their use behind the next Q K^T.
+                        o, p = lax.optimization_barrier((o, p))
+                        if correction is not None:
+                            o = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                        p_low = p.astype(dtype)
+                        o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
+                        o_ref[...] = o
+                        return p_low, row_max, row_sum
+
                     def walk(stats):
-                        carry = first_turn(v, base, s_ref, stats)
+                        carry = prologue(stats)
                         last = num_steps - 1
-                        p_low, row_max, row_sum = middle_turns(v, base, s_ref, o_ref, carry, last)
-                        last_turn(v, base, o_ref, p_low, last)
+                        # Turn j computes the softmax of tile j + 1: partial while j + 1 < num_partial.
+                        boundary = jnp.maximum(it.num_partial - 1, 0)
+                        carry = lax.fori_loop(0, boundary, functools.partial(turn, partial=True), carry)
+                        carry = lax.fori_loop(boundary, last, functools.partial(turn, partial=not plan.has_full),
+                                              carry)
+                        p_low, row_max, row_sum = carry
+                        slot = slot_of(last)
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        take_turn()
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
+                        hand_over()
+                        plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_consumed.at[slot])
                         return row_max, row_sum
 
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
@@ -1136,15 +1068,37 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     )
                 else:
                     carry = (acc, row_max, row_sum)
-                    carry = lax.fori_loop(0, v.num_partial, functools.partial(step_fn, is_full_block=False), carry)
+                    carry = lax.fori_loop(0, it.num_partial, functools.partial(step_fn, is_full_block=False), carry)
                     if plan.has_full:
                         carry = lax.fori_loop(
-                            v.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
+                            it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
                         )
                     acc, row_max, row_sum = carry
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
-                finish(v, acc, row_max, row_sum)
+
+                if plan.row_sum_fold:
+                    row_sum = row_sum.sum(axis=1)
+                has_any = row_sum > 0
+                inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
+                out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
+                log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
+                # With the fixed maximum, lse adds back the very constant the probabilities subtracted.
+                max_shift = (row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None
+                             else jnp.float32(fixed_shift))
+                lse = jnp.where(has_any, (max_shift + log2_sum) * _LN_2, _NEG_INF)
+                # The query tile is free again: stage the output through it (the next item waits for the reads).
+                q_smem[...] = out.astype(dtype)
+                lse_smem[...] = lse
+                if plan.with_max_scores:
+                    # The maximum is of the value whose exp2(value * exp_scale) is exp(score) (SoftmaxScaling).
+                    max_scores = row_max * jnp.float32(plan.scaling.exp_scale * _LN_2)
+                    max_buffers[0].at[buffer, wg][...] = jnp.where(has_any, max_scores, _NEG_INF)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                if plan.with_max_scores:
+                    plgpu.copy_smem_to_gmem(max_buffers[0].at[buffer, wg], max_ref[0].at[b, h, pl.ds(q_base, BLOCK_M)])
                 return base + num_steps
 
             if plan.overlap:
