@@ -17,6 +17,7 @@
 #                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
 #                                             ALiBi's forward folded and not in Nsight Compute
+#   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
 #   bash benchmarks/device_session.sh indices NOTES.md section 25: the index vectors converted before a subtract
@@ -614,6 +615,13 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # SDPA's at each: whether its kernel loses per flop at the shorter walks as ours does (5.8% in boundary55).
     ncu_full_attention_shapes sdpa "flex_attention_forward|flash|fmha|cudnn|sdpa" 2 sdpa_ \
       "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
+    ;;
+  timer57)
+    # Section 57: the three shapes of the issues beside the anchors, every implementation timed one way (TIMER=bursts
+    # by default; flushed: each call after a 256 MB write; do_bench: torch by do_bench as before), pallas_mosaic alone.
+    timeout 585 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128,2x16x8192x64 \
+      --modes fwd,fwdbwd --implementations pallas_mosaic --timer "${TIMER:-bursts}" --runs 10 --rounds 1 \
+      --budget-s 520 --out "$OUT/timer57" 2>&1 | grep -v Warning | tail -45
     ;;
   gaps56)
     # Section 56: whether do_bench's cache flushes between SDPA's calls raise its rate under the power cap, most at

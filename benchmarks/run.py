@@ -62,7 +62,7 @@ def _relative_error(out, ref) -> float:
 
 
 def _context(args) -> dict:
-    window = timing.load_window(args.jax_window_ms)
+    window = timing.load_window(args.window_ms)
     context = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.run", *sys.argv[1:]]),
@@ -74,11 +74,8 @@ def _context(args) -> dict:
         "python": platform.python_version(),
         "flop_model": "forward 4*B*H*L*S*D*density; forward+backward 3.5x forward",
         "dtype": args.dtype,
-        "timing": (f"JAX: median of bursts of 5 calls, at least {args.runs} bursts"
-                   + (f" over at least {window['min_ms']:.0f} ms after a {window['warmup_ms']:.0f} ms warm-up"
-                      if window else "")
-                   + f"; torch: triton.testing.do_bench, median, {timing.TORCH_WARMUP_MS:.0f} ms warm-up, "
-                   f"{timing.TORCH_REP_MS:.0f} ms timed"),
+        "timer": args.timer,
+        "timing": _timing_text(args, window),
     }
     try:
         import torch
@@ -88,6 +85,42 @@ def _context(args) -> dict:
     except Exception:  # noqa: BLE001
         pass
     return context
+
+
+TIMERS = ("bursts", "flushed", "do_bench")
+
+
+def _timing_text(args, window: dict) -> str:
+    bursts = (f"median of bursts of 5 calls back to back, at least {args.runs} bursts"
+              + (f" over at least {window['min_ms']:.0f} ms after a {window['warmup_ms']:.0f} ms warm-up"
+                 if window else ""))
+    if args.timer == "bursts":
+        return f"every implementation, JAX and torch: {bursts}"
+    if args.timer == "flushed":
+        return (f"every implementation, JAX and torch: {bursts}, each call after a "
+                f"{timing.FLUSH_BYTES >> 20} MB write, that write's own time taken off")
+    return (f"JAX: {bursts}; torch: triton.testing.do_bench, median, {timing.TORCH_WARMUP_MS:.0f} ms warm-up, "
+            f"{timing.TORCH_REP_MS:.0f} ms timed, a {timing.FLUSH_BYTES >> 20} MB write before each call")
+
+
+def _timer(args, kind: str):
+    """``(fn, input_sets) -> milliseconds`` for a JAX (``kind`` "jax") or torch callable, as ``--timer`` says.
+
+    do_bench writes 256 MB before each call it times, and the GPU's clock, held by its power limit, runs higher after
+    those idle gaps than under calls back to back: up to 16% at B=8, S=2048 (NOTES.md section 56). So "bursts" and
+    "flushed" time JAX and torch the same way; "do_bench" is the timing of runs before the thirty-second session.
+    """
+    window = timing.load_window(args.window_ms)
+    if kind == "jax":
+        wait, make_flush = jax.block_until_ready, timing.jax_flush
+    else:
+        wait, make_flush = timing.torch_wait, timing.torch_flush
+    if args.timer == "do_bench" and kind == "torch":
+        return lambda fn, input_sets: timing.time_torch(lambda: fn(*input_sets[0]))
+    if args.timer == "flushed":
+        flush = make_flush()
+        return lambda fn, input_sets: timing.time_flushed(fn, input_sets, wait, flush, runs=args.runs, **window)
+    return lambda fn, input_sets: timing.time_bursts(fn, input_sets, wait, runs=args.runs, **window)
 
 
 def measure_ceilings(tiny: bool, window: dict | None = None) -> dict:
@@ -221,16 +254,17 @@ def _prepare(build, kind, input_sets, args, torch_impls, row):
         q, k, v, do = input_sets[0]
         row["first_call_s"] = timing.time_first_call(forward, (q, k, v))
         out = forward(q, k, v)
-        window = timing.load_window(args.jax_window_ms)
-        timers["forward_ms"] = lambda: timing.time_jax(forward, [s[:3] for s in input_sets], runs=args.runs, **window)
+        measure = _timer(args, "jax")
+        timers["forward_ms"] = lambda: measure(forward, [s[:3] for s in input_sets])
         if "fwdbwd" in args.modes:
             grad = jax_impls.forward_backward(forward)
             jax.block_until_ready(grad(*input_sets[0]))  # compiled here, not inside the timer's warm-up window
-            timers["fwd_bwd_ms"] = lambda: timing.time_jax(grad, input_sets, runs=args.runs, **window)
+            timers["fwd_bwd_ms"] = lambda: measure(grad, input_sets)
         return out, timers
     q, k, v, do = (torch_impls.from_jax(x) for x in input_sets[0])
     out = jnp.asarray(forward(q, k, v).float().cpu().numpy())
-    timers["forward_ms"] = lambda: timing.time_torch(lambda: forward(q, k, v))
+    measure = _timer(args, "torch")
+    timers["forward_ms"] = lambda: measure(forward, [(q, k, v)])
     if "fwdbwd" in args.modes:
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
         do_t = do.to(q.dtype)
@@ -238,7 +272,7 @@ def _prepare(build, kind, input_sets, args, torch_impls, row):
         def step():
             forward(qg, kg, vg).backward(do_t)
 
-        timers["fwd_bwd_ms"] = lambda: timing.time_torch(step)
+        timers["fwd_bwd_ms"] = lambda: measure(step, [()])
     return out, timers
 
 
@@ -285,7 +319,7 @@ def decode_suite(args, torch_impls, ceilings, results, progress):
                     check = out
                 else:
                     row["relative_error"] = _relative_error(out, check)
-                ms = timing.time_jax(forward, [(q, k, v)], runs=args.runs, **timing.load_window(args.jax_window_ms))
+                ms = _timer(args, "jax")(forward, [(q, k, v)])
                 row.update(ms=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9, fraction_of_copy=kv_bytes / (ms * 1e-3) / 1e9 /
                            ceilings["copy_gbps"])
             except Exception as error:  # noqa: BLE001
@@ -298,7 +332,7 @@ def decode_suite(args, torch_impls, ceilings, results, progress):
 
                 qt, kt, vt = (torch_impls.from_jax(x) for x in (q, k, v))
                 compiled = torch_impls._compiled_flex_attention()
-                ms = timing.time_torch(lambda: compiled(qt, kt, vt, enable_gqa=True))
+                ms = _timer(args, "torch")(lambda: compiled(qt, kt, vt, enable_gqa=True), [()])
                 row.update(ms=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9,
                            fraction_of_copy=kv_bytes / (ms * 1e-3) / 1e9 / ceilings["copy_gbps"])
                 del qt, kt, vt
@@ -469,9 +503,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1,
                         help="prefill: time every implementation of a cell this many times, in turn; report medians")
-    parser.add_argument("--jax-window-ms", type=float, default=timing.TORCH_REP_MS,
-                        help="time each JAX implementation over at least this long, as PyTorch's timer does "
-                             "(0: --runs bursts only, the timing before the twenty-sixth session)")
+    parser.add_argument("--timer", choices=TIMERS, default="bursts",
+                        help="bursts: every implementation in bursts of calls back to back; flushed: the same, each "
+                             "call after a 256 MB write (its time taken off); do_bench: torch by "
+                             "triton.testing.do_bench, JAX in bursts (the runs before the thirty-second session)")
+    parser.add_argument("--window-ms", "--jax-window-ms", dest="window_ms", type=float, default=timing.TORCH_REP_MS,
+                        help="bursts and flushed: time each implementation over at least this long, as do_bench "
+                             "does (0: --runs bursts only, the timing before the twenty-sixth session)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting prefill cases after this")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--no-torch", action="store_true")
@@ -481,14 +519,14 @@ def main(argv=None) -> int:
     if args.tiny:
         args.shapes = "1x2x128x16"
         args.runs = 3
-        args.jax_window_ms = 0.0
+        args.window_ms = 0.0
 
     from tqdm.auto import tqdm
 
     torch_impls = None if args.no_torch else _torch()
     suites = args.suite.split(",")
     context = _context(args)
-    ceilings = measure_ceilings(args.tiny, timing.load_window(args.jax_window_ms))
+    ceilings = measure_ceilings(args.tiny, timing.load_window(args.window_ms))
     os.makedirs(args.out, exist_ok=True)
     results = _SavedResults(os.path.join(args.out, "results.json"), context, ceilings)
     total = (len(_parse_shapes(args.shapes)) * len(args.cases.split(",")) if "prefill" in suites else 0) + \

@@ -65,7 +65,7 @@ def main() -> None:
             gaps = timing.time_jax(with_gap, sets, runs=10, **window) - timing.time_jax(
                 lambda *_: touch(scratch), sets, runs=10, **window)
             theirs = timing.time_torch(lambda: sdpa(qt, kt, vt))
-            theirs_bursts = timing.time_bursts(lambda: sdpa(qt, kt, vt), [()], lambda _: torch.cuda.synchronize(),
+            theirs_bursts = timing.time_bursts(lambda: sdpa(qt, kt, vt), [()], timing.torch_wait,
                                                runs=10, **window)
             cells = [flops / (ms * 1e-3) / 1e12 for ms in (ours, gaps, theirs, theirs_bursts)]
             print(f"| {B}x{H}x{S}x{D} | {round_} | " + " | ".join(f"{c:.0f}" for c in cells) + " |", flush=True)

@@ -52,6 +52,42 @@ def time_bursts(fn: Callable, input_sets: Sequence[tuple], wait: Callable, warmu
     return float(np.median(times)) * 1e3
 
 
+def time_flushed(fn: Callable, input_sets: Sequence[tuple], wait: Callable, flush: Callable, **kwargs) -> float:
+    """``time_bursts`` with ``flush()`` (a kernel that overwrites the L2 cache) before every call, the flush's own
+    time (timed alone, the same way) taken off: each call starts cold and after an idle gap of the compute units,
+    as ``triton.testing.do_bench`` times, for any framework. ``kwargs``: ``time_bursts``'."""
+    flushed = time_bursts(lambda *inputs: (flush(), fn(*inputs))[1], input_sets, wait, **kwargs)
+    return flushed - time_bursts(lambda *_: flush(), input_sets, wait, **kwargs)
+
+
+# The size triton.testing.do_bench overwrites before each timed call: more than any GPU's L2 cache.
+FLUSH_BYTES = 256 * 2**20
+
+
+def jax_flush() -> Callable:
+    """A JAX callable that writes FLUSH_BYTES of fresh memory, for ``time_flushed``."""
+    import jax.numpy as jnp
+
+    fill = jax.jit(lambda x: jnp.zeros_like(x))
+    scratch = jnp.ones((FLUSH_BYTES // 4,), jnp.int32)
+    return lambda: fill(scratch)
+
+
+def torch_flush() -> Callable:
+    """The torch twin of ``jax_flush``: do_bench's own flush, FLUSH_BYTES zeroed in place."""
+    import torch
+
+    scratch = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    return scratch.zero_
+
+
+def torch_wait(_outputs) -> None:
+    """``time_bursts``' wait for torch: the device's queue drained."""
+    import torch
+
+    torch.cuda.synchronize()
+
+
 def load_window(window_ms: float) -> dict:
     """``time_jax``'s ``warmup_ms`` and ``min_ms`` for a timed window of ``window_ms``, with a warm-up in PyTorch's
     proportion (TORCH_WARMUP_MS to TORCH_REP_MS); 0 or None: no window, ``warmup`` calls and ``runs`` bursts only."""

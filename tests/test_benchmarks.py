@@ -32,11 +32,11 @@ def test_tiny_run_writes_results(tmp_path):
 def test_rounds_time_every_implementation_in_turn_and_report_the_median(tmp_path, monkeypatch):
     calls = []
 
-    def fake_time_jax(fn, input_sets, runs):
+    def fake_time_bursts(fn, input_sets, wait, **kwargs):
         calls.append(fn)
         return float(len(calls))  # each timing reads higher than the last: the median must be the middle round's
 
-    monkeypatch.setattr(run.timing, "time_jax", fake_time_jax)
+    monkeypatch.setattr(run.timing, "time_bursts", fake_time_bursts)
     with jax.numpy_dtype_promotion("standard"):
         run.main(["--tiny", "--no-torch", "--suite", "prefill", "--cases", "causal", "--modes", "fwd",
                   "--rounds", "3", "--out", str(tmp_path)])
@@ -84,6 +84,48 @@ def test_time_bursts_waits_once_a_burst():
     ms = timing.time_bursts(lambda: next(counter), [()], waited.append, warmup=2, runs=3, burst=4)
     assert waited == [0, 1, [2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13]]
     assert 0.0 <= ms < 1.0
+
+
+def test_time_flushed_takes_the_flush_off_and_runs_it_before_every_call():
+    from benchmarks import timing
+
+    order = []
+
+    def flush():
+        order.append("flush")
+        time.sleep(2e-3)
+
+    def call():
+        order.append("call")
+        time.sleep(3e-3)
+        return 0
+
+    ms = timing.time_flushed(call, [()], lambda _: None, flush, warmup=1, runs=5, burst=2)
+    assert 2.0 < ms < 4.5  # the call's 3 ms, not the 5 ms of flush and call
+    with_flush = order[: 2 * (1 + 5 * 2)]  # the flushed bursts come first: flush, call, flush, call, ...
+    assert with_flush == ["flush", "call"] * (1 + 5 * 2)
+    assert set(order[len(with_flush):]) == {"flush"}  # then the flush alone
+
+
+def test_timer_times_jax_and_torch_alike_unless_asked_for_do_bench(monkeypatch):
+    # NOTES.md section 56: do_bench's flushes raise torch's rate against calls back to back; --timer bursts and
+    # flushed time both frameworks one way, do_bench keeps the old mix.
+    import argparse
+
+    used = []
+    monkeypatch.setattr(run.timing, "time_bursts", lambda fn, sets, wait, **kw: used.append(("bursts", wait)) or 1.0)
+    monkeypatch.setattr(run.timing, "time_flushed", lambda fn, sets, wait, flush, **kw: used.append("flushed") or 2.0)
+    monkeypatch.setattr(run.timing, "time_torch", lambda fn: used.append("do_bench") or 3.0)
+    monkeypatch.setattr(run.timing, "torch_flush", lambda: None)
+    for timer, kind, expected in [("bursts", "jax", ("bursts", jax.block_until_ready)),
+                                  ("bursts", "torch", ("bursts", run.timing.torch_wait)),
+                                  ("flushed", "jax", "flushed"), ("flushed", "torch", "flushed"),
+                                  ("do_bench", "jax", ("bursts", jax.block_until_ready)),
+                                  ("do_bench", "torch", "do_bench")]:
+        args = argparse.Namespace(timer=timer, runs=3, window_ms=0.0)
+        run._timer(args, kind)(lambda: None, [()])
+        assert used.pop() == expected, (timer, kind)
+        assert ("do_bench" in run._timing_text(args, {})) == (timer == "do_bench")
 
 
 def test_case_densities_match_the_published_anchors():
