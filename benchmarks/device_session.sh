@@ -17,6 +17,8 @@
 #                                             the Mosaic fold on sliding window, prefix LM and causal
 #   bash benchmarks/device_session.sh leads54 section 53's leads: D=64 soft-capping's exp2 columns beside causal;
 #                                             ALiBi's forward folded and not in Nsight Compute
+#   bash benchmarks/device_session.sh backward58 section 57's leads in Nsight Compute: the 8K D=128 backward beside
+#                                             SDPA's; forward64_58: the 8K D=64 forward beside SDPA's
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -622,6 +624,19 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     timeout 585 python3 -m benchmarks.run --suite prefill --shapes 8x16x2048x128,2x16x8192x128,2x16x8192x64 \
       --modes fwd,fwdbwd --implementations pallas_mosaic --timer "${TIMER:-bursts}" --runs 10 --rounds 1 \
       --budget-s 520 --out "$OUT/timer57" 2>&1 | grep -v Warning | tail -45
+    ;;
+  backward58)
+    # Section 57's first lead: the 8K D=128 backward beside SDPA's (ours takes 4-6% longer where our forward is
+    # 5-7% faster), one launch of each backward kernel in Nsight Compute, full attention then causal.
+    NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_B=2 NCU_S=8192 NCU_CASES="noop causal" NCU_MODE=fwdbwd \
+      NCU_KERNELS="flex_attention_d|bprop|bwd|dot_do" NCU_LAUNCHES=6 NCU_TAG=bwd_ bash "$0" ncu \
+      | grep -E "flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
+    ;;
+  forward64_58)
+    # Section 57's second lead: the 8K D=64 forward beside SDPA's (0.96-0.99 in bursts), one launch each.
+    NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=64 NCU_B=2 NCU_S=8192 NCU_CASES="noop causal" \
+      NCU_KERNELS="flex_attention_forward|flash|fmha|cudnn|sdpa" NCU_LAUNCHES=2 NCU_TAG=d64_ bash "$0" ncu \
+      | grep -E "flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
     ;;
   gaps56)
     # Section 56: whether do_bench's cache flushes between SDPA's calls raise its rate under the power cap, most at
