@@ -57,7 +57,11 @@ def time_flushed(fn: Callable, input_sets: Sequence[tuple], wait: Callable, flus
     time (timed alone, the same way) taken off: each call starts cold and after an idle gap of the compute units,
     as ``triton.testing.do_bench`` times, for any framework. ``kwargs``: ``time_bursts``'."""
     flushed = time_bursts(lambda *inputs: (flush(), fn(*inputs))[1], input_sets, wait, **kwargs)
-    return flushed - time_bursts(lambda *_: flush(), input_sets, wait, **kwargs)
+    flush_alone = time_bursts(lambda *_: flush(), input_sets, wait, **kwargs)
+    if flushed <= flush_alone:
+        raise ValueError(f"the call's time is lost in the flush's: {flushed:.4f} ms with the flush, {flush_alone:.4f} "
+                         "ms for the flush alone (a call too short for --timer flushed, or no GPU)")
+    return flushed - flush_alone
 
 
 # The size triton.testing.do_bench overwrites before each timed call: more than any GPU's L2 cache.

@@ -4,6 +4,7 @@ import json
 import time
 
 import jax
+import pytest
 
 import flexattn_jax as fa
 from benchmarks import mosaic_sweep, run
@@ -86,25 +87,37 @@ def test_time_bursts_waits_once_a_burst():
     assert 0.0 <= ms < 1.0
 
 
-def test_time_flushed_takes_the_flush_off_and_runs_it_before_every_call():
+def test_time_flushed_takes_the_flush_off_and_runs_it_before_every_call(monkeypatch):
     from benchmarks import timing
 
+    clock = [0.0]  # seconds: the flush takes 2 ms, the call 3 ms, on a clock of the test's own
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     order = []
 
-    def flush():
+    def flush(seconds=2e-3):
         order.append("flush")
-        time.sleep(2e-3)
+        clock[0] += seconds
 
     def call():
         order.append("call")
-        time.sleep(3e-3)
+        clock[0] += 3e-3
         return 0
 
     ms = timing.time_flushed(call, [()], lambda _: None, flush, warmup=1, runs=5, burst=2)
-    assert 2.0 < ms < 4.5  # the call's 3 ms, not the 5 ms of flush and call
+    assert abs(ms - 3.0) < 1e-6  # the call's 3 ms, not the 5 ms of flush and call
     with_flush = order[: 2 * (1 + 5 * 2)]  # the flushed bursts come first: flush, call, flush, call, ...
     assert with_flush == ["flush", "call"] * (1 + 5 * 2)
-    assert set(order[len(with_flush):]) == {"flush"}  # then the flush alone
+    assert order[len(with_flush):] == ["flush"] * (1 + 5 * 2)  # then the flush alone
+    # A call that the flush's noise hides is an error, not a negative time: here the flush reads 1 ms beside the
+    # call (the flushed bursts' 1 + 3 * 2 calls) and 2 ms alone.
+    flushes = []
+
+    def uneven_flush():
+        flushes.append(None)
+        flush(1e-3 if len(flushes) <= 7 else 2e-3)
+
+    with pytest.raises(ValueError, match="lost in the flush"):
+        timing.time_flushed(lambda: 0, [()], lambda _: None, uneven_flush, warmup=1, runs=3, burst=2)
 
 
 def test_timer_times_jax_and_torch_alike_unless_asked_for_do_bench(monkeypatch):
