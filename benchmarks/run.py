@@ -508,8 +508,8 @@ def main(argv=None) -> int:
                              "call after a 256 MB write (its time taken off); do_bench: torch by "
                              "triton.testing.do_bench, JAX in bursts (the runs before the thirty-second session)")
     parser.add_argument("--window-ms", "--jax-window-ms", dest="window_ms", type=float, default=timing.TORCH_REP_MS,
-                        help="bursts and flushed: time each implementation over at least this long, as do_bench "
-                             "does (0: --runs bursts only, the timing before the twenty-sixth session)")
+                        help="time each implementation (JAX alone under --timer do_bench) over at least this long, as "
+                             "do_bench does (0: --runs bursts only, the timing before the twenty-sixth session)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting prefill cases after this")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke run")
     parser.add_argument("--no-torch", action="store_true")
