@@ -220,10 +220,15 @@ def _time_cell(candidates, input_sets, args, torch_impls, flops, ceilings, cell:
             _record_error(row, error, args)
         rows.append(row)
     # Every implementation is timed once per round, in turn: the GPU's clock drifts with its power state, and
-    # interleaved rounds spread that drift over all of them instead of handing it to whichever ran last.
+    # interleaved rounds spread that drift over all of them instead of handing it to whichever ran last. Each round
+    # starts one implementation later: the first timing of a cell follows its compiles, through which the GPU idled
+    # and cooled, and that advantage under the power limit should not always go to the same implementation.
     samples = {label: {} for label in timed}
-    for _ in range(args.rounds):
-        for label, (row, timers) in timed.items():
+    labels = list(timed)
+    for round_ in range(args.rounds):
+        start = round_ % len(labels) if labels else 0
+        for label in labels[start:] + labels[:start]:
+            row, timers = timed[label]
             if "error" in row:
                 continue
             try:
