@@ -622,8 +622,9 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # Section 57: the three shapes of the issues beside the anchors, every implementation timed one way (TIMER=bursts
     # by default; flushed: each call after a 256 MB write; do_bench: torch by do_bench as before), pallas_mosaic alone.
     # SHAPES and CASES narrow it (ROUNDS=4 times each implementation first once, and four times as long).
-    timeout 585 python3 -m benchmarks.run --suite prefill --shapes "${SHAPES:-8x16x2048x128,2x16x8192x128,2x16x8192x64}" \
-      ${CASES:+--cases "$CASES"} --modes fwd,fwdbwd --implementations pallas_mosaic --timer "${TIMER:-bursts}" --runs 10 --rounds "${ROUNDS:-1}" \
+    timeout 585 python3 -m benchmarks.run --suite prefill \
+      --shapes "${SHAPES:-8x16x2048x128,2x16x8192x128,2x16x8192x64}" ${CASES:+--cases "$CASES"} --modes fwd,fwdbwd \
+      --implementations pallas_mosaic --timer "${TIMER:-bursts}" --runs 10 --rounds "${ROUNDS:-1}" \
       --budget-s 520 --out "$OUT/timer57" 2>&1 | grep -v Warning | tail -45
     ;;
   backward58)
