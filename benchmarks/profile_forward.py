@@ -42,7 +42,7 @@ def main() -> None:
     forward = jax_impls.flexattn(case, args.implementation, B, H, S, S, kernel_options=args.kernel_options)
     ours = forward
     if args.mode == "fwdbwd":
-        cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.float32)
+        cotangent = jax.random.normal(jax.random.key(1), (B, H, S, D), jnp.bfloat16)
         gradients = jax_impls.forward_backward(forward)
         ours = lambda q, k, v: gradients(q, k, v, cotangent)  # noqa: E731
     for _ in range(1 + args.calls):

@@ -147,7 +147,7 @@ def _inputs(B, H, L, S, D, dtype, seed, sets=2):
         q = jax.random.normal(keys[0], (B, H, L, D), jnp.float32).astype(dtype)
         k = jax.random.normal(keys[1], (B, H, S, D), jnp.float32).astype(dtype)
         v = jax.random.normal(keys[2], (B, H, S, D), jnp.float32).astype(dtype)
-        do = jax.random.normal(keys[3], (B, H, L, D), jnp.float32)
+        do = jax.random.normal(keys[3], (B, H, L, D), jnp.float32).astype(dtype)
         out.append((q, k, v, do))
     return out
 
