@@ -95,6 +95,9 @@ ncu_full_attention_shapes() {  # the ncu case below on the D=128 full-attention 
   done
 }
 
+# The report lines of a profile of ours beside SDPA's: each kernel's name, duration, issue, grid and registers.
+ncu_beside_sdpa_lines="flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
+
 sweep() {  # mosaic_sweep, its table lines only
   timeout "$1" python3 -m benchmarks.mosaic_sweep "${@:2}" 2>&1 | grep -E "^\||rror" | tee -a "$OUT/sweeps.md"
 }
@@ -632,13 +635,13 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # 5-7% faster), one launch of each backward kernel in Nsight Compute, full attention then causal.
     NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=128 NCU_B=2 NCU_S=8192 NCU_CASES="noop causal" NCU_MODE=fwdbwd \
       NCU_KERNELS="flex_attention_d|bprop|bwd|dot_do" NCU_LAUNCHES=6 NCU_TAG=bwd_ bash "$0" ncu \
-      | grep -E "flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
+      | grep -E "$ncu_beside_sdpa_lines"
     ;;
   forward64_58)
     # Section 57's second lead: the 8K D=64 forward beside SDPA's (0.96-0.99 in bursts), one launch each.
     NCU_IMPL=pallas_mosaic NCU_TORCH=sdpa NCU_D=64 NCU_B=2 NCU_S=8192 NCU_CASES="noop causal" \
       NCU_KERNELS="flex_attention_forward|flash|fmha|cudnn|sdpa" NCU_LAUNCHES=2 NCU_TAG=d64_ bash "$0" ncu \
-      | grep -E "flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
+      | grep -E "$ncu_beside_sdpa_lines"
     ;;
   gaps56)
     # Section 56: whether do_bench's cache flushes between SDPA's calls raise its rate under the power cap, most at

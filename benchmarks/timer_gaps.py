@@ -52,18 +52,14 @@ def main() -> None:
         jax.block_until_ready(forward(*sets[0]))
         jax.block_until_ready(touch(scratch))
 
-        def with_gap(q, k, v):
-            touch(scratch)
-            return forward(q, k, v)
-
         qt, kt, vt = (torch_impls.from_jax(x) for x in sets[0])
         sdpa = torch_impls.sdpa(case)
         sdpa(qt, kt, vt)
         torch.cuda.synchronize()
         for round_ in range(args.rounds):
             ours = timing.time_jax(forward, sets, runs=10, **window)
-            gaps = timing.time_jax(with_gap, sets, runs=10, **window) - timing.time_jax(
-                lambda *_: touch(scratch), sets, runs=10, **window)
+            gaps = timing.time_flushed(forward, sets, jax.block_until_ready, lambda: touch(scratch), runs=10,
+                                       **window)
             theirs = timing.time_torch(lambda: sdpa(qt, kt, vt))
             theirs_bursts = timing.time_bursts(lambda: sdpa(qt, kt, vt), [()], timing.torch_wait,
                                                runs=10, **window)

@@ -33,7 +33,7 @@ def time_jax(fn: Callable, input_sets: Sequence[tuple], warmup: int = 3, runs: i
 def time_bursts(fn: Callable, input_sets: Sequence[tuple], wait: Callable, warmup: int = 3, runs: int = 20,
                 burst: int = 5, warmup_ms: float = 0.0, min_ms: float = 0.0) -> float:
     """``time_jax`` for any framework: ``wait(outputs)`` returns once the device has computed ``outputs`` (a list
-    of fn's results, or one result during the warm-up); for torch, ``lambda _: torch.cuda.synchronize()``."""
+    of fn's results, or one result during the warm-up); for torch, ``torch_wait``."""
     call = 0
     start = time.perf_counter()
     while call < warmup or (time.perf_counter() - start) * 1e3 < warmup_ms:
