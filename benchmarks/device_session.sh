@@ -96,7 +96,8 @@ ncu_full_attention_shapes() {  # the ncu case below on the D=128 full-attention 
 }
 
 # The report lines of a profile of ours beside SDPA's: each kernel's name, duration, issue, grid and registers.
-ncu_beside_sdpa_lines="flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per"
+ncu_beside_sdpa_lines="flex_attention|sdpa|cudnn|flash|Duration|Issue Slots|No Eligible|Grid Size|Block Size"
+ncu_beside_sdpa_lines+="|Registers Per"
 
 sweep() {  # mosaic_sweep, its table lines only
   timeout "$1" python3 -m benchmarks.mosaic_sweep "${@:2}" 2>&1 | grep -E "^\||rror" | tee -a "$OUT/sweeps.md"
