@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -68,8 +69,10 @@ def time_flushed(fn: Callable, input_sets: Sequence[tuple], wait: Callable, flus
 FLUSH_BYTES = 256 * 2**20
 
 
+@functools.cache
 def jax_flush() -> Callable:
-    """A JAX callable that writes FLUSH_BYTES of fresh memory, for ``time_flushed``."""
+    """A JAX callable that writes FLUSH_BYTES of fresh memory, for ``time_flushed``; one for the process (its
+    scratch and its compiled fill), however many timers take it."""
     import jax.numpy as jnp
 
     fill = jax.jit(lambda x: jnp.zeros_like(x))
@@ -77,8 +80,9 @@ def jax_flush() -> Callable:
     return lambda: fill(scratch)
 
 
+@functools.cache
 def torch_flush() -> Callable:
-    """The torch twin of ``jax_flush``: do_bench's own flush, FLUSH_BYTES zeroed in place."""
+    """The torch twin of ``jax_flush``: do_bench's own flush, FLUSH_BYTES zeroed in place, one for the process."""
     import torch
 
     scratch = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
