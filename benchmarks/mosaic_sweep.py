@@ -67,6 +67,11 @@ CONFIGS = {
     "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
     "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
+    # NOTES.md section 59: the row maxima by column halves; and two bounds on what the running maximum costs (see
+    # _traced_as): no rescaling of the accumulator (wrong results), a fixed shift (right on these inputs only)
+    "max_tree": dict(mosaic_fwd_max_tree=1),
+    "no_rescale": dict(),
+    "fixed_shift_10": dict(),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
@@ -131,7 +136,9 @@ def _traced_as(config: str):
     flush-to-zero instruction (section 28); "separate_mul_add", ``_tile.fma`` as a multiply and an add, which XLA
     compiles to two instructions (section 29); "exp2_shift_first", the Mosaic forward's ``exp2_polynomial`` rounding
     its argument after the fixed shift is subtracted, two adds more (section 50); "exp2_quadratic", its polynomial
-    a quadratic (relative error 1.7e-3, an experiment: not precise enough for float16's P)."""
+    a quadratic (relative error 1.7e-3, an experiment: not precise enough for float16's P); "no_rescale" and
+    "fixed_shift_10", section 59's bounds (the Mosaic forward without its accumulator's rescaling, which is wrong, or
+    with exp2 against a fixed shift of 10, right only where no scaled score exceeds it, as on these inputs)."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
@@ -145,6 +152,10 @@ def _traced_as(config: str):
             y * jnp.float32(scale) - jnp.float32(shift), 1.0, 0)
     elif config == "exp2_quadratic":  # 2**f on [-1/2, 1/2], relative error fitted as for the cubic
         patched, name, replacement = mosaic_forward, "_EXP2_COEFFICIENTS", (0.23840183, 0.70339494, 1.00044095)
+    elif config == "no_rescale":  # an upper bound on what rescaling only when needed could gain
+        patched, name, replacement = mosaic_forward, "rescaled", lambda acc, correction: acc
+    elif config == "fixed_shift_10":  # the running maximum's whole cost: exp2 against 10 (scores here reach ~8)
+        patched, name, replacement = mosaic_forward, "fixed_shift_of", lambda *args: 10
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
         fast_fma = _tile.fma

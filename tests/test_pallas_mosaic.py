@@ -92,6 +92,24 @@ def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
+def test_row_maxima_by_column_halves_lower_for_cuda(head_dim):
+    # mosaic_fwd_max_tree on the running maximum (no score_mod: soft-capping's fixed maximum takes none), on the
+    # plain walk at 64 and the overlapped one at 128.
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    _lower_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_fwd_max_tree": 1})
+
+
+def test_row_maximum_by_column_halves_is_the_row_maximum():
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    tile = jax.random.normal(jax.random.key(3), (64, 128), jnp.float32)
+    tile = tile.at[5].set(-jnp.inf).at[7, :100].set(-jnp.inf)  # a row masked whole, one masked in part
+    for columns in (128, 64):
+        got = forward.row_maximum(tile[:, :columns], tree=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(tile[:, :columns].max(axis=1)))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     """ALiBi's float32(kv_idx - q_idx) comes from the index tiles built once per program (IndexTiles, with the
     pattern (-1, 1)), unless mosaic_fwd_float_indices is 0."""
@@ -498,6 +516,7 @@ _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
+    "max-tree": {"mosaic_fwd_max_tree": 1},
 }
 
 
@@ -568,8 +587,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.parametrize(
     "options",
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
-     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap"],
+     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}, {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 1}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-tree"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)

@@ -117,6 +117,8 @@ class Config:
         exchanging them (two shuffles and adds a row) at every key tile (NOTES.md section 48). Unset: on at head
         dim 65 to 128 where the fixed maximum applies to a score_mod that applies a special function, or where
         no score_mod is left to apply and the mask_mod reads no captured array (sections 49, 51 and 53).
+      max_tree: each key tile's row maxima taken by column halves before the exchange between threads
+        (``row_maximum``), short dependent chains in place of one per row (NOTES.md section 59).
     """
 
     block_n: int
@@ -129,6 +131,7 @@ class Config:
     fixed_max: bool = True
     exp2_fma: int | None = None
     row_sum_fold: bool | None = None
+    max_tree: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,6 +548,7 @@ class _Plan:
     fixed_shift: int | None  # the softmax's fixed shift in exp2's units (Config.fixed_max); None: running maximum
     exp2_fma: int  # key columns whose exp2 is a polynomial, with the fixed maximum only (Config.exp2_fma)
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
+    max_tree: bool  # row maxima by column halves (Config.max_tree)
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -762,6 +766,22 @@ def fold_columns(x, columns: int):
     return x
 
 
+def row_maximum(y, *, tree: bool):
+    """Each row's maximum of a [rows, n] tile in the wgmma layout. ``tree``: the column halves' maxima first, down to
+    ``ROW_SUM_COLUMNS`` (each step one independent max per register, no exchange between threads), then the rest;
+    without, Mosaic GPU's reduction, one dependent chain per row and vector lane (Config.max_tree)."""
+    if tree:
+        while y.shape[1] > ROW_SUM_COLUMNS:
+            half = y.shape[1] // 2
+            y = jnp.maximum(y[:, :half], y[:, half:])
+    return y.max(axis=1)
+
+
+def rescaled(acc, correction):
+    """The accumulator's rows multiplied by the online softmax's correction (a [rows] vector)."""
+    return acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+
+
 def persistent_schedule(program, total: int, num_programs: int):
     """Which work items persistent program ``program`` runs: (how many, the item number of its i-th).
 
@@ -930,7 +950,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             p = jnp.where(allowed, p, jnp.float32(0.0))
                         row_sum = row_sum + tile_row_sum(p)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
-                    new_max = jnp.maximum(row_max, y.max(axis=1))
+                    new_max = jnp.maximum(row_max, row_maximum(y, tree=plan.max_tree))
                     # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
                     shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
                     correction = jnp.exp2(row_max * exp_scale - shift)
@@ -960,7 +980,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         s, step, row_max, row_sum, partial=not is_full_block
                     )
                     if correction is not None:
-                        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+                        acc = rescaled(acc, correction)
                     # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
                     plgpu.barrier_arrive(schedule)
@@ -1033,7 +1053,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         # computed here rather than sunk by LLVM towards their use behind the next Q K^T.
                         o, p = lax.optimization_barrier((o, p))
                         if correction is not None:
-                            o = o * lax.broadcast_in_dim(correction, o.shape, [0])
+                            o = rescaled(o, correction)
                         p_low = p.astype(dtype)
                         o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
                         o_ref[...] = o
@@ -1372,6 +1392,7 @@ def flex_forward(
         fixed_shift=fixed_shift,
         exp2_fma=exp2_fma,
         row_sum_fold=row_sum_fold,
+        max_tree=config.max_tree,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
