@@ -19,6 +19,9 @@
 #                                             ALiBi's forward folded and not in Nsight Compute
 #   bash benchmarks/device_session.sh backward58 section 57's leads in Nsight Compute: the 8K D=128 backward beside
 #                                             SDPA's; forward64_58: the 8K D=64 forward beside SDPA's
+#   bash benchmarks/device_session.sh max59   section 59: the row maxima by column halves (now the default); what
+#                                             rescaling and the running maximum cost (bounds); max59tests: its gpu tests,
+#                                             then the default against the chains at the three shapes
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -495,6 +498,26 @@ case "${1:-}" in
       -k "fixed_maximum or every_supported_mod or head_dims_and_options or fully_masked" \
       >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    ;;
+  max59)
+    # Section 59: the running maximum's cost. Full attention and causal at the three shapes of issue 8, forward,
+    # the chains (Mosaic GPU's reduction, the default before section 59) first and last: the row maxima by column
+    # halves (max_tree), no rescaling of the accumulator (a bound, wrong results), a fixed shift in place of the
+    # maximum (a bound, right on these inputs).
+    for shape in "-S 8192 -D 64" "-B 8 -S 2048 -D 128" "-S 8192 -D 128"; do
+      sweep 180 $shape --cases noop causal --configs max_chain max_tree no_rescale fixed_shift_10 max_chain
+    done
+    ;;
+  max59tests)
+    # The forward's gpu tests that run the running maximum, now by column halves: every supported mod (gradients
+    # too), head dims 64 to 256 and the options, fully masked rows, many items, the plain walk and the chains.
+    timeout 330 python3 -m pytest -p no:benchmark -m gpu -q -n 14 tests/test_pallas_mosaic.py -rf --tb=short -k \
+      "every_supported_mod or head_dims_and_options or fully_masked or many_items or nothing_is_masked or \
+(forward_variants and (plain or max-chain))" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -12
+    for shape in "-S 8192 -D 64" "-B 8 -S 2048 -D 128" "-S 8192 -D 128"; do
+      sweep 80 $shape --cases noop --configs max_chain max_tree max_chain max_tree
+    done
     ;;
   checkmosaic2)
     # checkmosaic less softcap38's tests, at 14 workers (the compiles are the time).

@@ -67,11 +67,10 @@ CONFIGS = {
     "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
     "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
-    # NOTES.md section 59: the row maxima by column halves, the accumulator rescaled only where needed; two bounds on what the running maximum costs (see
+    # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on what the running maximum costs (see
     # _traced_as): no rescaling of the accumulator (wrong results), a fixed shift (right on these inputs only)
     "max_tree": dict(mosaic_fwd_max_tree=1),
-    "lazy_rescale": dict(mosaic_fwd_lazy_rescale=1),
-    "lazy_max_tree": dict(mosaic_fwd_lazy_rescale=1, mosaic_fwd_max_tree=1),
+    "max_chain": dict(mosaic_fwd_max_tree=0),
     "no_rescale": dict(),
     "fixed_shift_10": dict(),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its

@@ -92,13 +92,12 @@ def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("option", ["mosaic_fwd_max_tree", "mosaic_fwd_lazy_rescale"])
-def test_running_maximum_options_lower_for_cuda(head_dim, option):
-    # The running maximum's options (no score_mod: soft-capping's fixed maximum takes neither), on the plain walk at
-    # 64 and the overlapped one at 128; with the lazy rescale, a branch of each thread's own around the multiplies.
+@pytest.mark.parametrize("max_tree", [0, 1])
+def test_row_maxima_either_way_lower_for_cuda(head_dim, max_tree):
+    # The running maximum (no score_mod: soft-capping's fixed maximum takes none) by column halves or by Mosaic GPU's
+    # reduction, on the plain walk at 64 and the overlapped one at 128.
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    text = _lower_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={option: 1})
-    assert ("scf.if" in text) or option != "mosaic_fwd_lazy_rescale"
+    _lower_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_fwd_max_tree": max_tree})
 
 
 def test_row_maximum_by_column_halves_is_the_row_maximum():
@@ -404,7 +403,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_copy_warps": 2}, ValueError), ({"mosaic_bwd_copy_warps": 0}, ValueError),
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
-     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError)],
+     ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
+     ({"mosaic_fwd_max_tree": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -518,8 +518,7 @@ _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
-    "max-tree": {"mosaic_fwd_max_tree": 1}, "lazy-rescale": {"mosaic_fwd_lazy_rescale": 1},
-    "lazy-rescale-overlap": {"mosaic_fwd_lazy_rescale": 1, "mosaic_fwd_overlap": 1},
+    "max-chain": {"mosaic_fwd_max_tree": 0},
 }
 
 
@@ -590,10 +589,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.parametrize(
     "options",
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
-     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}, {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 1},
-     {"mosaic_fwd_overlap": 0, "mosaic_fwd_lazy_rescale": 1}, {"mosaic_fwd_overlap": 1, "mosaic_fwd_lazy_rescale": 1}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-tree", "lazy-rescale",
-         "lazy-rescale-overlap"],
+     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}, {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
