@@ -780,9 +780,9 @@ def row_maximum(y, *, tree: bool):
 
 
 def rescaled(acc, correction):
-    """The accumulator's rows multiplied by the online softmax's correction (a [rows] vector)."""
+    """The accumulator's rows multiplied by the online softmax's correction (a [rows] vector). One function for
+    both walks, which ``benchmarks.mosaic_sweep``'s no_rescale bound replaces (NOTES.md section 59)."""
     return acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-
 
 
 def persistent_schedule(program, total: int, num_programs: int):
