@@ -67,8 +67,9 @@ CONFIGS = {
     "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
     "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
-    # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on what the running maximum costs (see
-    # _traced_as): no rescaling of the accumulator (wrong results), a fixed shift (right on these inputs only)
+    # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
+    # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
+    # (right on these inputs only)
     "max_tree": dict(mosaic_fwd_max_tree=1),
     "max_chain": dict(mosaic_fwd_max_tree=0),
     "no_rescale": dict(),

@@ -92,12 +92,13 @@ def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("max_tree", [0, 1])
-def test_row_maxima_either_way_lower_for_cuda(head_dim, max_tree):
+def test_row_maxima_either_way_lower_for_cuda(head_dim):
     # The running maximum (no score_mod: soft-capping's fixed maximum takes none) by column halves or by Mosaic GPU's
-    # reduction, on the plain walk at 64 and the overlapped one at 128.
+    # reduction, on the plain walk at 64 and the overlapped one at 128: both lower, and the option reaches the kernel.
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    _lower_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_fwd_max_tree": max_tree})
+    by_halves, by_chains = (_lower_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_fwd_max_tree": tree})
+                            for tree in (1, 0))
+    assert by_halves != by_chains
 
 
 def test_row_maximum_by_column_halves_is_the_row_maximum():

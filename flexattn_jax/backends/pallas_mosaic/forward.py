@@ -759,12 +759,12 @@ def default_exp2_fma(block_n: int) -> int:
 ROW_SUM_COLUMNS = 8
 
 
-def fold_columns(x, columns: int):
-    """A [rows, n] tile's column blocks of width ``columns`` added together: [rows, columns], by halves (no
-    exchange between threads in the wgmma layout while ``columns`` is at least 8)."""
+def fold_columns(x, columns: int, combine: Callable = jnp.add):
+    """A [rows, n] tile's column blocks of width ``columns`` combined (added, by default): [rows, columns], by halves
+    (no exchange between threads in the wgmma layout while ``columns`` is at least 8)."""
     while x.shape[1] > columns:
         half = x.shape[1] // 2
-        x = x[:, :half] + x[:, half:]
+        x = combine(x[:, :half], x[:, half:])
     return x
 
 
@@ -773,9 +773,7 @@ def row_maximum(y, *, tree: bool):
     ``ROW_SUM_COLUMNS`` (each step one independent max per register, no exchange between threads), then the rest;
     without, Mosaic GPU's reduction, one dependent chain per row and vector lane (Config.max_tree)."""
     if tree:
-        while y.shape[1] > ROW_SUM_COLUMNS:
-            half = y.shape[1] // 2
-            y = jnp.maximum(y[:, :half], y[:, half:])
+        y = fold_columns(y, ROW_SUM_COLUMNS, jnp.maximum)
     return y.max(axis=1)
 
 
