@@ -22,6 +22,8 @@
 #   bash benchmarks/device_session.sh max59   section 59: the row maxima by column halves (now the default); what
 #                                             rescaling and the running maximum cost (bounds); max59tests: its gpu tests,
 #                                             then the default against the chains at the three shapes
+#   bash benchmarks/device_session.sh anchor60 section 60: the anchored walk against the running maximum at 8K D=64,
+#                                             then its gpu tests; anchor60b: its sweeps at B=8 and at 8K D=128
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -517,6 +519,27 @@ case "${1:-}" in
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -12
     for shape in "-S 8192 -D 64" "-B 8 -S 2048 -D 128" "-S 8192 -D 128"; do
       sweep 80 $shape --cases noop --configs max_chain max_tree max_chain max_tree
+    done
+    ;;
+  anchor60)
+    # Section 60: the anchored walk (the first key tile's maxima shift the whole walk, certified, failed items run
+    # again) against the running maximum and the fixed-shift bound, and its worst case (every item run again), at
+    # 8K D=64; then its gpu tests: its repairs, the repair launch alone, every supported mod with gradients, fully
+    # masked rows, many items, the forward variants (the running maximum among them), vmap of grad.
+    sweep 100 -S 8192 -D 64 --cases noop causal --configs running anchored fixed_shift_10 repair_all
+    timeout 420 python3 -m pytest -p no:benchmark -m gpu -q -n 14 tests/test_pallas_mosaic.py -rf --tb=short -k \
+      "anchored or repair_launch or every_supported_mod or fully_masked or many_items or nothing_is_masked or \
+plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or overlap))" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    ;;
+  anchor60b)
+    # Section 60's repairs' tests, then its sweep at B=8 S=2048 and 8K D=128, alternating the anchored walk and the
+    # running maximum.
+    timeout 200 python3 -m pytest -p no:benchmark -m gpu -q -n 6 tests/test_pallas_mosaic.py -rf --tb=short -k \
+      "anchored_walk_repairs" >"$OUT/gpu_tests_b.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests_b.txt" | tail -12
+    for shape in "-B 8 -S 2048 -D 128" "-S 8192 -D 128"; do
+      sweep 140 $shape --cases noop causal --configs running anchored fixed_shift_10 running anchored
     done
     ;;
   checkmosaic2)

@@ -69,11 +69,16 @@ CONFIGS = {
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
-    # (right on these inputs only)
-    "max_tree": dict(mosaic_fwd_max_tree=1),
-    "max_chain": dict(mosaic_fwd_max_tree=0),
-    "no_rescale": dict(),
+    # (right on these inputs only); all three on the running maximum
+    "max_tree": dict(mosaic_fwd_max_tree=1, mosaic_fwd_anchored_shift=0),
+    "max_chain": dict(mosaic_fwd_max_tree=0, mosaic_fwd_anchored_shift=0),
+    "no_rescale": dict(mosaic_fwd_anchored_shift=0),
     "fixed_shift_10": dict(),
+    # NOTES.md section 60: the first key tile's maxima shift the whole walk (the default), or the running maximum;
+    # and the anchored walk with every certificate failing, so that every item runs again (its worst case)
+    "anchored": dict(mosaic_fwd_anchored_shift=1),
+    "running": dict(mosaic_fwd_anchored_shift=0),
+    "repair_all": dict(mosaic_fwd_anchored_shift=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
@@ -140,7 +145,8 @@ def _traced_as(config: str):
     its argument after the fixed shift is subtracted, two adds more (section 50); "exp2_quadratic", its polynomial
     a quadratic (relative error 1.7e-3, an experiment: not precise enough for float16's P); "no_rescale" and
     "fixed_shift_10", section 59's bounds (the Mosaic forward without its accumulator's rescaling, which is wrong, or
-    with exp2 against a fixed shift of 10, right only where no scaled score exceeds it, as on these inputs)."""
+    with exp2 against a fixed shift of 10, right only where no scaled score exceeds it, as on these inputs);
+    "repair_all", section 60's anchored walk with every row's certificate failing."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
@@ -158,6 +164,9 @@ def _traced_as(config: str):
         patched, name, replacement = mosaic_forward, "rescaled", lambda acc, correction: acc
     elif config == "fixed_shift_10":  # the running maximum's whole cost: exp2 against 10 (scores here reach ~8)
         patched, name, replacement = mosaic_forward, "fixed_shift_of", lambda *args: 10
+    elif config == "repair_all":  # the anchored walk's worst case: every item runs twice
+        patched, name = mosaic_forward, "anchor_certificate"
+        replacement = lambda row_max, row_sum, num_steps, plan: row_sum < 0  # noqa: E731
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
         fast_fma = _tile.fma

@@ -2,6 +2,7 @@
 backward and the choice of implementation on this machine; the comparisons with the reference, forward and
 gradients, on a GPU (Mosaic GPU's interpreter cannot run wgmma)."""
 
+import dataclasses
 import functools
 import re
 
@@ -129,23 +130,31 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), kernel_options={"mosaic_fwd_float_indices": 0})
     assert built == []
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2))
-    assert built == [{(-1, 1)}]
+    assert built == [{(-1, 1)}] * 2  # the anchored walk's launch and its repair launch
 
 
-@pytest.fixture
-def forward_plans(monkeypatch):
-    """The plan of each Mosaic forward kernel traced while the test runs, in order."""
+def _recorded_plans(monkeypatch, *, repairs: bool) -> list:
+    """The plan of each Mosaic forward kernel traced from now on, in order; the repair launches' too with
+    ``repairs``."""
     from flexattn_jax.backends.pallas_mosaic import forward
 
     plans = []
     kernel = forward._kernel
 
     def recorded(*refs, plan, **kwargs):
-        plans.append(plan)
+        if repairs or not plan.repair:
+            plans.append(plan)
         return kernel(*refs, plan=plan, **kwargs)
 
     monkeypatch.setattr(forward, "_kernel", recorded)
     return plans
+
+
+@pytest.fixture
+def forward_plans(monkeypatch):
+    """The plan of each Mosaic forward kernel traced while the test runs, in order (first launches only: not the
+    anchored walk's repair launch, see test_anchored_walk_plans_a_repair_launch)."""
+    return _recorded_plans(monkeypatch, repairs=False)
 
 
 @pytest.mark.parametrize(
@@ -307,6 +316,59 @@ def test_gpu_plain_masks_with_their_default_folded_row_sums(mask_mod):
     # Lengths the key tile does not divide: the last tile's padded keys are masked by bounds as well.
     q, k, v = random_qkv(8, B=2, Hq=4, Hkv=2, L=640, S=1000, E=128, Ev=128, dtype=jnp.bfloat16)
     _compare_on_gpu(q, k, v, mask_mod, None)
+
+
+@pytest.fixture
+def all_forward_plans(monkeypatch):
+    """The plan of every Mosaic forward launch traced while the test runs, repair launches included."""
+    return _recorded_plans(monkeypatch, repairs=True)
+
+
+@pytest.mark.parametrize(
+    "score_mod, dtype, options, with_max_scores, anchored",
+    [(None, jnp.bfloat16, None, False, True), (fa.generate_alibi_bias(2), jnp.bfloat16, None, False, True),
+     (None, jnp.bfloat16, {"mosaic_fwd_overlap": 0}, False, True),
+     (None, jnp.bfloat16, {"mosaic_fwd_anchored_shift": 0}, False, False),
+     (None, jnp.float16, None, False, False), (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, False),
+     (None, jnp.bfloat16, None, True, False)],
+    ids=["causal", "alibi", "plain-walk", "option-off", "float16", "softcap-fixed-max", "max-scores"],
+)
+def test_anchored_walk_plans_a_repair_launch(score_mod, dtype, options, with_max_scores, anchored,
+                                             all_forward_plans):
+    """mosaic_fwd_anchored_shift (on by default) anchors the walk on bfloat16 inputs, with any score_mod the fixed
+    maximum does not bound and without the maximum scores; a second launch then reruns the failed items on the
+    running maximum, one query buffer, writing into the first launch's outputs (aliased, not copied)."""
+    q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=128, Ev=128, dtype=dtype)
+    text = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options,
+                           with_max_scores=with_max_scores)
+    first, *repairs = all_forward_plans
+    assert (first.anchored, first.repair) == (anchored, False)
+    if not anchored:
+        assert repairs == []
+        assert "flex_attention_forward_mosaic_repair" not in text
+        return
+    (repair,) = repairs
+    assert (repair.anchored, repair.repair, repair.q_buffers) == (False, True, 1)
+    assert dataclasses.replace(repair, anchored=True, repair=False, q_buffers=first.q_buffers) == first
+    assert "flex_attention_forward_mosaic_repair" in text
+    assert text.count("output_operand_aliases") == 1  # the repair launch's out and lse are the first launch's
+
+
+def test_anchor_certificate():
+    """A row is exact where its sum stays at most 2^64 (bfloat16) and, with no anchor (the first tile allowed
+    nothing), at least kv_len 2^-110, or where the walk had no tile at all."""
+    from types import SimpleNamespace
+
+    from flexattn_jax.backends.pallas_mosaic.forward import anchor_certificate
+
+    plan = SimpleNamespace(dtype=jnp.dtype(jnp.bfloat16), kv_len=1024)
+    inf, nan = float("inf"), float("nan")
+    row_max = jnp.array([3.0, 3.0, 3.0, 3.0, -inf, -inf, -inf, 3.0], jnp.float32)
+    row_sum = jnp.array([1.0, 2.0**64, 2.0**65, inf, 0.0, 2.0**-99, 2.0**-101, nan], jnp.float32)
+    want = [True, True, False, False, False, True, False, False]
+    assert anchor_certificate(row_max, row_sum, jnp.int32(3), plan).tolist() == want
+    # No tile walked: nothing is allowed anywhere, and 0 / -inf is the exact answer.
+    assert anchor_certificate(row_max[4:5], row_sum[4:5], jnp.int32(0), plan).tolist() == [True]
 
 
 def test_fold_columns_keeps_row_sums():
@@ -519,7 +581,8 @@ _FORWARD_VARIANTS = {
     "plain": {"mosaic_fwd_overlap": 0}, "overlap": {"mosaic_fwd_overlap": 1},
     "int-indices": {"mosaic_fwd_float_indices": 0}, "scaled-queries": {"mosaic_fwd_scale_queries": 1},
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
-    "max-chain": {"mosaic_fwd_max_tree": 0},
+    "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
+    "running-max": {"mosaic_fwd_anchored_shift": 0},
 }
 
 
@@ -590,8 +653,10 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
 @pytest.mark.parametrize(
     "options",
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
-     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1}, {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain"],
+     {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1},
+     {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
+     {"mosaic_fwd_anchored_shift": 0}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -605,6 +670,49 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
                                  kernel_options=options)
     assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
+
+
+def _hot_keys(score, b, h, q_idx, kv_idx):
+    """Keys 600 to 609 scored 110 above the others (natural units): past what the anchored walk allows above its
+    first tile's maximum (44) for every row whose walk reaches them after that tile. A score_mod rather than keys of
+    their own, so that the hot keys differ and the gradients are not a cancellation."""
+    del b, h, q_idx
+    return score + jnp.where((kv_idx >= 600) & (kv_idx < 610), 110.0, 0.0).astype(score.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.sliding_window_mask(700)],
+                         ids=["full", "causal", "sliding"])
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_overlap": 0}], ids=["default", "plain"])
+def test_gpu_anchored_walk_repairs_rows_past_its_headroom(mask_mod, options):
+    """Rows whose later scores exceed their first tile's maximum by more than the headroom fail the certificate;
+    their items run again on the running maximum: the result is the reference's, and so are the gradients."""
+    q, k, v = random_qkv(21, B=2, Hq=2, Hkv=2, L=1000, S=1000, E=64, Ev=64, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, mask_mod, _hot_keys, kernel_options=options)
+    out, lse = fa.flex_attention(q, k, v, _hot_keys, block_mask=_block_mask(mask_mod, 2, 1000, 1000),
+                                 return_lse=True, implementation="pallas_mosaic", kernel_options=options)
+    assert float(lse.max()) > 100.0  # the hot keys dominate the rows that see them
+    assert bool(jnp.all(jnp.isfinite(lse) | (lse == -jnp.inf)))
+
+
+_REPAIR_CASES = [case for case in _SUPPORTED
+                 if case.name in ("noop", "causal", "document_causal", "alibi_learned_slopes", "dilated")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_overlap": 0}], ids=["default", "plain"])
+@pytest.mark.parametrize("case", _REPAIR_CASES, ids=repr)
+def test_gpu_repair_launch_of_every_item_matches_reference(case, options, monkeypatch):
+    """Every certificate failing (patched), every item runs again in the repair launch, whose results alone are
+    then the output: its gating, its aliased writes and its one query buffer, at lengths no tile divides and with
+    GQA."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    monkeypatch.setattr(forward, "anchor_certificate", lambda row_max, row_sum, num_steps, plan: row_sum < 0)
+    B, Hq, Hkv, L, S = 2, 4, 2, 1100, 900
+    q, k, v = random_qkv(22, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
+    mask_mod, score_mod = case.build(B, Hq, L, S, 22)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=options)
 
 
 @pytest.mark.gpu
@@ -1140,7 +1248,8 @@ def test_backward_programs_launch_head_by_head(fuse_dq, monkeypatch):
         launches.clear()
         _lower_gradient_for_cuda(q, k, v, fa.causal_mask, None, kernel_options={"mosaic_bwd_fuse_dq": fuse_dq,
                                                                                  **options})
-        launches.pop("flex_attention_forward_mosaic")  # the forward's persistent grid, recorded too
+        launches.pop("flex_attention_forward_mosaic")  # the forward's persistent grids, recorded too
+        launches.pop("flex_attention_forward_mosaic_repair")
         return dict(launches)
 
     expected = {"flex_attention_dkdv_mosaic": ({"batch": B, "heads": Hkv, "kv": S // 128}, "kv")}
@@ -1186,9 +1295,10 @@ def test_copy_warp_options_reach_the_kernels(fuse_dq, monkeypatch):
         return len(one_warp_loops)
 
     backward_kernels = 1 if fuse_dq else 2
-    assert count() == 1
+    forward_kernels = 2  # the anchored walk and its repair launch
+    assert count() == forward_kernels
     assert count(mosaic_fwd_copy_warps=4) == 0
-    assert count(mosaic_bwd_copy_warps=1) == 1 + backward_kernels
+    assert count(mosaic_bwd_copy_warps=1) == forward_kernels + backward_kernels
     assert count(mosaic_fwd_copy_warps=4, mosaic_bwd_copy_warps=1) == backward_kernels
 
 

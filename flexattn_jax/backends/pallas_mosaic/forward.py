@@ -121,6 +121,14 @@ class Config:
         (``row_maximum``), short dependent chains in place of one per row; the same maxima, bit for bit. On by
         default: on an H100 the forward 2-3% faster at D=64 and at B=8 S=2048 on full attention, level to 1% faster
         elsewhere (NOTES.md section 59).
+      anchored_shift: where the softmax has no fixed shift (``fixed_max``), each row subtracts its maximum over
+        the first key tile of its walk for the whole walk: later tiles take no maximum and the accumulator is never
+        rescaled. Exact where no later score exceeds that maximum by more than ``FIXED_SHIFT_ABOVE`` (64 in exp2's
+        units, 44 in natural units, for bfloat16); each row certifies that from its sum after the walk
+        (``anchor_certificate``), and the work items of rows that fail run again on the running maximum (a second
+        launch that skips every other item, ``flex_forward``). Only for bfloat16 inputs, whose P keeps float32's
+        exponent range, and not with ``with_max_scores``. On by default: on an H200 the forward 6-20% faster at
+        issue 8's shapes (NOTES.md section 60).
     """
 
     block_n: int
@@ -134,6 +142,7 @@ class Config:
     exp2_fma: int | None = None
     row_sum_fold: bool | None = None
     max_tree: bool = True
+    anchored_shift: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,6 +560,8 @@ class _Plan:
     exp2_fma: int  # key columns whose exp2 is a polynomial, with the fixed maximum only (Config.exp2_fma)
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     max_tree: bool  # row maxima by column halves (Config.max_tree)
+    anchored: bool  # the first key tile's row maxima shift the whole walk, certified after it (Config.anchored_shift)
+    repair: bool  # the launch that reruns the items a certificate failed, on the running maximum, and only those
     num_score_consts: int
     num_mask_consts: int
     block_n: int
@@ -658,7 +669,7 @@ def _item_coordinates(work, plan: "_Plan", num_q_tiles: int):
 class _Item:
     """One unit of work, (query tile, head, batch) number ``work`` of ``num_q_tiles * Hq * B``, and its mask row."""
 
-    def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs):
+    def __init__(self, work, plan: "_Plan", num_q_tiles: int, refs, needs_ref=None):
         self.q_tile, self.h, self.b = _item_coordinates(work, plan, num_q_tiles)
         self.kv_head = lax.div(self.h, jnp.int32(plan.group)) if plan.group > 1 else self.h
         self.kv_batch = jnp.int32(0) if plan.shared_kv else self.b
@@ -666,7 +677,19 @@ class _Item:
         mh = self.h if plan.mask_heads > 1 else jnp.int32(0)
         row = lax.div(self.q_tile, jnp.int32(plan.q_tiles_per_row)) if plan.q_tiles_per_row else jnp.int32(0)
         self.walk = BlockWalk(refs, mb, mh, row, block=plan.kv_block, tile=plan.block_n, has_full=plan.has_full)
+        self.needed = None  # the repair launch's flag: this item runs again (None: every item runs)
+        if needs_ref is not None:
+            self.needed = needs_ref[self.b, self.h, self.q_tile] != 0
+            self.walk.num_partial = jnp.where(self.needed, self.walk.num_partial, 0)
+            self.walk.num_steps = jnp.where(self.needed, self.walk.num_steps, 0)
         self.num_partial, self.num_steps = self.walk.num_partial, self.walk.num_steps
+
+    def when_needed(self, fn: Callable[[], None]) -> None:
+        """Runs ``fn`` where this item runs at all (always, outside the repair launch)."""
+        if self.needed is None:
+            fn()
+        else:
+            pl.when(self.needed)(fn)
 
 
 class IndexTiles:
@@ -812,7 +835,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         full_num_ref, full_idx_ref, *refs = refs
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
-    out_ref, lse_ref, *max_ref = refs[plan.num_score_consts + plan.num_mask_consts :]
+    refs = refs[plan.num_score_consts + plan.num_mask_consts :]
+    # The repair launch reads which items run again, and writes into the first launch's out and lse (jax Refs).
+    needs_ref, (out_ref, lse_ref, *max_ref) = (refs[0], refs[1:]) if plan.repair else (None, refs)
     block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
     value_dim = v_ref.shape[-1]
     head_dim = q_ref.shape[-1]
@@ -826,7 +851,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     num_items, work_of = persistent_schedule(program, total, num_programs)
 
     def item(i):
-        return _Item(work_of(i), plan, num_q_tiles, list_refs)
+        return _Item(work_of(i), plan, num_q_tiles, list_refs, needs_ref)
 
     def body(smem, ready, consumed, schedule, turns):
         q_buffers, k_smem, v_smem, lse_buffers, *max_buffers = smem
@@ -870,14 +895,18 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                 else:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    fetch_queries(i)
+                    it.when_needed(lambda: fetch_queries(i))
 
-                plgpu.barrier_wait(q_ready.at[buffer * COMPUTE_WARPGROUPS + wg])
-                if plan.query_scale != 1.0:
-                    # Once per item here, in place of a multiply per score of every key tile (Config.scale_queries).
-                    q = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
-                    q_smem[...] = (q.astype(jnp.float32) * jnp.float32(plan.query_scale)).astype(dtype)
-                    plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
+                def take_queries():
+                    plgpu.barrier_wait(q_ready.at[buffer * COMPUTE_WARPGROUPS + wg])
+                    if plan.query_scale != 1.0:
+                        # Once per item here, in place of a multiply per score of every key tile
+                        # (Config.scale_queries).
+                        q = plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+                        q_smem[...] = (q.astype(jnp.float32) * jnp.float32(plan.query_scale)).astype(dtype)
+                        plgpu.commit_smem()  # visible to the wgmmas, which read it through the async proxy
+
+                it.when_needed(take_queries)
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 # With the fixed shift the row maximum stays that shift in the values' units (never read).
@@ -899,11 +928,18 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
-                def probabilities(s, step, row_max, row_sum, *, partial, convert=True):
+                def shift_of(row_max):
+                    """A row maximum as the softmax's shift, in exp2's units: 0 for a row that has seen nothing
+                    allowed, never -inf - -inf."""
+                    return jnp.where(row_max == _NEG_INF, jnp.float32(0.0),
+                                     row_max * jnp.float32(plan.scaling.exp_scale))
+
+                def probabilities(s, step, row_max, row_sum, *, partial, convert=True, first=False):
                     """The online softmax of the scores of key tile ``step``: (P in the input dtype, or float32
                     without ``convert``; the new row maximum, the new row sum, the factor that rescales the
-                    accumulator to the new maximum). ``partial``: apply mask_mod (True), not (False), or where a
-                    traced flag says."""
+                    accumulator to the new maximum, None where it needs none). ``partial``: apply mask_mod (True),
+                    not (False), or where a traced flag says. ``first``: the walk's first tile, whose maxima
+                    anchor an anchored walk."""
                     apply_mask = plan.apply_mask_mod and partial is not False
                     needs_mask = plan.mask_kv_bounds or apply_mask
                     scaling = plan.scaling
@@ -951,9 +987,17 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             p = jnp.where(allowed, p, jnp.float32(0.0))
                         row_sum = row_sum + tile_row_sum(p)
                         return (p.astype(dtype) if convert else p), row_max, row_sum, None
+                    if plan.anchored:
+                        # The first tile's maxima stay the shift: no maximum, no rescaling after it.
+                        if first:
+                            row_max = row_maximum(y, tree=plan.max_tree)
+                        shift = shift_of(row_max)
+                        p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
+                        row_sum = row_sum + tile_row_sum(p)
+                        return (p.astype(dtype) if convert else p), row_max, row_sum, None
                     new_max = jnp.maximum(row_max, row_maximum(y, tree=plan.max_tree))
-                    # A row that has seen nothing allowed keeps -inf: exponentiate against 0, never -inf - -inf.
-                    shift = jnp.where(new_max == _NEG_INF, jnp.float32(0.0), new_max * exp_scale)
+                    # A row that has seen nothing allowed keeps -inf: exponentiate against 0.
+                    shift = shift_of(new_max)
                     correction = jnp.exp2(row_max * exp_scale - shift)
                     p = jnp.exp2(y * exp_scale - lax.broadcast_in_dim(shift, y.shape, [0]))
                     rescale = lax.broadcast_in_dim(correction, row_sum.shape, [0]) if plan.row_sum_fold else correction
@@ -966,7 +1010,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def slot_of(step):
                     return lax.rem(base + step, jnp.int32(stages))
 
-                def step_fn(step, carry, *, is_full_block: bool):
+                def step_fn(step, carry, *, partial, first: bool = False):
                     acc, row_max, row_sum = carry
                     slot = slot_of(step)
 
@@ -978,7 +1022,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
                     plgpu.barrier_arrive(k_consumed.at[slot])
                     p_low, new_max, row_sum, correction = probabilities(
-                        s, step, row_max, row_sum, partial=not is_full_block
+                        s, step, row_max, row_sum, partial=partial, first=first
                     )
                     if correction is not None:
                         acc = rescaled(acc, correction)
@@ -1023,8 +1067,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         plgpu.barrier_arrive(k_consumed.at[slot_of(0)])
                         # Step 0 is a partial block unless the row lists none.
                         p_low, row_max, row_sum, _ = probabilities(
-                            s, jnp.int32(0), row_max, row_sum,
-                            partial=True if not plan.has_full else it.num_partial > 0,
+                            s, jnp.int32(0), row_max, row_sum, partial=first_partial, first=True
                         )
                         return lax.optimization_barrier((p_low, row_max, row_sum))
 
@@ -1081,6 +1124,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
                     return (o_ref[...], *stats)
 
+                # Step 0 is a partial block unless the row lists none.
+                first_partial = True if not plan.has_full else it.num_partial > 0
                 if plan.overlap:
                     acc, row_max, row_sum = pl.run_scoped(
                         overlapped_walk,
@@ -1089,11 +1134,15 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     )
                 else:
                     carry = (acc, row_max, row_sum)
-                    carry = lax.fori_loop(0, it.num_partial, functools.partial(step_fn, is_full_block=False), carry)
+                    first_full = it.num_partial
+                    if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
+                        first_step = functools.partial(step_fn, partial=first_partial, first=True)
+                        carry = lax.fori_loop(0, jnp.minimum(num_steps, 1), first_step, carry)
+                        first_full = jnp.maximum(first_full, 1)
+                    carry = lax.fori_loop(int(plan.anchored), it.num_partial, functools.partial(step_fn, partial=True),
+                                          carry)
                     if plan.has_full:
-                        carry = lax.fori_loop(
-                            it.num_partial, num_steps, functools.partial(step_fn, is_full_block=True), carry
-                        )
+                        carry = lax.fori_loop(first_full, num_steps, functools.partial(step_fn, partial=False), carry)
                     acc, row_max, row_sum = carry
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
@@ -1104,22 +1153,31 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 inverse = jnp.where(has_any, 1.0 / jnp.where(has_any, row_sum, 1.0), 0.0)
                 out = acc * lax.broadcast_in_dim(inverse, acc.shape, [0])
                 log2_sum = jnp.log2(jnp.where(has_any, row_sum, 1.0))
-                # With the fixed maximum, lse adds back the very constant the probabilities subtracted.
-                max_shift = (row_max * jnp.float32(plan.scaling.exp_scale) if fixed_shift is None
-                             else jnp.float32(fixed_shift))
+                # lse adds back the very shift the probabilities subtracted (the anchored walk's is 0 where its
+                # first tile allowed nothing, and its row may still have a sum).
+                max_shift = jnp.float32(fixed_shift) if fixed_shift is not None else shift_of(row_max)
                 lse = jnp.where(has_any, (max_shift + log2_sum) * _LN_2, _NEG_INF)
-                # The query tile is free again: stage the output through it (the next item waits for the reads).
-                q_smem[...] = out.astype(dtype)
-                lse_smem[...] = lse
-                if plan.with_max_scores:
-                    # The maximum is of the value whose exp2(value * exp_scale) is exp(score) (SoftmaxScaling).
-                    max_scores = row_max * jnp.float32(plan.scaling.exp_scale * _LN_2)
-                    max_buffers[0].at[buffer, wg][...] = jnp.where(has_any, max_scores, _NEG_INF)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
-                plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
-                if plan.with_max_scores:
-                    plgpu.copy_smem_to_gmem(max_buffers[0].at[buffer, wg], max_ref[0].at[b, h, pl.ds(q_base, BLOCK_M)])
+                if plan.anchored:
+                    # A row whose certificate fails gets lse NaN: its item runs again (flex_forward).
+                    lse = jnp.where(anchor_certificate(row_max, row_sum, num_steps, plan), lse, jnp.nan)
+
+                def write_back():
+                    # The query tile is free again: stage the output through it (the next item waits for the
+                    # reads).
+                    q_smem[...] = out.astype(dtype)
+                    lse_smem[...] = lse
+                    if plan.with_max_scores:
+                        # The maximum is of the value whose exp2(value * exp_scale) is exp(score) (SoftmaxScaling).
+                        max_scores = row_max * jnp.float32(plan.scaling.exp_scale * _LN_2)
+                        max_buffers[0].at[buffer, wg][...] = jnp.where(has_any, max_scores, _NEG_INF)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, BLOCK_M)])
+                    if plan.with_max_scores:
+                        plgpu.copy_smem_to_gmem(max_buffers[0].at[buffer, wg],
+                                                max_ref[0].at[b, h, pl.ds(q_base, BLOCK_M)])
+
+                it.when_needed(write_back)
                 return base + num_steps
 
             if plan.overlap:
@@ -1257,6 +1315,24 @@ def fixed_shift_of(score_mod: ModProgram, scaling: SoftmaxScaling, dtype) -> int
     return shift
 
 
+def anchor_certificate(row_max, row_sum, num_steps, plan: "_Plan"):
+    """Whether each row of an anchored walk (Config.anchored_shift) is exact: its sum of probabilities at most
+    2^FIXED_SHIFT_ABOVE (so no probability, sum or output overflowed), and, for a row the first tile allowed nothing
+    (shifted by 0), at least kv_len 2^-(FIXED_SHIFT_BELOW - 10) (its largest probability then lies 16 binades or more
+    above float32's smallest normal), or a walk of no tiles at all (nothing allowed: output 0, lse -inf). A row
+    with a finite anchor has a sum of at least 1 by construction (its first tile's maximum gives 2^0). NaN sums
+    fail.
+
+    No headroom above the anchor: subtracting a further 40 (in exp2's units) would let later scores rise 40 more
+    before a repair, but puts the largest probabilities' exp2 arguments near -40, where float32's spacing (2^-18) is
+    8 times or more that of arguments within 8 of 0; a learned ALiBi slope's gradient, a sum over many keys that
+    cancels, then missed the 1e-2 bound against the reference (1.08e-2 on an H200; NOTES.md section 60)."""
+    above, below = FIXED_SHIFT_ABOVE[plan.dtype], FIXED_SHIFT_BELOW[plan.dtype]
+    floor = jnp.float32(plan.kv_len * 2.0 ** -(below - 10))
+    anchored = (row_max > _NEG_INF) | (row_sum >= floor) | (num_steps == 0)
+    return (row_sum <= jnp.float32(2.0**above)) & anchored
+
+
 def is_power_of_two(x: float) -> bool:
     """Whether ``x`` is a positive power of two (0.125 for head dim 64; not 128's 0.0884...)."""
     mantissa, _ = math.frexp(x)
@@ -1333,6 +1409,9 @@ def flex_forward(
     fixed_shift = None
     if config.fixed_max and not with_max_scores:
         fixed_shift = fixed_shift_of(score_mod, scaling, jnp.dtype(query.dtype))
+    # bfloat16 only: float16's P spans 2^-14 to 2^15, too narrow for a headroom (Config.anchored_shift).
+    anchored = (config.anchored_shift and fixed_shift is None and not with_max_scores
+                and jnp.dtype(query.dtype) == jnp.bfloat16)
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
     # (head dim 64), most of the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md sections
     # 49 and 50).
@@ -1394,6 +1473,8 @@ def flex_forward(
         exp2_fma=exp2_fma,
         row_sum_fold=row_sum_fold,
         max_tree=config.max_tree,
+        anchored=anchored,
+        repair=False,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
         block_n=block_n,
@@ -1417,19 +1498,36 @@ def flex_forward(
         _kernel, plan=plan, score_mod=score_mod, mask_mod=mask_mod, num_q_tiles=num_q_tiles, num_programs=num_programs
     )
     row_stats = 2 if with_max_scores else 1  # lse, and max_scores when asked for
-    out, lse, *max_scores = plgpu.kernel(
-        kernel,
-        out_type=[
-            jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_dim), query.dtype),
-            *[jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32)] * row_stats,
-        ],
+    launch = functools.partial(
+        plgpu.kernel,
         grid=(num_programs,),
         grid_names=("sm",),
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
+    )
+    out, lse, *max_scores = launch(
+        kernel,
+        out_type=[
+            jax.ShapeDtypeStruct((batch, q_heads, q_pad, value_dim), query.dtype),
+            *[jax.ShapeDtypeStruct((batch, q_heads, q_pad), jnp.float32)] * row_stats,
+        ],
         kernel_name="flex_attention_forward_mosaic",  # what profilers list it as
     )(*inputs)
+    if anchored:
+        # The items holding a row whose certificate failed (lse NaN) run again on the running maximum, writing
+        # over the first launch's out and lse in place; the others only read their flag. Rows past q_len are
+        # dropped anyway.
+        failed = jnp.isnan(lse) & (jnp.arange(q_pad) < q_len)[None, None, :]
+        needs = failed.reshape(batch, q_heads, num_q_tiles, Q_TILE).any(axis=-1).astype(jnp.int32)
+        repair = dataclasses.replace(plan, anchored=False, repair=True, q_buffers=1)
+        out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
+        launch(
+            functools.partial(kernel, plan=repair),
+            out_type=(),
+            kernel_name="flex_attention_forward_mosaic_repair",
+        )(*inputs, needs, out_ref, lse_ref)
+        out, lse = out_ref[...], lse_ref[...]
     if q_pad != q_len:
         out, lse, *max_scores = (x[:, :, :q_len] for x in (out, lse, *max_scores))
     return (out, lse, *max_scores)
