@@ -27,6 +27,9 @@ caller falls back to the Triton kernels. A float32 conversion of an index, or of
 Softmax in base 2, as in ``pallas_triton._tile``, with the row maximum taken before scaling and the score_mod's
 literal factors folded into the exponent (``_captures.SoftmaxScaling``): a row with nothing allowed keeps a running
 maximum of -inf and is exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
+On bfloat16 the walk is anchored by default (``Config.anchored_shift``): the first key tile's row maxima shift every
+later tile, which takes no maximum; a row whose sum then shows an overflow or an underflow gets lse NaN, and
+``flex_forward`` runs its work item again in a second launch on the running maximum, writing in place.
 """
 
 from __future__ import annotations
