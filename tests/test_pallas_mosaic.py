@@ -684,8 +684,8 @@ def _hot_keys(score, b, h, q_idx, kv_idx):
 @pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.sliding_window_mask(700)],
                          ids=["full", "causal", "sliding"])
 @pytest.mark.parametrize("options", [None, {"mosaic_fwd_overlap": 0}], ids=["default", "plain"])
-def test_gpu_anchored_walk_repairs_rows_past_its_headroom(mask_mod, options):
-    """Rows whose later scores exceed their first tile's maximum by more than the headroom fail the certificate;
+def test_gpu_anchored_walk_repairs_rows_past_its_limit(mask_mod, options):
+    """Rows whose later scores exceed their first tile's maximum by more than 44 fail the certificate;
     their items run again on the running maximum: the result is the reference's, and so are the gradients."""
     q, k, v = random_qkv(21, B=2, Hq=2, Hkv=2, L=1000, S=1000, E=64, Ev=64, dtype=jnp.bfloat16)
     _compare_on_gpu(q, k, v, mask_mod, _hot_keys, kernel_options=options)

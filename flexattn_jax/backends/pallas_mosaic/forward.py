@@ -841,6 +841,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     refs = refs[plan.num_score_consts + plan.num_mask_consts :]
     # The repair launch reads which items run again, and writes into the first launch's out and lse (jax Refs).
     needs_ref, (out_ref, lse_ref, *max_ref) = (refs[0], refs[1:]) if plan.repair else (None, refs)
+    # Only the one-buffer query fetch is gated by the repair's flags (``_Item.when_needed``).
+    assert not plan.repair or plan.q_buffers == 1, plan
     block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
     value_dim = v_ref.shape[-1]
     head_dim = q_ref.shape[-1]
@@ -1068,7 +1070,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         hand_over()
                         s = s_ref[...]
                         plgpu.barrier_arrive(k_consumed.at[slot_of(0)])
-                        # Step 0 is a partial block unless the row lists none.
                         p_low, row_max, row_sum, _ = probabilities(
                             s, jnp.int32(0), row_max, row_sum, partial=first_partial, first=True
                         )
@@ -1412,7 +1413,8 @@ def flex_forward(
     fixed_shift = None
     if config.fixed_max and not with_max_scores:
         fixed_shift = fixed_shift_of(score_mod, scaling, jnp.dtype(query.dtype))
-    # bfloat16 only: float16's P spans 2^-14 to 2^15, too narrow for a headroom (Config.anchored_shift).
+    # bfloat16 only: float16's P overflows past 2^15, so later scores could rise only 10 (natural units) above the
+    # anchor before an item runs again (Config.anchored_shift).
     anchored = (config.anchored_shift and fixed_shift is None and not with_max_scores
                 and jnp.dtype(query.dtype) == jnp.bfloat16)
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
