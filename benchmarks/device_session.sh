@@ -24,6 +24,9 @@
 #                                             then the default against the chains at the three shapes
 #   bash benchmarks/device_session.sh anchor60 section 60: the anchored walk against the running maximum at 8K D=64,
 #                                             then its gpu tests; anchor60b: its sweeps at B=8 and at 8K D=128
+#   bash benchmarks/device_session.sh repair61 section 61: the repair launch gated, against ungated and none, in sweeps;
+#                                             then the repairs' and fully masked rows' gpu tests; anchor60tests:
+#                                             anchor60's gpu tests alone
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -541,6 +544,26 @@ plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or ov
     for shape in "-B 8 -S 2048 -D 128" "-S 8192 -D 128"; do
       sweep 140 $shape --cases noop causal --configs running anchored fixed_shift_10 running anchored
     done
+    ;;
+  repair61)
+    # Section 61: the repair launch gated (every program ends after one read where no item failed) against the
+    # former launch (each program reading each of its items' flags) and no repair at all (a bound), beside the
+    # fixed-shift bound, at B=8 S=2048; the gpu tests of the repairs and of fully masked rows; the sweep at 8K D=64.
+    echo "-B 8 -S 2048 -D 128" >> "$OUT/sweeps.md"
+    sweep 130 -B 8 -S 2048 -D 128 --cases causal noop --configs anchored repair_ungated no_repair fixed_shift_10 \
+      anchored
+    timeout 200 python3 -m pytest -p no:benchmark -m gpu -q -n 14 tests/test_pallas_mosaic.py -rf --tb=short -k \
+      "anchored or repair_launch or fully_masked" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
+    echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
+    sweep 130 -S 8192 -D 64 --cases causal noop --configs anchored repair_ungated no_repair fixed_shift_10 anchored
+    ;;
+  anchor60tests)
+    # anchor60's gpu tests alone.
+    timeout 420 python3 -m pytest -p no:benchmark -m gpu -q -n 14 tests/test_pallas_mosaic.py -rf --tb=short -k \
+      "anchored or repair_launch or every_supported_mod or fully_masked or many_items or nothing_is_masked or \
+plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or overlap))" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     ;;
   checkmosaic2)
     # checkmosaic less softcap38's tests, at 14 workers (the compiles are the time).

@@ -79,6 +79,10 @@ CONFIGS = {
     "anchored": dict(mosaic_fwd_anchored_shift=1),
     "running": dict(mosaic_fwd_anchored_shift=0),
     "repair_all": dict(mosaic_fwd_anchored_shift=1),
+    # NOTES.md section 61: the repair launch's cost where nothing fails: every program reading each of its items'
+    # flags (as before the gate), or no repair at all (a bound, wrong where a certificate fails)
+    "repair_ungated": dict(mosaic_fwd_anchored_shift=1),
+    "no_repair": dict(mosaic_fwd_anchored_shift=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
@@ -146,7 +150,9 @@ def _traced_as(config: str):
     a quadratic (relative error 1.7e-3, an experiment: not precise enough for float16's P); "no_rescale" and
     "fixed_shift_10", section 59's bounds (the Mosaic forward without its accumulator's rescaling, which is wrong, or
     with exp2 against a fixed shift of 10, right only where no scaled score exceeds it, as on these inputs);
-    "repair_all", section 60's anchored walk with every row's certificate failing."""
+    "repair_all", section 60's anchored walk with every row's certificate failing; "repair_ungated", section 61's
+    repair launch without its gate (every program reads each of its items' flags); "no_repair", the anchored walk
+    without the repair (a bound)."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
@@ -167,6 +173,12 @@ def _traced_as(config: str):
     elif config == "repair_all":  # the anchored walk's worst case: every item runs twice
         patched, name = mosaic_forward, "anchor_certificate"
         replacement = lambda row_max, row_sum, num_steps, plan: row_sum < 0  # noqa: E731
+    elif config == "repair_ungated":  # section 61: the gate always open
+        patched, name = mosaic_forward, "repair_gate"
+        replacement = lambda needs: jnp.ones((1,), jnp.int32)  # noqa: E731
+    elif config == "no_repair":  # section 61: neither the flags' reduction nor the repair launch
+        patched, name = mosaic_forward, "repair_failed_items"
+        replacement = lambda repair_launch, inputs, out, lse, q_len: (out, lse)  # noqa: E731
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
         fast_fma = _tile.fma

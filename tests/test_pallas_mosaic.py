@@ -371,6 +371,34 @@ def test_anchor_certificate():
     assert anchor_certificate(row_max[4:5], row_sum[4:5], jnp.int32(0), plan).tolist() == [True]
 
 
+def test_repair_launch_reads_the_failed_items_and_the_gate():
+    """The repair launch gets one flag per (batch, head, 128-row query tile) holding a failed row (lse NaN) among
+    the first q_len rows, and a gate that is 0 only where no flag is set; it writes into out and lse in place."""
+    from flexattn_jax.backends.pallas_mosaic.forward import repair_failed_items
+
+    lse = jax.random.normal(jax.random.key(2), (2, 3, 384), jnp.float32)
+    out = jax.random.normal(jax.random.key(3), (2, 3, 384, 64), jnp.float32)
+    seen = []
+
+    def launch(*args):
+        *inputs, needs, gate, out_ref, lse_ref = args
+        seen.append((inputs, needs, gate))
+        lse_ref[0, 0, 5] = 7.0  # a repaired row
+
+    clean_out, clean_lse = repair_failed_items(launch, ["inputs"], out, lse, 300)
+    (inputs, needs, gate), = seen
+    assert inputs == ["inputs"] and gate.tolist() == [0] and not needs.any() and needs.shape == (2, 3, 3)
+    np.testing.assert_array_equal(clean_out, out)
+    assert clean_lse[0, 0, 5] == 7.0
+    # Failed rows in tile 1 of (1, 2) and tile 0 of (0, 1); one past q_len (row 350 of tile 2) does not count.
+    failed = lse.at[1, 2, 200].set(jnp.nan).at[0, 1, 3].set(jnp.nan).at[1, 0, 350].set(jnp.nan)
+    seen.clear()
+    repair_failed_items(launch, [], out, failed, 300)
+    (_, needs, gate), = seen
+    assert gate.tolist() == [1]
+    assert sorted(map(tuple, np.argwhere(np.asarray(needs)).tolist())) == [(0, 1, 0), (1, 2, 1)]
+
+
 def test_fold_columns_keeps_row_sums():
     from flexattn_jax.backends.pallas_mosaic.forward import ROW_SUM_COLUMNS, fold_columns
 

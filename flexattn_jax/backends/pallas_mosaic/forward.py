@@ -839,8 +839,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     score_refs = refs[: plan.num_score_consts]
     mask_refs = refs[plan.num_score_consts : plan.num_score_consts + plan.num_mask_consts]
     refs = refs[plan.num_score_consts + plan.num_mask_consts :]
-    # The repair launch reads which items run again, and writes into the first launch's out and lse (jax Refs).
-    needs_ref, (out_ref, lse_ref, *max_ref) = (refs[0], refs[1:]) if plan.repair else (None, refs)
+    # The repair launch reads which items run again and whether any does, and writes into the first launch's out
+    # and lse (jax Refs).
+    needs_ref = any_needed_ref = None
+    if plan.repair:
+        needs_ref, any_needed_ref, *refs = refs
+    out_ref, lse_ref, *max_ref = refs
     # Only the one-buffer query fetch is gated by the repair's flags (``_Item.when_needed``).
     assert not plan.repair or plan.q_buffers == 1, plan
     block_n, stages, dtype = plan.block_n, plan.num_stages, plan.dtype
@@ -854,6 +858,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     program = lax.axis_index("sm")
     total = num_q_tiles * plan.q_heads * out_ref.shape[0]
     num_items, work_of = persistent_schedule(program, total, num_programs)
+    if plan.repair:
+        # Where no item runs again (the common case), every program ends after one read, not after reading each of
+        # its items' flags in turn.
+        num_items = jnp.where(any_needed_ref[0] != 0, num_items, 0)
 
     def item(i):
         return _Item(work_of(i), plan, num_q_tiles, list_refs, needs_ref)
@@ -1337,6 +1345,27 @@ def anchor_certificate(row_max, row_sum, num_steps, plan: "_Plan"):
     return (row_sum <= jnp.float32(2.0**above)) & anchored
 
 
+def repair_gate(needs):
+    """Whether any item runs again, as the repair launch reads it: [1] int32. Every program reads it first; without
+    it each read every one of its items' flags in turn, about 4 µs a call (1.5% of the forward at B=8 S=2048 on an
+    H100, NOTES.md section 61)."""
+    return needs.max().reshape(1)
+
+
+def repair_failed_items(repair_launch, inputs, out, lse, q_len: int):
+    """The anchored walk's repair: the work items holding a row whose certificate failed (lse NaN) run again on the
+    running maximum, writing over ``out`` and ``lse`` in place; the others only read their flag, and where none
+    failed every program ends after reading ``repair_gate``. Rows past ``q_len`` (padding) are dropped anyway.
+    ``repair_launch`` is the kernel of the repair plan, called on ``inputs``, the flags, the gate and the two refs.
+    """
+    batch, q_heads, q_pad = lse.shape
+    failed = jnp.isnan(lse) & (jnp.arange(q_pad) < q_len)[None, None, :]
+    needs = failed.reshape(batch, q_heads, q_pad // Q_TILE, Q_TILE).any(axis=-1).astype(jnp.int32)
+    out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
+    repair_launch(*inputs, needs, repair_gate(needs), out_ref, lse_ref)
+    return out_ref[...], lse_ref[...]
+
+
 def is_power_of_two(x: float) -> bool:
     """Whether ``x`` is a positive power of two (0.125 for head dim 64; not 128's 0.0884...)."""
     mantissa, _ = math.frexp(x)
@@ -1520,19 +1549,12 @@ def flex_forward(
         kernel_name="flex_attention_forward_mosaic",  # what profilers list it as
     )(*inputs)
     if anchored:
-        # The items holding a row whose certificate failed (lse NaN) run again on the running maximum, writing
-        # over the first launch's out and lse in place; the others only read their flag. Rows past q_len are
-        # dropped anyway.
-        failed = jnp.isnan(lse) & (jnp.arange(q_pad) < q_len)[None, None, :]
-        needs = failed.reshape(batch, q_heads, num_q_tiles, Q_TILE).any(axis=-1).astype(jnp.int32)
         repair = dataclasses.replace(plan, anchored=False, repair=True, q_buffers=1)
-        out_ref, lse_ref = jax.new_ref(out), jax.new_ref(lse)
-        launch(
-            functools.partial(kernel, plan=repair),
-            out_type=(),
-            kernel_name="flex_attention_forward_mosaic_repair",
-        )(*inputs, needs, out_ref, lse_ref)
-        out, lse = out_ref[...], lse_ref[...]
+        out, lse = repair_failed_items(
+            launch(functools.partial(kernel, plan=repair), out_type=(),
+                   kernel_name="flex_attention_forward_mosaic_repair"),
+            inputs, out, lse, q_len,
+        )
     if q_pad != q_len:
         out, lse, *max_scores = (x[:, :, :q_len] for x in (out, lse, *max_scores))
     return (out, lse, *max_scores)
