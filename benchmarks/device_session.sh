@@ -26,7 +26,8 @@
 #                                             then its gpu tests; anchor60b: its sweeps at B=8 and at 8K D=128
 #   bash benchmarks/device_session.sh repair61 section 61: the repair launch gated, against ungated and none, in sweeps;
 #                                             then the repairs' and fully masked rows' gpu tests; anchor60tests:
-#                                             anchor60's gpu tests alone
+#                                             anchor60's gpu tests alone; anchor61: the first tile's maxima's
+#                                             cost (section 61's lead)
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -557,6 +558,14 @@ plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or ov
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -20
     echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
     sweep 130 -S 8192 -D 64 --cases causal noop --configs anchored repair_ungated no_repair fixed_shift_10 anchored
+    ;;
+  anchor61)
+    # Section 61's lead: what the first tile's maxima cost the anchored walk (anchor_constant keeps the peeled step
+    # and the certificate, not the maxima), beside the fixed-shift bound, at B=8 S=2048 and 8K D=64.
+    for shape in "-B 8 -S 2048 -D 128" "-S 8192 -D 64"; do
+      echo "$shape" >> "$OUT/sweeps.md"
+      sweep 110 $shape --cases causal noop --configs anchored anchor_constant fixed_shift_10 anchored anchor_constant
+    done
     ;;
   anchor60tests)
     # anchor60's gpu tests alone.

@@ -83,6 +83,8 @@ CONFIGS = {
     # flags (as before the gate), or no repair at all (a bound, wrong where a certificate fails)
     "repair_ungated": dict(mosaic_fwd_anchored_shift=1),
     "no_repair": dict(mosaic_fwd_anchored_shift=1),
+    # and the first tile's maxima replaced by a constant (the peeled step and the certificate kept; a bound)
+    "anchor_constant": dict(mosaic_fwd_anchored_shift=1),
     # forward+backward: the Mosaic GPU backward (its default; dQ fused into the dK/dV kernel; or a dQ kernel of its
     # own with 2 or 3 stages) against the Triton one, on the Mosaic forward
     "bwd_mosaic": dict(),
@@ -152,7 +154,8 @@ def _traced_as(config: str):
     with exp2 against a fixed shift of 10, right only where no scaled score exceeds it, as on these inputs);
     "repair_all", section 60's anchored walk with every row's certificate failing; "repair_ungated", section 61's
     repair launch without its gate (every program reads each of its items' flags); "no_repair", the anchored walk
-    without the repair (a bound)."""
+    without the repair (a bound); "anchor_constant", the anchored walk with every row's anchor 7 in place of its
+    first tile's maximum (a bound, right on these inputs only, and only where no item runs again)."""
     if config == "int_indices":
         patched, name, replacement = _captures.ModProgram, "with_index_bound", lambda self, index_bound: self
     elif config == "libdevice_exp2":
@@ -179,6 +182,9 @@ def _traced_as(config: str):
     elif config == "no_repair":  # section 61: neither the flags' reduction nor the repair launch
         patched, name = mosaic_forward, "repair_failed_items"
         replacement = lambda repair_launch, inputs, out, lse, q_len: (out, lse)  # noqa: E731
+    elif config == "anchor_constant":  # section 61: each row's anchor 7, exp2 against 10 at log2(e) (scores reach ~8)
+        patched, name = mosaic_forward, "row_maximum"
+        replacement = lambda y, *, tree: jnp.full((y.shape[0],), 7.0, jnp.float32)  # noqa: E731
     elif config == "separate_mul_add":
         patched, name = _tile, "fma"
         fast_fma = _tile.fma

@@ -180,6 +180,25 @@ def test_sweep_config_libdevice_exp2_routes_exp2_through_jnp_and_puts_it_back():
     assert mosaic_sweep.options_of("libdevice_exp2") == {}
 
 
+def test_sweep_configs_of_the_repair_patch_the_forward_and_put_it_back():
+    """mosaic_sweep's section 61 configurations: the repair's gate always open, no repair at all, every anchor a
+    constant; each only while traced, on the anchored walk's options."""
+    from flexattn_jax.backends.pallas_mosaic import forward
+
+    needs = jax.numpy.zeros((1, 2, 3), jax.numpy.int32)
+    originals = forward.repair_gate, forward.repair_failed_items, forward.row_maximum
+    with mosaic_sweep._traced_as("repair_ungated"):
+        assert forward.repair_gate(needs).tolist() == [1]
+    with mosaic_sweep._traced_as("no_repair"):
+        assert forward.repair_failed_items(None, [], "out", "lse", 8) == ("out", "lse")
+    with mosaic_sweep._traced_as("anchor_constant"):
+        assert forward.row_maximum(jax.numpy.ones((4, 16)), tree=True).tolist() == [7.0] * 4
+    assert (forward.repair_gate, forward.repair_failed_items, forward.row_maximum) == originals
+    assert forward.repair_gate(needs).tolist() == [0]
+    for config in ("repair_ungated", "no_repair", "anchor_constant"):
+        assert mosaic_sweep.options_of(config) == {"mosaic_fwd_anchored_shift": 1}
+
+
 def test_clock_readings_summarised_per_window(capsys):
     from benchmarks import clocks
 
