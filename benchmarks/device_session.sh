@@ -28,6 +28,7 @@
 #                                             then the repairs' and fully masked rows' gpu tests; anchor60tests:
 #                                             anchor60's gpu tests alone; anchor61: the first tile's maxima's
 #                                             cost (section 61's lead)
+#   bash benchmarks/device_session.sh softcap62 section 62's lead: soft-capping's exp2 columns at D=128, folded
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -566,6 +567,16 @@ plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or ov
       echo "$shape" >> "$OUT/sweeps.md"
       sweep 110 $shape --cases causal noop --configs anchored anchor_constant fixed_shift_10 anchored anchor_constant
     done
+    ;;
+  softcap62)
+    # Section 62's lead: soft-capping's exp2 columns on the FMA units at D=128 with the fold (the default there is
+    # 0 columns, folded; section 47 measured 32 columns +7% without the fold), and at D=64 around its 80.
+    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128"; do
+      echo "$shape" >> "$OUT/sweeps.md"
+      sweep 100 $shape --cases softcap --configs exp2_fma_0 exp2_fma_16 exp2_fma_32 exp2_fma_48 exp2_fma_0
+    done
+    echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
+    sweep 80 -S 8192 -D 64 --cases softcap --configs exp2_fma_80 exp2_fma_64 exp2_fma_96 exp2_fma_80
     ;;
   anchor60tests)
     # anchor60's gpu tests alone.
