@@ -570,13 +570,15 @@ plain_masks or vmap_of_grad or (forward_variants and (plain or running-max or ov
     ;;
   softcap62)
     # Section 62's lead: soft-capping's exp2 columns on the FMA units at D=128 with the fold (the default there is
-    # 0 columns, folded; section 47 measured 32 columns +7% without the fold), and at D=64 around its 80.
+    # 0 columns, folded; section 47 measured 32 columns +7% without the fold), and at D=64 around its 80; each with
+    # the queries scaled by scale / cap (a multiply a score less; section 50 measured it at 64 columns only).
     for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128"; do
       echo "$shape" >> "$OUT/sweeps.md"
-      sweep 100 $shape --cases softcap --configs exp2_fma_0 exp2_fma_16 exp2_fma_32 exp2_fma_48 exp2_fma_0
+      sweep 110 $shape --cases softcap \
+        --configs exp2_fma_0 exp2_fma_16 exp2_fma_32 exp2_fma_48 scaled_queries exp2_fma_0
     done
     echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
-    sweep 80 -S 8192 -D 64 --cases softcap --configs exp2_fma_80 exp2_fma_64 exp2_fma_96 exp2_fma_80
+    sweep 90 -S 8192 -D 64 --cases softcap --configs exp2_fma_80 exp2_fma_64 exp2_fma_96 scaled_queries exp2_fma_80
     ;;
   anchor60tests)
     # anchor60's gpu tests alone.
