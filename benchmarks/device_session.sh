@@ -28,7 +28,8 @@
 #                                             then the repairs' and fully masked rows' gpu tests; anchor60tests:
 #                                             anchor60's gpu tests alone; anchor61: the first tile's maxima's
 #                                             cost (section 61's lead)
-#   bash benchmarks/device_session.sh softcap62 section 62's lead: soft-capping's exp2 columns at D=128, folded
+#   bash benchmarks/device_session.sh softcap62 section 62's lead: soft-capping's exp2 columns on the FMA units at
+#                                             D=128 (folded) and D=64, and its queries scaled, in sweeps
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
