@@ -76,11 +76,6 @@ CONFIGS = {
     "fixed_shift_10": dict(),
     # NOTES.md section 60: the first key tile's maxima shift the whole walk (the default), or the running maximum;
     # and the anchored walk with every certificate failing, so that every item runs again (its worst case)
-    # NOTES.md section 63: the plain walk's ping-pong (the default) or the two warpgroups free
-    "pingpong": dict(mosaic_fwd_pingpong=1),
-    "no_pingpong": dict(mosaic_fwd_pingpong=0),
-    **{f"no_pingpong_exp2_fma_{columns}": dict(mosaic_fwd_pingpong=0, mosaic_fwd_exp2_fma=columns)
-       for columns in range(0, 129, 16)},
     "anchored": dict(mosaic_fwd_anchored_shift=1),
     "running": dict(mosaic_fwd_anchored_shift=0),
     "repair_all": dict(mosaic_fwd_anchored_shift=1),

@@ -132,11 +132,6 @@ class Config:
         launch that skips every other item, ``flex_forward``). Only for bfloat16 inputs, whose P keeps float32's
         exponent range, and not with ``with_max_scores``. On by default: on an H200 the forward 6-20% faster at
         issue 8's shapes (NOTES.md section 60).
-      pingpong: in the walk without ``overlap``, a shared barrier alternates the two compute warpgroups'
-        softmaxes, so that one's matmuls run during the other's softmax (FlashAttention-3's ping-pong). Off, the
-        warpgroups run free: both softmaxes may share the special-function unit and the issue slots at once, and
-        only the key/value ring ties them (NOTES.md section 63). The overlapped walk hands turns over instead and
-        ignores it.
     """
 
     block_n: int
@@ -151,7 +146,6 @@ class Config:
     row_sum_fold: bool | None = None
     max_tree: bool = True
     anchored_shift: bool = True
-    pingpong: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -570,7 +564,6 @@ class _Plan:
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     max_tree: bool  # row maxima by column halves (Config.max_tree)
     anchored: bool  # the first key tile's row maxima shift the whole walk, certified after it (Config.anchored_shift)
-    pingpong: bool  # the walk without overlap alternates the warpgroups' softmaxes (Config.pingpong)
     repair: bool  # the launch that reruns the items a certificate failed, on the running maximum, and only those
     num_score_consts: int
     num_mask_consts: int
@@ -883,9 +876,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        # The plain walk's ping-pong (Config.pingpong); the overlapped walk hands turns over instead (see there).
-        alternating = plan.pingpong and not plan.overlap
-
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
@@ -948,7 +938,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-                if alternating:
+                if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
                 def shift_of(row_max):
@@ -1039,8 +1029,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                        if alternating:
-                            schedule_barrier()
+                        schedule_barrier()
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
@@ -1052,11 +1041,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         acc = rescaled(acc, correction)
                     # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
-                    if alternating:
-                        plgpu.barrier_arrive(schedule)
+                    plgpu.barrier_arrive(schedule)
                     plgpu.barrier_wait(v_ready.at[slot])
-                    if alternating:
-                        plgpu.barrier_wait(schedule)
+                    plgpu.barrier_wait(schedule)
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_low, v_smem.at[slot])
@@ -1169,7 +1156,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if plan.has_full:
                         carry = lax.fori_loop(first_full, num_steps, functools.partial(step_fn, partial=False), carry)
                     acc, row_max, row_sum = carry
-                if alternating:
+                if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
                 if plan.row_sum_fold:
@@ -1521,7 +1508,6 @@ def flex_forward(
         row_sum_fold=row_sum_fold,
         max_tree=config.max_tree,
         anchored=anchored,
-        pingpong=config.pingpong,
         repair=False,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
