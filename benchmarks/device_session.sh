@@ -30,8 +30,6 @@
 #                                             cost (section 61's lead)
 #   bash benchmarks/device_session.sh softcap62 section 62's lead: soft-capping's exp2 columns on the FMA units at
 #                                             D=128 (folded) and D=64, and its queries scaled, in sweeps
-#   bash benchmarks/device_session.sh rendezvous65 section 65: the plain walk's warpgroups meeting once a key tile, in
-#                                             sweeps at D=64 and soft-capping at D=128; then its gpu tests
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -715,23 +713,6 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # SDPA's at each: whether its kernel loses per flop at the shorter walks as ours does (5.8% in boundary55).
     ncu_full_attention_shapes sdpa "flex_attention_forward|flash|fmha|cudnn|sdpa" 2 sdpa_ \
       "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
-    ;;
-  rendezvous65)
-    # Section 65: the plain walk's warpgroups meeting once a key tile (mosaic_fwd_rendezvous=1) against twice (the
-    # default) at D=64 (soft-capping, also with 96 and 128 exp2 columns; causal and full attention), and soft-capping
-    # at D=128 (the overlapped walk, causal's and full attention's default there, ignores the option); then its gpu
-    # tests.
-    echo "-S 8192 -D 64" >> "$OUT/sweeps.md"
-    sweep 120 -S 8192 -D 64 --cases softcap \
-      --configs defaults rendezvous_1 rendezvous_1_exp2_fma_96 rendezvous_1_exp2_fma_128 defaults rendezvous_1
-    sweep 90 -S 8192 -D 64 --cases causal noop --configs defaults rendezvous_1 defaults
-    for shape in "-S 8192 -D 128" "-B 8 -S 2048 -D 128"; do
-      echo "$shape" >> "$OUT/sweeps.md"
-      sweep 70 $shape --cases softcap --configs defaults rendezvous_1 defaults
-    done
-    timeout 200 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
-      -k "rendezvous" >"$OUT/gpu_tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     ;;
   timer57)
     # Section 57: the three shapes of the issues beside the anchors, every implementation timed one way (TIMER=bursts

@@ -74,11 +74,6 @@ CONFIGS = {
     "max_chain": dict(mosaic_fwd_max_tree=0, mosaic_fwd_anchored_shift=0),
     "no_rescale": dict(mosaic_fwd_anchored_shift=0),
     "fixed_shift_10": dict(),
-    # NOTES.md section 65: the plain walk's warpgroups meeting twice a key tile (the default) or once
-    "rendezvous_1": dict(mosaic_fwd_rendezvous=1),
-    "rendezvous_1_plain": dict(mosaic_fwd_rendezvous=1, mosaic_fwd_overlap=0),
-    **{f"rendezvous_1_exp2_fma_{columns}": dict(mosaic_fwd_rendezvous=1, mosaic_fwd_exp2_fma=columns)
-       for columns in range(0, 129, 16)},
     # NOTES.md section 60: the first key tile's maxima shift the whole walk (the default), or the running maximum;
     # and the anchored walk with every certificate failing, so that every item runs again (its worst case)
     "anchored": dict(mosaic_fwd_anchored_shift=1),

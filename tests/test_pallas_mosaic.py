@@ -102,18 +102,6 @@ def test_row_maxima_either_way_lower_for_cuda(head_dim):
     assert by_halves != by_chains
 
 
-@pytest.mark.parametrize("head_dim, score_mod", [(64, fa.tanh_softcap(20.0)), (128, None)])
-def test_one_rendezvous_a_key_tile_lowers_for_cuda(head_dim, score_mod, forward_plans):
-    # mosaic_fwd_rendezvous=1 keeps one meeting of the plain walk's two on the schedule barrier, and neither the
-    # warpgroups' offset at the start nor its balance at the end (a smaller kernel); the option reaches the plan.
-    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    plain = {"mosaic_fwd_overlap": 0}
-    twice = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=plain)
-    once = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options={**plain, "mosaic_fwd_rendezvous": 1})
-    assert twice != once
-    assert [plan.rendezvous for plan in forward_plans] == [2, 1]
-
-
 def test_row_maximum_by_column_halves_is_the_row_maximum():
     from flexattn_jax.backends.pallas_mosaic import forward
 
@@ -507,8 +495,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
      ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
-     ({"mosaic_fwd_max_tree": 2}, ValueError), ({"mosaic_fwd_rendezvous": 0}, ValueError),
-     ({"mosaic_fwd_rendezvous": 3}, ValueError)],
+     ({"mosaic_fwd_max_tree": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -624,7 +611,6 @@ _FORWARD_VARIANTS = {
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
     "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
     "running-max": {"mosaic_fwd_anchored_shift": 0},
-    "one-rendezvous": {"mosaic_fwd_overlap": 0, "mosaic_fwd_rendezvous": 1},
 }
 
 
@@ -635,7 +621,7 @@ def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
     # in shared memory, some exp2 from the FMA units' polynomial (with the fixed maximum), the row sums reduced
-    # across threads once, the plain walk's warpgroups meeting once a key tile.
+    # across threads once.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -645,27 +631,13 @@ def test_gpu_forward_variants_match_reference(case, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
 def test_gpu_programs_of_many_items_match_reference(case):
-    _many_items_on_gpu(case, None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "case", [case for case in _SCHEDULE_CASES if case.name in ("document_causal", "softcap_causal")], ids=repr
-)
-def test_gpu_programs_of_many_items_with_one_rendezvous_match_reference(case):
-    # Meeting once a key tile, warpgroup 0 may start its next softmax before warpgroup 1 ends its own, and each
-    # item's walk starts without the offset: the meetings must still pair up across items of differing walks.
-    _many_items_on_gpu(case, {"mosaic_fwd_rendezvous": 1, "mosaic_fwd_overlap": 0})
-
-
-def _many_items_on_gpu(case, options):
     # The persistent forward runs 2-3 work items per program here (17 query tiles x 8 heads x 2 batches over one
     # program per SM), of walks of differing lengths: the key/value ring and the query buffers carry from one item
     # to the next, and the ping-pong restarts at each. The tests above run one item per program.
     B, Hq, Hkv, L, S = 2, 8, 2, 2100, 1900
     q, k, v = random_qkv(10, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 10)
-    _compare_on_gpu(q, k, v, mask_mod, score_mod, kernel_options=options, grads=False)
+    _compare_on_gpu(q, k, v, mask_mod, score_mod, grads=False)
 
 
 @pytest.mark.gpu
@@ -684,8 +656,8 @@ def test_gpu_programs_of_many_items_with_rows_that_attend_nowhere():
 @pytest.mark.parametrize(
     "options",
     [None, {"mosaic_fwd_float_indices": 0}, {"mosaic_block_n": 64}, {"mosaic_fwd_scale_queries": 1},
-     {"mosaic_fwd_row_sum_fold": 1}, {"mosaic_fwd_rendezvous": 1}],
-    ids=["defaults", "int-indices", "bn64", "scaled-queries", "row-sum-fold", "one-rendezvous"],
+     {"mosaic_fwd_row_sum_fold": 1}],
+    ids=["defaults", "int-indices", "bn64", "scaled-queries", "row-sum-fold"],
 )
 def test_gpu_forward_variants_at_head_dim_64_where_nothing_is_masked(options):
     # No mask and lengths the key tile divides (no bounds to mask): ALiBi's indices.
@@ -711,8 +683,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
-     {"mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_overlap": 0, "mosaic_fwd_rendezvous": 1}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max", "one-rendezvous"],
+     {"mosaic_fwd_anchored_shift": 0}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)

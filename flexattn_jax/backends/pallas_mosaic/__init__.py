@@ -68,9 +68,6 @@ scatter-add, which only the Triton dQ kernel has).
   their work items run again, exactly, in a second launch that skips every other item
   (``forward.Config.anchored_shift``; measured on an H200 6-20% faster forward at issue 8's shapes, section 60); 0
   keeps the running maximum;
-* ``mosaic_fwd_rendezvous`` (2, the default, or 1): in the walk without ``mosaic_fwd_overlap``, how often a key
-  tile the two compute warpgroups meet: 2 alternates their softmaxes strictly (the ping-pong), 1 lets warpgroup 0's
-  next softmax start before warpgroup 1's ends (``forward.Config.rendezvous``, section 65);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -116,7 +113,7 @@ OPTION_KEYS = (
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
     "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
-    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift", "mosaic_fwd_rendezvous",
+    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -166,8 +163,8 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
             raise ValueError(f"kernel_options['mosaic_fwd_exp2_fma'] must be one of {_EXP2_FMA}, got {value}")
-        if key in ("mosaic_fwd_q_buffers", "mosaic_fwd_rendezvous") and value not in (1, 2):
-            raise ValueError(f"kernel_options[{key!r}] must be 1 or 2, got {value}")
+        if key == "mosaic_fwd_q_buffers" and value not in (1, 2):
+            raise ValueError(f"kernel_options['mosaic_fwd_q_buffers'] must be 1 or 2, got {value}")
         if key in ("mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps") and value not in (1, 4):
             raise ValueError(f"kernel_options[{key!r}] must be 1 or 4, got {value}")
         if key == "mosaic_bwd_overlap" and value not in (0, 1, 2):
@@ -219,8 +216,7 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
                            row_sum_fold=bool(options["mosaic_fwd_row_sum_fold"])
                            if "mosaic_fwd_row_sum_fold" in options else None,
                            max_tree=bool(options.get("mosaic_fwd_max_tree", 1)),
-                           anchored_shift=bool(options.get("mosaic_fwd_anchored_shift", 1)),
-                           rendezvous=options.get("mosaic_fwd_rendezvous", 2)), ""
+                           anchored_shift=bool(options.get("mosaic_fwd_anchored_shift", 1))), ""
 
 
 def unsupported_reason(

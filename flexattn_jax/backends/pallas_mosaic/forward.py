@@ -132,13 +132,6 @@ class Config:
         launch that skips every other item, ``flex_forward``). Only for bfloat16 inputs, whose P keeps float32's
         exponent range, and not with ``with_max_scores``. On by default: on an H200 the forward 6-20% faster at
         issue 8's shapes (NOTES.md section 60).
-      rendezvous: in the walk without ``overlap``, how often a key tile the two compute warpgroups meet on the
-        shared schedule barrier. 2 (the default): after each one's Q K^T and before each one's P V, so that the two
-        softmaxes strictly alternate and one's matmuls run during the other's softmax (FlashAttention-3's
-        ping-pong). 1: once, warpgroup 0 before its P V with warpgroup 1 after its Q K^T, so that warpgroup 1's
-        softmax still starts as warpgroup 0's ends but warpgroup 0's next one may start before warpgroup 1's
-        ends (NOTES.md section 65). Free of the barrier altogether they fall into step, slower (section 63).
-        The overlapped walk hands turns over instead and ignores it.
     """
 
     block_n: int
@@ -153,7 +146,6 @@ class Config:
     row_sum_fold: bool | None = None
     max_tree: bool = True
     anchored_shift: bool = True
-    rendezvous: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -572,7 +564,6 @@ class _Plan:
     row_sum_fold: bool  # per-thread partial row sums, reduced after the walk (Config.row_sum_fold)
     max_tree: bool  # row maxima by column halves (Config.max_tree)
     anchored: bool  # the first key tile's row maxima shift the whole walk, certified after it (Config.anchored_shift)
-    rendezvous: int  # the plain walk's meetings on the schedule barrier a key tile, 2 or 1 (Config.rendezvous)
     repair: bool  # the launch that reruns the items a certificate failed, on the running maximum, and only those
     num_score_consts: int
     num_mask_consts: int
@@ -885,10 +876,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        # The plain walk's meetings a key tile (Config.rendezvous); the overlapped walk hands turns over instead.
-        alternating = not plan.overlap and plan.rendezvous == 2
-        once_a_step = not plan.overlap and plan.rendezvous == 1
-
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
@@ -951,7 +938,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(base, jnp.int32(stages))])
 
-                if alternating:  # warpgroup 1 starts half a step behind
+                if not plan.overlap:  # the overlapped walk hands turns over instead (see there)
                     pl.when(wg == 1)(schedule_barrier)
 
                 def shift_of(row_max):
@@ -1042,10 +1029,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                        if alternating:
-                            schedule_barrier()
-                        elif once_a_step:  # warpgroup 1's softmax waits for warpgroup 0's to end
-                            pl.when(wg == 1)(schedule_barrier)
+                        schedule_barrier()
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_M, block_n), jnp.float32))
@@ -1057,15 +1041,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         acc = rescaled(acc, correction)
                     # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
-                    if alternating:
-                        plgpu.barrier_arrive(schedule)
-                    elif once_a_step:
-                        pl.when(wg == 0)(lambda: plgpu.barrier_arrive(schedule))
+                    plgpu.barrier_arrive(schedule)
                     plgpu.barrier_wait(v_ready.at[slot])
-                    if alternating:
-                        plgpu.barrier_wait(schedule)
-                    elif once_a_step:
-                        pl.when(wg == 0)(lambda: plgpu.barrier_wait(schedule))
+                    plgpu.barrier_wait(schedule)
 
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p_low, v_smem.at[slot])
@@ -1178,7 +1156,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if plan.has_full:
                         carry = lax.fori_loop(first_full, num_steps, functools.partial(step_fn, partial=False), carry)
                     acc, row_max, row_sum = carry
-                if alternating:  # warpgroup 0's last meeting, the one warpgroup 1 made at the start
+                if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
                 if plan.row_sum_fold:
@@ -1530,7 +1508,6 @@ def flex_forward(
         row_sum_fold=row_sum_fold,
         max_tree=config.max_tree,
         anchored=anchored,
-        rendezvous=config.rendezvous,
         repair=False,
         num_score_consts=len(score_consts),
         num_mask_consts=len(mask_consts),
