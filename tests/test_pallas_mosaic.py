@@ -130,6 +130,9 @@ def test_float_index_tiles_serve_alibi_in_the_kernel(head_dim, monkeypatch):
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), kernel_options={"mosaic_fwd_float_indices": 0})
     assert built == []
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2))
+    assert built == [{(-1, 1)}]  # ALiBi keeps the running maximum: one launch
+    built.clear()
+    _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), kernel_options={"mosaic_fwd_anchored_shift": 1})
     assert built == [{(-1, 1)}] * 2  # the anchored walk's launch and its repair launch
 
 
@@ -324,20 +327,32 @@ def all_forward_plans(monkeypatch):
     return _recorded_plans(monkeypatch, repairs=True)
 
 
+def _double(score, b, h, q_idx, kv_idx):
+    """A literal factor only: it joins the softmax's scale, and no score_mod is left to apply."""
+    del b, h, q_idx, kv_idx
+    return score * 2.0
+
+
 @pytest.mark.parametrize(
     "score_mod, dtype, options, with_max_scores, anchored",
-    [(None, jnp.bfloat16, None, False, True), (fa.generate_alibi_bias(2), jnp.bfloat16, None, False, True),
+    [(None, jnp.bfloat16, None, False, True), (fa.generate_alibi_bias(2), jnp.bfloat16, None, False, False),
+     (fa.generate_alibi_bias(2), jnp.bfloat16, {"mosaic_fwd_anchored_shift": 1}, False, True),
+     (_double, jnp.bfloat16, None, False, True),
      (None, jnp.bfloat16, {"mosaic_fwd_overlap": 0}, False, True),
      (None, jnp.bfloat16, {"mosaic_fwd_anchored_shift": 0}, False, False),
      (None, jnp.float16, None, False, False), (fa.tanh_softcap(30.0), jnp.bfloat16, None, False, False),
+     (fa.tanh_softcap(30.0), jnp.bfloat16, {"mosaic_fwd_anchored_shift": 1}, False, False),
      (None, jnp.bfloat16, None, True, False)],
-    ids=["causal", "alibi", "plain-walk", "option-off", "float16", "softcap-fixed-max", "max-scores"],
+    ids=["causal", "alibi-default", "alibi-option-on", "literal-factor", "plain-walk", "option-off", "float16",
+         "softcap-fixed-max", "softcap-option-on", "max-scores"],
 )
 def test_anchored_walk_plans_a_repair_launch(score_mod, dtype, options, with_max_scores, anchored,
                                              all_forward_plans):
-    """mosaic_fwd_anchored_shift (on by default) anchors the walk on bfloat16 inputs, with any score_mod the fixed
-    maximum does not bound and without the maximum scores; a second launch then reruns the failed items on the
-    running maximum, one query buffer, writing into the first launch's outputs (aliased, not copied)."""
+    """mosaic_fwd_anchored_shift anchors the walk on bfloat16 inputs, without the maximum scores, where the fixed
+    maximum does not apply: by default where no score_mod is left once its literal factors join the scale, with
+    the option on under any score_mod (ALiBi's bias, which the default leaves on the running maximum). A second
+    launch then reruns the failed items on the running maximum, one query buffer, writing into the first launch's
+    outputs (aliased, not copied)."""
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=1, L=256, S=384, E=128, Ev=128, dtype=dtype)
     text = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options,
                            with_max_scores=with_max_scores)
@@ -700,6 +715,10 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
 
 
+# The anchored walk under any score_mod (by default only where none is left to apply).
+_ANCHORED = {"mosaic_fwd_anchored_shift": 1}
+
+
 def _hot_keys(score, b, h, q_idx, kv_idx):
     """Keys 600 to 609 scored 110 above the others (natural units): past what the anchored walk allows above its
     first tile's maximum (44) for every row whose walk reaches them after that tile. A score_mod rather than keys of
@@ -711,7 +730,7 @@ def _hot_keys(score, b, h, q_idx, kv_idx):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask_mod", [None, fa.causal_mask, fa.sliding_window_mask(700)],
                          ids=["full", "causal", "sliding"])
-@pytest.mark.parametrize("options", [None, {"mosaic_fwd_overlap": 0}], ids=["default", "plain"])
+@pytest.mark.parametrize("options", [_ANCHORED, {**_ANCHORED, "mosaic_fwd_overlap": 0}], ids=["default", "plain"])
 def test_gpu_anchored_walk_repairs_rows_past_its_limit(mask_mod, options):
     """Rows whose later scores exceed their first tile's maximum by more than 44 fail the certificate;
     their items run again on the running maximum: the result is the reference's, and so are the gradients."""
@@ -728,7 +747,7 @@ _REPAIR_CASES = [case for case in _SUPPORTED
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("options", [None, {"mosaic_fwd_overlap": 0}], ids=["default", "plain"])
+@pytest.mark.parametrize("options", [_ANCHORED, {**_ANCHORED, "mosaic_fwd_overlap": 0}], ids=["default", "plain"])
 @pytest.mark.parametrize("case", _REPAIR_CASES, ids=repr)
 def test_gpu_repair_launch_of_every_item_matches_reference(case, options, monkeypatch):
     """Every certificate failing (patched), every item runs again in the repair launch, whose results alone are

@@ -61,13 +61,14 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_fwd_max_tree`` (1, the default, or 0): 1 takes each key tile's row maxima by column halves before the
   exchange between threads, the same maxima by shorter dependent chains (``forward.Config.max_tree``; measured on an
   H100 2-3% faster at D=64 and at B=8 S=2048 on full attention, section 59); 0, Mosaic GPU's reduction;
-* ``mosaic_fwd_anchored_shift`` (1, the default, or 0): 1, on bfloat16 inputs where the fixed maximum does not
-  apply and the maximum scores are not asked for, each row's softmax subtracts its maximum over the first key tile
-  of its walk for the whole walk, with no maximum to reduce and no accumulator to rescale per later key tile; rows
-  whose scores later exceed that maximum by more than 44 (natural units) fail a certificate after the walk, and
-  their work items run again, exactly, in a second launch that skips every other item
-  (``forward.Config.anchored_shift``; measured on an H200 6-20% faster forward at issue 8's shapes, section 60); 0
-  keeps the running maximum;
+* ``mosaic_fwd_anchored_shift`` (0 or 1; unset: 1 where no score_mod is left to apply, else 0): 1, on bfloat16
+  inputs where the fixed maximum does not apply and the maximum scores are not asked for, each row's softmax
+  subtracts its maximum over the first key tile of its walk for the whole walk, with no maximum to reduce and no
+  accumulator to rescale per later key tile; rows whose scores later exceed that maximum by more than 44 (natural
+  units) fail a certificate after the walk, and their work items run again, exactly, in a second launch that skips
+  every other item (``forward.Config.anchored_shift``; measured on an H200 6-20% faster forward at issue 8's
+  shapes on full attention and causal, section 60; on an H100 ALiBi's forward at half the speed, every item run
+  twice, section 66); 0 keeps the running maximum;
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -216,7 +217,8 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
                            row_sum_fold=bool(options["mosaic_fwd_row_sum_fold"])
                            if "mosaic_fwd_row_sum_fold" in options else None,
                            max_tree=bool(options.get("mosaic_fwd_max_tree", 1)),
-                           anchored_shift=bool(options.get("mosaic_fwd_anchored_shift", 1))), ""
+                           anchored_shift=bool(options["mosaic_fwd_anchored_shift"])
+                           if "mosaic_fwd_anchored_shift" in options else None), ""
 
 
 def unsupported_reason(

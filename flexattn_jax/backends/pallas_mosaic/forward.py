@@ -27,9 +27,10 @@ caller falls back to the Triton kernels. A float32 conversion of an index, or of
 Softmax in base 2, as in ``pallas_triton._tile``, with the row maximum taken before scaling and the score_mod's
 literal factors folded into the exponent (``_captures.SoftmaxScaling``): a row with nothing allowed keeps a running
 maximum of -inf and is exponentiated against 0, never ``-inf - -inf``; it finishes with output 0 and lse -inf.
-On bfloat16 the walk is anchored by default (``Config.anchored_shift``): the first key tile's row maxima shift every
-later tile, which takes no maximum; a row whose sum then shows an overflow or an underflow gets lse NaN, and
-``flex_forward`` runs its work item again in a second launch on the running maximum, writing in place.
+On bfloat16, where no score_mod is left to apply, the walk is anchored by default (``Config.anchored_shift``): the
+first key tile's row maxima shift every later tile, which takes no maximum; a row whose sum then shows an overflow or
+an underflow gets lse NaN, and ``flex_forward`` runs its work item again in a second launch on the running maximum,
+writing in place.
 """
 
 from __future__ import annotations
@@ -130,8 +131,11 @@ class Config:
         units, 44 in natural units, for bfloat16); each row certifies that from its sum after the walk
         (``anchor_certificate``), and the work items of rows that fail run again on the running maximum (a second
         launch that skips every other item, ``flex_forward``). Only for bfloat16 inputs, whose P keeps float32's
-        exponent range, and not with ``with_max_scores``. On by default: on an H200 the forward 6-20% faster at
-        issue 8's shapes (NOTES.md section 60).
+        exponent range, and not with ``with_max_scores``. Unset: on where no score_mod is left to apply (after its
+        literal factors join the scale): on an H200 the forward 6-20% faster at issue 8's shapes on full attention
+        and causal (NOTES.md section 60). A score_mod may raise later scores far above the first tile's (ALiBi's
+        bias grows towards the diagonal), and every item then runs twice: on an H100 ALiBi's forward at half the
+        running maximum's speed (section 66).
     """
 
     block_n: int
@@ -145,7 +149,7 @@ class Config:
     exp2_fma: int | None = None
     row_sum_fold: bool | None = None
     max_tree: bool = True
-    anchored_shift: bool = True
+    anchored_shift: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1444,7 +1448,10 @@ def flex_forward(
         fixed_shift = fixed_shift_of(score_mod, scaling, jnp.dtype(query.dtype))
     # bfloat16 only: float16's P overflows past 2^15, so later scores could rise only 10 (natural units) above the
     # anchor before an item runs again (Config.anchored_shift).
-    anchored = (config.anchored_shift and fixed_shift is None and not with_max_scores
+    anchored_shift = config.anchored_shift
+    if anchored_shift is None:
+        anchored_shift = not scaling.apply_score_mod
+    anchored = (anchored_shift and fixed_shift is None and not with_max_scores
                 and jnp.dtype(query.dtype) == jnp.bfloat16)
     # Soft-capping's tanh shares the special-function unit with the softmax's exp2: where that unit bounds the step
     # (head dim 64), most of the exp2 move to the FMA units; at 128, the row sums' exchanges go (NOTES.md sections
