@@ -30,6 +30,8 @@
 #                                             cost (section 61's lead)
 #   bash benchmarks/device_session.sh softcap62 section 62's lead: soft-capping's exp2 columns on the FMA units at
 #                                             D=128 (folded) and D=64, and its queries scaled, in sweeps
+#   bash benchmarks/device_session.sh alibi66 section 66: ALiBi on the running maximum beside the anchors at the three
+#                                             shapes; then ALiBi's gpu tests and the repairs' (the anchored walk asked for)
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -713,6 +715,17 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # SDPA's at each: whether its kernel loses per flop at the shorter walks as ours does (5.8% in boundary55).
     ncu_full_attention_shapes sdpa "flex_attention_forward|flash|fmha|cudnn|sdpa" 2 sdpa_ \
       "Duration|Issue Slots|No Eligible|Grid Size|Block Size|Registers Per|Waves"
+    ;;
+  alibi66)
+    # Section 66: ALiBi's forward on the running maximum, its default again, beside the anchors at the three shapes of
+    # the issues (one round, as runs 63 to 65 timed it on the anchored walk); then every ALiBi gpu test of the Mosaic
+    # backend and the repair tests, which now ask for the anchored walk under their score_mods.
+    timeout 330 python3 -m benchmarks.run --suite prefill --shapes 2x16x8192x128,2x16x8192x64,8x16x2048x128 \
+      --cases alibi --modes fwd,fwdbwd --implementations pallas_mosaic --timer bursts --runs 10 --rounds 1 \
+      --budget-s 300 --out "$OUT/alibi66" 2>&1 | grep -E "^\||^Run|ceilings" | tail -12
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "alibi or repair" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     ;;
   timer57)
     # Section 57: the three shapes of the issues beside the anchors, every implementation timed one way (TIMER=bursts
