@@ -32,6 +32,7 @@
 #                                             D=128 (folded) and D=64, and its queries scaled, in sweeps
 #   bash benchmarks/device_session.sh alibi66 section 66: ALiBi on the running maximum beside the anchors at the three
 #                                             shapes; then ALiBi's gpu tests and the repairs' (the anchored walk asked for)
+#   bash benchmarks/device_session.sh mufu67  section 67: each special-function instruction's rate alone (mufu_rate)
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -726,6 +727,13 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
       -k "alibi or repair" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    ;;
+  mufu67)
+    # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,
+    # beside the FMA units' (the clock's calibration); two processes, to see the spread.
+    for _ in 1 2; do
+      timeout 100 python3 -m benchmarks.mufu_rate 2>&1 | grep -vi warning | tee -a "$OUT/mufu.md"
+    done
     ;;
   timer57)
     # Section 57: the three shapes of the issues beside the anchors, every implementation timed one way (TIMER=bursts

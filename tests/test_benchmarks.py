@@ -277,3 +277,34 @@ def test_sass_counters_summarised_per_kernel():
     report = ncu_sass.report("attention_kernel", kernels["attention_kernel"], top=3)
     assert "loop: 3 instructions executed 64 times each" in report
     assert "wait, by opcode: MUFU 75%, HGMMA 25%" in report
+
+
+@pytest.mark.parametrize("name", ["fma_f32", "tanh_f32", "tanh_f16x2", "ex2_bf16x2"])
+def test_mufu_rate_chains_lower_for_cuda(name):
+    # Each instruction's chain lowers to one Triton kernel holding the inline PTX once per written-out step (the
+    # loop is not unrolled further); the GPU run is `python -m benchmarks.mufu_rate`.
+    from benchmarks import mufu_rate
+
+    op = mufu_rate.OPS[name]
+    fn = mufu_rate.chain(op, num_programs=2, iterations=3)
+    x = jax.ShapeDtypeStruct((2 * mufu_rate.BLOCK,), op.dtype)
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        text = fn.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and "mufu_rate_chain" in text
+    assert op.asm.split()[0] in text  # the instruction, in the kernel's serialized Triton IR
+
+
+def test_mufu_rate_prints_a_row_per_instruction(monkeypatch, capsys):
+    # The table without a GPU: each chain a plain XLA function of the same shapes, nvidia-smi's clock absent.
+    from benchmarks import mufu_rate
+
+    monkeypatch.setattr(mufu_rate, "num_sms", lambda: 2)
+    monkeypatch.setattr(mufu_rate, "_sm_clock_mhz", lambda: "?")
+    monkeypatch.setattr(mufu_rate, "chain", lambda op, num_programs, iterations: jax.jit(lambda x: -x))
+    mufu_rate.main(["--iterations", "1", "--ops", "fma_f32", "tanh_f16x2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| fma_f32", "| tanh_f16x2"]
+    assert rows[0].split(" | ")[4] == "128.0"  # the calibration's own rate
+    results, instructions = (float(cell) for cell in rows[1].split(" | ")[2:4])
+    assert results == pytest.approx(2 * instructions)  # two results an f16x2 instruction
