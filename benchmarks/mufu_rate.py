@@ -10,8 +10,9 @@ instruction alone: a Pallas Triton kernel in which every thread runs many indepe
 instruction (inline PTX), one program per SM eight times over, timed in bursts (``timing.time_jax``).
 
 Each chain feeds the instruction its own negated result, which keeps every value bounded (ex2 of a negative number
-lies in (0, 1], tanh stays in (-1, 1), rcp alternates between [0.5, 1] and [-2, -1]) and, for float32, costs no
-instruction: ptxas folds the negation into the special-function instruction's operand. ``fma_f32``, on the FMA
+lies in (0, 1], tanh stays in (-1, 1), rcp alternates between [0.5, 1] and [-2, -1]); for float32 ptxas can fold
+the negation into the instruction's operand, and where it does not, the negation runs on another pipe beside the
+special-function unit, whose rate is the one measured. ``fma_f32``, on the FMA
 units at 128 results a clock an SM on Hopper, calibrates the clock: each row's ``/clk/SM`` is its rate over
 ``fma_f32``'s, times 128 (an estimate where ``fma_f32`` is not issue-bound; the measured clock is printed beside it).
 """

@@ -134,7 +134,7 @@ class Config:
         exponent range, and not with ``with_max_scores``. Unset: on where no score_mod is left to apply (after its
         literal factors join the scale): on an H200 the forward 6-20% faster at issue 8's shapes on full attention
         and causal (NOTES.md section 60). A score_mod may raise later scores far above the first tile's (ALiBi's
-        bias grows towards the diagonal), and every item then runs twice: on an H100 ALiBi's forward at half the
+        bias rises along the keys), and every item then runs twice: on an H100 ALiBi's forward at half the
         running maximum's speed (section 66).
     """
 
