@@ -12,9 +12,10 @@ instruction (inline PTX), one program per SM eight times over, timed in bursts (
 Each chain feeds the instruction its own negated result, which keeps every value bounded (ex2 of a negative number
 lies in (0, 1], tanh stays in (-1, 1), rcp alternates between [0.5, 1] and [-2, -1]); for float32 ptxas can fold
 the negation into the instruction's operand, and where it does not, the negation runs on another pipe beside the
-special-function unit, whose rate is the one measured. ``fma_f32``, on the FMA
-units at 128 results a clock an SM on Hopper, calibrates the clock: each row's ``/clk/SM`` is its rate over
-``fma_f32``'s, times 128 (an estimate where ``fma_f32`` is not issue-bound; the measured clock is printed beside it).
+special-function unit, whose rate is the one measured. Each row's ``/clk/SM`` is its rate at the SM clock
+nvidia-smi reads right after it. Where no clock can be read, ``fma_f32``'s rate stands for 128 results a clock (the
+FMA lanes of a Hopper SM); on the H100 that estimate proved wrong (NOTES.md section 67: the chain of ``fma_f32`` ran at
+59 results a clock by the clock read, issue-bound, not at the lanes' 128), so it is only the fallback.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     rates = {}
     print(f"{jax.devices()[0].device_kind}, {sms} SMs, {num_programs} programs of {BLOCK} elements, {NUM_WARPS} "
           f"warps, {steps} steps a chain")
-    print("| instruction | ms | results/ns/SM | instructions/ns/SM | /clk/SM (fma_f32 = 128) | SM clock MHz |")
+    print("| instruction | ms | results/ns/SM | instructions/ns/SM | results/clk/SM | SM clock MHz |")
     print("|---|---|---|---|---|---|")
     for name in args.ops:
         op = OPS[name]
@@ -127,8 +128,14 @@ def main(argv=None) -> None:
             continue
         results = num_programs * BLOCK * steps / (ms * 1e6) / sms
         rates[name] = results
-        per_clock = f"{results / rates['fma_f32'] * FMA_RESULTS_PER_CLOCK:.1f}" if "fma_f32" in rates else "–"
-        print(f"| {name} | {ms:.3f} | {results:.2f} | {results / op.pack:.2f} | {per_clock} | {_sm_clock_mhz()} |")
+        clock_mhz = _sm_clock_mhz()
+        if clock_mhz.isdigit():
+            per_clock = f"{results / (int(clock_mhz) / 1000):.1f}"
+        elif "fma_f32" in rates:
+            per_clock = f"{results / rates['fma_f32'] * FMA_RESULTS_PER_CLOCK:.1f} (fma_f32 = 128)"
+        else:
+            per_clock = "–"
+        print(f"| {name} | {ms:.3f} | {results:.2f} | {results / op.pack:.2f} | {per_clock} | {clock_mhz} |")
 
 
 if __name__ == "__main__":

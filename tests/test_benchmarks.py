@@ -305,7 +305,23 @@ def test_mufu_rate_prints_a_row_per_instruction(monkeypatch, capsys):
     mufu_rate.main(["--iterations", "1", "--ops", "fma_f32", "tanh_f16x2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| fma_f32", "| tanh_f16x2"]
-    assert rows[0].split(" | ")[4] == "128.0"  # the calibration's own rate
+    assert rows[0].split(" | ")[4] == "128.0 (fma_f32 = 128)"  # no clock read: the fallback's own rate
     results, instructions = (float(cell) for cell in rows[1].split(" | ")[2:4])
     # two results an f16x2 instruction, up to the table's two decimals
     assert results == pytest.approx(2 * instructions, abs=0.02)
+
+
+def test_mufu_rate_counts_results_a_clock_at_the_clock_read(monkeypatch, capsys):
+    # With nvidia-smi's clock read, each row's results a clock are its results a nanosecond over the clock in GHz.
+    from benchmarks import mufu_rate
+
+    monkeypatch.setattr(mufu_rate, "num_sms", lambda: 2)
+    monkeypatch.setattr(mufu_rate, "_sm_clock_mhz", lambda: "1500")
+    monkeypatch.setattr(mufu_rate, "chain", lambda op, num_programs, iterations: jax.jit(lambda x: -x))
+    monkeypatch.setattr(mufu_rate.timing, "time_jax", lambda *args, **kwargs: 0.001)  # a fixed time: fixed rates
+    mufu_rate.main(["--iterations", "1", "--ops", "ex2_f32"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| ex2_f32"))
+    cells = row.split(" | ")
+    # 16 programs of 4096 elements, 4 steps each, in a microsecond on 2 SMs: 131.07 a nanosecond an SM
+    assert float(cells[2]) == pytest.approx(131.07)
+    assert float(cells[4]) == pytest.approx(131.07 / 1.5, abs=0.05)
