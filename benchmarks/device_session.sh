@@ -33,6 +33,9 @@
 #   bash benchmarks/device_session.sh alibi66 section 66: ALiBi on the running maximum beside the anchors at the three
 #                                             shapes; then ALiBi's gpu tests and the repairs' (the anchored walk asked for)
 #   bash benchmarks/device_session.sh mufu67  section 67: each special-function instruction's rate alone (mufu_rate)
+#   bash benchmarks/device_session.sh softcap68 section 68: soft-capping at 8K D=128 on the overlapped walk, with exp2
+#                                             columns on the FMA units, in sweeps; then one launch each of soft-capping
+#                                             and causal at 8K D=128 in Nsight Compute (their SASS)
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -727,6 +730,17 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
       -k "alibi or repair" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    ;;
+  softcap68)
+    # Section 68: soft-capping at 8K D=128, whose special-function work a score (tanh and exp2, 1/8 clock an SM)
+    # equals the tensor cores' (512 flops at 4096 a clock): the overlapped walk (off by default under a score_mod
+    # since section 54 measured it 7% slower then), with 0, 16 and 32 exp2 columns on the FMA units, interleaved
+    # with the default; then the default's step and causal's in Nsight Compute, one launch each, for their SASS
+    # (read back with python -m benchmarks.ncu_sass ncu_d128_softcap_sass.csv.gz --top 12).
+    sweep 200 -D 128 --cases softcap --configs defaults overlap overlap_exp2_fma_16 overlap_exp2_fma_32 \
+      exp2_fma_32 defaults overlap overlap_exp2_fma_32
+    NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES="softcap causal" NCU_KERNELS=flex_attention_forward \
+      NCU_LAUNCHES=1 NCU_TAG=d128_ bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible|Registers Per"
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,

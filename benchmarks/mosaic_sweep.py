@@ -67,6 +67,9 @@ CONFIGS = {
     "row_sum_fold": dict(mosaic_fwd_row_sum_fold=1),
     "row_sum_each_tile": dict(mosaic_fwd_row_sum_fold=0),
     "exp2_fma_64_fold": dict(mosaic_fwd_exp2_fma=64, mosaic_fwd_row_sum_fold=1),
+    # soft-capping at D=128 on the overlapped walk (section 68): the special-function unit's work a score at the
+    # tensor cores' time a score, and some exp2 moved off it
+    **{f"overlap_exp2_fma_{columns}": dict(mosaic_fwd_overlap=1, mosaic_fwd_exp2_fma=columns) for columns in (16, 32)},
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum
