@@ -36,6 +36,9 @@
 #   bash benchmarks/device_session.sh softcap68 section 68: soft-capping at 8K D=128 on the overlapped walk, with exp2
 #                                             columns on the FMA units, in sweeps; then one launch each of soft-capping
 #                                             and causal at 8K D=128 in Nsight Compute (their SASS)
+#   bash benchmarks/device_session.sh earlyqk69 section 69: the ping-pong walk issuing the next Q K^T behind P V: what
+#                                             ptxas says, its gpu tests, sweeps against the default at 8K D=128;
+#                                             earlyqk69b: its sweeps at 8K D=64 and B=8 S=2048
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -741,6 +744,24 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       exp2_fma_32 defaults overlap overlap_exp2_fma_32
     NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES="softcap causal" NCU_KERNELS=flex_attention_forward \
       NCU_LAUNCHES=1 NCU_TAG=d128_ bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible|Registers Per"
+    ;;
+  earlyqk69)
+    # Section 69: mosaic_fwd_early_qk's gpu tests (every supported mod's forward, fully masked rows), then the option
+    # against the default, interleaved: soft-capping (with 32 exp2 columns too) and ALiBi at 8K D=128, causal and
+    # soft-capping at 8K D=64 (the ping-pong walk is every mod's there), soft-capping at B=8 S=2048.
+    # First what ptxas says of the walk (a C7513 line: it serialized the wgmmas), beside the plain walk's
+    # soft-capped and D=64 kernels.
+    timeout 60 python3 -m benchmarks.ptxas_report --only "early qk" "softcap causal" "forward D=64" 2>&1 \
+      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "early_qk or early-qk" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
+    sweep 150 -D 128 --cases softcap alibi --configs defaults early_qk early_qk_exp2_fma_32 defaults early_qk
+    ;;
+  earlyqk69b)
+    # Section 69, the other shapes (the first call's limit leaves no room for them).
+    sweep 130 -D 64 --cases causal softcap --configs defaults early_qk defaults early_qk
+    sweep 90 -B 8 -S 2048 -D 128 --cases softcap --configs defaults early_qk defaults early_qk
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,

@@ -70,6 +70,9 @@ CONFIGS = {
     # soft-capping at D=128 on the overlapped walk (section 68): the special-function unit's work a score at the
     # tensor cores' time a score, and some exp2 moved off it
     **{f"overlap_exp2_fma_{columns}": dict(mosaic_fwd_overlap=1, mosaic_fwd_exp2_fma=columns) for columns in (16, 32)},
+    # the ping-pong walk with the next Q K^T issued behind P V (section 69), and with 32 exp2 columns on the FMA units
+    "early_qk": dict(mosaic_fwd_early_qk=1),
+    "early_qk_exp2_fma_32": dict(mosaic_fwd_early_qk=1, mosaic_fwd_exp2_fma=32),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum

@@ -102,6 +102,27 @@ def test_row_maxima_either_way_lower_for_cuda(head_dim):
     assert by_halves != by_chains
 
 
+@pytest.mark.parametrize(
+    "head_dim, mask_mod, score_mod, options, early_qk",
+    [(128, fa.causal_mask, fa.tanh_softcap(30.0), {}, True),  # the fixed maximum
+     (64, fa.causal_mask, None, {}, True),  # the anchored walk, its first step peeled
+     (64, None, fa.generate_alibi_bias(2), {}, True),  # the running maximum: the accumulator rescaled
+     (64, fa.sliding_window_mask(100), None, {"mosaic_fwd_anchored_shift": 0}, True),  # partial, then full steps
+     (128, fa.causal_mask, None, {}, False)],  # the overlapped walk by default: the option does not apply
+    ids=["softcap-128", "causal-64-anchored", "alibi-64-running-max", "window-64-running-max", "causal-128-overlap"],
+)
+def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, early_qk, forward_plans):
+    """mosaic_fwd_early_qk: the ping-pong walk that issues the next Q K^T behind P V lowers with each softmax
+    (fixed, anchored, running maximum; partial and full steps) and changes the kernel; the overlapped walk ignores
+    it."""
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    default = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options)
+    early = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options={**options, "mosaic_fwd_early_qk": 1})
+    assert [plan.early_qk for plan in forward_plans] == [False, early_qk]
+    if early_qk:
+        assert early != default
+
+
 def test_row_maximum_by_column_halves_is_the_row_maximum():
     from flexattn_jax.backends.pallas_mosaic import forward
 
@@ -510,7 +531,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
      ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
-     ({"mosaic_fwd_max_tree": 2}, ValueError)],
+     ({"mosaic_fwd_max_tree": 2}, ValueError), ({"mosaic_fwd_early_qk": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -626,6 +647,7 @@ _FORWARD_VARIANTS = {
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
     "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
     "running-max": {"mosaic_fwd_anchored_shift": 0},
+    "early-qk": {"mosaic_fwd_overlap": 0, "mosaic_fwd_early_qk": 1},
 }
 
 
@@ -698,8 +720,10 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
-     {"mosaic_fwd_anchored_shift": 0}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max"],
+     {"mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_early_qk": 1},
+     {"mosaic_fwd_early_qk": 1, "mosaic_fwd_anchored_shift": 0}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max", "early-qk",
+         "early-qk-running-max"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)

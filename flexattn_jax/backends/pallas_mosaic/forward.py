@@ -136,6 +136,10 @@ class Config:
         and causal (NOTES.md section 60). A score_mod may raise later scores far above the first tile's (ALiBi's
         bias rises along the keys), and every item then runs twice: on an H100 ALiBi's forward at half the
         running maximum's speed (section 66).
+      early_qk: on the ping-pong walk (not ``overlap``), each warpgroup issues the next key tile's Q K^T right
+        behind this tile's P V and waits for both only after its next meeting with the other warpgroup, instead of
+        waiting for P V before issuing Q K^T: the tensor cores then run the two back to back, not drained between
+        them while the other warpgroup's softmax runs (NOTES.md section 69). Off by default until measured.
     """
 
     block_n: int
@@ -150,6 +154,7 @@ class Config:
     row_sum_fold: bool | None = None
     max_tree: bool = True
     anchored_shift: bool | None = None
+    early_qk: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -575,6 +580,7 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
+    early_qk: bool  # the ping-pong walk issues Q K^T of the next tile behind P V (Config.early_qk)
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -1140,11 +1146,88 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
                     return (o_ref[...], *stats)
 
+                def early_qk_walk(s_ref, o_ref):
+                    """The ping-pong walk with Q K^T of step j + 1 issued right behind P V of step j (Config.early_qk):
+                    the same two meetings a step, in the same order, as ``step_fn``'s, but the warpgroup waits for
+                    the two wgmmas only after the meeting that follows them, by when the other warpgroup's softmax
+                    has given the tensor cores the time to run both back to back. Waiting there, not when the next
+                    softmax begins (nothing runs between the two), keeps every wgmma within one iteration of the
+                    loop. P is converted while no wgmma of the warpgroup is in flight (ptxas's C7513, see
+                    ``overlapped_walk``)."""
+
+                    def scores(step):
+                        """Waits for Q K^T of ``step`` (and P V of the step before, issued with it)."""
+                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
+                        plgpu.barrier_arrive(k_consumed.at[slot_of(step)])
+                        return s
+
+                    def finish_step(step, carry, *, partial, first: bool = False, has_next: bool = True):
+                        s, row_max, row_sum = carry
+                        slot = slot_of(step)
+                        p_low, row_max, row_sum, correction = probabilities(
+                            s, step, row_max, row_sum, partial=partial, first=first
+                        )
+                        if correction is not None:
+                            o_ref[...] = rescaled(o_ref[...], correction)
+                        # Keep the softmax ahead of the barriers, as step_fn does.
+                        p_low, row_max, row_sum = lax.optimization_barrier((p_low, row_max, row_sum))
+                        plgpu.barrier_arrive(schedule)
+                        plgpu.barrier_wait(v_ready.at[slot])
+                        plgpu.barrier_wait(schedule)
+                        if has_next:
+                            s_ref[...] = plgpu.layout_cast(
+                                jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
+                            )
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
+                        if has_next:
+                            next_slot = slot_of(step + 1)
+                            plgpu.barrier_wait(k_ready.at[next_slot])
+                            plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
+                            schedule_barrier()
+                            s = scores(step + 1)
+                        else:
+                            plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+                        plgpu.barrier_arrive(v_consumed.at[slot])
+                        return s, row_max, row_sum
+
+                    def walk(stats):
+                        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
+                        schedule_barrier()
+                        carry = (scores(jnp.int32(0)), *stats)
+                        last = num_steps - 1
+                        # Every step but the last issues the next one's Q K^T; the partial steps come first, and an
+                        # anchored walk's first step takes the maxima.
+                        if plan.anchored:
+                            carry = lax.fori_loop(0, jnp.minimum(last, 1), functools.partial(
+                                finish_step, partial=first_partial, first=True), carry)
+                        carry = lax.fori_loop(int(plan.anchored), jnp.minimum(it.num_partial, last),
+                                              functools.partial(finish_step, partial=True), carry)
+                        if plan.has_full:
+                            first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
+                            carry = lax.fori_loop(first_full, last, functools.partial(finish_step, partial=False),
+                                                  carry)
+                        last_partial = (last < it.num_partial) if plan.has_full else True
+
+                        def last_step(first):
+                            return lambda _, carry: finish_step(last, carry, partial=last_partial, first=first,
+                                                                has_next=False)
+
+                        if plan.anchored:  # the last step is the first where the row lists one tile
+                            only_one = (last == 0).astype(jnp.int32)
+                            carry = lax.fori_loop(0, only_one, last_step(True), carry)
+                            carry = lax.fori_loop(0, 1 - only_one, last_step(False), carry)
+                        else:
+                            carry = last_step(False)(0, carry)
+                        return carry[1:]
+
+                    stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
+                    return (o_ref[...], *stats)
+
                 # Step 0 is a partial block unless the row lists none.
                 first_partial = True if not plan.has_full else it.num_partial > 0
-                if plan.overlap:
+                if plan.overlap or plan.early_qk:
                     acc, row_max, row_sum = pl.run_scoped(
-                        overlapped_walk,
+                        overlapped_walk if plan.overlap else early_qk_walk,
                         plgpu.ACC((BLOCK_M, block_n), jnp.float32),
                         plgpu.ACC((BLOCK_M, value_dim), jnp.float32),
                     )
@@ -1522,6 +1605,7 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=overlap,
+        early_qk=config.early_qk and not overlap,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
