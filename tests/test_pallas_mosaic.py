@@ -37,8 +37,10 @@ def _lists(q, k, block_mask):
     return block_mask
 
 
-def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_scores=False, scale=0.125):
-    block_mask = _lists(q, k, _block_mask(mask_mod, q.shape[0], q.shape[2], k.shape[2]))
+def _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=None, with_max_scores=False, scale=0.125,
+                    block_mask=None):
+    if block_mask is None:
+        block_mask = _lists(q, k, _block_mask(mask_mod, q.shape[0], q.shape[2], k.shape[2]))
     mask_mod = block_mask.mask_mod or fa.noop_mask
 
     def forward(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices):
@@ -103,21 +105,33 @@ def test_row_maxima_either_way_lower_for_cuda(head_dim):
 
 
 @pytest.mark.parametrize(
-    "head_dim, mask_mod, score_mod, options, early_qk",
-    [(128, fa.causal_mask, fa.tanh_softcap(30.0), {}, True),  # the fixed maximum
-     (64, fa.causal_mask, None, {}, True),  # the anchored walk, its first step peeled
-     (64, None, fa.generate_alibi_bias(2), {}, True),  # the running maximum: the accumulator rescaled
-     (64, fa.sliding_window_mask(100), None, {"mosaic_fwd_anchored_shift": 0}, True),  # partial, then full steps
-     (128, fa.causal_mask, None, {}, False)],  # the overlapped walk by default: the option does not apply
-    ids=["softcap-128", "causal-64-anchored", "alibi-64-running-max", "window-64-running-max", "causal-128-overlap"],
+    "head_dim, mask_mod, score_mod, options, partial_lists, early_qk",
+    [(128, fa.causal_mask, fa.tanh_softcap(30.0), {}, False, True),  # the fixed maximum
+     (64, fa.causal_mask, None, {}, False, True),  # the anchored walk, its first step peeled
+     (64, None, fa.generate_alibi_bias(2), {}, False, True),  # the running maximum: the accumulator rescaled
+     (64, fa.sliding_window_mask(100), None, {"mosaic_fwd_anchored_shift": 0}, False, True),  # partial, then full
+     (64, fa.causal_mask, None, {}, True, True),  # lists of partial blocks only, anchored
+     (64, fa.causal_mask, fa.generate_alibi_bias(2), {}, True, True),  # and on the running maximum
+     (128, fa.causal_mask, None, {}, False, False)],  # the overlapped walk by default: the option does not apply
+    ids=["softcap-128", "causal-64-anchored", "alibi-64-running-max", "window-64-running-max",
+         "causal-64-partial-lists", "alibi-causal-64-partial-lists", "causal-128-overlap"],
 )
-def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, early_qk, forward_plans):
+def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, partial_lists, early_qk,
+                                       forward_plans):
     """mosaic_fwd_early_qk: the ping-pong walk that issues the next Q K^T behind P V lowers with each softmax
-    (fixed, anchored, running maximum; partial and full steps) and changes the kernel; the overlapped walk ignores
-    it."""
+    (fixed, anchored, running maximum), with partial then full steps and with partial lists alone, and changes the
+    kernel; the overlapped walk ignores it."""
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    default = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options)
-    early = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options={**options, "mosaic_fwd_early_qk": 1})
+    block_mask = None
+    if partial_lists:  # every listed block partial: a BlockMask without full-block lists
+        listed = fa.create_block_mask(mask_mod, None, None, 256, 640)
+        partial, full = listed.block_maps()
+        block_mask = fa.BlockMask.from_block_maps(partial | full, None,
+                                                  BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(256, 640))
+        assert block_mask.full_kv_num_blocks is None
+    default = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options, block_mask=block_mask)
+    early = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options={**options, "mosaic_fwd_early_qk": 1},
+                            block_mask=block_mask)
     assert [plan.early_qk for plan in forward_plans] == [False, early_qk]
     if early_qk:
         assert early != default
@@ -560,9 +574,11 @@ def test_choice_on_cpu_explains_itself():
 # ----------------------------------------------------------------------------------------------- on a GPU
 
 
-def _compare_on_gpu(q, k, v, mask_mod, score_mod, *, block_size=128, kernel_options=None, grads=True, scale=None):
+def _compare_on_gpu(q, k, v, mask_mod, score_mod, *, block_size=128, kernel_options=None, grads=True, scale=None,
+                    block_mask=None):
     B, L, S = q.shape[0], q.shape[2], k.shape[2]
-    block_mask = _block_mask(mask_mod, B, L, S, block_size)
+    if block_mask is None:
+        block_mask = _block_mask(mask_mod, B, L, S, block_size)
     common = dict(score_mod=score_mod, block_mask=block_mask, enable_gqa=True, return_lse=True, scale=scale)
     choice = fa.explain_implementation(q, k, v, score_mod, block_mask, enable_gqa=True)
     assert choice.implementation == "pallas_mosaic", choice.reasons
@@ -737,6 +753,19 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
                                  kernel_options=options)
     assert float(jnp.abs(out[:, :, 256:].astype(jnp.float32)).max()) == 0.0
     assert bool(jnp.all(lse[:, :, 256:] == -jnp.inf))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("score_mod", [None, fa.generate_alibi_bias(4)], ids=["anchored", "alibi-running-max"])
+def test_gpu_early_qk_walk_with_partial_lists_only(score_mod):
+    # mosaic_fwd_early_qk on a BlockMask without full-block lists (every listed block partial): the walk's last step
+    # is then always a partial one, at a length no tile divides.
+    q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=64, Ev=64, dtype=jnp.bfloat16)
+    partial, full = fa.create_block_mask(fa.causal_mask, None, None, 1100, 900).block_maps()
+    block_mask = fa.BlockMask.from_block_maps(partial | full, None, BLOCK_SIZE=128, mask_mod=fa.causal_mask,
+                                              seq_lengths=(1100, 900))
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask, grads=False,
+                    kernel_options={"mosaic_fwd_early_qk": 1})
 
 
 # The anchored walk under any score_mod (by default only where none is left to apply).

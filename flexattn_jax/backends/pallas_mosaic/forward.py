@@ -1206,18 +1206,28 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
                             carry = lax.fori_loop(first_full, last, functools.partial(finish_step, partial=False),
                                                   carry)
-                        last_partial = (last < it.num_partial) if plan.has_full else True
 
-                        def last_step(first):
-                            return lambda _, carry: finish_step(last, carry, partial=last_partial, first=first,
+                        # The last step, as one of its kinds (loops of zero or one trip, the flags static): an
+                        # anchored walk's first where the row lists one tile, else partial or full.
+                        def last_step(partial, first=False):
+                            return lambda _, carry: finish_step(last, carry, partial=partial, first=first,
                                                                 has_next=False)
 
-                        if plan.anchored:  # the last step is the first where the row lists one tile
-                            only_one = (last == 0).astype(jnp.int32)
-                            carry = lax.fori_loop(0, only_one, last_step(True), carry)
-                            carry = lax.fori_loop(0, 1 - only_one, last_step(False), carry)
+                        def once_where(flag, body, carry):
+                            return lax.fori_loop(0, flag.astype(jnp.int32), body, carry)
+
+                        later = None  # where the last step is not the first: always, unless anchored
+                        if plan.anchored:
+                            carry = once_where(last == 0, last_step(first_partial, first=True), carry)
+                            later = last > 0
+                        if plan.has_full:
+                            in_partial = last < it.num_partial
+                            for partial, flag in ((True, in_partial), (False, jnp.logical_not(in_partial))):
+                                carry = once_where(flag if later is None else later & flag, last_step(partial), carry)
+                        elif later is None:
+                            carry = last_step(True)(0, carry)
                         else:
-                            carry = last_step(False)(0, carry)
+                            carry = once_where(later, last_step(True), carry)
                         return carry[1:]
 
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
