@@ -747,8 +747,9 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     ;;
   earlyqk69)
     # Section 69: mosaic_fwd_early_qk's gpu tests (every supported mod's forward, fully masked rows), then the option
-    # against the default, interleaved: soft-capping (with 32 exp2 columns too) and ALiBi at 8K D=128, causal and
-    # soft-capping at 8K D=64 (the ping-pong walk is every mod's there), soft-capping at B=8 S=2048.
+    # against the default, interleaved: soft-capping (with 32 exp2 columns too), ALiBi and the document mask at 8K
+    # D=128 (the mods on the ping-pong walk there), causal and soft-capping at 8K D=64 (every mod's walk there),
+    # soft-capping at B=8 S=2048 (about 8 minutes in all).
     # First what ptxas says of the walk (a C7513 line: it serialized the wgmmas), beside the plain walk's
     # soft-capped and D=64 kernels.
     timeout 60 python3 -m benchmarks.ptxas_report --only "early qk" "softcap causal" "forward D=64" 2>&1 \
@@ -756,7 +757,7 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
       -k "early_qk or early-qk" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    sweep 150 -D 128 --cases softcap alibi --configs defaults early_qk early_qk_exp2_fma_32 defaults early_qk
+    sweep 210 -D 128 --cases softcap alibi document --configs defaults early_qk early_qk_exp2_fma_32 defaults early_qk
     ;;
   earlyqk69b)
     # Section 69, the other shapes (the first call's limit leaves no room for them).
