@@ -760,9 +760,11 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     sweep 210 -D 128 --cases softcap alibi document --configs defaults early_qk early_qk_exp2_fma_32 defaults early_qk
     ;;
   earlyqk69b)
-    # Section 69, the other shapes (the first call's limit leaves no room for them).
+    # Section 69, the other shapes (the first call's limit leaves no room for them); then, at 8K D=128, the walk in
+    # place of the overlapped one where that is the default: full attention and causal (about 6 minutes).
     sweep 130 -D 64 --cases causal softcap --configs defaults early_qk defaults early_qk
     sweep 90 -B 8 -S 2048 -D 128 --cases softcap --configs defaults early_qk defaults early_qk
+    sweep 150 -D 128 --cases noop causal --configs defaults plain_early_qk no_overlap defaults plain_early_qk
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,

@@ -73,6 +73,8 @@ CONFIGS = {
     # the ping-pong walk with the next Q K^T issued behind P V (section 69), and with 32 exp2 columns on the FMA units
     "early_qk": dict(mosaic_fwd_early_qk=1),
     "early_qk_exp2_fma_32": dict(mosaic_fwd_early_qk=1, mosaic_fwd_exp2_fma=32),
+    # and in place of the overlapped walk where that is the default (full attention, causal at D=128)
+    "plain_early_qk": dict(mosaic_fwd_overlap=0, mosaic_fwd_early_qk=1),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum
