@@ -112,9 +112,10 @@ def test_row_maxima_either_way_lower_for_cuda(head_dim):
      (64, fa.sliding_window_mask(100), None, {"mosaic_fwd_anchored_shift": 0}, False, True),  # partial, then full
      (64, fa.causal_mask, None, {}, True, True),  # lists of partial blocks only, anchored
      (64, fa.causal_mask, fa.generate_alibi_bias(2), {}, True, True),  # and on the running maximum
+     (128, fa.causal_mask, None, {"mosaic_fwd_overlap": 0}, False, True),  # anchored, row sums folded
      (128, fa.causal_mask, None, {}, False, False)],  # the overlapped walk by default: the option does not apply
     ids=["softcap-128", "causal-64-anchored", "alibi-64-running-max", "window-64-running-max",
-         "causal-64-partial-lists", "alibi-causal-64-partial-lists", "causal-128-overlap"],
+         "causal-64-partial-lists", "alibi-causal-64-partial-lists", "causal-128-plain", "causal-128-overlap"],
 )
 def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, partial_lists, early_qk,
                                        forward_plans):
