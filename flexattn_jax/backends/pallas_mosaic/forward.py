@@ -1146,6 +1146,27 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
                     return (o_ref[...], *stats)
 
+                def walk_steps(step, carry, *, start=0, end=None):
+                    """Runs ``step`` (called as ``step(j, carry, partial=..., first=...)``) over the walk's steps from
+                    ``start`` to ``end`` (the walk's end by default) in loops whose kinds are static: an anchored
+                    walk's first step on its own, then the partial steps, then the full ones. A loop outside the
+                    range runs no trip."""
+                    def from_start(bound):
+                        return bound if isinstance(start, int) and start == 0 else jnp.maximum(start, bound)
+
+                    stop = num_steps if end is None else end
+                    if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
+                        carry = lax.fori_loop(from_start(0), jnp.minimum(stop, 1), functools.partial(
+                            step, partial=first_partial, first=True), carry)
+                    carry = lax.fori_loop(from_start(int(plan.anchored)),
+                                          it.num_partial if end is None else jnp.minimum(it.num_partial, end),
+                                          functools.partial(step, partial=True), carry)
+                    if plan.has_full:
+                        first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
+                        carry = lax.fori_loop(from_start(first_full), stop, functools.partial(step, partial=False),
+                                              carry)
+                    return carry
+
                 def early_qk_walk(s_ref, o_ref):
                     """The ping-pong walk with Q K^T of step j + 1 issued right behind P V of step j (Config.early_qk):
                     the same two meetings a step, in the same order, as ``step_fn``'s, but the warpgroup waits for
@@ -1194,40 +1215,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
                         schedule_barrier()
                         carry = (scores(jnp.int32(0)), *stats)
+                        # Every step but the last issues the next one's Q K^T.
                         last = num_steps - 1
-                        # Every step but the last issues the next one's Q K^T; the partial steps come first, and an
-                        # anchored walk's first step takes the maxima.
-                        if plan.anchored:
-                            carry = lax.fori_loop(0, jnp.minimum(last, 1), functools.partial(
-                                finish_step, partial=first_partial, first=True), carry)
-                        carry = lax.fori_loop(int(plan.anchored), jnp.minimum(it.num_partial, last),
-                                              functools.partial(finish_step, partial=True), carry)
-                        if plan.has_full:
-                            first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
-                            carry = lax.fori_loop(first_full, last, functools.partial(finish_step, partial=False),
-                                                  carry)
-
-                        # The last step, as one of its kinds (loops of zero or one trip, the flags static): an
-                        # anchored walk's first where the row lists one tile, else partial or full.
-                        def last_step(partial, first=False):
-                            return lambda _, carry: finish_step(last, carry, partial=partial, first=first,
-                                                                has_next=False)
-
-                        def once_where(flag, body, carry):
-                            return lax.fori_loop(0, flag.astype(jnp.int32), body, carry)
-
-                        later = None  # where the last step is not the first: always, unless anchored
-                        if plan.anchored:
-                            carry = once_where(last == 0, last_step(first_partial, first=True), carry)
-                            later = last > 0
-                        if plan.has_full:
-                            in_partial = last < it.num_partial
-                            for partial, flag in ((True, in_partial), (False, jnp.logical_not(in_partial))):
-                                carry = once_where(flag if later is None else later & flag, last_step(partial), carry)
-                        elif later is None:
-                            carry = last_step(True)(0, carry)
-                        else:
-                            carry = once_where(later, last_step(True), carry)
+                        carry = walk_steps(finish_step, carry, end=last)
+                        carry = walk_steps(functools.partial(finish_step, has_next=False), carry, start=last)
                         return carry[1:]
 
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
@@ -1242,17 +1233,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         plgpu.ACC((BLOCK_M, value_dim), jnp.float32),
                     )
                 else:
-                    carry = (acc, row_max, row_sum)
-                    first_full = it.num_partial
-                    if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
-                        first_step = functools.partial(step_fn, partial=first_partial, first=True)
-                        carry = lax.fori_loop(0, jnp.minimum(num_steps, 1), first_step, carry)
-                        first_full = jnp.maximum(first_full, 1)
-                    carry = lax.fori_loop(int(plan.anchored), it.num_partial, functools.partial(step_fn, partial=True),
-                                          carry)
-                    if plan.has_full:
-                        carry = lax.fori_loop(first_full, num_steps, functools.partial(step_fn, partial=False), carry)
-                    acc, row_max, row_sum = carry
+                    acc, row_max, row_sum = walk_steps(step_fn, (acc, row_max, row_sum))
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
