@@ -78,6 +78,32 @@ def test_every_supported_mod_lowers_for_cuda(case):
     _lower_for_cuda(q, k, v, mask_mod, score_mod)
 
 
+def _partial_lists_only(mask_mod, L, S):
+    """The BlockMask of ``mask_mod`` with every listed block partial: no full-block lists, so every step of a walk
+    evaluates the mask_mod (what a BlockMask built from one block map gives)."""
+    partial, full = fa.create_block_mask(mask_mod, None, None, L, S).block_maps()
+    block_mask = fa.BlockMask.from_block_maps(partial | full, None, BLOCK_SIZE=128, mask_mod=mask_mod,
+                                              seq_lengths=(L, S))
+    assert block_mask.full_kv_num_blocks is None
+    return block_mask
+
+
+@pytest.mark.parametrize(
+    "head_dim, score_mod",
+    [(64, None), (64, fa.generate_alibi_bias(2)), (128, None), (128, fa.tanh_softcap(30.0))],
+    ids=["anchored-64", "running-max-64", "overlapped-128", "fixed-max-128"],
+)
+def test_lists_of_partial_blocks_only_lower_for_cuda(head_dim, score_mod, forward_plans):
+    # Each softmax's walk (the anchored, the running and the fixed maximum; the plain and the overlapped walk) on a
+    # BlockMask without full-block lists.
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    block_mask = _partial_lists_only(fa.causal_mask, 256, 640)
+    _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask)
+    assert [plan.has_full for plan in forward_plans] == [False]
+    text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask)
+    assert "flex_attention_dkdv_mosaic" in text and _TRITON_CALL not in text
+
+
 @pytest.mark.parametrize(
     "head_dim, dtype, options",
     [(128, jnp.float16, None), (256, jnp.bfloat16, None),
@@ -123,19 +149,14 @@ def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, p
     (fixed, anchored, running maximum), with partial then full steps and with partial lists alone, and changes the
     kernel; the overlapped walk ignores it."""
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    block_mask = None
-    if partial_lists:  # every listed block partial: a BlockMask without full-block lists
-        listed = fa.create_block_mask(mask_mod, None, None, 256, 640)
-        partial, full = listed.block_maps()
-        block_mask = fa.BlockMask.from_block_maps(partial | full, None,
-                                                  BLOCK_SIZE=128, mask_mod=mask_mod, seq_lengths=(256, 640))
-        assert block_mask.full_kv_num_blocks is None
+    block_mask = _partial_lists_only(mask_mod, 256, 640) if partial_lists else None
     default = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options, block_mask=block_mask)
     early = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options={**options, "mosaic_fwd_early_qk": 1},
                             block_mask=block_mask)
     assert [plan.early_qk for plan in forward_plans] == [False, early_qk]
     if early_qk:
         assert early != default
+
 
 
 def test_row_maximum_by_column_halves_is_the_row_maximum():
@@ -762,11 +783,18 @@ def test_gpu_early_qk_walk_with_partial_lists_only(score_mod):
     # mosaic_fwd_early_qk on a BlockMask without full-block lists (every listed block partial): the walk's last step
     # is then always a partial one, at a length no tile divides.
     q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=64, Ev=64, dtype=jnp.bfloat16)
-    partial, full = fa.create_block_mask(fa.causal_mask, None, None, 1100, 900).block_maps()
-    block_mask = fa.BlockMask.from_block_maps(partial | full, None, BLOCK_SIZE=128, mask_mod=fa.causal_mask,
-                                              seq_lengths=(1100, 900))
-    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask, grads=False,
-                    kernel_options={"mosaic_fwd_early_qk": 1})
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900),
+                    grads=False, kernel_options={"mosaic_fwd_early_qk": 1})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, score_mod", [(64, None), (64, fa.generate_alibi_bias(4)), (128, None)],
+                         ids=["anchored-64", "running-max-64", "overlapped-128"])
+def test_gpu_lists_of_partial_blocks_only_match_reference(head_dim, score_mod):
+    # A BlockMask without full-block lists, at lengths no tile divides: every step of the walk evaluates the mask_mod,
+    # and the backward walks partial blocks only.
+    q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900))
 
 
 # The anchored walk under any score_mod (by default only where none is left to apply).
@@ -1195,11 +1223,12 @@ def test_query_block_selections_with_captured_reads_stay_on_mosaic():
 
 
 def _lower_gradient_for_cuda(q, k, v, mask_mod, score_mod, *, score_mod_of=None, array_gradient=False,
-                             kernel_options=None, scale=0.125):
+                             kernel_options=None, scale=0.125, block_mask=None):
     """The text of the CUDA lowering of the gradient of sum(out) with respect to q, k, v, and with respect to the
     array the score_mod closes over when ``array_gradient`` (``score_mod_of(array)`` builds the mod then)."""
     B, L, S = q.shape[0], q.shape[2], k.shape[2]
-    block_mask = fa.create_block_mask(mask_mod or fa.noop_mask, B, None, L, S)
+    if block_mask is None:
+        block_mask = fa.create_block_mask(mask_mod or fa.noop_mask, B, None, L, S)
 
     def loss(q, k, v, array):
         mod = score_mod_of(array) if score_mod_of is not None else (score_mod or fa.identity)

@@ -71,8 +71,8 @@ scatter-add, which only the Triton dQ kernel has).
   twice, section 66); 0 keeps the running maximum;
 * ``mosaic_fwd_early_qk`` (0, the default, or 1): 1, on the ping-pong walk (where ``mosaic_fwd_overlap`` is 0),
   each compute warpgroup issues the next key tile's Q K^T right behind this tile's P V and waits for both after its
-  next meeting with the other warpgroup, not for P V before issuing Q K^T (``forward.Config.early_qk``; section 69,
-  not yet measured);
+  next meeting with the other warpgroup, not for P V before issuing Q K^T (``forward.Config.early_qk``; section 69:
+  slower where measured);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at

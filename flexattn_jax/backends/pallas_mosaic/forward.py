@@ -139,7 +139,8 @@ class Config:
       early_qk: on the ping-pong walk (not ``overlap``), each warpgroup issues the next key tile's Q K^T right
         behind this tile's P V and waits for both only after its next meeting with the other warpgroup, instead of
         waiting for P V before issuing Q K^T: the tensor cores then run the two back to back, not drained between
-        them while the other warpgroup's softmax runs (NOTES.md section 69). Off by default until measured.
+        them while the other warpgroup's softmax runs (NOTES.md section 69). Off by default: its first form, which
+        ptxas fenced itself, measured 6-20% slower; the present one is not yet measured.
     """
 
     block_n: int
@@ -1194,6 +1195,12 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         p_low, row_max, row_sum = lax.optimization_barrier((p_low, row_max, row_sum))
                         plgpu.barrier_arrive(schedule)
                         plgpu.barrier_wait(v_ready.at[slot])
+                        next_slot = slot_of(step + 1)
+                        if has_next:
+                            # Both tiles waited for before the meeting ends, so that nothing (no wait loop) lies
+                            # between S's zeroing, fenced, and the two wgmmas: with the key tile's wait between P V
+                            # and Q K^T, ptxas fenced the second wgmma itself (C7519, NOTES.md section 69).
+                            plgpu.barrier_wait(k_ready.at[next_slot])
                         plgpu.barrier_wait(schedule)
                         if has_next:
                             s_ref[...] = plgpu.layout_cast(
@@ -1201,8 +1208,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             )
                         plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
                         if has_next:
-                            next_slot = slot_of(step + 1)
-                            plgpu.barrier_wait(k_ready.at[next_slot])
                             plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
                             schedule_barrier()
                             s = scores(step + 1)
