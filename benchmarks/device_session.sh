@@ -36,9 +36,12 @@
 #   bash benchmarks/device_session.sh softcap68 section 68: soft-capping at 8K D=128 on the overlapped walk, with exp2
 #                                             columns on the FMA units, in sweeps; then one launch each of soft-capping
 #                                             and causal at 8K D=128 in Nsight Compute (their SASS)
-#   bash benchmarks/device_session.sh earlyqk69 section 69: the ping-pong walk issuing the next Q K^T behind P V: what
-#                                             ptxas says, its gpu tests, sweeps against the default at 8K D=128;
-#                                             earlyqk69b: its sweeps at 8K D=64 and B=8 S=2048
+#   bash benchmarks/device_session.sh walks71 sections 71 and 72: the early-QK walk with nothing between its
+#                                             wgmmas and the row sums stored before a softmax's arrival: ptxas, sweeps
+#                                             at 8K D=128 and D=64; walks71tests: their gpu tests
+#   bash benchmarks/device_session.sh softcap70 section 70: gpu tests of BlockMasks without full-block lists;
+#                                             soft-capping's backward schedules (ptxas, sweeps at 8K D=128 and B=8);
+#                                             the plain walk's causal step at 8K D=128 in Nsight Compute
 #   bash benchmarks/device_session.sh timer57 section 57: every issue shape beside the anchors, all timed one way (TIMER=)
 #   bash benchmarks/device_session.sh boundary55 sections 37 and 55: B=8 S=2048's forward against 8K's in Nsight Compute
 #   bash benchmarks/device_session.sh sweep   NOTES.md section 26: the Triton kernels' stages, now that 3 overlap
@@ -745,26 +748,42 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES="softcap causal" NCU_KERNELS=flex_attention_forward \
       NCU_LAUNCHES=1 NCU_TAG=d128_ bash "$0" ncu | grep -E "Duration|Issue Slots|No Eligible|Registers Per"
     ;;
-  earlyqk69)
-    # Section 69: mosaic_fwd_early_qk's gpu tests (every supported mod's forward, fully masked rows), then the option
-    # against the default, interleaved: soft-capping (with 32 exp2 columns too), ALiBi and the document mask at 8K
-    # D=128 (the mods on the ping-pong walk there), causal and soft-capping at 8K D=64 (every mod's walk there),
-    # soft-capping at B=8 S=2048 (about 8 minutes in all).
-    # First what ptxas says of the walk (a C7513 line: it serialized the wgmmas), beside the plain walk's
-    # soft-capped and D=64 kernels.
-    timeout 60 python3 -m benchmarks.ptxas_report --only "early qk" "softcap causal" "forward D=64" 2>&1 \
-      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+  softcap70)
+    # Section 70, first: the gpu tests of BlockMasks without full-block lists (written this session, every walk
+    # evaluating the mask_mod at each step, forward and gradients). Then soft-capping's backward schedule, last
+    # measured in section 33 (overlap 2 then 10% slower, spilling 40% more): what ptxas says of each, and
+    # forward+backward interleaved with the default (overlap 0 with Pallas's barriers) at 8K D=128 and B=8
+    # S=2048. Last, the plain walk's causal step at 8K D=128 in Nsight Compute, beside soft-capping's profile of
+    # `softcap68` (the same walk): about 8 minutes in all.
     timeout 150 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
-      -k "early_qk or early-qk" >"$OUT/gpu_tests.txt" 2>&1
+      -k "partial_blocks_only" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    sweep 210 -D 128 --cases softcap alibi document --configs defaults early_qk early_qk_exp2_fma_32 defaults early_qk
+    timeout 90 python3 -m benchmarks.ptxas_report --only "backward softcap" "overlap 1 softcap" "overlap 2 softcap" \
+      2>&1 | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    sweep 200 -D 128 --mode fwdbwd --cases softcap --configs defaults bwd_overlap_1 bwd_overlap_1_nab \
+      bwd_overlap_2 bwd_overlap_2_nab defaults
+    sweep 110 -B 8 -S 2048 -D 128 --mode fwdbwd --cases softcap --configs defaults bwd_overlap_1_nab \
+      bwd_overlap_2_nab defaults
+    NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES=causal NCU_KERNELS=flex_attention_forward \
+      NCU_LAUNCHES=1 NCU_TAG=d128_plain_ NCU_OPTIONS='{"mosaic_fwd_overlap": 0}' bash "$0" ncu \
+      | grep -E "Duration|SM Frequency|Elapsed Cycles|Issue Slots|No Eligible|Registers Per"
     ;;
-  earlyqk69b)
-    # Section 69, the other shapes (the first call's limit leaves no room for them); then, at 8K D=128, the walk in
-    # place of the overlapped one where that is the default: full attention and causal (about 6 minutes).
-    sweep 130 -D 64 --cases causal softcap --configs defaults early_qk defaults early_qk
-    sweep 90 -B 8 -S 2048 -D 128 --cases softcap --configs defaults early_qk defaults early_qk
-    sweep 150 -D 128 --cases noop causal --configs defaults plain_early_qk no_overlap defaults plain_early_qk
+  walks71)
+    # Sections 71 and 72: the early-QK walk with nothing between its wgmmas, and the row sums stored before the
+    # arrival that ends a softmax, alone and together. What ptxas says first (C7519: it fenced a wgmma itself; the
+    # spill at D=128), then sweeps interleaved with the default: soft-capping and ALiBi at 8K D=128, causal and
+    # soft-capping at 8K D=64 (about 7 minutes). Their gpu tests: `walks71tests`.
+    timeout 80 python3 -m benchmarks.ptxas_report --only "early qk" "ordered arrive" 2>&1 \
+      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
+    sweep 190 -D 128 --cases softcap alibi --configs defaults ordered_arrive early_qk early_qk_ordered defaults
+    sweep 170 -D 64 --cases causal softcap --configs defaults ordered_arrive early_qk early_qk_ordered defaults
+    ;;
+  walks71tests)
+    # The gpu tests of sections 71 and 72's options: every supported mod's forward, fully masked rows, a BlockMask
+    # without full-block lists (about 3 minutes).
+    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
+      -k "early_qk or early-qk or ordered" >"$OUT/gpu_tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,
@@ -814,7 +833,7 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     # so that one call can profile one case at two shapes; NCU_OPTIONS, our kernel_options as JSON.)
     # The reports are reduced here to one text file and one SASS file per case, to stay within $OUT's limit; read
     # the SASS files back here with python -m benchmarks.ncu_sass ncu_<case>_sass.csv.gz.
-    wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput"
+    wanted="flex|triton_tem|kernel|Registers|Shared Memory Config|Occupancy|Issue Slots|No Eligible|Executed Ipc|Duration|Stall|Block Size|Grid Size|Waves|L2|L1|DRAM|Memory Throughput|SM Frequency|Cycles"
     for case in ${NCU_CASES:-noop alibi sliding_window}; do
       timeout 150 ncu --clock-control none --kernel-name regex:"${NCU_KERNELS:-flex_attention_forward|triton_tem}" \
         --launch-count "${NCU_LAUNCHES:-8}" --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \

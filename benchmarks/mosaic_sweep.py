@@ -47,6 +47,7 @@ CONFIGS = {
     "bwd_overlap_1": dict(mosaic_bwd_overlap=1, mosaic_bwd_auto_barriers=1),
     "bwd_overlap_2": dict(mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=1),
     "bwd_no_auto_barriers": dict(mosaic_bwd_overlap=0, mosaic_bwd_auto_barriers=0),
+    "bwd_overlap_1_nab": dict(mosaic_bwd_overlap=1, mosaic_bwd_auto_barriers=0),
     "bwd_overlap_2_nab": dict(mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=0),
     # NOTES.md section 34: the backward's programs launched head by head (the default) or with the batch and heads
     # innermost (the earlier order).
@@ -75,6 +76,10 @@ CONFIGS = {
     "early_qk_exp2_fma_32": dict(mosaic_fwd_early_qk=1, mosaic_fwd_exp2_fma=32),
     # and in place of the overlapped walk where that is the default (full attention, causal at D=128)
     "plain_early_qk": dict(mosaic_fwd_overlap=0, mosaic_fwd_early_qk=1),
+    # the row sums stored before the arrival that ends a softmax (section 72), alone and with the early-QK walk
+    "ordered_arrive": dict(mosaic_fwd_ordered_arrive=1),
+    "early_qk_ordered": dict(mosaic_fwd_early_qk=1, mosaic_fwd_ordered_arrive=1),
+    "plain_ordered": dict(mosaic_fwd_overlap=0, mosaic_fwd_ordered_arrive=1),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum

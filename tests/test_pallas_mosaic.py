@@ -158,6 +158,26 @@ def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, p
         assert early != default
 
 
+@pytest.mark.parametrize(
+    "head_dim, score_mod, options, ordered",
+    [(128, fa.tanh_softcap(30.0), {}, True),  # the plain walk's row sums folded: a [64, 8] store
+     (64, None, {}, True),  # the anchored walk, row sums a [64] vector
+     (64, fa.generate_alibi_bias(2), {}, True),  # the running maximum
+     (64, None, {"mosaic_fwd_early_qk": 1}, True),  # the early-QK walk
+     (128, None, {}, False)],  # the overlapped walk by default: no meeting to order
+    ids=["softcap-128-folded", "anchored-64", "running-max-64", "early-qk-64", "overlap-128"],
+)
+def test_ordered_arrive_lowers_for_cuda(head_dim, score_mod, options, ordered, forward_plans):
+    """mosaic_fwd_ordered_arrive: the row sums stored before the arrival that ends each softmax, on every ping-pong
+    walk; the overlapped walk, which has no such meeting, ignores it."""
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
+    default = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
+    stored = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod,
+                             kernel_options={**options, "mosaic_fwd_ordered_arrive": 1})
+    assert [plan.ordered_arrive for plan in forward_plans] == [False, ordered]
+    if ordered:
+        assert stored != default
+
 
 def test_row_maximum_by_column_halves_is_the_row_maximum():
     from flexattn_jax.backends.pallas_mosaic import forward
@@ -567,7 +587,8 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
      ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
-     ({"mosaic_fwd_max_tree": 2}, ValueError), ({"mosaic_fwd_early_qk": 2}, ValueError)],
+     ({"mosaic_fwd_max_tree": 2}, ValueError), ({"mosaic_fwd_early_qk": 2}, ValueError),
+     ({"mosaic_fwd_ordered_arrive": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -686,6 +707,8 @@ _FORWARD_VARIANTS = {
     "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
     "running-max": {"mosaic_fwd_anchored_shift": 0},
     "early-qk": {"mosaic_fwd_overlap": 0, "mosaic_fwd_early_qk": 1},
+    "ordered-arrive": {"mosaic_fwd_overlap": 0, "mosaic_fwd_ordered_arrive": 1},
+    "early-qk-ordered-arrive": {"mosaic_fwd_overlap": 0, "mosaic_fwd_early_qk": 1, "mosaic_fwd_ordered_arrive": 1},
 }
 
 
@@ -759,9 +782,10 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
      {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
      {"mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_early_qk": 1},
-     {"mosaic_fwd_early_qk": 1, "mosaic_fwd_anchored_shift": 0}],
+     {"mosaic_fwd_early_qk": 1, "mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_ordered_arrive": 1},
+     {"mosaic_fwd_ordered_arrive": 1, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_anchored_shift": 0}],
     ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max", "early-qk",
-         "early-qk-running-max"],
+         "early-qk-running-max", "ordered-arrive", "ordered-arrive-folded-running-max"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)

@@ -141,6 +141,11 @@ class Config:
         waiting for P V before issuing Q K^T: the tensor cores then run the two back to back, not drained between
         them while the other warpgroup's softmax runs (NOTES.md section 69). Off by default: its first form, which
         ptxas fenced itself, measured 6-20% slower; the present one is not yet measured.
+      ordered_arrive: on the ping-pong walks (not ``overlap``), each thread stores its row sums to shared memory
+        right before the arrival at the meeting that ends its softmax. The arrival is a release, so ptxas must keep
+        it after that store, hence after every exp2 the sums add up; without the store ptxas moves the arrival to
+        the softmax's start (NOTES.md sections 54 and 70), and the other warpgroup's softmax starts beside this
+        one instead of after it. Off by default until measured (section 72).
     """
 
     block_n: int
@@ -156,6 +161,7 @@ class Config:
     max_tree: bool = True
     anchored_shift: bool | None = None
     early_qk: bool = False
+    ordered_arrive: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,6 +588,7 @@ class _Plan:
     q_buffers: int
     overlap: bool
     early_qk: bool  # the ping-pong walk issues Q K^T of the next tile behind P V (Config.early_qk)
+    ordered_arrive: bool  # the row sums stored before the arrival that ends a softmax (Config.ordered_arrive)
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -878,7 +885,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         return _Item(work_of(i), plan, num_q_tiles, list_refs, needs_ref)
 
     def body(smem, ready, consumed, schedule, turns):
-        q_buffers, k_smem, v_smem, lse_buffers, *max_buffers = smem
+        q_buffers, k_smem, v_smem, lse_buffers, *rest = smem
+        max_buffers = rest[:1] if plan.with_max_scores else []
+        row_sum_store = rest[-1] if plan.ordered_arrive else None
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
         wg = lax.axis_index("wg")
@@ -886,6 +895,13 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         def schedule_barrier():
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
+
+        def end_softmax(row_sum):
+            """Arrives at the meeting that ends this warpgroup's softmax; with ``plan.ordered_arrive`` only once the
+            row sums, which every exp2 of the softmax feeds, are stored (Config.ordered_arrive)."""
+            if plan.ordered_arrive:
+                row_sum_store.at[wg][...] = row_sum
+            plgpu.barrier_arrive(schedule)
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
@@ -1050,9 +1066,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     )
                     if correction is not None:
                         acc = rescaled(acc, correction)
-                    # Keep the softmax ahead of the barriers (the scheduler would otherwise sink it past them).
+                    # Keep the softmax ahead of the barriers (LLVM would otherwise sink it past them; ptxas still
+                    # may move the arrival up, which Config.ordered_arrive prevents).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
-                    plgpu.barrier_arrive(schedule)
+                    end_softmax(row_sum)
                     plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_wait(schedule)
 
@@ -1193,7 +1210,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             o_ref[...] = rescaled(o_ref[...], correction)
                         # Keep the softmax ahead of the barriers, as step_fn does.
                         p_low, row_max, row_sum = lax.optimization_barrier((p_low, row_max, row_sum))
-                        plgpu.barrier_arrive(schedule)
+                        end_softmax(row_sum)
                         plgpu.barrier_wait(v_ready.at[slot])
                         next_slot = slot_of(step + 1)
                         if has_next:
@@ -1304,6 +1321,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
             *[plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32)] * (2 if plan.with_max_scores else 1),
+            *[plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, *([ROW_SUM_COLUMNS] if plan.row_sum_fold else [])),
+                         jnp.float32)] * plan.ordered_arrive,
         ),
         (
             plgpu.Barrier(num_barriers=stages),
@@ -1318,9 +1337,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
 
 def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int) -> int:
-    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles and
-    the max_scores tiles (counted whether or not they are asked for, so that a configuration fits either way)."""
-    row_stats = 2 * 4 * q_buffers * Q_TILE
+    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles, the
+    max_scores tiles and the row sums' store of Config.ordered_arrive (the last two counted whether or not they are
+    asked for, so that a configuration fits either way)."""
+    row_stats = 2 * 4 * q_buffers * Q_TILE + 4 * Q_TILE * ROW_SUM_COLUMNS
     return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
@@ -1602,6 +1622,7 @@ def flex_forward(
         q_buffers=config.q_buffers,
         overlap=overlap,
         early_qk=config.early_qk and not overlap,
+        ordered_arrive=config.ordered_arrive and not overlap,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
