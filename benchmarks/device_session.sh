@@ -39,6 +39,7 @@
 #   bash benchmarks/device_session.sh walks71 sections 71 and 72: the early-QK walk with nothing between its
 #                                             wgmmas and the row sums stored before a softmax's arrival: ptxas, sweeps
 #                                             at 8K D=128 and D=64; walks71tests: their gpu tests
+#   bash benchmarks/device_session.sh ordered72b section 72's option with exp2 columns and scaled queries
 #   bash benchmarks/device_session.sh softcap70 section 70: gpu tests of BlockMasks without full-block lists;
 #                                             soft-capping's backward schedules (ptxas, sweeps at 8K D=128 and B=8);
 #                                             the plain walk's causal step at 8K D=128 in Nsight Compute
@@ -777,6 +778,15 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
     sweep 190 -D 128 --cases softcap alibi --configs defaults ordered_arrive early_qk early_qk_ordered defaults
     sweep 170 -D 64 --cases causal softcap --configs defaults ordered_arrive early_qk early_qk_ordered defaults
+    ;;
+  ordered72b)
+    # Section 72, if the row sums' store gains on soft-capping: with it, what the overlapping softmaxes made useless
+    # (section 64): exp2 columns on the FMA units, the queries scaled by scale / cap; at 8K D=128 and B=8 S=2048,
+    # interleaved with the option alone (about 5 minutes).
+    sweep 170 -D 128 --cases softcap --configs ordered_arrive ordered_exp2_fma_16 ordered_exp2_fma_32 \
+      ordered_exp2_fma_48 ordered_scaled_queries ordered_arrive
+    sweep 110 -B 8 -S 2048 -D 128 --cases softcap --configs defaults ordered_arrive ordered_exp2_fma_32 defaults \
+      ordered_arrive
     ;;
   walks71tests)
     # The gpu tests of sections 71 and 72's options: every supported mod's forward, fully masked rows, a BlockMask

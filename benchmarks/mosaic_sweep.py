@@ -80,6 +80,10 @@ CONFIGS = {
     "ordered_arrive": dict(mosaic_fwd_ordered_arrive=1),
     "early_qk_ordered": dict(mosaic_fwd_early_qk=1, mosaic_fwd_ordered_arrive=1),
     "plain_ordered": dict(mosaic_fwd_overlap=0, mosaic_fwd_ordered_arrive=1),
+    # and with what section 64 found no gain in when the softmaxes overlapped: exp2 columns, scaled queries
+    **{f"ordered_exp2_fma_{columns}": dict(mosaic_fwd_ordered_arrive=1, mosaic_fwd_exp2_fma=columns)
+       for columns in (16, 32, 48)},
+    "ordered_scaled_queries": dict(mosaic_fwd_ordered_arrive=1, mosaic_fwd_scale_queries=1),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum
