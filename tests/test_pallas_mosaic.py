@@ -179,6 +179,14 @@ def test_ordered_arrive_lowers_for_cuda(head_dim, score_mod, options, ordered, f
         assert stored != default
 
 
+def test_ordered_arrive_beside_max_scores_lowers_for_cuda():
+    # The row sums' store follows the max_scores tiles among the kernel's shared-memory buffers.
+    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=64, Ev=64, dtype=jnp.bfloat16)
+    text = _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), with_max_scores=True,
+                           kernel_options={"mosaic_fwd_ordered_arrive": 1})
+    assert "flex_attention_forward_mosaic" in text
+
+
 def test_row_maximum_by_column_halves_is_the_row_maximum():
     from flexattn_jax.backends.pallas_mosaic import forward
 
@@ -905,7 +913,9 @@ _MAX_SCORES_CASES = [case for case in _SUPPORTED
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _MAX_SCORES_CASES, ids=repr)
-@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64}])
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64},
+                                     {"mosaic_fwd_overlap": 0, "mosaic_fwd_ordered_arrive": 1}],
+                         ids=["default", "one-buffer-64", "ordered-arrive"])
 def test_gpu_max_scores_match_reference(case, options):
     """return_aux's max_scores from the Mosaic forward: lengths no tile divides, and a row of each of the first
     query tiles that attends nowhere (max -inf there)."""
