@@ -89,17 +89,22 @@ def _partial_lists_only(mask_mod, L, S):
 
 
 @pytest.mark.parametrize(
-    "head_dim, score_mod",
-    [(64, None), (64, fa.generate_alibi_bias(2)), (128, None), (128, fa.tanh_softcap(30.0))],
+    "head_dim, score_mod, walk",
+    [(64, None, "anchored"), (64, fa.generate_alibi_bias(2), "running"), (128, None, "overlapped"),
+     (128, fa.tanh_softcap(30.0), "fixed")],
     ids=["anchored-64", "running-max-64", "overlapped-128", "fixed-max-128"],
 )
-def test_lists_of_partial_blocks_only_lower_for_cuda(head_dim, score_mod, forward_plans):
+def test_lists_of_partial_blocks_only_lower_for_cuda(head_dim, score_mod, walk, forward_plans):
     # Each softmax's walk (the anchored, the running and the fixed maximum; the plain and the overlapped walk) on a
     # BlockMask without full-block lists.
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     block_mask = _partial_lists_only(fa.causal_mask, 256, 640)
     _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask)
-    assert [plan.has_full for plan in forward_plans] == [False]
+    (plan,) = forward_plans
+    assert not plan.has_full
+    assert (plan.anchored, plan.fixed_shift is not None, plan.overlap) == {
+        "anchored": (True, False, False), "running": (False, False, False), "overlapped": (True, False, True),
+        "fixed": (False, True, False)}[walk]
     text = _lower_gradient_for_cuda(q, k, v, fa.causal_mask, score_mod, block_mask=block_mask)
     assert "flex_attention_dkdv_mosaic" in text and _TRITON_CALL not in text
 
@@ -159,32 +164,34 @@ def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, p
 
 
 @pytest.mark.parametrize(
-    "head_dim, score_mod, options, ordered",
-    [(128, fa.tanh_softcap(30.0), {}, True),  # the plain walk's row sums folded: a [64, 8] store
-     (64, None, {}, True),  # the anchored walk, row sums a [64] vector
-     (64, fa.generate_alibi_bias(2), {}, True),  # the running maximum
-     (64, None, {"mosaic_fwd_early_qk": 1}, True),  # the early-QK walk
-     (128, None, {}, False)],  # the overlapped walk by default: no meeting to order
+    "head_dim, score_mod, options, ordered, folded",
+    [(128, fa.tanh_softcap(30.0), {}, True, True),  # the plain walk's row sums folded: a [64, 8] store
+     (64, None, {}, True, False),  # the anchored walk, row sums a [64] vector
+     (64, fa.generate_alibi_bias(2), {}, True, False),  # the running maximum
+     (64, None, {"mosaic_fwd_early_qk": 1}, True, False),  # the early-QK walk
+     (128, None, {}, False, True)],  # the overlapped walk by default: no meeting to order
     ids=["softcap-128-folded", "anchored-64", "running-max-64", "early-qk-64", "overlap-128"],
 )
-def test_ordered_arrive_lowers_for_cuda(head_dim, score_mod, options, ordered, forward_plans):
+def test_ordered_arrive_lowers_for_cuda(head_dim, score_mod, options, ordered, folded, forward_plans):
     """mosaic_fwd_ordered_arrive: the row sums stored before the arrival that ends each softmax, on every ping-pong
-    walk; the overlapped walk, which has no such meeting, ignores it."""
+    walk, in either form of the row sums; the overlapped walk, which has no such meeting, ignores it."""
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
     default = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
     stored = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod,
                              kernel_options={**options, "mosaic_fwd_ordered_arrive": 1})
     assert [plan.ordered_arrive for plan in forward_plans] == [False, ordered]
+    assert forward_plans[1].row_sum_fold == folded
     if ordered:
         assert stored != default
 
 
-def test_ordered_arrive_beside_max_scores_lowers_for_cuda():
+def test_ordered_arrive_beside_max_scores_lowers_for_cuda(forward_plans):
     # The row sums' store follows the max_scores tiles among the kernel's shared-memory buffers.
     q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=64, Ev=64, dtype=jnp.bfloat16)
-    text = _lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), with_max_scores=True,
-                           kernel_options={"mosaic_fwd_ordered_arrive": 1})
-    assert "flex_attention_forward_mosaic" in text
+    default, stored = (_lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), with_max_scores=True,
+                                       kernel_options={"mosaic_fwd_ordered_arrive": ordered}) for ordered in (0, 1))
+    assert [(plan.with_max_scores, plan.ordered_arrive) for plan in forward_plans] == [(True, False), (True, True)]
+    assert stored != default
 
 
 def test_row_maximum_by_column_halves_is_the_row_maximum():

@@ -1212,8 +1212,8 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         p_low, row_max, row_sum = lax.optimization_barrier((p_low, row_max, row_sum))
                         end_softmax(row_sum)
                         plgpu.barrier_wait(v_ready.at[slot])
-                        next_slot = slot_of(step + 1)
                         if has_next:
+                            next_slot = slot_of(step + 1)
                             # Both tiles waited for before the meeting ends, so that nothing (no wait loop) lies
                             # between S's zeroing, fenced, and the two wgmmas: with the key tile's wait between P V
                             # and Q K^T, ptxas fenced the second wgmma itself (C7519, NOTES.md section 69).
