@@ -817,23 +817,18 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("score_mod", [None, fa.generate_alibi_bias(4)], ids=["anchored", "alibi-running-max"])
-def test_gpu_early_qk_walk_with_partial_lists_only(score_mod):
-    # mosaic_fwd_early_qk on a BlockMask without full-block lists (every listed block partial): the walk's last step
-    # is then always a partial one, at a length no tile divides.
-    q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=64, Ev=64, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900),
-                    grads=False, kernel_options={"mosaic_fwd_early_qk": 1})
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim, score_mod", [(64, None), (64, fa.generate_alibi_bias(4)), (128, None)],
-                         ids=["anchored-64", "running-max-64", "overlapped-128"])
-def test_gpu_lists_of_partial_blocks_only_match_reference(head_dim, score_mod):
-    # A BlockMask without full-block lists, at lengths no tile divides: every step of the walk evaluates the mask_mod,
-    # and the backward walks partial blocks only.
+@pytest.mark.parametrize(
+    "head_dim, score_mod, options",
+    [(64, None, None), (64, fa.generate_alibi_bias(4), None), (128, None, None),
+     (64, None, {"mosaic_fwd_early_qk": 1}), (64, fa.generate_alibi_bias(4), {"mosaic_fwd_early_qk": 1})],
+    ids=["anchored-64", "running-max-64", "overlapped-128", "early-qk-anchored-64", "early-qk-running-max-64"],
+)
+def test_gpu_lists_of_partial_blocks_only_match_reference(head_dim, score_mod, options):
+    # A BlockMask without full-block lists, at lengths no tile divides: every step of the walk evaluates the mask_mod
+    # (the early-QK walk's last step is always a partial one), and the backward walks partial blocks only.
     q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900))
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900),
+                    kernel_options=options)
 
 
 # The anchored walk under any score_mod (by default only where none is left to apply).

@@ -75,8 +75,8 @@ scatter-add, which only the Triton dQ kernel has).
   slower where measured);
 * ``mosaic_fwd_ordered_arrive`` (0, the default, or 1): 1, on the ping-pong walks, each warpgroup stores its row
   sums to shared memory before it arrives at the meeting that ends its softmax, so that the arrival (a release)
-  follows the whole softmax, where ptxas otherwise moves it to the softmax's start and lets the two warpgroups'
-  softmaxes overlap (``forward.Config.ordered_arrive``; section 72, not yet measured);
+  follows every exp2 the sums add up, where ptxas otherwise moves it to the softmax's start and lets the two
+  warpgroups' softmaxes overlap (``forward.Config.ordered_arrive``; section 72, not yet measured);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at

@@ -1321,8 +1321,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
             *[plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32)] * (2 if plan.with_max_scores else 1),
-            *[plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, *([ROW_SUM_COLUMNS] if plan.row_sum_fold else [])),
-                         jnp.float32)] * plan.ordered_arrive,
+            # Config.ordered_arrive's store, shaped as the row sums (folded or not).
+            *((plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, *((ROW_SUM_COLUMNS,) if plan.row_sum_fold else ())),
+                          jnp.float32),) if plan.ordered_arrive else ()),
         ),
         (
             plgpu.Barrier(num_barriers=stages),
