@@ -325,3 +325,18 @@ def test_mufu_rate_counts_results_a_clock_at_the_clock_read(monkeypatch, capsys)
     # 16 programs of 4096 elements, 4 steps each, in a microsecond on 2 SMs: 131.07 a nanosecond an SM
     assert float(cells[2]) == pytest.approx(131.07)
     assert float(cells[4]) == pytest.approx(131.07 / 1.5, abs=0.05)
+
+
+def test_kernel_fingerprints_repeat_and_tell_kernels_apart(monkeypatch):
+    from benchmarks import kernel_fingerprints
+    from jax.experimental.mosaic.gpu import core
+
+    causal = ("causal", 64, fa.causal_mask, None, None, "forward")
+    overlapped = ("overlapped", 64, fa.causal_mask, None, {"mosaic_fwd_overlap": 1}, "forward")
+    monkeypatch.setattr(kernel_fingerprints, "_cases", lambda: iter([causal, overlapped, causal]))
+    serialize = core._run_serde_pass
+    lines = list(kernel_fingerprints.fingerprints())
+    assert core._run_serde_pass is serialize  # the recording hook is taken off again
+    assert [line.split(" ", 1)[1] for line in lines] == ["causal", "overlapped", "causal"]
+    first, other, again = (line.split()[0] for line in lines)
+    assert first == again != other
