@@ -36,10 +36,6 @@
 #   bash benchmarks/device_session.sh softcap68 section 68: soft-capping at 8K D=128 on the overlapped walk, with exp2
 #                                             columns on the FMA units, in sweeps; then one launch each of soft-capping
 #                                             and causal at 8K D=128 in Nsight Compute (their SASS)
-#   bash benchmarks/device_session.sh walks71 sections 71 and 72: the early-QK walk with nothing between its
-#                                             wgmmas and the row sums stored before a softmax's arrival: ptxas, sweeps
-#                                             at 8K D=128 and D=64; walks71tests: their gpu tests
-#   bash benchmarks/device_session.sh ordered72b section 72's option with exp2 columns and scaled queries
 #   bash benchmarks/device_session.sh softcap70 section 70: gpu tests of BlockMasks without full-block lists;
 #                                             soft-capping's backward schedules (ptxas, sweeps at 8K D=128 and B=8);
 #                                             the plain walk's causal step at 8K D=128 in Nsight Compute
@@ -768,32 +764,6 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES=causal NCU_KERNELS=flex_attention_forward \
       NCU_LAUNCHES=1 NCU_TAG=d128_plain_ NCU_OPTIONS='{"mosaic_fwd_overlap": 0}' bash "$0" ncu \
       | grep -E "Duration|SM Frequency|Elapsed Cycles|Issue Slots|No Eligible|Registers Per"
-    ;;
-  walks71)
-    # Sections 71 and 72: the early-QK walk with nothing between its wgmmas, and the row sums stored before the
-    # arrival that ends a softmax, alone and together. What ptxas says first (C7519: it fenced a wgmma itself; the
-    # spill at D=128), then sweeps interleaved with the default: soft-capping and ALiBi at 8K D=128, causal and
-    # soft-capping at 8K D=64 (about 7 minutes). Their gpu tests: `walks71tests`.
-    timeout 80 python3 -m benchmarks.ptxas_report --only "early qk" "ordered arrive" 2>&1 \
-      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
-    sweep 190 -D 128 --cases softcap alibi --configs defaults ordered_arrive early_qk early_qk_ordered defaults
-    sweep 170 -D 64 --cases causal softcap --configs defaults ordered_arrive early_qk early_qk_ordered defaults
-    ;;
-  ordered72b)
-    # Section 72, if the row sums' store gains on soft-capping: with it, what the overlapping softmaxes made useless
-    # (section 64): exp2 columns on the FMA units, the queries scaled by scale / cap; at 8K D=128 and B=8 S=2048,
-    # interleaved with the option alone (about 5 minutes).
-    sweep 170 -D 128 --cases softcap --configs ordered_arrive ordered_exp2_fma_16 ordered_exp2_fma_32 \
-      ordered_exp2_fma_48 ordered_scaled_queries ordered_arrive
-    sweep 110 -B 8 -S 2048 -D 128 --cases softcap --configs defaults ordered_arrive ordered_exp2_fma_32 defaults \
-      ordered_arrive
-    ;;
-  walks71tests)
-    # The gpu tests of sections 71 and 72's options: every supported mod's forward, fully masked rows, a BlockMask
-    # without full-block lists (about 3 minutes).
-    timeout 240 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
-      -k "early_qk or early-qk or ordered" >"$OUT/gpu_tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,

@@ -71,19 +71,6 @@ CONFIGS = {
     # soft-capping at D=128 on the overlapped walk (section 68): the special-function unit's work a score at the
     # tensor cores' time a score, and some exp2 moved off it
     **{f"overlap_exp2_fma_{columns}": dict(mosaic_fwd_overlap=1, mosaic_fwd_exp2_fma=columns) for columns in (16, 32)},
-    # the ping-pong walk with the next Q K^T issued behind P V (section 69), and with 32 exp2 columns on the FMA units
-    "early_qk": dict(mosaic_fwd_early_qk=1),
-    "early_qk_exp2_fma_32": dict(mosaic_fwd_early_qk=1, mosaic_fwd_exp2_fma=32),
-    # and in place of the overlapped walk where that is the default (full attention, causal at D=128)
-    "plain_early_qk": dict(mosaic_fwd_overlap=0, mosaic_fwd_early_qk=1),
-    # the row sums stored before the arrival that ends a softmax (section 72), alone and with the early-QK walk
-    "ordered_arrive": dict(mosaic_fwd_ordered_arrive=1),
-    "early_qk_ordered": dict(mosaic_fwd_early_qk=1, mosaic_fwd_ordered_arrive=1),
-    "plain_ordered": dict(mosaic_fwd_overlap=0, mosaic_fwd_ordered_arrive=1),
-    # and with what section 64 found no gain in when the softmaxes overlapped: exp2 columns, scaled queries
-    **{f"ordered_exp2_fma_{columns}": dict(mosaic_fwd_ordered_arrive=1, mosaic_fwd_exp2_fma=columns)
-       for columns in (16, 32, 48)},
-    "ordered_scaled_queries": dict(mosaic_fwd_ordered_arrive=1, mosaic_fwd_scale_queries=1),
     # NOTES.md section 59: the row maxima by column halves (the default) or by Mosaic GPU's reduction; two bounds on
     # what the running maximum costs (see _traced_as): no rescaling of the accumulator (wrong results), a fixed shift
     # (right on these inputs only); all three on the running maximum

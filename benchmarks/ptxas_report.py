@@ -52,14 +52,6 @@ def main() -> None:
         ("forward plain walk", forward(options={"mosaic_fwd_overlap": 0}), 128),
         ("forward softcap causal", forward(fa.tanh_softcap(30.0), causal), 128),
         ("forward D=64", forward(), 64),
-        # NOTES.md section 69: the ping-pong walk with the next Q K^T issued behind P V
-        ("forward early qk softcap causal",
-         forward(fa.tanh_softcap(30.0), causal, options={"mosaic_fwd_early_qk": 1}), 128),
-        ("forward early qk D=64", forward(options={"mosaic_fwd_early_qk": 1}), 64),
-        # section 72: the row sums stored before the arrival that ends a softmax
-        ("forward ordered arrive softcap causal",
-         forward(fa.tanh_softcap(30.0), causal, options={"mosaic_fwd_ordered_arrive": 1}), 128),
-        ("forward ordered arrive D=64", forward(options={"mosaic_fwd_ordered_arrive": 1}), 64),
         # NOTES.md section 36: ALiBi's index conversion score by score or from float index tiles
         ("forward alibi D=64", forward(fa.generate_alibi_bias(H), options={"mosaic_fwd_float_indices": 0}), 64),
         ("forward alibi float indices D=64",

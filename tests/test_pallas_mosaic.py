@@ -135,65 +135,6 @@ def test_row_maxima_either_way_lower_for_cuda(head_dim):
     assert by_halves != by_chains
 
 
-@pytest.mark.parametrize(
-    "head_dim, mask_mod, score_mod, options, partial_lists, early_qk",
-    [(128, fa.causal_mask, fa.tanh_softcap(30.0), {}, False, True),  # the fixed maximum
-     (64, fa.causal_mask, None, {}, False, True),  # the anchored walk, its first step peeled
-     (64, None, fa.generate_alibi_bias(2), {}, False, True),  # the running maximum: the accumulator rescaled
-     (64, fa.sliding_window_mask(100), None, {"mosaic_fwd_anchored_shift": 0}, False, True),  # partial, then full
-     (64, fa.causal_mask, None, {}, True, True),  # lists of partial blocks only, anchored
-     (64, fa.causal_mask, fa.generate_alibi_bias(2), {}, True, True),  # and on the running maximum
-     (128, fa.causal_mask, None, {"mosaic_fwd_overlap": 0}, False, True),  # anchored, row sums folded
-     (128, fa.causal_mask, None, {}, False, False)],  # the overlapped walk by default: the option does not apply
-    ids=["softcap-128", "causal-64-anchored", "alibi-64-running-max", "window-64-running-max",
-         "causal-64-partial-lists", "alibi-causal-64-partial-lists", "causal-128-plain", "causal-128-overlap"],
-)
-def test_early_qk_walk_lowers_for_cuda(head_dim, mask_mod, score_mod, options, partial_lists, early_qk,
-                                       forward_plans):
-    """mosaic_fwd_early_qk: the ping-pong walk that issues the next Q K^T behind P V lowers with each softmax
-    (fixed, anchored, running maximum), with partial then full steps and with partial lists alone, and changes the
-    kernel; the overlapped walk ignores it."""
-    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    block_mask = _partial_lists_only(mask_mod, 256, 640) if partial_lists else None
-    default = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options=options, block_mask=block_mask)
-    early = _lower_for_cuda(q, k, v, mask_mod, score_mod, kernel_options={**options, "mosaic_fwd_early_qk": 1},
-                            block_mask=block_mask)
-    assert [plan.early_qk for plan in forward_plans] == [False, early_qk]
-    if early_qk:
-        assert early != default
-
-
-@pytest.mark.parametrize(
-    "head_dim, score_mod, options, ordered, folded",
-    [(128, fa.tanh_softcap(30.0), {}, True, True),  # the plain walk's row sums folded: a [64, 8] store
-     (64, None, {}, True, False),  # the anchored walk, row sums a [64] vector
-     (64, fa.generate_alibi_bias(2), {}, True, False),  # the running maximum
-     (64, None, {"mosaic_fwd_early_qk": 1}, True, False),  # the early-QK walk
-     (128, None, {}, False, True)],  # the overlapped walk by default: no meeting to order
-    ids=["softcap-128-folded", "anchored-64", "running-max-64", "early-qk-64", "overlap-128"],
-)
-def test_ordered_arrive_lowers_for_cuda(head_dim, score_mod, options, ordered, folded, forward_plans):
-    """mosaic_fwd_ordered_arrive: the row sums stored before the arrival that ends each softmax, on every ping-pong
-    walk, in either form of the row sums; the overlapped walk, which has no such meeting, ignores it."""
-    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    default = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod, kernel_options=options)
-    stored = _lower_for_cuda(q, k, v, fa.causal_mask, score_mod,
-                             kernel_options={**options, "mosaic_fwd_ordered_arrive": 1})
-    assert [plan.ordered_arrive for plan in forward_plans] == [False, ordered]
-    assert forward_plans[1].row_sum_fold == folded
-    if ordered:
-        assert stored != default
-
-
-def test_ordered_arrive_beside_max_scores_lowers_for_cuda(forward_plans):
-    # The row sums' store follows the max_scores tiles among the kernel's shared-memory buffers.
-    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=640, E=64, Ev=64, dtype=jnp.bfloat16)
-    default, stored = (_lower_for_cuda(q, k, v, fa.causal_mask, fa.generate_alibi_bias(2), with_max_scores=True,
-                                       kernel_options={"mosaic_fwd_ordered_arrive": ordered}) for ordered in (0, 1))
-    assert [(plan.with_max_scores, plan.ordered_arrive) for plan in forward_plans] == [(True, False), (True, True)]
-    assert stored != default
-
-
 def test_row_maximum_by_column_halves_is_the_row_maximum():
     from flexattn_jax.backends.pallas_mosaic import forward
 
@@ -602,8 +543,7 @@ def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, o
      ({"mosaic_fwd_float_indices": 2}, ValueError), ({"mosaic_fwd_scale_queries": 2}, ValueError),
      ({"mosaic_fwd_fixed_max": 2}, ValueError), ({"mosaic_fwd_exp2_fma": 40}, ValueError),
      ({"mosaic_fwd_exp2_fma": 128, "mosaic_block_n": 64}, ValueError), ({"mosaic_fwd_row_sum_fold": 2}, ValueError),
-     ({"mosaic_fwd_max_tree": 2}, ValueError), ({"mosaic_fwd_early_qk": 2}, ValueError),
-     ({"mosaic_fwd_ordered_arrive": 2}, ValueError)],
+     ({"mosaic_fwd_max_tree": 2}, ValueError)],
 )
 def test_bad_kernel_options_raise(options, error):
     q, k, v = random_qkv(4, B=1, Hq=2, Hkv=2, L=128, S=128, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -707,7 +647,8 @@ def test_gpu_backward_schedules_match_reference(case, options):
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_heads_inner": 1}),
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
-         "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel", "heads-inner-fused",
+         "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel",
+         "heads-inner-fused",
          "heads-inner-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
@@ -721,9 +662,6 @@ _FORWARD_VARIANTS = {
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
     "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
     "running-max": {"mosaic_fwd_anchored_shift": 0},
-    "early-qk": {"mosaic_fwd_overlap": 0, "mosaic_fwd_early_qk": 1},
-    "ordered-arrive": {"mosaic_fwd_overlap": 0, "mosaic_fwd_ordered_arrive": 1},
-    "early-qk-ordered-arrive": {"mosaic_fwd_overlap": 0, "mosaic_fwd_early_qk": 1, "mosaic_fwd_ordered_arrive": 1},
 }
 
 
@@ -796,11 +734,8 @@ def test_gpu_scalings_folded_into_the_softmax(score_mod, scale, scale_queries):
     [{"mosaic_fwd_overlap": 0}, {"mosaic_fwd_overlap": 1}, {"mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 1, "mosaic_fwd_row_sum_fold": 1},
      {"mosaic_fwd_overlap": 0, "mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
-     {"mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_early_qk": 1},
-     {"mosaic_fwd_early_qk": 1, "mosaic_fwd_anchored_shift": 0}, {"mosaic_fwd_ordered_arrive": 1},
-     {"mosaic_fwd_ordered_arrive": 1, "mosaic_fwd_row_sum_fold": 1, "mosaic_fwd_anchored_shift": 0}],
-    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max", "early-qk",
-         "early-qk-running-max", "ordered-arrive", "ordered-arrive-folded-running-max"],
+     {"mosaic_fwd_anchored_shift": 0}],
+    ids=["plain", "overlap", "row-sum-fold", "row-sum-fold-overlap", "max-chain", "running-max"],
 )
 def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
     q, k, v = random_qkv(7, B=1, Hq=2, Hkv=2, L=512, S=512, E=64, Ev=64, dtype=jnp.bfloat16)
@@ -818,17 +753,15 @@ def test_gpu_fully_masked_rows_give_zero_and_minus_inf(options):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "head_dim, score_mod, options",
-    [(64, None, None), (64, fa.generate_alibi_bias(4), None), (128, None, None),
-     (64, None, {"mosaic_fwd_early_qk": 1}), (64, fa.generate_alibi_bias(4), {"mosaic_fwd_early_qk": 1})],
-    ids=["anchored-64", "running-max-64", "overlapped-128", "early-qk-anchored-64", "early-qk-running-max-64"],
+    "head_dim, score_mod",
+    [(64, None), (64, fa.generate_alibi_bias(4)), (128, None)],
+    ids=["anchored-64", "running-max-64", "overlapped-128"],
 )
-def test_gpu_lists_of_partial_blocks_only_match_reference(head_dim, score_mod, options):
-    # A BlockMask without full-block lists, at lengths no tile divides: every step of the walk evaluates the mask_mod
-    # (the early-QK walk's last step is always a partial one), and the backward walks partial blocks only.
+def test_gpu_lists_of_partial_blocks_only_match_reference(head_dim, score_mod):
+    # A BlockMask without full-block lists, at lengths no tile divides: every step of the walk evaluates the
+    # mask_mod, and the backward walks partial blocks only.
     q, k, v = random_qkv(12, B=1, Hq=4, Hkv=4, L=1100, S=900, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900),
-                    kernel_options=options)
+    _compare_on_gpu(q, k, v, fa.causal_mask, score_mod, block_mask=_partial_lists_only(fa.causal_mask, 1100, 900))
 
 
 # The anchored walk under any score_mod (by default only where none is left to apply).
@@ -915,9 +848,8 @@ _MAX_SCORES_CASES = [case for case in _SUPPORTED
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _MAX_SCORES_CASES, ids=repr)
-@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64},
-                                     {"mosaic_fwd_overlap": 0, "mosaic_fwd_ordered_arrive": 1}],
-                         ids=["default", "one-buffer-64", "ordered-arrive"])
+@pytest.mark.parametrize("options", [None, {"mosaic_fwd_q_buffers": 1, "mosaic_block_n": 64}],
+                         ids=["default", "one-buffer-64"])
 def test_gpu_max_scores_match_reference(case, options):
     """return_aux's max_scores from the Mosaic forward: lengths no tile divides, and a row of each of the first
     query tiles that attends nowhere (max -inf there)."""

@@ -69,14 +69,6 @@ scatter-add, which only the Triton dQ kernel has).
   every other item (``forward.Config.anchored_shift``; measured on an H200 6-20% faster forward at issue 8's
   shapes on full attention and causal, section 60; on an H100 ALiBi's forward at half the speed, every item run
   twice, section 66); 0 keeps the running maximum;
-* ``mosaic_fwd_early_qk`` (0, the default, or 1): 1, on the ping-pong walk (where ``mosaic_fwd_overlap`` is 0),
-  each compute warpgroup issues the next key tile's Q K^T right behind this tile's P V and waits for both after its
-  next meeting with the other warpgroup, not for P V before issuing Q K^T (``forward.Config.early_qk``; section 69:
-  slower where measured);
-* ``mosaic_fwd_ordered_arrive`` (0, the default, or 1): 1, on the ping-pong walks, each warpgroup stores its row
-  sums to shared memory before it arrives at the meeting that ends its softmax, so that the arrival (a release)
-  follows every exp2 the sums add up, where ptxas otherwise moves it to the softmax's start and lets the two
-  warpgroups' softmaxes overlap (``forward.Config.ordered_arrive``; section 72, not yet measured);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -122,7 +114,7 @@ OPTION_KEYS = (
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
     "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
-    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift", "mosaic_fwd_early_qk", "mosaic_fwd_ordered_arrive",
+    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -167,8 +159,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
                    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_row_sum_fold",
-                   "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift", "mosaic_fwd_early_qk",
-                   "mosaic_fwd_ordered_arrive") \
+                   "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
@@ -227,9 +218,7 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
                            if "mosaic_fwd_row_sum_fold" in options else None,
                            max_tree=bool(options.get("mosaic_fwd_max_tree", 1)),
                            anchored_shift=bool(options["mosaic_fwd_anchored_shift"])
-                           if "mosaic_fwd_anchored_shift" in options else None,
-                           early_qk=bool(options.get("mosaic_fwd_early_qk", 0)),
-                           ordered_arrive=bool(options.get("mosaic_fwd_ordered_arrive", 0))), ""
+                           if "mosaic_fwd_anchored_shift" in options else None), ""
 
 
 def unsupported_reason(

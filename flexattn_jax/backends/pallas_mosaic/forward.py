@@ -136,16 +136,6 @@ class Config:
         and causal (NOTES.md section 60). A score_mod may raise later scores far above the first tile's (ALiBi's
         bias rises along the keys), and every item then runs twice: on an H100 ALiBi's forward at half the
         running maximum's speed (section 66).
-      early_qk: on the ping-pong walk (not ``overlap``), each warpgroup issues the next key tile's Q K^T right
-        behind this tile's P V and waits for both only after its next meeting with the other warpgroup, instead of
-        waiting for P V before issuing Q K^T: the tensor cores then run the two back to back, not drained between
-        them while the other warpgroup's softmax runs (NOTES.md section 69). Off by default: its first form, which
-        ptxas fenced itself, measured 6-20% slower; the present one is not yet measured.
-      ordered_arrive: on the ping-pong walks (not ``overlap``), each thread stores its row sums to shared memory
-        right before the arrival at the meeting that ends its softmax. The arrival is a release, so ptxas must keep
-        it after that store, hence after every exp2 the sums add up; without the store ptxas moves the arrival to
-        the softmax's start (NOTES.md sections 54 and 70), and the other warpgroup's softmax starts beside this
-        one instead of after it. Off by default until measured (section 72).
     """
 
     block_n: int
@@ -160,8 +150,6 @@ class Config:
     row_sum_fold: bool | None = None
     max_tree: bool = True
     anchored_shift: bool | None = None
-    early_qk: bool = False
-    ordered_arrive: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,8 +575,6 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
-    early_qk: bool  # the ping-pong walk issues Q K^T of the next tile behind P V (Config.early_qk)
-    ordered_arrive: bool  # the row sums stored before the arrival that ends a softmax (Config.ordered_arrive)
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -885,9 +871,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         return _Item(work_of(i), plan, num_q_tiles, list_refs, needs_ref)
 
     def body(smem, ready, consumed, schedule, turns):
-        q_buffers, k_smem, v_smem, lse_buffers, *rest = smem
-        max_buffers = rest[:1] if plan.with_max_scores else []
-        row_sum_store = rest[-1] if plan.ordered_arrive else None
+        q_buffers, k_smem, v_smem, lse_buffers, *max_buffers = smem
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
         wg = lax.axis_index("wg")
@@ -895,13 +879,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         def schedule_barrier():
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
-
-        def end_softmax(row_sum):
-            """Arrives at the meeting that ends this warpgroup's softmax; with ``plan.ordered_arrive`` only once the
-            row sums, which every exp2 of the softmax feeds, are stored (Config.ordered_arrive)."""
-            if plan.ordered_arrive:
-                row_sum_store.at[wg][...] = row_sum
-            plgpu.barrier_arrive(schedule)
 
         @pl.when(wg < COMPUTE_WARPGROUPS)
         def _compute():
@@ -1067,9 +1044,10 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     if correction is not None:
                         acc = rescaled(acc, correction)
                     # Keep the softmax ahead of the barriers (LLVM would otherwise sink it past them; ptxas still
-                    # may move the arrival up, which Config.ordered_arrive prevents).
+                    # moves the arrival up to the softmax's start, and keeping it after measured slower: NOTES.md
+                    # section 72).
                     acc, row_sum, new_max, p_low = lax.optimization_barrier((acc, row_sum, new_max, p_low))
-                    end_softmax(row_sum)
+                    plgpu.barrier_arrive(schedule)
                     plgpu.barrier_wait(v_ready.at[slot])
                     plgpu.barrier_wait(schedule)
 
@@ -1164,93 +1142,25 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
                     return (o_ref[...], *stats)
 
-                def walk_steps(step, carry, *, start=0, end=None):
-                    """Runs ``step`` (called as ``step(j, carry, partial=..., first=...)``) over the walk's steps from
-                    ``start`` to ``end`` (the walk's end by default) in loops whose kinds are static: an anchored
-                    walk's first step on its own, then the partial steps, then the full ones. A loop outside the
-                    range runs no trip."""
-                    def from_start(bound):
-                        return bound if isinstance(start, int) and start == 0 else jnp.maximum(start, bound)
-
-                    stop = num_steps if end is None else end
+                def walk_steps(step, carry):
+                    """Runs ``step`` (called as ``step(j, carry, partial=..., first=...)``) over the walk's steps in
+                    loops whose kinds are static: an anchored walk's first step on its own, then the partial steps,
+                    then the full ones."""
                     if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
-                        carry = lax.fori_loop(from_start(0), jnp.minimum(stop, 1), functools.partial(
+                        carry = lax.fori_loop(0, jnp.minimum(num_steps, 1), functools.partial(
                             step, partial=first_partial, first=True), carry)
-                    carry = lax.fori_loop(from_start(int(plan.anchored)),
-                                          it.num_partial if end is None else jnp.minimum(it.num_partial, end),
-                                          functools.partial(step, partial=True), carry)
+                    carry = lax.fori_loop(int(plan.anchored), it.num_partial, functools.partial(step, partial=True),
+                                          carry)
                     if plan.has_full:
                         first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
-                        carry = lax.fori_loop(from_start(first_full), stop, functools.partial(step, partial=False),
-                                              carry)
+                        carry = lax.fori_loop(first_full, num_steps, functools.partial(step, partial=False), carry)
                     return carry
-
-                def early_qk_walk(s_ref, o_ref):
-                    """The ping-pong walk with Q K^T of step j + 1 issued right behind P V of step j (Config.early_qk):
-                    the same two meetings a step, in the same order, as ``step_fn``'s, but the warpgroup waits for
-                    the two wgmmas only after the meeting that follows them, by when the other warpgroup's softmax
-                    has given the tensor cores the time to run both back to back. Waiting there, not when the next
-                    softmax begins (nothing runs between the two), keeps every wgmma within one iteration of the
-                    loop. P is converted while no wgmma of the warpgroup is in flight (ptxas's C7513, see
-                    ``overlapped_walk``)."""
-
-                    def scores(step):
-                        """Waits for Q K^T of ``step`` (and P V of the step before, issued with it)."""
-                        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
-                        plgpu.barrier_arrive(k_consumed.at[slot_of(step)])
-                        return s
-
-                    def finish_step(step, carry, *, partial, first: bool = False, has_next: bool = True):
-                        s, row_max, row_sum = carry
-                        slot = slot_of(step)
-                        p_low, row_max, row_sum, correction = probabilities(
-                            s, step, row_max, row_sum, partial=partial, first=first
-                        )
-                        if correction is not None:
-                            o_ref[...] = rescaled(o_ref[...], correction)
-                        # Keep the softmax ahead of the barriers, as step_fn does.
-                        p_low, row_max, row_sum = lax.optimization_barrier((p_low, row_max, row_sum))
-                        end_softmax(row_sum)
-                        plgpu.barrier_wait(v_ready.at[slot])
-                        if has_next:
-                            next_slot = slot_of(step + 1)
-                            # Both tiles waited for before the meeting ends, so that nothing (no wait loop) lies
-                            # between S's zeroing, fenced, and the two wgmmas: with the key tile's wait between P V
-                            # and Q K^T, ptxas fenced the second wgmma itself (C7519, NOTES.md section 69).
-                            plgpu.barrier_wait(k_ready.at[next_slot])
-                        plgpu.barrier_wait(schedule)
-                        if has_next:
-                            s_ref[...] = plgpu.layout_cast(
-                                jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
-                            )
-                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
-                        if has_next:
-                            plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
-                            schedule_barrier()
-                            s = scores(step + 1)
-                        else:
-                            plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-                        plgpu.barrier_arrive(v_consumed.at[slot])
-                        return s, row_max, row_sum
-
-                    def walk(stats):
-                        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot_of(0)].transpose((1, 0)))
-                        schedule_barrier()
-                        carry = (scores(jnp.int32(0)), *stats)
-                        # Every step but the last issues the next one's Q K^T.
-                        last = num_steps - 1
-                        carry = walk_steps(finish_step, carry, end=last)
-                        carry = walk_steps(functools.partial(finish_step, has_next=False), carry, start=last)
-                        return carry[1:]
-
-                    stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
-                    return (o_ref[...], *stats)
 
                 # Step 0 is a partial block unless the row lists none.
                 first_partial = True if not plan.has_full else it.num_partial > 0
-                if plan.overlap or plan.early_qk:
+                if plan.overlap:
                     acc, row_max, row_sum = pl.run_scoped(
-                        overlapped_walk if plan.overlap else early_qk_walk,
+                        overlapped_walk,
                         plgpu.ACC((BLOCK_M, block_n), jnp.float32),
                         plgpu.ACC((BLOCK_M, value_dim), jnp.float32),
                     )
@@ -1321,9 +1231,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
             *[plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32)] * (2 if plan.with_max_scores else 1),
-            # Config.ordered_arrive's store, shaped as the row sums (folded or not).
-            *((plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, *((ROW_SUM_COLUMNS,) if plan.row_sum_fold else ())),
-                          jnp.float32),) if plan.ordered_arrive else ()),
         ),
         (
             plgpu.Barrier(num_barriers=stages),
@@ -1338,10 +1245,9 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
 
 
 def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int) -> int:
-    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles, the
-    max_scores tiles and the row sums' store of Config.ordered_arrive (the last two counted whether or not they are
-    asked for, so that a configuration fits either way)."""
-    row_stats = 2 * 4 * q_buffers * Q_TILE + 4 * Q_TILE * ROW_SUM_COLUMNS
+    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles and
+    the max_scores tiles (counted whether or not they are asked for, so that a configuration fits either way)."""
+    row_stats = 2 * 4 * q_buffers * Q_TILE
     return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
@@ -1622,8 +1528,6 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=overlap,
-        early_qk=config.early_qk and not overlap,
-        ordered_arrive=config.ordered_arrive and not overlap,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
