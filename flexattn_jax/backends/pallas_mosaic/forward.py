@@ -1142,20 +1142,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     stats = lax.cond(num_steps > 0, walk, lambda stats: stats, (row_max, row_sum))
                     return (o_ref[...], *stats)
 
-                def walk_steps(step, carry):
-                    """Runs ``step`` (called as ``step(j, carry, partial=..., first=...)``) over the walk's steps in
-                    loops whose kinds are static: an anchored walk's first step on its own, then the partial steps,
-                    then the full ones."""
-                    if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
-                        carry = lax.fori_loop(0, jnp.minimum(num_steps, 1), functools.partial(
-                            step, partial=first_partial, first=True), carry)
-                    carry = lax.fori_loop(int(plan.anchored), it.num_partial, functools.partial(step, partial=True),
-                                          carry)
-                    if plan.has_full:
-                        first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
-                        carry = lax.fori_loop(first_full, num_steps, functools.partial(step, partial=False), carry)
-                    return carry
-
                 # Step 0 is a partial block unless the row lists none.
                 first_partial = True if not plan.has_full else it.num_partial > 0
                 if plan.overlap:
@@ -1165,7 +1151,16 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         plgpu.ACC((BLOCK_M, value_dim), jnp.float32),
                     )
                 else:
-                    acc, row_max, row_sum = walk_steps(step_fn, (acc, row_max, row_sum))
+                    carry = (acc, row_max, row_sum)
+                    if plan.anchored:  # the first step, anchoring the walk, on its own (none for an empty row)
+                        carry = lax.fori_loop(0, jnp.minimum(num_steps, 1), functools.partial(
+                            step_fn, partial=first_partial, first=True), carry)
+                    carry = lax.fori_loop(int(plan.anchored), it.num_partial, functools.partial(step_fn, partial=True),
+                                          carry)
+                    if plan.has_full:
+                        first_full = jnp.maximum(it.num_partial, 1) if plan.anchored else it.num_partial
+                        carry = lax.fori_loop(first_full, num_steps, functools.partial(step_fn, partial=False), carry)
+                    acc, row_max, row_sum = carry
                 if not plan.overlap:
                     pl.when(wg == 0)(schedule_barrier)
 
