@@ -626,7 +626,7 @@ _SCHEDULE_CASES = [case for case in _SUPPORTED
 @pytest.mark.parametrize("case", _SCHEDULE_CASES, ids=repr)
 def test_gpu_backward_schedules_match_reference(case, options):
     """The backward schedules beside the default ones that ``test_gpu_every_supported_mod_matches_reference`` runs
-    for every mod (dQ fused; overlap 2 without automatic barriers, or overlap 0 with them for soft-capping)."""
+    for every mod (dQ fused; overlap 2 without automatic barriers, or overlap 1 without them for soft-capping)."""
     B, Hq, Hkv, L, S = 1, 4, 2, 700, 900
     q, k, v = random_qkv(14, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 14)
@@ -1320,7 +1320,10 @@ def test_backward_schedule_options_reach_the_kernels(fuse_dq, monkeypatch):
     assert lower(128, mosaic_bwd_overlap=0, mosaic_bwd_auto_barriers=1) == (0, [])
     assert lower(128, mosaic_bwd_overlap=1, mosaic_bwd_auto_barriers=1) == (steps + dq_kernel, [])
     assert lower(64) == (2 * steps + dq_kernel, ["flex_attention_dkdv_mosaic"])  # the defaults
-    assert lower(64, fa.tanh_softcap(30.0)) == (0, [])  # the defaults for a score_mod whose derivative is not 1
+    # The defaults for a score_mod whose derivative is not 1, at both head dims.
+    assert lower(64, fa.tanh_softcap(30.0)) == (steps + dq_kernel, ["flex_attention_dkdv_mosaic"])
+    assert lower(128, fa.tanh_softcap(30.0)) == (steps + dq_kernel, ["flex_attention_dkdv_mosaic"])
+    assert lower(64, fa.tanh_softcap(30.0), mosaic_bwd_overlap=0, mosaic_bwd_auto_barriers=1) == (0, [])
     assert lower(64, fa.tanh_softcap(30.0), mosaic_bwd_overlap=2, mosaic_bwd_auto_barriers=0) == (
         2 * steps + dq_kernel, ["flex_attention_dkdv_mosaic"])
 
@@ -1359,20 +1362,21 @@ def test_backward_programs_launch_head_by_head(fuse_dq, monkeypatch):
 
 
 def test_the_default_backward_schedule_follows_the_score_mods_derivative():
-    """Overlap 2 without automatic barriers where the score_mod's derivative is 1; overlap 0 with them otherwise
-    (soft-capping measured slower with the first: NOTES.md section 33)."""
+    """Overlap 2 without automatic barriers where the score_mod's derivative is 1; otherwise overlap 1 without them
+    up to head dim 128 and overlap 0 with them above (soft-capping measured slower with the first, faster with
+    overlap 1 at 64 and 128: NOTES.md sections 33 and 73)."""
     from flexattn_jax.backends import _captures
     from flexattn_jax.backends.pallas_mosaic import backward
 
     def schedule(score_mod):
         (program,), consts = _captures.trace_for_tiles(score_mod, [(64, 64, "full")], score=True)
-        return backward.default_schedule(program, consts)
+        return [backward.default_schedule(program, consts, head_dim) for head_dim in (64, 128, 256)]
 
     for adds_to_the_score in (fa.identity, fa.generate_alibi_bias(4), fa.alibi_bias(jnp.linspace(0.1, 1.0, 4)),
                               fa.rel_bias, fa.relative_position_bias(jnp.ones((4, 33)))):
-        assert schedule(adds_to_the_score) == (2, False)
+        assert schedule(adds_to_the_score) == [(2, False)] * 3
     for other in (fa.tanh_softcap(30.0), fa.causal, lambda score, b, h, q_idx, kv_idx: score * 2.0):
-        assert schedule(other) == (0, True)
+        assert schedule(other) == [(1, False), (1, False), (0, True)]
 
 
 @pytest.mark.parametrize("fuse_dq", [0, 1])

@@ -29,8 +29,8 @@ scatter-add, which only the Triton dQ kernel has).
 * ``mosaic_bwd_overlap`` (0, 1 or 2): how far the backward kernels overlap a step's matmuls with its softmax and
   dS (``backward.Config.overlap``); ``mosaic_bwd_auto_barriers`` (0 or 1): 1 compiles the dK/dV kernel with
   Pallas's automatic warpgroup barriers around its stores to shared memory. Unset, both follow the score_mod:
-  overlap 2 without the barriers where its derivative is 1 (none, ALiBi, a bias), overlap 0 with them otherwise
-  (``backward.default_schedule``; section 33);
+  overlap 2 without the barriers where its derivative is 1 (none, ALiBi, a bias); otherwise overlap 1 without
+  them up to head dim 128, overlap 0 with them above (``backward.default_schedule``; sections 33 and 73);
 * ``mosaic_fwd_float_indices`` (1, the default, or 0): 1 builds the score_mod's float32 conversions of q_idx,
   kv_idx, their sum or difference (ALiBi's ``kv_idx - q_idx``) from index tiles converted once per program, one
   float add per score, instead of converting the integer tiles score by score (``forward.IndexTiles``; measured

@@ -83,7 +83,7 @@ class Config:
     product runs; 2, also the dK/dV kernel's dP^T issued beside S^T, running during the softmax;
     ``auto_barriers``: False compiles the dK/dV kernel without the warpgroup barriers Pallas puts around every
     store to shared memory and before every copy out of it (its own barriers order what needs ordering: see
-    ``_dkdv_kernel``). None, for either: chosen by the score_mod (``default_schedule``);
+    ``_dkdv_kernel``). None, for either: chosen by the score_mod and the head dim (``default_schedule``);
     ``heads_inner``: the launch order of the programs. False (the default): the tiles of one head are consecutive,
     so that the programs running at once share that head's streamed tiles in L2; True: the batch and the heads vary
     fastest, each program running at once on a different head (the earlier order, kept to measure against:
@@ -117,12 +117,16 @@ def derivative_is_one(score_mod: ModProgram, score_consts: Sequence[jax.Array]) 
     return jaxpr.outvars[0] is jaxpr.invars[len(consts) + 1]
 
 
-def default_schedule(score_mod: ModProgram, score_consts: Sequence[jax.Array]) -> tuple[int, bool]:
+def default_schedule(score_mod: ModProgram, score_consts: Sequence[jax.Array], head_dim: int) -> tuple[int, bool]:
     """(overlap, auto_barriers) where the options leave them unset. Overlap 2 without automatic barriers measured
     0-9% faster than overlap 0 with them on full, causal, ALiBi and document attention, but 10% slower on
     soft-capping, whose derivative (from tanh) the dK/dV kernel keeps beside P, and where ptxas spilled 40% more
-    (benchmarks/NOTES.md section 33): a score_mod whose derivative is not 1 keeps the earlier schedule."""
-    return (2, False) if derivative_is_one(score_mod, score_consts) else (0, True)
+    (benchmarks/NOTES.md section 33). For a score_mod whose derivative is not 1, overlap 1 without the barriers
+    measured 1-3% faster than overlap 0 with them at head dims 64 and 128 (sections 70 and 73); head dims above
+    128, not measured, keep overlap 0 with the barriers."""
+    if derivative_is_one(score_mod, score_consts):
+        return 2, False
+    return (1, False) if head_dim <= 128 else (0, True)
 
 
 def smem_bytes(head_dim: int, num_stages: int, fuse_dq: bool = True) -> int:
@@ -677,7 +681,7 @@ def flex_backward(
     has_full = kv_lists.full_num is not None
     overlap, auto_barriers = config.overlap, config.auto_barriers
     if overlap is None or auto_barriers is None:
-        default_overlap, default_auto_barriers = default_schedule(score_mod, score_consts)
+        default_overlap, default_auto_barriers = default_schedule(score_mod, score_consts, head_dim)
         overlap = default_overlap if overlap is None else overlap
         auto_barriers = default_auto_barriers if auto_barriers is None else auto_barriers
     score_consts, score_sites = _forward.walked_consts(score_mod, score_consts, score_sites, q_padded, kv_padded)
