@@ -51,6 +51,10 @@ def main() -> None:
         ("forward", forward(), 128),  # the overlapped walk, its default here (NOTES.md section 54)
         ("forward plain walk", forward(options={"mosaic_fwd_overlap": 0}), 128),
         ("forward softcap causal", forward(fa.tanh_softcap(30.0), causal), 128),
+        # NOTES.md section 74: soft-capping on the overlapped walk, P V's P from registers or from shared memory
+        ("forward softcap causal overlapped", forward(fa.tanh_softcap(30.0), causal, {"mosaic_fwd_overlap": 1}), 128),
+        ("forward softcap causal overlapped P smem",
+         forward(fa.tanh_softcap(30.0), causal, {"mosaic_fwd_overlap": 1, "mosaic_fwd_p_smem": 1}), 128),
         ("forward D=64", forward(), 64),
         # NOTES.md section 36: ALiBi's index conversion score by score or from float index tiles
         ("forward alibi D=64", forward(fa.generate_alibi_bias(H), options={"mosaic_fwd_float_indices": 0}), 64),
@@ -62,13 +66,14 @@ def main() -> None:
         ("backward dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}), 128),
         ("backward softcap fused dQ", gradient({"mosaic_bwd_fuse_dq": 1}, fa.tanh_softcap(30.0)), 128),
         ("backward softcap dQ kernel", gradient({"mosaic_bwd_fuse_dq": 0}, fa.tanh_softcap(30.0)), 128),
-        # The defaults above follow the score_mod (overlap 2 on the causal mask, 0 with soft-capping): the others.
+        # The defaults above follow the score_mod (overlap 2 on the causal mask; with soft-capping overlap 1 without
+        # Pallas's barriers, section 73): the others.
         ("backward overlap 0 fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1}), 128),
         ("backward overlap 1 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}), 128),
         ("backward overlap 1 softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}, fa.tanh_softcap(30.0)), 128),
-        # NOTES.md section 73: soft-capping's backward on overlap 1 without Pallas's barriers
+        # NOTES.md section 73: soft-capping's backward on overlap 1 without Pallas's barriers (its default since)
         ("backward overlap 1 no barriers softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1, "mosaic_bwd_auto_barriers": 0},
                   fa.tanh_softcap(30.0)), 128),
