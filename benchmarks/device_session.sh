@@ -36,8 +36,6 @@
 #   bash benchmarks/device_session.sh softcap68 section 68: soft-capping at 8K D=128 on the overlapped walk, with exp2
 #                                             columns on the FMA units, in sweeps; then one launch each of soft-capping
 #                                             and causal at 8K D=128 in Nsight Compute (their SASS)
-#   bash benchmarks/device_session.sh psmem74 section 74: the overlapped walk with P through shared memory: a few gpu
-#                                             tests, ptxas, forward sweeps of soft-capping and causal at 8K D=128
 #   bash benchmarks/device_session.sh bwd73   section 73: soft-capping's backward on overlap 1 without automatic
 #                                             barriers: its gpu tests, then sweeps at the three shapes
 #   bash benchmarks/device_session.sh softcap70 section 70: gpu tests of BlockMasks without full-block lists;
@@ -768,20 +766,6 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
     NCU_IMPL=pallas_mosaic NCU_TORCH=none NCU_D=128 NCU_CASES=causal NCU_KERNELS=flex_attention_forward \
       NCU_LAUNCHES=1 NCU_TAG=d128_plain_ NCU_OPTIONS='{"mosaic_fwd_overlap": 0}' bash "$0" ncu \
       | grep -E "Duration|SM Frequency|Elapsed Cycles|Issue Slots|No Eligible|Registers Per"
-    ;;
-  psmem74)
-    # Section 74: the overlapped walk with P V's P in shared memory (mosaic_fwd_p_smem), short enough for the last
-    # few minutes of a session (about 3): its forward on four mods, what ptxas says of the soft-capped walk with P in
-    # registers and in shared memory, then forward sweeps at 8K D=128 beside the overlapped walk with one query
-    # buffer (what the option also costs there) and the defaults.
-    timeout 90 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
-      -k "forward_variants and overlap-p-smem and (noop or causal or softcap or document)" >"$OUT/gpu_tests.txt" 2>&1
-    grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    timeout 45 python3 -m benchmarks.ptxas_report --only "softcap causal overlapped" 2>&1 \
-      | grep -E "^##|ptxas|rror" | tee "$OUT/ptxas.txt"
-    sweep 70 -D 128 --mode fwd --cases softcap --configs defaults overlap overlap_q_buffers_1 overlap_p_smem \
-      defaults overlap_p_smem
-    sweep 45 -D 128 --mode fwd --cases causal --configs defaults overlap_q_buffers_1 overlap_p_smem
     ;;
   bwd73)
     # Section 73: soft-capping's backward on overlap 1 without automatic barriers, before it becomes a default.

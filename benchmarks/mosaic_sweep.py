@@ -34,10 +34,6 @@ CONFIGS = {
     "n64_s4": dict(mosaic_block_n=64, mosaic_num_stages=4),
     "overlap": dict(mosaic_fwd_overlap=1),  # 128-key tiles, 2 stages, softmax overlapping the warpgroup's own P V
     "no_overlap": dict(mosaic_fwd_overlap=0),
-    # NOTES.md section 74: the overlapped walk with P V's P from shared memory, which at D=128 leaves room for one
-    # query buffer; the overlapped walk with one query buffer, to tell the two apart.
-    "overlap_p_smem": dict(mosaic_fwd_overlap=1, mosaic_fwd_p_smem=1),
-    "overlap_q_buffers_1": dict(mosaic_fwd_overlap=1, mosaic_fwd_q_buffers=1),
     "q_buffers_1": dict(mosaic_fwd_q_buffers=1),  # one query tile per warpgroup: fetched at each item's start
     "q_buffers_2": dict(mosaic_fwd_q_buffers=2),
     # the memory warpgroups' copy loops in one warp or in all four, forward and backward alike (NOTES.md section 31)

@@ -125,39 +125,6 @@ def test_head_dims_and_options_lower_for_cuda(head_dim, dtype, options):
     _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(20.0), kernel_options=options)
 
 
-@pytest.mark.parametrize("overlap", [1, 0])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_p_through_shared_memory_on_the_overlapped_walk(head_dim, overlap, forward_plans, monkeypatch):
-    """``mosaic_fwd_p_smem`` 1 has every P V of the overlapped walk read P from shared memory; on the plain walk it
-    changes nothing (P V reads P from registers there, as without the option)."""
-    from jax._src.state.types import TransformedRef
-
-    from flexattn_jax.backends.pallas_mosaic import forward
-
-    left_operands = []
-    wgmma = forward.plgpu.wgmma
-
-    def recording_wgmma(acc, a, b):
-        left_operands.append("smem" if isinstance(a, TransformedRef) else "registers")
-        return wgmma(acc, a, b)
-
-    monkeypatch.setattr(forward.plgpu, "wgmma", recording_wgmma)
-    q, k, v = random_qkv(1, B=1, Hq=2, Hkv=1, L=256, S=384, E=head_dim, Ev=head_dim, dtype=jnp.bfloat16)
-    for p_smem in (0, 1):
-        left_operands.clear()
-        forward_plans.clear()
-        _lower_for_cuda(q, k, v, fa.causal_mask, fa.tanh_softcap(30.0),
-                        kernel_options={"mosaic_fwd_overlap": overlap, "mosaic_fwd_p_smem": p_smem})
-        (plan,) = forward_plans
-        assert (plan.overlap, plan.p_smem) == (bool(overlap), bool(p_smem and overlap))
-        # Q K^T reads both operands from shared memory; P V its P from registers unless the option moves it.
-        # The overlapped walk: its prologue's Q K^T, its turn (traced twice, partial and full tiles) issuing both,
-        # its last P V; the plain walk: its step, traced for partial and full tiles.
-        q_ks, p_vs = (3, 3) if overlap else (2, 2)
-        p_from = "smem" if p_smem and overlap else "registers"
-        assert sorted(left_operands) == sorted(["smem"] * q_ks + [p_from] * p_vs), left_operands
-
-
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_row_maxima_either_way_lower_for_cuda(head_dim):
     # The running maximum (no score_mod: soft-capping's fixed maximum takes none) by column halves or by Mosaic GPU's
@@ -555,11 +522,8 @@ def test_gathering_mods_are_refused_with_the_reason(name):
         # Refused at launch on an H100 (232568 bytes needed, 232448 available).
         (jnp.bfloat16, 128, 128, {"mosaic_block_n": 128, "mosaic_num_stages": 3}, "bytes of shared memory"),
         (jnp.bfloat16, 256, 128, {"mosaic_fwd_q_buffers": 2}, "mosaic_fwd_q_buffers=2 .* bytes of shared memory"),
-        (jnp.bfloat16, 128, 128, {"mosaic_fwd_q_buffers": 2, "mosaic_fwd_p_smem": 1},
-         "mosaic_fwd_q_buffers=2, mosaic_fwd_p_smem=1 .* bytes of shared memory"),
     ],
-    ids=["f32", "head-96", "q-block-64", "kv-block-32", "smem", "smem-128x3", "smem-two-query-buffers",
-         "smem-p-tiles"],
+    ids=["f32", "head-96", "q-block-64", "kv-block-32", "smem", "smem-128x3", "smem-two-query-buffers"],
 )
 def test_unsupported_inputs_say_what_is_supported(dtype, head_dim, block_size, options, match):
     q, k, v = random_qkv(3, B=1, Hq=2, Hkv=2, L=256, S=256, E=head_dim, Ev=head_dim, dtype=dtype)
@@ -699,7 +663,6 @@ _FORWARD_VARIANTS = {
     "exp2-fma": {"mosaic_fwd_exp2_fma": 48}, "row-sum-fold": {"mosaic_fwd_row_sum_fold": 1},
     "max-chain": {"mosaic_fwd_max_tree": 0, "mosaic_fwd_anchored_shift": 0},
     "running-max": {"mosaic_fwd_anchored_shift": 0},
-    "overlap-p-smem": {"mosaic_fwd_overlap": 1, "mosaic_fwd_p_smem": 1},
 }
 
 
@@ -710,7 +673,7 @@ def test_gpu_forward_variants_match_reference(case, variant):
     # Forward only, at a length no tile divides and with GQA: the plain walk, the intra-warpgroup overlapped one,
     # the index conversions score by score (the default builds them from float index tiles), the queries scaled
     # in shared memory, some exp2 from the FMA units' polynomial (with the fixed maximum), the row sums reduced
-    # across threads once, the overlapped walk's P handed to P V through shared memory.
+    # across threads once.
     B, Hq, Hkv, L, S = 1, 4, 2, 1100, 900
     q, k, v = random_qkv(8, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=128, Ev=128, dtype=jnp.bfloat16)
     mask_mod, score_mod = case.build(B, Hq, L, S, 8)
@@ -1453,8 +1416,6 @@ def test_second_query_buffer_where_it_fits():
     assert q_buffers(64) == q_buffers(128) == 2 == q_buffers(128, mosaic_block_n=64, mosaic_num_stages=4)
     assert q_buffers(256) == 1  # 256 KiB with two
     assert q_buffers(128, mosaic_fwd_q_buffers=1) == 1
-    assert q_buffers(64, mosaic_fwd_p_smem=1) == 2
-    assert q_buffers(128, mosaic_fwd_p_smem=1) == 1  # P's tiles take the second buffer's place
 
 
 def test_fusing_dq_is_the_default_for_long_queries_where_it_fits():

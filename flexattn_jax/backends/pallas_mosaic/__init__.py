@@ -69,10 +69,6 @@ scatter-add, which only the Triton dQ kernel has).
   every other item (``forward.Config.anchored_shift``; measured on an H200 6-20% faster forward at issue 8's
   shapes on full attention and causal, section 60; on an H100 ALiBi's forward at half the speed, every item run
   twice, section 66); 0 keeps the running maximum;
-* ``mosaic_fwd_p_smem`` (0, the default, or 1): 1, on the overlapped walk (``mosaic_fwd_overlap``), P V reads P
-  from a shared-memory tile of each warpgroup rather than from registers, freeing P's registers while the next
-  tile's softmax runs (``forward.Config.p_smem``; at head dim 128 the forward then has one query buffer; not yet
-  measured, section 74);
 * ``mosaic_bwd_heads_inner`` (0, the default, or 1): 1 launches the backward's programs with the batch and the heads
   varying fastest, the order before section 34, which streams every tile from DRAM; kept to measure against;
 * ``mosaic_bwd_kv_batch_loop`` (0 or 1; unset: 1 where the dK/dV programs, key tiles times key/value heads, are at
@@ -118,7 +114,7 @@ OPTION_KEYS = (
     "mosaic_fwd_copy_warps", "mosaic_bwd_copy_warps", "mosaic_bwd_overlap", "mosaic_bwd_auto_barriers",
     "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
     "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_exp2_fma", "mosaic_fwd_row_sum_fold",
-    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift", "mosaic_fwd_p_smem",
+    "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift",
 )
 HEAD_DIMS = (64, 128, 256)
 _BLOCK_NS = (64, 128)
@@ -163,7 +159,7 @@ def _options(kernel_options: Mapping[str, Any] | None) -> dict[str, int]:
         if key in ("mosaic_backward", "mosaic_bwd_fuse_dq", "mosaic_fwd_overlap", "mosaic_bwd_auto_barriers",
                    "mosaic_bwd_heads_inner", "mosaic_fwd_float_indices", "mosaic_bwd_kv_batch_loop",
                    "mosaic_fwd_scale_queries", "mosaic_fwd_fixed_max", "mosaic_fwd_row_sum_fold",
-                   "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift", "mosaic_fwd_p_smem") \
+                   "mosaic_fwd_max_tree", "mosaic_fwd_anchored_shift") \
                 and value not in (0, 1):
             raise ValueError(f"kernel_options[{key!r}] must be 0 or 1, got {value}")
         if key == "mosaic_fwd_exp2_fma" and value not in _EXP2_FMA:
@@ -193,20 +189,18 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
         )
     block_n = fitting[0]
     stages = options.get("mosaic_num_stages", 2)
-    p_smem = bool(options.get("mosaic_fwd_p_smem", 0))
 
     def fits(q_buffers: int) -> bool:
-        smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers, p_smem)
-        return smem + _SMEM_RESERVE <= _SMEM_BYTES
+        return _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers) + _SMEM_RESERVE <= _SMEM_BYTES
 
     # A second query buffer, to fetch the next work item's queries early, where it fits.
     q_buffers = options.get("mosaic_fwd_q_buffers", 2 if fits(2) else 1)
     if not fits(q_buffers):
-        smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers, p_smem)
+        smem = _forward.smem_bytes(head_dim, head_dim, block_n, stages, q_buffers)
         return None, (
             f"pallas_mosaic with mosaic_block_n={block_n}, mosaic_num_stages={stages}, mosaic_fwd_q_buffers="
-            f"{q_buffers}{', mosaic_fwd_p_smem=1' if p_smem else ''} and head dim {head_dim} needs {smem} bytes of "
-            f"shared memory, over the {_SMEM_BYTES} an H100 block has"
+            f"{q_buffers} and head dim {head_dim} needs {smem} bytes of shared memory, over the {_SMEM_BYTES} an "
+            "H100 block has"
         )
     overlap = bool(options["mosaic_fwd_overlap"]) if "mosaic_fwd_overlap" in options else None
     copy_warps = options.get("mosaic_fwd_copy_warps", 1)
@@ -224,8 +218,7 @@ def _config(kernel_options, *, head_dim: int, mask_block_size, mask_num_blocks) 
                            if "mosaic_fwd_row_sum_fold" in options else None,
                            max_tree=bool(options.get("mosaic_fwd_max_tree", 1)),
                            anchored_shift=bool(options["mosaic_fwd_anchored_shift"])
-                           if "mosaic_fwd_anchored_shift" in options else None,
-                           p_smem=p_smem), ""
+                           if "mosaic_fwd_anchored_shift" in options else None), ""
 
 
 def unsupported_reason(

@@ -136,12 +136,6 @@ class Config:
         and causal (NOTES.md section 60). A score_mod may raise later scores far above the first tile's (ALiBi's
         bias rises along the keys), and every item then runs twice: on an H100 ALiBi's forward at half the
         running maximum's speed (section 66).
-      p_smem: on the overlapped walk (``overlap``), each warpgroup stores P to a shared-memory tile of its own and
-        P V reads it from there, instead of taking P from registers: the 32 registers a thread of P's bfloat16
-        tile are then free while the next tile's softmax runs beside P V, where S and O already hold 64 each. It
-        costs a [64, block_n] store and its fence a step, and a tile of shared memory a warpgroup (at head dim
-        128 two query buffers then no longer fit). Off by default: written for soft-capping, whose softmax the
-        overlapped walk has measured 7-8% slower, and not yet measured (NOTES.md section 74).
     """
 
     block_n: int
@@ -156,7 +150,6 @@ class Config:
     row_sum_fold: bool | None = None
     max_tree: bool = True
     anchored_shift: bool | None = None
-    p_smem: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,7 +575,6 @@ class _Plan:
     num_stages: int
     q_buffers: int
     overlap: bool
-    p_smem: bool  # the overlapped walk's P through shared memory (Config.p_smem)
     copy_warps: int
     dtype: jnp.dtype
     score_sites: tuple[ReadSite, ...]
@@ -879,9 +871,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
         return _Item(work_of(i), plan, num_q_tiles, list_refs, needs_ref)
 
     def body(smem, ready, consumed, schedule, turns):
-        q_buffers, k_smem, v_smem, lse_buffers, *rest = smem
-        max_buffers = rest[:1] if plan.with_max_scores else []
-        p_buffers = rest[-1] if plan.p_smem else None
+        q_buffers, k_smem, v_smem, lse_buffers, *max_buffers = smem
         k_ready, v_ready, q_ready = ready
         k_consumed, v_consumed = consumed
         wg = lax.axis_index("wg")
@@ -1087,19 +1077,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                     def hand_over():
                         plgpu.barrier_arrive(turns.at[1 - wg])
 
-                    def keep_p(p_low):
-                        """P's tile for the next P V: in registers, or with ``plan.p_smem`` stored to this
-                        warpgroup's shared-memory tile (None is carried then). Stored only once the P V before has
-                        completed, which read the tile."""
-                        if not plan.p_smem:
-                            return p_low
-                        p_buffers.at[wg][...] = p_low
-                        plgpu.commit_smem()
-                        return None
-
-                    def p_operand(p_low):
-                        return p_buffers.at[wg] if plan.p_smem else p_low
-
                     def prologue(stats):
                         row_max, row_sum = stats
                         take_turn()
@@ -1110,7 +1087,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         p_low, row_max, row_sum, _ = probabilities(
                             s, jnp.int32(0), row_max, row_sum, partial=first_partial, first=True
                         )
-                        return lax.optimization_barrier((keep_p(p_low), row_max, row_sum))
+                        return lax.optimization_barrier((p_low, row_max, row_sum))
 
                     def turn(j, carry, *, partial: bool):
                         p_low, row_max, row_sum = carry
@@ -1122,7 +1099,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                             jnp.full((BLOCK_M, block_n), 0.0, jnp.float32), plgpu.Layout.WGMMA
                         )
                         plgpu.wgmma(s_ref, q_smem, k_smem.at[next_slot].transpose((1, 0)))
-                        plgpu.wgmma(o_ref, p_operand(p_low), v_smem.at[slot])
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
                         hand_over()
                         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
                         plgpu.barrier_arrive(k_consumed.at[next_slot])
@@ -1142,7 +1119,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         p_low = p.astype(dtype)
                         o, p_low, row_max, row_sum = lax.optimization_barrier((o, p_low, row_max, row_sum))
                         o_ref[...] = o
-                        return keep_p(p_low), row_max, row_sum
+                        return p_low, row_max, row_sum
 
                     def walk(stats):
                         carry = prologue(stats)
@@ -1156,7 +1133,7 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
                         slot = slot_of(last)
                         plgpu.barrier_wait(v_ready.at[slot])
                         take_turn()
-                        plgpu.wgmma(o_ref, p_operand(p_low), v_smem.at[slot])
+                        plgpu.wgmma(o_ref, p_low, v_smem.at[slot])
                         hand_over()
                         plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
                         plgpu.barrier_arrive(v_consumed.at[slot])
@@ -1242,8 +1219,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             in_copy_warps(lambda: lax.fori_loop(0, num_items, run_item, jnp.int32(0)), plan.copy_warps)
 
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    # Config.p_smem: a P tile per compute warpgroup, swizzled as the query tiles for the same wgmma operand.
-    p_tiles = [plgpu.SMEM((COMPUTE_WARPGROUPS, BLOCK_M, block_n), dtype, transforms=transforms)] if plan.p_smem else []
     pl.run_scoped(
         body,
         (
@@ -1251,7 +1226,6 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
             plgpu.SMEM((stages, block_n, head_dim), dtype, transforms=transforms),
             plgpu.SMEM((stages, block_n, value_dim), dtype, transforms=transforms),
             *[plgpu.SMEM((plan.q_buffers, COMPUTE_WARPGROUPS, BLOCK_M), jnp.float32)] * (2 if plan.with_max_scores else 1),
-            *p_tiles,
         ),
         (
             plgpu.Barrier(num_barriers=stages),
@@ -1265,14 +1239,11 @@ def _kernel(*refs, plan: _Plan, score_mod: ModProgram, mask_mod: ModProgram, num
     )
 
 
-def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int,
-               p_smem: bool = False) -> int:
-    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles, the
-    max_scores tiles (counted whether or not they are asked for, so that a configuration fits either way) and
-    Config.p_smem's P tiles."""
+def smem_bytes(head_dim: int, value_dim: int, block_n: int, num_stages: int, q_buffers: int) -> int:
+    """Shared memory of the forward's buffers (2-byte inputs): query tiles, the key/value ring, the lse tiles and
+    the max_scores tiles (counted whether or not they are asked for, so that a configuration fits either way)."""
     row_stats = 2 * 4 * q_buffers * Q_TILE
-    p_tiles = Q_TILE * block_n if p_smem else 0
-    return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim) + p_tiles) + row_stats
+    return 2 * (q_buffers * Q_TILE * head_dim + num_stages * block_n * (head_dim + value_dim)) + row_stats
 
 
 def walked_consts(program: ModProgram, consts: Sequence[jax.Array], sites: Sequence[ReadSite], q_pad: int,
@@ -1552,7 +1523,6 @@ def flex_forward(
         num_stages=config.num_stages,
         q_buffers=config.q_buffers,
         overlap=overlap,
-        p_smem=config.p_smem and overlap,
         copy_warps=config.copy_warps,
         dtype=jnp.dtype(query.dtype),
         score_sites=score_sites,
