@@ -768,19 +768,18 @@ $(grep -cE "^ *%?[a-z_.0-9-]+ = .*(copy|transpose)\(" "$OUT/cudnn_hlo.txt")"
       | grep -E "Duration|SM Frequency|Elapsed Cycles|Issue Slots|No Eligible|Registers Per"
     ;;
   bwd73)
-    # Section 73: soft-capping's backward on overlap 1 without automatic barriers, before it becomes a default.
-    # Its gpu tests (the backward schedules, soft-capped causal among them; the head dims and options, soft-capping
-    # at 64 with it), what ptxas says of it, then forward+backward interleaved with the default at 8K D=128, B=8
-    # S=2048 and 8K D=64 (about 8 minutes).
+    # Section 73: soft-capping's backward on overlap 1 without automatic barriers, its default since. Its gpu tests
+    # (the backward schedules, soft-capped causal among them; the head dims and options, soft-capping at 64), what
+    # ptxas says of it, then forward+backward interleaved with the earlier schedule (overlap 0 with the barriers) at
+    # 8K D=128, B=8 S=2048 and 8K D=64 (about 8 minutes).
     timeout 200 python3 -m pytest -m gpu tests/test_pallas_mosaic.py -n 14 -p no:benchmark -v -rf --tb=short \
       -k "backward_schedules or head_dims_and_options" >"$OUT/gpu_tests.txt" 2>&1
     grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.txt" | tail -8
-    timeout 60 python3 -m benchmarks.ptxas_report --only "no barriers" 2>&1 | grep -E "^##|ptxas|rror" \
+    timeout 60 python3 -m benchmarks.ptxas_report --only "backward softcap fused dQ" 2>&1 | grep -E "^##|ptxas|rror" \
       | tee "$OUT/ptxas.txt"
-    sweep 100 -D 128 --mode fwdbwd --cases softcap --configs defaults bwd_overlap_1_nab defaults bwd_overlap_1_nab
-    sweep 80 -B 8 -S 2048 -D 128 --mode fwdbwd --cases softcap --configs defaults bwd_overlap_1_nab defaults \
-      bwd_overlap_1_nab
-    sweep 100 -D 64 --mode fwdbwd --cases softcap --configs defaults bwd_overlap_1_nab defaults bwd_overlap_1_nab
+    sweep 100 -D 128 --mode fwdbwd --cases softcap --configs bwd_overlap_0 defaults bwd_overlap_0 defaults
+    sweep 80 -B 8 -S 2048 -D 128 --mode fwdbwd --cases softcap --configs bwd_overlap_0 defaults bwd_overlap_0 defaults
+    sweep 100 -D 64 --mode fwdbwd --cases softcap --configs bwd_overlap_0 defaults bwd_overlap_0 defaults
     ;;
   mufu67)
     # Section 67: results a clock an SM of ex2, tanh, rcp in float32 and in float16 and bfloat16 pairs, each alone,

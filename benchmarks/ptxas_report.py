@@ -71,9 +71,8 @@ def main() -> None:
         ("backward overlap 1 fused dQ", gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}), 128),
         ("backward overlap 1 softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1}, fa.tanh_softcap(30.0)), 128),
-        # NOTES.md section 73: soft-capping's backward on overlap 1 without Pallas's barriers (its default since)
-        ("backward overlap 1 no barriers softcap fused dQ",
-         gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1, "mosaic_bwd_auto_barriers": 0},
+        ("backward overlap 0 softcap fused dQ",
+         gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1},
                   fa.tanh_softcap(30.0)), 128),
         ("backward overlap 2 softcap fused dQ",
          gradient({"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 2}, fa.tanh_softcap(30.0)), 128),

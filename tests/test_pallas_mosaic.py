@@ -644,12 +644,12 @@ def test_gpu_backward_schedules_match_reference(case, options):
      (128, jnp.bfloat16, {"mosaic_fwd_copy_warps": 4, "mosaic_bwd_copy_warps": 1, "mosaic_bwd_fuse_dq": 0}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_auto_barriers": 1}),
      (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_overlap": 1}),
-     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 1, "mosaic_bwd_auto_barriers": 0}),
+     (64, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_overlap": 0, "mosaic_bwd_auto_barriers": 1}),
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 1, "mosaic_bwd_heads_inner": 1}),
      (128, jnp.bfloat16, {"mosaic_bwd_fuse_dq": 0, "mosaic_bwd_heads_inner": 1})],
     ids=["bf16-64", "f16-256", "bn64-3stages", "64-fused-dq", "128-dq-kernel", "bwd-3stages", "other-copy-warps",
          "other-copy-warps-dq-kernel", "64-fused-auto-barriers", "64-overlap1-dq-kernel",
-         "64-overlap1-fused-no-barriers", "heads-inner-fused",
+         "64-overlap0-fused-auto-barriers", "heads-inner-fused",
          "heads-inner-dq-kernel"],
 )
 def test_gpu_head_dims_and_options(head_dim, dtype, options):
